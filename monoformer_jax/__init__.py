@@ -1,0 +1,1 @@
+"""MonoFormer in JAX/Flax: one transformer for autoregression and diffusion."""

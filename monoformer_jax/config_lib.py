@@ -1,0 +1,178 @@
+"""The config schema: every key a config file may set, with its default.
+
+Config files start from `base_config()` (a locked ConfigDict), so a typo in a
+file or in a `--config.x.y=` override fails at once instead of being ignored.
+`validate` turns the few string-valued choices into enums and checks ranges.
+"""
+
+import enum
+from typing import Any
+
+import ml_collections
+
+from monoformer_jax.errors import UserError
+
+# Model sizes: (width D, depth L, heads H, kv heads K, mlp F).
+SIZES = {
+    'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
+    'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
+    'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
+                           mlp_dim=5632),
+}
+
+
+class MaskType(enum.Enum):
+  """Attention pattern of a forward pass."""
+  CAUSAL = 'causal'
+  BIDIRECTIONAL = 'bidirectional'
+  HYBRID = 'hybrid'  # causal, plus full attention inside each image span
+
+
+class Remat(enum.Enum):
+  """What a scanned decoder block keeps for the backward pass."""
+  NONE = 'none'  # keep every activation
+  FULL = 'full'  # keep only the block inputs
+  DOTS = 'dots'  # keep matmul outputs without batch dims
+
+
+class Sampler(enum.Enum):
+  DDPM = 'ddpm'
+  DDIM = 'ddim'
+
+
+class GuidanceChannels(enum.Enum):
+  ALL = 'all'  # guide every eps channel
+  FIRST_THREE = 'first_three'  # the official code's default, for parity
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with a default; config files override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.text_file = ''  # '' = the English text bundled with CPython
+  c.data.tokenizer_vocab_size = 1024
+  c.data.prompt_len = 16  # tokens before the time token, left-padded
+  c.data.text_seq_len = 64
+  c.data.image_batch_size = 64
+  c.data.text_batch_size = 32
+  c.data.heldout_fraction = 0.15
+  c.data.cfg_dropout = 0.1
+  c.data.templates = ('a handwritten digit {name}', '{name}',
+                      'an image of the digit {name}.',
+                      'Please draw the number {name}.')
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'digits'
+  c.model.vocab_size = 1024
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.tie_embeddings = False
+  c.model.patch_size = 2
+  c.model.image_size = (8, 8)  # (H, W) of the diffused array
+  c.model.image_channels = 1
+  c.model.learn_sigma = True
+  c.model.use_pos_embed = True
+  c.model.image_mask = 'hybrid'
+  c.model.dtype = 'float32'  # compute
+  c.model.param_dtype = 'float32'
+  c.model.remat = 'none'
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 0
+  c.optim.cosine_decay = False
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 2.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.ar_weight = 1.0  # how often a step is an AR step ...
+  c.train.diffusion_weight = 1.0  # ... or a diffusion step
+  c.train.lm_loss_weight = 0.01
+  c.train.diffusion_loss_weight = 1.0
+  c.train.ema_decay = 0.9999
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.eval_at_end = True
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = 'ddpm'
+  c.sample.steps = 250
+  c.sample.cfg_scale = 1.5
+  c.sample.guidance_channels = 'all'
+  c.sample.use_ema = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.samples_per_class = 20
+  c.eval.prompt_template = 'a handwritten digit {name}'  # one of data.templates
+  c.eval.text_batches = 8
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 takes the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.lock()
+  return c
+
+
+def _enum(kind: type[enum.Enum], value: str, key: str) -> enum.Enum:
+  try:
+    return kind(value)
+  except ValueError:
+    choices = ', '.join(repr(m.value) for m in kind)
+    raise UserError(f'config key {key} is {value!r}; expected one of {choices}.') from None
+
+
+def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value: Any = config
+    for part in key.split('.'):
+      value = value[part]
+    if not value > 0:
+      raise UserError(f'config key {key} is {value!r}; expected a positive number.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first key that cannot work."""
+  if config.model.size not in SIZES:
+    raise UserError(f'config key model.size is {config.model.size!r}; expected one of '
+                    f'{", ".join(sorted(SIZES))}.')
+  _enum(MaskType, config.model.image_mask, 'model.image_mask')
+  _enum(Remat, config.model.remat, 'model.remat')
+  _enum(Sampler, config.sample.sampler, 'sample.sampler')
+  _enum(GuidanceChannels, config.sample.guidance_channels, 'sample.guidance_channels')
+  _positive(config, 'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size',
+            'data.text_batch_size', 'model.vocab_size', 'model.patch_size',
+            'train.num_steps', 'train.log_every', 'train.checkpoint_every',
+            'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate')
+  if config.data.tokenizer_vocab_size > config.model.vocab_size:
+    raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
+                    f'exceeds model.vocab_size ({config.model.vocab_size}).')
+  height, width = config.model.image_size
+  p = config.model.patch_size
+  if height % p or width % p:
+    raise UserError(f'config key model.image_size {tuple(config.model.image_size)} is not '
+                    f'divisible by model.patch_size {p}.')
+  if config.sample.steps > config.diffusion.num_timesteps:
+    raise UserError(f'config key sample.steps ({config.sample.steps}) exceeds '
+                    f'diffusion.num_timesteps ({config.diffusion.num_timesteps}).')
+  if min(config.train.ar_weight, config.train.diffusion_weight) < 0 or (
+      config.train.ar_weight + config.train.diffusion_weight <= 0):
+    raise UserError('config keys train.ar_weight and train.diffusion_weight must be '
+                    'non-negative with a positive sum.')
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise UserError(f'config key train.ema_decay is {config.train.ema_decay}; expected [0, 1).')
+  for template in config.data.templates:
+    if '{name}' not in template:
+      raise UserError(f'config key data.templates has {template!r}; every template needs {{name}}.')
+  if config.eval.prompt_template not in config.data.templates:
+    raise UserError(f'config key eval.prompt_template {config.eval.prompt_template!r} is not one '
+                    'of data.templates.')

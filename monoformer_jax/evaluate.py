@@ -1,0 +1,84 @@
+"""Evaluators for the embedded default.
+
+Image half: samples for every prompt "a handwritten digit {name}" are labelled
+by an independent classifier (an RBF SVM fitted only on the held-out real
+digits, which the generator never saw); we report how often the label is the
+prompted digit, per class and overall. Text half: perplexity of held-out text.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from monoformer_jax import input_pipeline, sampling
+from monoformer_jax.config_lib import MaskType
+from monoformer_jax.steps import next_token_loss
+
+
+def digit_classifier(heldout_fraction: float):
+  """An SVM fitted on the held-out real digits (pixel values 0..16)."""
+  from sklearn import svm  # pylint: disable=g-import-not-at-top
+  images, labels = input_pipeline.load_digits()
+  _, held = input_pipeline.split(len(images), heldout_fraction)
+  return svm.SVC(gamma=0.001, C=10.0).fit(_features(images[held]), labels[held])
+
+
+def _features(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] images [N, 8, 8, 1] -> the 0..16 scale of the original data, flattened."""
+  return np.clip((np.asarray(images) + 1.0) * 8.0, 0.0, 16.0).reshape(len(images), -1)
+
+
+def prompt_accuracy(config: ml_collections.ConfigDict, model, params, tok, key: jax.Array,
+                    ) -> tuple[dict[str, float], np.ndarray]:
+  """Fraction of samples classified as the prompted digit, per digit name and overall."""
+  n = config.eval.samples_per_class
+  names = input_pipeline.DIGIT_NAMES
+  prompts = [config.eval.prompt_template.format(name=name) for name in names for _ in range(n)]
+  spec = sampling.spec_from_config(config)
+  images = sampling.images_for_prompts(model, params, tok, prompts, config.data.prompt_len,
+                                       spec, key)
+  predicted = digit_classifier(config.data.heldout_fraction).predict(_features(images))
+  wanted = np.repeat(np.arange(len(names)), n)
+  result = {f'accuracy/{name}': float(np.mean(predicted[wanted == i] == i))
+            for i, name in enumerate(names)}
+  result['accuracy/overall'] = float(np.mean(predicted == wanted))
+  return result, images
+
+
+def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> float:
+  """exp(mean next-token NLL) over held-out text chunks."""
+  chunks = input_pipeline.text_chunks(config, tok, heldout=True)
+  batch = config.data.text_batch_size
+  chunks = chunks[:batch * config.eval.text_batches] if config.eval.text_batches > 0 else chunks
+
+  @jax.jit
+  def nll_sum(params, tokens):
+    valid = jnp.ones(tokens.shape, bool)
+    logits = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL).logits
+    mean, count = next_token_loss(logits, tokens, valid)
+    return mean * count, count
+
+  total, count = 0.0, 0.0
+  for start in range(0, len(chunks), batch):
+    s, c = nll_sum(params, chunks[start:start + batch])
+    total, count = total + float(s), count + float(c)
+  return math.exp(total / count)
+
+
+def evaluate(config, model, params, tok, workdir: str, step: int) -> tuple[dict, np.ndarray]:
+  """Both metrics, written to WORKDIR/eval.json; returns them and the sample images."""
+  key = jax.random.fold_in(jax.random.key(config.seed), 2**30)
+  metrics, images = prompt_accuracy(config, model, params, tok, key)
+  metrics['text/perplexity'] = text_perplexity(config, model, params, tok)
+  metrics['step'] = step
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, 'eval.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, 'eval.json'))
+  return metrics, images

@@ -1,0 +1,131 @@
+"""Command line: python -m monoformer_jax {train,sample,generate,evaluate} --workdir=DIR ...
+
+train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evaluates
+sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
+generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
+evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
+Inference commands read the config saved in the workdir's newest checkpoint.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from monoformer_jax import checkpoint, evaluate, sampling, steps, train
+from monoformer_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train only).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, logs, tokenizer.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'Text prompt for sample / generate.')
+_NUM = flags.DEFINE_integer('num', 16, 'Number of images to sample.')
+_OUT = flags.DEFINE_string('out', 'samples.png', 'PNG grid to write; FILE.npz is written beside.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config).')
+_SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim'], 'Sampler (default: the config).')
+_CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the config).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
+_MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
+
+COMMANDS = ('train', 'sample', 'generate', 'evaluate')
+
+
+def _restore(workdir: str, use_ema: bool):
+  """(config, tokenizer, model, params, step) from the workdir's newest checkpoint."""
+  ckpt, step = checkpoint.open_existing(workdir)
+  config = ckpt.restore_config(step)
+  tok, model, tx, mesh = train.setup(config, workdir)
+  abstract, _ = steps.abstract_state(model, tx, mesh)
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return config, tok, model, (state.ema_params if use_ema else state.params), step
+
+
+def _write_atomic(path: str, write) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise UserError(f'output directory {directory} does not exist.')
+  tmp = path + '.tmp'
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def sample_command(workdir: str) -> None:
+  if _NUM.value < 1:
+    raise UserError(f'--num is {_NUM.value}; expected at least 1.')
+  if not _OUT.value.endswith('.png'):
+    raise UserError(f'--out is {_OUT.value}; expected a .png path.')
+  config, tok, model, params, _ = _restore(workdir, _EMA.value)
+  tok.image_prompt(_PROMPT.value, config.data.prompt_len)  # rejects long prompts before any work
+  spec = sampling.spec_from_config(config, sampler=_SAMPLER.value, steps=_STEPS.value,
+                                   cfg_scale=_CFG_SCALE.value)
+  if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
+    raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+  images = sampling.images_for_prompts(model, params, tok, [_PROMPT.value] * _NUM.value,
+                                       config.data.prompt_len, spec, jax.random.key(_SEED.value))
+  images = sampling.to_uint8(images)
+  grid = sampling.image_grid(images, columns=int(np.ceil(np.sqrt(len(images)))))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  npz = _OUT.value[:-len('.png')] + '.npz'
+  def save_npz(tmp):
+    with open(tmp, 'wb') as f:
+      np.savez(f, images=images)
+  _write_atomic(npz, save_npz)
+  _write_atomic(_OUT.value, lambda tmp: picture.save(tmp, format='PNG'))
+  print(f'wrote {_OUT.value} and {npz}: {len(images)} images of {images.shape[1:]}')
+
+
+def generate_command(workdir: str) -> None:
+  if _MAX_TOKENS.value < 1:
+    raise UserError(f'--max_tokens is {_MAX_TOKENS.value}; expected at least 1.')
+  if not 0.0 < _TOP_P.value <= 1.0 or _TOP_K.value < 0 or _TEMPERATURE.value < 0:
+    raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
+  config, tok, model, params, _ = _restore(workdir, _EMA.value)
+  tokens, valid = tok.text_prompt(_PROMPT.value, config.data.text_seq_len)
+  out = sampling.generate(model, params, tokens[None], valid[None], jax.random.key(_SEED.value),
+                          max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+                          top_k=min(_TOP_K.value, model.backbone.vocab_size), top_p=_TOP_P.value,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id)
+  print(_PROMPT.value + tok.decode(np.asarray(out[0])))
+
+
+def evaluate_command(workdir: str) -> None:
+  config, tok, model, params, step = _restore(workdir, _EMA.value)
+  metrics, _ = evaluate.evaluate(config, model, params, tok, workdir, step)
+  print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
+
+
+def main(argv) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'expected one command out of {", ".join(COMMANDS)}; got {argv[1:]}.')
+  command, workdir = argv[1], _WORKDIR.value
+  if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
+    logging.set_verbosity(logging.WARNING)
+  try:
+    if not workdir:
+      raise UserError('--workdir is required.')
+    if command == 'train':
+      if _CONFIG.value is None:
+        raise UserError('train needs --config=configs/FILE.py.')
+      train.train_and_evaluate(_CONFIG.value, workdir)
+    elif command == 'sample':
+      sample_command(workdir)
+    elif command == 'generate':
+      generate_command(workdir)
+    else:
+      evaluate_command(workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  app.run(main)

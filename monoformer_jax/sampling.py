@@ -1,0 +1,171 @@
+"""Compiled samplers: images by DDPM / DDIM with classifier-free guidance, text
+by a KV-cached decode loop. Each whole loop is one XLA program.
+
+Dimension letters: B batch, P prompt length, H/W/C image, V vocabulary.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax import diffusion
+from monoformer_jax.config_lib import GuidanceChannels, MaskType, Sampler
+from monoformer_jax.layers import KVCache
+from monoformer_jax.model import MonoFormer
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSampling:
+  sampler: Sampler
+  steps: int
+  guidance: diffusion.Guidance
+  num_timesteps: int = 1000
+  mask_type: MaskType = MaskType.HYBRID
+
+
+def make_image_sampler(model: MonoFormer, spec: ImageSampling):
+  """Returns jitted fn(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q], key)."""
+  schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
+  step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
+  img = model.image
+  guided = spec.guidance.scale != 1.0
+
+  def predict(params, tokens, valid, suffix, x, t):
+    return model.apply({'params': params}, tokens, valid, mask_type=spec.mask_type, image=x,
+                       t=t, suffix=suffix).image
+
+  @jax.jit
+  def sample(params, prompt, valid, null_prompt, null_valid, suffix, key):
+    batch = prompt.shape[0]
+    init_key, loop_key = jax.random.split(key)
+    x = jax.random.normal(init_key, (batch, img.height, img.width, img.channels), jnp.float32)
+    if guided:
+      tokens = jnp.concatenate([prompt, null_prompt])
+      valid_all = jnp.concatenate([valid, null_valid])
+      suffix_all = jnp.concatenate([suffix, suffix])
+
+    def body(i, x):
+      t = jnp.full((batch,), schedule.num_timesteps - 1 - i, jnp.int32)
+      model_t = schedule.timestep_map[t]
+      if guided:
+        out = predict(params, tokens, valid_all, suffix_all, jnp.concatenate([x, x]),
+                      jnp.concatenate([model_t, model_t]))
+        out = spec.guidance.combine(out[:batch], out[batch:], img.channels)
+      else:
+        out = predict(params, prompt, valid, suffix, x, model_t)
+      noise = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, x.dtype)
+      return step_fn(schedule, out, x, t, noise)
+
+    return jax.lax.fori_loop(0, schedule.num_timesteps, body, x)
+
+  return sample
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Keeps the top_k largest logits [B, V] and the smallest set with mass >= top_p."""
+  neg = jnp.finfo(logits.dtype).min
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    mass_before = jnp.cumsum(jax.nn.softmax(sorted_logits), axis=-1) - jax.nn.softmax(sorted_logits)
+    sorted_logits = jnp.where(mass_before >= top_p, neg, sorted_logits)
+    logits = jnp.zeros_like(logits).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_tokens', 'top_k', 'top_p', 'use_cache'))
+def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *,
+             max_tokens: int, temperature: float, top_k: int, top_p: float, eos_id: int,
+             pad_id: int, use_cache: bool = True) -> jax.Array:
+  """Continues left-padded prompts [B, P]; returns [B, max_tokens] (pad after EOS).
+
+  With use_cache=False every step recomputes the whole prefix (the reference
+  the cached loop is measured against).
+  """
+  batch, length = prompt.shape
+  total = length + max_tokens
+
+  def pick(logits, i):
+    logits = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    sampled = jax.random.categorical(jax.random.fold_in(key, i), logits)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+  def run(tokens, tok_valid, cache):
+    return model.apply({'params': params}, tokens, tok_valid, mask_type=MaskType.CAUSAL,
+                       cache=cache)
+
+  if use_cache:
+    out = run(prompt, valid, KVCache.empty(model.backbone, batch, total))
+    state = (out.logits[:, -1], out.cache)
+  else:
+    seq = jnp.concatenate([prompt, jnp.full((batch, max_tokens), pad_id, prompt.dtype)], axis=1)
+    seq_valid = jnp.concatenate([valid, jnp.zeros((batch, max_tokens), bool)], axis=1)
+    state = (run(prompt, valid, None).logits[:, -1], (seq, seq_valid))
+
+  def body(carry, i):
+    logits, done, state_rest = carry
+    token = jnp.where(done, pad_id, pick(logits, i))
+    alive = ~done
+    if use_cache:
+      out = run(token[:, None], alive[:, None], state_rest)
+      new_rest, next_logits = out.cache, out.logits[:, -1]
+    else:
+      seq, seq_valid = state_rest
+      seq = seq.at[:, length + i].set(token)
+      seq_valid = seq_valid.at[:, length + i].set(alive)
+      logits_all = run(seq, seq_valid, None).logits
+      next_logits, new_rest = logits_all[:, length + i], (seq, seq_valid)
+    return (next_logits, done | (token == eos_id), new_rest), token
+
+  init = (state[0], jnp.zeros((batch,), bool), state[1])
+  _, tokens = jax.lax.scan(body, init, jnp.arange(max_tokens))
+  return tokens.T
+
+
+def spec_from_config(config, **overrides) -> ImageSampling:
+  """The config's sampler settings, with any of sampler/steps/cfg_scale overridden."""
+  s = dict(sampler=config.sample.sampler, steps=config.sample.steps,
+           cfg_scale=config.sample.cfg_scale)
+  s.update({k: v for k, v in overrides.items() if v is not None})
+  channels = -1 if config.sample.guidance_channels == GuidanceChannels.ALL.value else 3
+  return ImageSampling(sampler=Sampler(s['sampler']), steps=int(s['steps']),
+                       guidance=diffusion.Guidance(float(s['cfg_scale']), channels),
+                       num_timesteps=config.diffusion.num_timesteps,
+                       mask_type=MaskType(config.model.image_mask))
+
+
+def images_for_prompts(model: MonoFormer, params, tok, prompts: list[str], prompt_len: int,
+                       spec: ImageSampling, key: jax.Array) -> np.ndarray:
+  """Samples one image per prompt: [len(prompts), H, W, C] float32, roughly in [-1, 1]."""
+  encoded = [tok.image_prompt(p, prompt_len) for p in prompts]
+  tokens = np.stack([e[0] for e in encoded])
+  valid = np.stack([e[1] for e in encoded])
+  null_tokens, null_valid = tok.image_prompt('', prompt_len)
+  null_tokens = np.broadcast_to(null_tokens, tokens.shape)
+  null_valid = np.broadcast_to(null_valid, valid.shape)
+  suffix = np.full((len(prompts), 1), tok.im_end_id, np.int32)
+  sampler = make_image_sampler(model, spec)
+  return np.asarray(sampler(params, tokens, valid, null_tokens, null_valid, suffix, key))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> [0, 255] uint8."""
+  return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, zoom: int = 4, pad: int = 1) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one [rows*(H+pad)*zoom, columns*(W+pad)*zoom, C] uint8 picture."""
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)

@@ -1,0 +1,170 @@
+"""Train state, the two pure step kinds, and their construction under a mesh.
+
+An `ar` step takes next-token cross-entropy on text under the causal mask; a
+`diffusion` step takes the IDDPM hybrid loss on noised images under the image
+mask. Each is a pure function of (state, batch, key); keys come from
+fold_in(seed key, step), so a resumed run replays the same randomness.
+Dimension letters: B batch, S text length, P prompt length, V vocabulary.
+"""
+
+import dataclasses
+import enum
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from monoformer_jax import diffusion, sharding
+from monoformer_jax.config_lib import MaskType
+from monoformer_jax.model import MonoFormer
+
+
+class StepKind(enum.Enum):
+  AR = 'ar'
+  DIFFUSION = 'diffusion'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the step functions need from the config (hashable: static under jit)."""
+  image_mask: MaskType
+  lm_loss_weight: float
+  diffusion_loss_weight: float
+  ema_decay: float
+  num_timesteps: int
+  im_end_id: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
+    return cls(MaskType(config.model.image_mask), config.train.lm_loss_weight,
+               config.train.diffusion_loss_weight, config.train.ema_decay,
+               config.diffusion.num_timesteps, im_end_id)
+
+
+def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float) -> StepKind:
+  """The seeded mixture schedule: the kind of step `step`, a pure function of (seed, step)."""
+  u = np.random.default_rng([seed, step]).random()
+  return StepKind.AR if u < ar_weight / (ar_weight + diffusion_weight) else StepKind.DIFFUSION
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, with optional warmup and cosine decay."""
+  if optim.cosine_decay:
+    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                            max(num_steps, optim.warmup_steps + 1))
+  elif optim.warmup_steps:
+    lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  else:
+    lr = optim.learning_rate
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                     optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+
+
+def example_inputs(model: MonoFormer, batch: int = 1, length: int = 4):
+  img = model.image
+  return (jnp.zeros((batch, length), jnp.int32), jnp.ones((batch, length), bool),
+          jnp.zeros((batch, img.height, img.width, img.channels), jnp.float32),
+          jnp.zeros((batch,), jnp.int32))
+
+
+def _init_boxed(model: MonoFormer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  params = model.init(key, *example_inputs(model), method=MonoFormer.init_all)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def abstract_state(model, tx, mesh) -> tuple[TrainState, Any]:
+  """The state's shapes (nothing allocated) and its NamedShardings on `mesh`."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx), jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def init_state(model, tx, mesh, key: jax.Array) -> TrainState:
+  """A fresh state created directly in its shards (never whole on one device)."""
+  _, shardings = abstract_state(model, tx, mesh)
+  init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k)), out_shardings=shardings)
+  with sharding.activate(mesh):
+    return init(key)
+
+
+def _apply_gradients(state: TrainState, grads, tx, ema_decay: float) -> tuple[TrainState, jax.Array]:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  return new_state, optax.global_norm(grads)
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy of logits [B, S, V] predicting tokens [B, S] shifted by one; and the count."""
+  weights = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  count = jnp.maximum(weights.sum(), 1.0)
+  return (ce * weights).sum() / count, weights.sum()
+
+
+def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+            tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
+  """One language-model step on batch {'tokens' [B, S], 'valid' [B, S]}."""
+  del key  # no randomness in the text step
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['tokens'], batch['valid'],
+                         mask_type=MaskType.CAUSAL).logits
+    loss, _ = next_token_loss(logits, batch['tokens'], batch['valid'])
+    return loss * cfg.lm_loss_weight, loss
+
+  (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state, grad_norm = _apply_gradients(state, grads, tx, cfg.ema_decay)
+  return state, {'loss': loss, 'grad_norm': grad_norm}
+
+
+def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+                   tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
+  """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]}."""
+  schedule = diffusion.make_schedule(cfg.num_timesteps)
+  x0 = batch['image']
+  t_key, noise_key = jax.random.split(key)
+  t = jax.random.randint(t_key, x0.shape[:1], 0, cfg.num_timesteps)
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  xt = diffusion.q_sample(schedule, x0, t, noise)
+  suffix = jnp.full(x0.shape[:1] + (1,), cfg.im_end_id, jnp.int32)
+
+  def loss_fn(params):
+    out = model.apply({'params': params}, batch['tokens'], batch['valid'],
+                      mask_type=cfg.image_mask, image=xt, t=t, suffix=suffix).image
+    terms = jax.tree.map(jnp.mean, diffusion.training_loss(schedule, out, x0, xt, t, noise))
+    return terms['loss'] * cfg.diffusion_loss_weight, terms
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state, grad_norm = _apply_gradients(state, grads, tx, cfg.ema_decay)
+  return state, dict(terms, grad_norm=grad_norm)
+
+
+def jit_steps(model, tx, cfg: StepConfig, mesh, state_shardings) -> dict[StepKind, Any]:
+  """Both step kinds jitted with state shardings in and out and the state donated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  steps = {}
+  for kind, fn in ((StepKind.AR, ar_step), (StepKind.DIFFUSION, diffusion_step)):
+    steps[kind] = jax.jit(functools.partial(fn, model=model, tx=tx, cfg=cfg),
+                          in_shardings=(state_shardings, batch_sharding, replicated),
+                          out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return steps

@@ -1,0 +1,123 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Resumes from the newest finished checkpoint in the workdir (train state, both
+data-iterator states), alternates `ar` and `diffusion` steps by the seeded
+mixture schedule, logs to TensorBoard and WORKDIR/metrics.jsonl, and evaluates
+at the end.
+"""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from monoformer_jax import checkpoint, config_lib, evaluate, input_pipeline, sampling, sharding
+from monoformer_jax import model as model_lib
+from monoformer_jax import steps
+from monoformer_jax.errors import UserError
+from monoformer_jax.steps import StepKind
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class MetricsLog:
+  """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
+
+  def __init__(self, workdir: str, start_step: int, num_steps: int):
+    self.leader = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.leader,
+                                                       asynchronous=False)
+    self.num_steps = num_steps
+    self.last = (start_step, time.monotonic())
+    if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo
+      with open(self.path) as f:
+        rows = [line for line in f if json.loads(line)['step'] <= start_step]
+      with open(self.path, 'w') as f:
+        f.writelines(rows)
+
+  def write(self, step: int, kind: StepKind, metrics: dict) -> None:
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.monotonic()
+    rate = (step - self.last[0]) / max(now - self.last[1], 1e-9)
+    self.last = (step, now)
+    self.writer.write_scalars(step, {f'{kind.value}/{k}': v for k, v in scalars.items()}
+                              | {'steps_per_sec': rate})
+    if not self.leader:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, 'kind': kind.value, **scalars}) + '\n')
+    eta = (self.num_steps - step) / max(rate, 1e-9)
+    print(f'step {step}/{self.num_steps}  {kind.value:9s} loss {scalars["loss"]:.4f}  '
+          f'{rate:.1f} steps/s  ETA {eta / 60:.1f} min', flush=True)
+
+  def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
+    self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
+    grid = sampling.image_grid(sampling.to_uint8(images), columns=len(images) // 10)
+    self.writer.write_images(step, {'samples': grid[None]})
+    if self.leader:
+      print('eval: ' + '  '.join(f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str):
+  """Validated config -> (tokenizer, model, optimizer, mesh)."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  tok = input_pipeline.get_tokenizer(config, workdir)
+  if tok.vocab_size > config.model.vocab_size:
+    raise UserError(f'the tokenizer in {workdir} has {tok.vocab_size} pieces; config key '
+                    f'model.vocab_size is only {config.model.vocab_size}.')
+  model = model_lib.build(config.model)
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  return tok, model, tx, sharding.make_mesh(config.mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
+  tok, model, tx, mesh = setup(config, workdir)
+  abstract, shardings = steps.abstract_state(model, tx, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  iterators = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
+               StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, abstract)
+    for kind, it in iterators.items():
+      it.set_state(data_state[kind.value])
+  else:
+    state = steps.init_state(model, tx, mesh, jax.random.key(config.seed))
+
+  step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
+                             mesh, shardings)
+  log = MetricsLog(workdir, start, config.train.num_steps)
+  seed_key = jax.random.key(config.seed)
+  t = config.train
+  with sharding.activate(mesh):
+    for step in range(start, t.num_steps):
+      kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
+      batch = next(iterators[kind])
+      batch.pop('label', None)
+      state, metrics = step_fns[kind](state, sharding.global_batch(batch, mesh),
+                                      jax.random.fold_in(seed_key, step))
+      done = step + 1
+      if done % t.log_every == 0 or done == t.num_steps:
+        log.write(done, kind, metrics)
+      if done % t.checkpoint_every == 0 or done == t.num_steps:
+        ckpt.save(done, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
+  ckpt.close()
+
+  metrics = {}
+  if t.eval_at_end:
+    params = state.ema_params if config.sample.use_ema else state.params
+    with sharding.activate(mesh):
+      metrics, images = evaluate.evaluate(config, model, params, tok, workdir, t.num_steps)
+    log.write_eval(t.num_steps, metrics, images)
+  log.close()
+  return metrics
