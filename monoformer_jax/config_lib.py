@@ -6,6 +6,7 @@ file or in a `--config.x.y=` override fails at once instead of being ignored.
 """
 
 import enum
+import os
 from typing import Any
 
 import ml_collections
@@ -14,6 +15,7 @@ from monoformer_jax.errors import UserError
 
 # Model sizes: (width D, depth L, heads H, kv heads K, mlp F).
 SIZES = {
+    'tiny': dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
     'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
     'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
     'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
@@ -142,6 +144,8 @@ def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserError naming the first key that cannot work."""
+  if config.data.text_file and not os.path.isfile(config.data.text_file):
+    raise UserError(f'config key data.text_file names {config.data.text_file}, which does not exist.')
   if config.model.size not in SIZES:
     raise UserError(f'config key model.size is {config.model.size!r}; expected one of '
                     f'{", ".join(sorted(SIZES))}.')

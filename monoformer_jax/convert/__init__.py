@@ -1,0 +1,1 @@
+"""Weight conversion between this project's params and other formats."""

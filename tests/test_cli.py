@@ -1,0 +1,83 @@
+"""The command line end to end, and its answers to bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from monoformer_jax import train
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.num_steps=2']
+
+
+def cli(*args):
+  return subprocess.run([sys.executable, '-m', 'monoformer_jax', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _error_line(result):
+  lines = [l for l in result.stderr.splitlines() if l.startswith(('error:', 'FATAL'))]
+  assert lines, result.stderr[-2000:]
+  return lines[-1]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tokenizer_file):
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  os.link(tokenizer_file, os.path.join(workdir, 'tokenizer.model'))
+  train.train_and_evaluate(tiny_config(num_steps=2), workdir)
+  return workdir
+
+
+def test_unknown_config_key(tmp_path):
+  workdir = tmp_path / 'w'
+  result = cli('train', *TINY, '--config.train.num_stesp=3', f'--workdir={workdir}')
+  assert result.returncode != 0
+  assert 'num_stesp' in _error_line(result)
+  assert not workdir.exists()
+
+
+def test_missing_dataset_path(tmp_path):
+  workdir = tmp_path / 'w'
+  result = cli('train', *TINY, '--config.data.text_file=/no/such/corpus.txt', f'--workdir={workdir}')
+  assert result.returncode != 0
+  assert '/no/such/corpus.txt' in _error_line(result)
+  assert not workdir.exists()
+
+
+def test_sample_without_checkpoint(tmp_path):
+  out = tmp_path / 'x.png'
+  result = cli('sample', f'--workdir={tmp_path}', '--prompt=a handwritten digit one', f'--out={out}')
+  assert result.returncode != 0
+  assert 'no checkpoint' in _error_line(result)
+  assert not out.exists()
+
+
+def test_prompt_longer_than_configured(trained, tmp_path):
+  out = tmp_path / 'x.png'
+  result = cli('sample', f'--workdir={trained}', '--prompt=' + 'seven ' * 40, f'--out={out}')
+  assert result.returncode != 0
+  assert 'data.prompt_len' in _error_line(result)
+  assert not out.exists() and not (tmp_path / 'x.npz').exists()
+
+
+def test_sample_generate_evaluate(trained, tmp_path):
+  out = tmp_path / 'seven.png'
+  result = cli('sample', f'--workdir={trained}', '--prompt=a handwritten digit seven', '--num=3',
+               f'--out={out}', '--steps=4', '--sampler=ddim', '--ema=false')
+  assert result.returncode == 0, result.stderr[-2000:]
+  images = np.load(tmp_path / 'seven.npz')['images']
+  assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  result = cli('generate', f'--workdir={trained}', '--prompt=The', '--max_tokens=5', '--top_k=5')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('The')
+
+  result = cli('evaluate', f'--workdir={trained}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'accuracy/overall' in result.stdout and 'text/perplexity' in result.stdout
