@@ -127,5 +127,17 @@ def main(argv) -> None:
     sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config errors (a key the config lacks, a bad value) as one sentence."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error:
+    raise  # absl prints these itself
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    detail = ' '.join(str(e).replace('\\n', ' ').replace("\\", '').replace("'", '').split())
+    print(f'error: the config (file or --config.* override) is invalid: {detail}', file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

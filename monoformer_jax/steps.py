@@ -109,7 +109,7 @@ def _apply_gradients(state: TrainState, grads, tx, ema_decay: float) -> tuple[Tr
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  return new_state, optax.global_norm(grads)
+  return new_state, optax.tree.norm(grads)
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:

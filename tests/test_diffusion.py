@@ -61,7 +61,7 @@ def test_normal_kl_closed_form():
 def test_discretized_likelihood_against_exact_bins():
   """log of the normal mass of each 2/255-wide bin (edge bins open-ended)."""
   x = np.array([-1.0, -0.5, 0.0, 0.3, 1.0])
-  mean, log_scale = np.array([-0.9, -0.45, 0.1, 0.2, 0.8]), np.log(np.full(5, 0.05))
+  mean, log_scale = np.array([-0.9, -0.45, 0.1, 0.2, 0.8]), np.log(np.full(5, 0.2))
   sd = np.exp(log_scale)
   upper = np.where(x > 0.999, np.inf, x + 1 / 255)
   lower = np.where(x < -0.999, -np.inf, x - 1 / 255)

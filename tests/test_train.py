@@ -36,7 +36,7 @@ def test_loss_decreases(workdir, kind):
       state, metrics = fns[kind](state, batch, jax.random.key(7))
       losses.append(float(metrics['loss']))
   assert np.isfinite(losses).all()
-  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert int(state.step) == 40
 
 
