@@ -16,19 +16,21 @@ def get_config():
   config.model.size = 'digits'
   config.model.vocab_size = 1024
   config.data.tokenizer_vocab_size = 1024
+  config.data.prompt_len = 12
+  config.data.heldout_fraction = 0.25  # also the classifier's data: 449 digits
   config.data.image_batch_size = 64
   config.data.text_batch_size = 32
   config.optim.learning_rate = 1e-3
   config.optim.warmup_steps = 100
   config.optim.cosine_decay = True
-  config.train.num_steps = 4000
+  config.train.num_steps = 2000
   config.train.ar_weight = 1.0
-  config.train.diffusion_weight = 3.0
+  config.train.diffusion_weight = 4.0
   config.train.lm_loss_weight = 0.5
-  config.train.ema_decay = 0.999
-  config.train.log_every = 100
+  config.train.ema_decay = 0.998
+  config.train.log_every = 200
   config.train.checkpoint_every = 1000
   config.sample.steps = 250
-  config.sample.cfg_scale = 1.5
+  config.sample.cfg_scale = 3.0
   config.eval.samples_per_class = 20
   return config
