@@ -4,6 +4,7 @@ train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evalua
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
+bench    --config=configs/digits.py [--bench_out=FILE.json]   step timings
 Inference commands read the config saved in the workdir's newest checkpoint.
 """
 
@@ -15,10 +16,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import checkpoint, evaluate, sampling, steps, train
+from monoformer_jax import bench, checkpoint, evaluate, sampling, steps, train
 from monoformer_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train only).',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train and bench).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, logs, tokenizer.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text prompt for sample / generate.')
@@ -33,8 +34,9 @@ _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
+_BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 
-COMMANDS = ('train', 'sample', 'generate', 'evaluate')
+COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench')
 
 
 def _restore(workdir: str, use_ema: bool):
@@ -94,7 +96,8 @@ def generate_command(workdir: str) -> None:
                           max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                           top_k=min(_TOP_K.value, model.backbone.vocab_size), top_p=_TOP_P.value,
                           eos_id=tok.eos_id, pad_id=tok.pad_id)
-  print(_PROMPT.value + tok.decode(np.asarray(out[0])))
+  # Decode prompt and continuation together so the piece boundary keeps its space.
+  print(tok.decode(tok.encode(_PROMPT.value) + np.asarray(out[0]).tolist()))
 
 
 def evaluate_command(workdir: str) -> None:
@@ -110,11 +113,14 @@ def main(argv) -> None:
   if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
   try:
+    if command in ('train', 'bench') and _CONFIG.value is None:
+      raise UserError(f'{command} needs --config=configs/FILE.py.')
+    if command == 'bench':
+      bench.run(_CONFIG.value, _BENCH_OUT.value)
+      return
     if not workdir:
       raise UserError('--workdir is required.')
     if command == 'train':
-      if _CONFIG.value is None:
-        raise UserError('train needs --config=configs/FILE.py.')
       train.train_and_evaluate(_CONFIG.value, workdir)
     elif command == 'sample':
       sample_command(workdir)

@@ -1,6 +1,7 @@
 """Every config file loads, validates and builds its model abstractly."""
 
 import glob
+import json
 import importlib.util
 import os
 
@@ -38,3 +39,14 @@ def test_unknown_key_is_refused():
   config = config_lib.base_config()
   with pytest.raises(AttributeError):
     config.train.num_stesp = 3
+
+
+def test_bench_reports_both_step_kinds(tmp_path):
+  from monoformer_jax import bench  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'bench.json'
+  report = bench.run(tiny_config(), str(out))
+  assert set(report['steps']) == {'ar', 'diffusion'}
+  for r in report['steps'].values():
+    assert r['median_ms'] > 0 and r['tokens_per_s'] > 0 and r['runs'] == 20
+  assert json.loads(out.read_text()) == report

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -67,3 +68,14 @@ def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file):
   assert [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
   assert {r['kind'] for r in a} == {'ar', 'diffusion'}
   assert a == b
+
+
+def test_unfinished_save_is_ignored(workdir):
+  """A step directory left by a crash mid-save is not mistaken for a checkpoint."""
+  train.train_and_evaluate(tiny_config(num_steps=3), workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  partial = os.path.join(ckpt_dir, '9.orbax-checkpoint-tmp-1234')
+  shutil.copytree(os.path.join(ckpt_dir, '3'), partial)
+  os.remove(os.path.join(partial, '_CHECKPOINT_METADATA'))
+  train.train_and_evaluate(tiny_config(num_steps=4), workdir)
+  assert [r['step'] for r in _rows(workdir)] == [1, 2, 3, 4]
