@@ -1,0 +1,118 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header mapping
+names to dtype, shape and byte offsets, then the raw bytes. Reading a tensor
+touches only its own bytes, so converting a checkpoint never holds more than
+the output and one input tensor. Pickle files are never opened.
+"""
+
+import glob
+import json
+import os
+import struct
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+
+from monoformer_jax.errors import UserError
+
+DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+          'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+          'BOOL': np.bool_}
+_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+SINGLE_FILE, INDEX_FILE = 'model.safetensors', 'model.safetensors.index.json'
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+  try:
+    with open(path, 'rb') as f:
+      (length,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(length))
+  except (OSError, struct.error, ValueError) as e:
+    raise UserError(f'{path} is not a readable safetensors file ({e}).') from e
+  header.pop('__metadata__', None)
+  return header, 8 + length
+
+
+class SafetensorsDir:
+  """The tensors of a HF checkpoint directory: one file, or shards listed by an index."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise UserError(f'checkpoint directory {directory} does not exist.')
+    index_path = os.path.join(directory, INDEX_FILE)
+    single = os.path.join(directory, SINGLE_FILE)
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        files = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.exists(single):
+      files = [SINGLE_FILE]
+    else:
+      pickles = glob.glob(os.path.join(directory, '*.bin')) + glob.glob(os.path.join(directory, '*.pt'))
+      if pickles:
+        raise UserError(
+            f'{directory} holds only pickle weights ({os.path.basename(pickles[0])}), which are never '
+            'loaded; re-save them as safetensors first, e.g. in Python with transformers: '
+            'AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True).')
+      raise UserError(f'{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}.')
+    self.entries = {}  # name -> (path, dtype, shape, start, end)
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise UserError(f'shard {path} named by {INDEX_FILE} does not exist.')
+      header, base = _read_header(path)
+      for tensor, info in header.items():
+        if info['dtype'] not in DTYPES:
+          raise UserError(f'tensor {tensor} in {path} has dtype {info["dtype"]}; expected one of '
+                          f'{", ".join(DTYPES)}.')
+        start, end = info['data_offsets']
+        self.entries[tensor] = (path, DTYPES[info['dtype']], tuple(info['shape']), base + start,
+                                base + end)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.entries
+
+  def keys(self) -> list[str]:
+    return list(self.entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.entries[name][2]
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    """The tensor in its stored dtype (bf16 through ml_dtypes)."""
+    path, dtype, shape, start, end = self.entries[name]
+    count = int(np.prod(shape))
+    if end - start != count * np.dtype(dtype).itemsize:
+      raise UserError(f'tensor {name} in {path}: {end - start} bytes do not hold shape {shape}.')
+    with open(path, 'rb') as f:
+      f.seek(start)
+      data = np.fromfile(f, dtype=dtype, count=count)
+    if data.size != count:
+      raise UserError(f'tensor {name} in {path} is truncated.')
+    return data.reshape(shape)
+
+
+def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
+  """Writes (name, array) pairs to `path` atomically, one tensor at a time.
+
+  The iterable is walked twice (header, then data), so pass a re-iterable
+  sequence or a function-backed view, not a one-shot generator.
+  """
+  header, offset = {'__metadata__': metadata}, 0
+  for name, array in tensors:
+    dtype = np.dtype(array.dtype)
+    if dtype not in _NAMES:
+      raise ValueError(f'cannot store tensor {name} of dtype {dtype} in safetensors')
+    header[name] = {'dtype': _NAMES[dtype], 'shape': list(array.shape),
+                    'data_offsets': [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(raw)))
+    f.write(raw)
+    for _, array in tensors:
+      f.write(np.ascontiguousarray(array).tobytes())
+  os.replace(tmp, path)
