@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.layers import BackboneConfig, RopeKind, RopeScaling
 
 _LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
     ('self_attn', 'q_proj'): 'self_attn.q_proj',
@@ -24,12 +24,24 @@ _LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
 
 
 def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """One tensor in its stored dtype, checked against the shape the config implies."""
   if name not in tensors:
     raise UserError(f'tensor {name} is missing from the LLaMA checkpoint.')
-  value = np.asarray(tensors[name], np.float32)
+  value = np.asarray(tensors[name])
   if value.shape != shape:
     raise UserError(f'tensor {name} has shape {value.shape}; the model config expects {shape}.')
   return value
+
+
+def _stacked(cfg: BackboneConfig, read) -> np.ndarray:
+  """[L, ...] array filled layer by layer (peak memory: the result plus one layer)."""
+  out = None
+  for i in range(cfg.depth):
+    layer = read(i)
+    if out is None:
+      out = np.empty((cfg.depth,) + layer.shape, layer.dtype)
+    out[i] = layer
+  return out
 
 
 def _kernel(cfg: BackboneConfig, ours: tuple[str, str], weight: np.ndarray) -> np.ndarray:
@@ -52,16 +64,19 @@ def _hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
 
 def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
                      tie_embeddings: bool) -> dict:
-  """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors."""
+  """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors.
+
+  Arrays keep the checkpoint's dtype; the caller casts when it builds a model.
+  """
   d, v = cfg.width, cfg.vocab_size
   layer = {}
   for ours, hf in _LINEARS.items():
-    stacked = [_kernel(cfg, ours, _get(tensors, f'model.layers.{i}.{hf}.weight', _hf_shape(cfg, ours)))
-               for i in range(cfg.depth)]
-    layer.setdefault(ours[0], {})[ours[1]] = {'kernel': np.stack(stacked)}
+    read = lambda i, ours=ours, hf=hf: _kernel(  # noqa: E731
+        cfg, ours, _get(tensors, f'model.layers.{i}.{hf}.weight', _hf_shape(cfg, ours)))
+    layer.setdefault(ours[0], {})[ours[1]] = {'kernel': _stacked(cfg, read)}
   for norm in ('input_layernorm', 'post_attention_layernorm'):
-    layer[norm] = {'scale': np.stack([_get(tensors, f'model.layers.{i}.{norm}.weight', (d,))
-                                      for i in range(cfg.depth)])}
+    read = lambda i, norm=norm: _get(tensors, f'model.layers.{i}.{norm}.weight', (d,))  # noqa: E731
+    layer[norm] = {'scale': _stacked(cfg, read)}
   params = {
       'embed_tokens': {'embedding': _get(tensors, 'model.embed_tokens.weight', (v, d))},
       'decoder': {'layers': layer},
@@ -70,3 +85,87 @@ def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   if not tie_embeddings:
     params['lm_head'] = {'kernel': _get(tensors, 'lm_head.weight', (v, d)).T}
   return params
+
+
+def backbone_to_hf(params: Mapping, cfg: BackboneConfig, tie_embeddings: bool) -> dict[str, np.ndarray]:
+  """The inverse of backbone_from_hf: HF tensor names -> [out, in] arrays."""
+  h, k, e, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
+  layer = params['decoder']['layers']
+  out = {'model.embed_tokens.weight': np.asarray(params['embed_tokens']['embedding'])}
+  for i in range(cfg.depth):
+    for ours, hf in _LINEARS.items():
+      kernel = np.asarray(layer[ours[0]][ours[1]]['kernel'][i])
+      flat = {'q_proj': (d, h * e), 'k_proj': (d, k * e), 'v_proj': (d, k * e),
+              'o_proj': (h * e, d)}.get(ours[1], kernel.shape)
+      out[f'model.layers.{i}.{hf}.weight'] = np.ascontiguousarray(kernel.reshape(flat).T)
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      out[f'model.layers.{i}.{norm}.weight'] = np.asarray(layer[norm]['scale'][i])
+  out['model.norm.weight'] = np.asarray(params['norm']['scale'])
+  if not tie_embeddings:
+    out['lm_head.weight'] = np.ascontiguousarray(np.asarray(params['lm_head']['kernel']).T)
+  return out
+
+
+def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
+  """(BackboneConfig, tie_embeddings) from a HF config.json dict; refuses what we cannot match."""
+  arch = (hf.get('architectures') or ['LlamaForCausalLM'])[0]
+  if hf.get('model_type') != 'llama' or arch != 'LlamaForCausalLM':
+    raise UserError(f'{source} describes {arch} (model_type {hf.get("model_type")!r}); only '
+                    'LlamaForCausalLM checkpoints are supported.')
+  for key, wanted in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
+    if hf.get(key, wanted) != wanted:
+      raise UserError(f'{source} sets {key} = {hf[key]!r}; only {wanted!r} is supported.')
+  width, heads = hf['hidden_size'], hf['num_attention_heads']
+  if hf.get('head_dim') not in (None, width // heads):
+    raise UserError(f'{source} sets head_dim = {hf["head_dim"]}; expected hidden_size / heads.')
+  scaling = None
+  rs = hf.get('rope_scaling') or hf.get('rope_parameters')
+  kind = (rs or {}).get('rope_type', (rs or {}).get('type', 'default'))
+  if kind in ('linear', 'llama3'):
+    scaling = RopeScaling(RopeKind(kind), float(rs['factor']), float(rs.get('low_freq_factor', 1.0)),
+                          float(rs.get('high_freq_factor', 4.0)),
+                          int(rs.get('original_max_position_embeddings', 8192)))
+  elif kind != 'default':
+    raise UserError(f'{source} uses rope scaling {kind!r}; supported: linear, llama3.')
+  theta = float((rs or {}).get('rope_theta', hf.get('rope_theta', 10000.0)))
+  cfg = BackboneConfig(vocab_size=hf['vocab_size'], width=width, depth=hf['num_hidden_layers'],
+                       num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
+                       mlp_dim=hf['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
+                       norm_eps=float(hf.get('rms_norm_eps', 1e-6)))
+  return cfg, bool(hf.get('tie_word_embeddings', False))
+
+
+def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str, bos_id: int, eos_id: int,
+              pad_id: int) -> dict:
+  """A LlamaForCausalLM config.json dict for an exported backbone."""
+  out = dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
+             hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+             num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+             num_key_value_heads=cfg.num_kv_heads, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
+             rope_theta=cfg.rope_theta, tie_word_embeddings=tie_embeddings,
+             attention_bias=False, mlp_bias=False, max_position_embeddings=4096,
+             bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, torch_dtype=dtype)
+  if cfg.rope_scaling is not None:
+    r = cfg.rope_scaling
+    out['rope_scaling'] = dict(rope_type=r.kind.value, factor=r.factor,
+                               low_freq_factor=r.low_freq_factor,
+                               high_freq_factor=r.high_freq_factor,
+                               original_max_position_embeddings=r.original_max_position)
+  return out
+
+
+def config_to_json(cfg: BackboneConfig) -> dict:
+  r = cfg.rope_scaling
+  return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+              num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
+              norm_eps=cfg.norm_eps,
+              rope_scaling=None if r is None else dict(
+                  kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
+                  high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))
+
+
+def config_from_json(d: Mapping) -> BackboneConfig:
+  d = dict(d)
+  r = d.pop('rope_scaling')
+  scaling = None if r is None else RopeScaling(**dict(r, kind=RopeKind(r['kind'])))
+  return BackboneConfig(rope_scaling=scaling, **d)
