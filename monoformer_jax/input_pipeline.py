@@ -9,6 +9,7 @@ host reads its own slice of every batch.
 """
 
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -58,12 +59,21 @@ def prompts(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def get_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer, trained on the text and the prompts at first use."""
+  """The workdir's tokenizer: the pretrained LLM's when the backbone comes from one,
+  else trained on the text and the prompts at first use."""
   path = os.path.join(workdir, tokenizer_lib.MODEL_FILE)
   if os.path.exists(path):
     return tokenizer_lib.Tokenizer(path)
   if jax.process_index() != 0:
     raise UserError(f'{path} is missing on a non-leader host; expected a shared workdir.')
+  if config.model.init_from:
+    source = os.path.join(config.model.init_from, tokenizer_lib.MODEL_FILE)
+    if not os.path.exists(source):
+      raise UserError(f'{config.model.init_from} has no {tokenizer_lib.MODEL_FILE}; copy the LLM\'s '
+                      'sentencepiece model there.')
+    shutil.copy(source, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    return tokenizer_lib.Tokenizer(path)
   texts = load_documents(config) + prompts(config) * 20
   return tokenizer_lib.train(texts, path, config.data.tokenizer_vocab_size)
 

@@ -5,6 +5,7 @@ sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.n
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
 bench    --config=configs/digits.py [--bench_out=FILE.json]   step timings
+convert  {llama,export-llama} --src=DIR --dst=DIR   weight conversion (see convert/commands.py)
 Inference commands read the config saved in the workdir's newest checkpoint.
 """
 
@@ -16,7 +17,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import bench, checkpoint, evaluate, sampling, steps, train
+from monoformer_jax import bench, evaluate, sampling, train
+from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train and bench).',
@@ -35,19 +37,10 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
+_SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
+_DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist).')
 
-COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench')
-
-
-def _restore(workdir: str, use_ema: bool):
-  """(config, tokenizer, model, params, step) from the workdir's newest checkpoint."""
-  ckpt, step = checkpoint.open_existing(workdir)
-  config = ckpt.restore_config(step)
-  tok, model, tx, mesh = train.setup(config, workdir)
-  abstract, _ = steps.abstract_state(model, tx, mesh)
-  state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return config, tok, model, (state.ema_params if use_ema else state.params), step
+COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert')
 
 
 def _write_atomic(path: str, write) -> None:
@@ -64,7 +57,7 @@ def sample_command(workdir: str) -> None:
     raise UserError(f'--num is {_NUM.value}; expected at least 1.')
   if not _OUT.value.endswith('.png'):
     raise UserError(f'--out is {_OUT.value}; expected a .png path.')
-  config, tok, model, params, _ = _restore(workdir, _EMA.value)
+  config, tok, model, params, _ = train.restore_for_inference(workdir, _EMA.value)
   tok.image_prompt(_PROMPT.value, config.data.prompt_len)  # rejects long prompts before any work
   spec = sampling.spec_from_config(config, sampler=_SAMPLER.value, steps=_STEPS.value,
                                    cfg_scale=_CFG_SCALE.value)
@@ -90,7 +83,7 @@ def generate_command(workdir: str) -> None:
     raise UserError(f'--max_tokens is {_MAX_TOKENS.value}; expected at least 1.')
   if not 0.0 < _TOP_P.value <= 1.0 or _TOP_K.value < 0 or _TEMPERATURE.value < 0:
     raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
-  config, tok, model, params, _ = _restore(workdir, _EMA.value)
+  config, tok, model, params, _ = train.restore_for_inference(workdir, _EMA.value)
   tokens, valid = tok.text_prompt(_PROMPT.value, config.data.text_seq_len)
   out = sampling.generate(model, params, tokens[None], valid[None], jax.random.key(_SEED.value),
                           max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
@@ -101,14 +94,15 @@ def generate_command(workdir: str) -> None:
 
 
 def evaluate_command(workdir: str) -> None:
-  config, tok, model, params, step = _restore(workdir, _EMA.value)
+  config, tok, model, params, step = train.restore_for_inference(workdir, _EMA.value)
   metrics, _ = evaluate.evaluate(config, model, params, tok, workdir, step)
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
 
 
 def main(argv) -> None:
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f'expected one command out of {", ".join(COMMANDS)}; got {argv[1:]}.')
+  if len(argv) < 2 or argv[1] not in COMMANDS or len(argv) != (3 if argv[1] == 'convert' else 2):
+    raise app.UsageError(f'expected one command out of {", ".join(COMMANDS)} (convert takes a '
+                         f'kind: {", ".join(convert_commands.KINDS)}); got {argv[1:]}.')
   command, workdir = argv[1], _WORKDIR.value
   if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
@@ -117,6 +111,9 @@ def main(argv) -> None:
       raise UserError(f'{command} needs --config=configs/FILE.py.')
     if command == 'bench':
       bench.run(_CONFIG.value, _BENCH_OUT.value)
+      return
+    if command == 'convert':
+      convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value)
       return
     if not workdir:
       raise UserError('--workdir is required.')

@@ -1,8 +1,9 @@
 """Sentencepiece tokenizer with MonoFormer's special tokens.
 
-Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then <im_start> and <im_end>
-as user-defined pieces, so the image delimiters are single tokens that plain
-text can never produce by accident.
+Models trained here have ids 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then
+<im_start> and <im_end> as user-defined pieces. A pretrained LLM's model (no
+such pieces, often no pad) gets them appended after its last piece, in the
+order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 """
 
 import os
@@ -24,17 +25,27 @@ class Tokenizer:
   def __init__(self, path: str):
     if not os.path.exists(path):
       raise UserError(f'tokenizer model {path} does not exist; train once to create it.')
-    self.sp = spm.SentencePieceProcessor(model_file=path)
-    self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-    self.im_start_id = self.sp.piece_to_id(IM_START)
-    self.im_end_id = self.sp.piece_to_id(IM_END)
-    if min(self.bos_id, self.eos_id, self.pad_id) < 0 or self.im_start_id == self.sp.unk_id():
-      raise UserError(f'tokenizer model {path} lacks BOS/EOS/pad or the {IM_START} and {IM_END} '
-                      'pieces; expected one trained by this project.')
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+      raise UserError(f'tokenizer model {path} is not a sentencepiece model ({e}).') from e
+    self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+    if min(self.bos_id, self.eos_id) < 0:
+      raise UserError(f'tokenizer model {path} has no BOS or EOS piece.')
+    self.num_pieces = self.sp.get_piece_size()
+    next_id = self.num_pieces
 
-  @property
-  def vocab_size(self) -> int:
-    return self.sp.get_piece_size()
+    def own_or_appended(piece_id: int) -> int:
+      nonlocal next_id
+      if piece_id >= 0 and piece_id != self.sp.unk_id():
+        return piece_id
+      next_id += 1
+      return next_id - 1
+
+    self.im_start_id = own_or_appended(self.sp.piece_to_id(IM_START))
+    self.im_end_id = own_or_appended(self.sp.piece_to_id(IM_END))
+    self.pad_id = own_or_appended(self.sp.pad_id())
+    self.vocab_size = next_id
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
@@ -43,7 +54,7 @@ class Tokenizer:
     stop = [int(i) for i in ids]
     if self.eos_id in stop:
       stop = stop[:stop.index(self.eos_id)]
-    return self.sp.decode([i for i in stop if i != self.pad_id])
+    return self.sp.decode([i for i in stop if i != self.pad_id and i < self.num_pieces])
 
   def image_prompt(self, prompt: str, length: int) -> tuple[np.ndarray, np.ndarray]:
     """`BOS prompt <im_start>` left-padded to `length`: ids [P] int32, valid [P] bool.

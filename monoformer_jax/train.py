@@ -18,6 +18,7 @@ from clu import metric_writers
 from monoformer_jax import checkpoint, config_lib, evaluate, input_pipeline, sampling, sharding
 from monoformer_jax import model as model_lib
 from monoformer_jax import steps
+from monoformer_jax.convert import pretrained
 from monoformer_jax.errors import UserError
 from monoformer_jax.steps import StepKind
 
@@ -79,6 +80,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   return tok, model, tx, sharding.make_mesh(config.mesh)
 
 
+def init_backbone(state, config, model, tx, shardings):
+  """The fresh state with params, EMA and optimizer state started from a converted LLM."""
+  params = pretrained.graft_backbone(jax.device_get(state.params), config.model.init_from,
+                                     model.backbone, model.tie_embeddings)
+  params = jax.device_put(params, shardings.params)
+  return state.replace(params=params, ema_params=params, opt_state=jax.jit(
+      tx.init, out_shardings=shardings.opt_state)(params))
+
+
+def restore_for_inference(workdir: str, use_ema: bool):
+  """(config, tokenizer, model, params, step) from the workdir's newest checkpoint."""
+  ckpt, step = checkpoint.open_existing(workdir)
+  config = ckpt.restore_config(step)
+  tok, model, tx, mesh = setup(config, workdir)
+  abstract, _ = steps.abstract_state(model, tx, mesh)
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return config, tok, model, (state.ema_params if use_ema else state.params), step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
   tok, model, tx, mesh = setup(config, workdir)
@@ -93,6 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       it.set_state(data_state[kind.value])
   else:
     state = steps.init_state(model, tx, mesh, jax.random.key(config.seed))
+    if config.model.init_from:
+      state = init_backbone(state, config, model, tx, shardings)
 
   step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
                              mesh, shardings)

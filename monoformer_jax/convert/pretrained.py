@@ -96,3 +96,52 @@ def export_llama(params: dict, cfg: BackboneConfig, tie: bool, dst: str, tokeniz
       json.dump(llama.hf_config(cfg, tie, torch_dtype, *special_ids), f, indent=1)
     if tokenizer_file and os.path.exists(tokenizer_file):
       shutil.copy(tokenizer_file, os.path.join(tmp, TOKENIZER))
+
+
+def _check_backbone(cfg: BackboneConfig, model_cfg: BackboneConfig, path: str) -> None:
+  # Shapes are compared parameter by parameter later; these settings leave no trace in them.
+  for field in ('rope_theta', 'rope_scaling', 'norm_eps'):
+    got, want = getattr(cfg, field), getattr(model_cfg, field)
+    if got != want:
+      raise UserError(f'{path} has {field} = {got}, but the model config gives {want}.')
+  if model_cfg.vocab_size < cfg.vocab_size:
+    raise UserError(f'{path} has {cfg.vocab_size} vocabulary rows; config key model.vocab_size '
+                    f'is only {model_cfg.vocab_size}.')
+
+
+def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
+  """`params` with the backbone replaced by the converted LLM at `path` (host arrays).
+
+  Shapes are checked leaf by leaf; vocabulary rows beyond the LLM's (the special
+  tokens and any padding) are set to the mean of its rows. MonoFormer's own
+  parameters keep their initialization.
+  """
+  pretrained, cfg, pretrained_tie = load(path)
+  _check_backbone(cfg, model_cfg, path)
+  if pretrained_tie != tie:
+    raise UserError(f'{path} has tie_embeddings = {pretrained_tie}; config key '
+                    f'model.tie_embeddings is {tie}.')
+  extra = model_cfg.vocab_size - cfg.vocab_size
+
+  def extend(rows: np.ndarray, axis: int) -> np.ndarray:
+    mean = rows.astype(np.float32).mean(axis=axis, keepdims=True)
+    return np.concatenate([rows.astype(np.float32), np.repeat(mean, extra, axis=axis)], axis=axis)
+
+  pretrained['embed_tokens']['embedding'] = extend(pretrained['embed_tokens']['embedding'], 0)
+  if 'lm_head' in pretrained:
+    pretrained['lm_head']['kernel'] = extend(pretrained['lm_head']['kernel'], 1)
+
+  flat_target = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  merged = dict(params)
+  for key, subtree in pretrained.items():
+    for leaf_path, value in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+      full = (jax.tree_util.DictKey(key),) + tuple(leaf_path)
+      name = '/'.join(str(getattr(p, 'key', p)) for p in full)
+      target = flat_target.get(full)
+      if target is None:
+        raise UserError(f'parameter {name} of {path} has no counterpart in the model.')
+      if tuple(target.shape) != tuple(value.shape):
+        raise UserError(f'parameter {name} has shape {tuple(value.shape)} in {path}, but the model '
+                        f'config gives {tuple(target.shape)}.')
+    merged[key] = jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, params[key])
+  return merged
