@@ -10,25 +10,28 @@ import transformers
 
 from monoformer_jax.config_lib import MaskType
 from monoformer_jax.convert import llama
-from monoformer_jax.layers import BackboneConfig
 from monoformer_jax.model import ImageConfig, MonoFormer
 
-CASES = {  # name: (heads, kv heads, tied, rope_theta)
-    'mha_untied': (4, 4, False, 10000.0),
-    'gqa_tied_theta': (4, 2, True, 500000.0),
+LLAMA3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)
+CASES = {  # name: (heads, kv heads, tied, rope_theta, rope_scaling)
+    'mha_untied': (4, 4, False, 10000.0, None),
+    'gqa_tied_theta': (4, 2, True, 500000.0, None),
+    'gqa_llama3_scaling': (4, 1, False, 500000.0, LLAMA3),
+    'linear_scaling': (4, 2, False, 10000.0, dict(rope_type='linear', factor=4.0)),
 }
 
 
-def _models(heads, kv_heads, tied, theta):
+def _models(heads, kv_heads, tied, theta, scaling):
   torch.manual_seed(0)
   hf_config = transformers.LlamaConfig(
       vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
       num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=theta,
-      rms_norm_eps=1e-5, tie_word_embeddings=tied, max_position_embeddings=128,
-      attn_implementation='eager')
+      rope_scaling=scaling, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+      max_position_embeddings=128, attn_implementation='eager')
   hf = transformers.LlamaForCausalLM(hf_config).eval()
-  cfg = BackboneConfig(vocab_size=97, width=64, depth=3, num_heads=heads, num_kv_heads=kv_heads,
-                       mlp_dim=112, rope_theta=theta, norm_eps=1e-5)
+  cfg, tie = llama.config_from_hf(hf_config.to_dict(), 'test config')
+  assert tie == tied
   model = MonoFormer(cfg, ImageConfig(patch_size=2, height=4, width=4, channels=1), tied)
   tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   ours = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool),
@@ -41,7 +44,7 @@ def _models(heads, kv_heads, tied, theta):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_logits_match_transformers(case):
   hf, model, params = _models(*CASES[case])
-  tokens = np.random.default_rng(1).integers(0, 97, (2, 11))
+  tokens = np.random.default_rng(1).integers(0, 97, (2, 40))  # past the llama3 original length
   with torch.no_grad():
     expected = hf(torch.tensor(tokens)).logits.numpy()
   got = model.apply({'params': params}, jnp.asarray(tokens), jnp.ones(tokens.shape, bool),

@@ -1,0 +1,158 @@
+"""HF LLaMA <-> converted directory <-> HF, training init from it, and bad checkpoints."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+
+from monoformer_jax import config_lib, steps, train
+from monoformer_jax.convert import commands, pretrained, safetensors_io
+from monoformer_jax.errors import UserError
+from monoformer_jax.tokenizer import Tokenizer
+from conftest import tiny_config
+
+TINY = config_lib.SIZES['tiny']
+VOCAB = 300
+
+
+def hf_model(dtype=torch.float32, **overrides):
+  torch.manual_seed(0)
+  kwargs = dict(vocab_size=VOCAB, hidden_size=TINY['width'], intermediate_size=TINY['mlp_dim'],
+                num_hidden_layers=TINY['depth'], num_attention_heads=TINY['num_heads'],
+                num_key_value_heads=TINY['num_kv_heads'], rms_norm_eps=1e-6,
+                max_position_embeddings=256)
+  kwargs.update(overrides)
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).to(dtype)
+
+
+@pytest.fixture(scope='module')
+def llm_dir(tmp_path_factory):
+  """A tiny HF LLaMA in two safetensors shards, with a plain sentencepiece model (no pad)."""
+  path = tmp_path_factory.mktemp('llm')
+  hf_model().save_pretrained(path, safe_serialization=True, max_shard_size='60KB')
+  text = path / 'corpus.txt'
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  text.write_text('\n'.join(topics.topics[k] for k in sorted(topics.topics)[:20]))
+  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(path / 'tokenizer'),
+                                 vocab_size=VOCAB, minloglevel=2)
+  assert os.path.exists(path / safetensors_io.INDEX_FILE)
+  return str(path)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_round_trip_is_identical(tmp_path, dtype):
+  src, conv, out = tmp_path / 'hf', tmp_path / 'conv', tmp_path / 'out'
+  hf_model(dtype, tie_word_embeddings=True).save_pretrained(src, safe_serialization=True)
+  commands.run('llama', str(src), str(conv), use_ema=True)
+  commands.run('export-llama', str(conv), str(out), use_ema=True)
+  a, b = safetensors_io.SafetensorsDir(str(src)), safetensors_io.SafetensorsDir(str(out))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for name in a.keys():
+    assert a[name].dtype == b[name].dtype
+    np.testing.assert_array_equal(a[name].view(np.uint8), b[name].view(np.uint8))
+  _, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+
+
+def test_init_from_converted_llm(llm_dir, tmp_path):
+  conv = str(tmp_path / 'conv')
+  commands.run('llama', llm_dir, conv, use_ema=True)
+  config = tiny_config(num_steps=1)
+  config.model.init_from = conv
+  config.model.vocab_size = VOCAB + 5  # the three specials and two rows of padding
+  config.data.tokenizer_vocab_size = VOCAB
+  workdir = str(tmp_path / 'work')
+  tok, model, tx, mesh = train.setup(config, workdir)
+  assert (tok.im_start_id, tok.im_end_id, tok.pad_id, tok.vocab_size) == (VOCAB, VOCAB + 1,
+                                                                         VOCAB + 2, VOCAB + 3)
+  _, shardings = steps.abstract_state(model, tx, mesh)
+  fresh = steps.init_state(model, tx, mesh, jax.random.key(0))
+  state = train.init_backbone(fresh, config, model, tx, shardings)
+
+  hf = hf_model()
+  embed = hf.model.embed_tokens.weight.detach().numpy()
+  got = np.asarray(state.params['embed_tokens']['embedding'])
+  np.testing.assert_array_equal(got[:VOCAB], embed)
+  np.testing.assert_allclose(got[VOCAB:], np.repeat(embed.mean(0, keepdims=True), 5, 0), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(state.params['decoder']['layers']['mlp']['up_proj']['kernel'][1]),
+                                hf.model.layers[1].mlp.up_proj.weight.detach().numpy().T)
+  # MonoFormer's own parameters keep the official initialization.
+  assert not np.asarray(state.params['x_embedder']['kernel']).any()
+  assert not np.asarray(state.params['t_projector']['fc2']['kernel']).any()
+  jax.tree.map(np.testing.assert_array_equal, state.params, state.ema_params)
+
+  # The text logits are the LLM's.
+  tokens = np.array([[1, 17, 42, 99, 7]])
+  with torch.no_grad():
+    want = hf(torch.tensor(tokens)).logits.numpy()
+  logits = model.apply({'params': state.params}, tokens, np.ones(tokens.shape, bool),
+                       mask_type=config_lib.MaskType.CAUSAL).logits
+  np.testing.assert_allclose(np.asarray(logits)[..., :VOCAB], want, atol=1e-4)
+
+  # A model whose shape differs is refused, naming the parameter and both shapes.
+  config.unlock()
+  config.model.size = 'digits'
+  with pytest.raises(UserError, match=r'parameter decoder/layers/.* has shape \(2, .*model config'):
+    tok, model, tx, mesh = train.setup(config, workdir)
+    _, shardings = steps.abstract_state(model, tx, mesh)
+    train.init_backbone(steps.init_state(model, tx, mesh, jax.random.key(0)), config, model, tx,
+                        shardings)
+
+
+def test_tokenizer_of_an_llm_gets_appended_specials(llm_dir):
+  tok = Tokenizer(os.path.join(llm_dir, 'tokenizer.model'))
+  ids, valid = tok.image_prompt('an image of seven', 16)
+  assert ids[valid][-1] == VOCAB and ids[valid][0] == tok.bos_id and ids[0] == VOCAB + 2
+  assert max(tok.encode('an image of seven <im_start>')) < VOCAB
+
+
+def _write_config(path, **changes):
+  config = json.loads((path / 'config.json').read_text())
+  config.update(changes)
+  (path / 'config.json').write_text(json.dumps(config))
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+  src = tmp_path / 'hf'
+  hf_model().save_pretrained(src, safe_serialization=True)
+  cases = []
+
+  missing_config = tmp_path / 'no_config'
+  missing_config.mkdir()
+  cases.append((missing_config, r'no_config/config\.json does not exist'))
+
+  unsupported = tmp_path / 'mistral'
+  hf_model().save_pretrained(unsupported, safe_serialization=True)
+  _write_config(unsupported, model_type='mistral', architectures=['MistralForCausalLM'])
+  cases.append((unsupported, r'MistralForCausalLM .* only LlamaForCausalLM'))
+
+  misshapen = tmp_path / 'misshapen'
+  hf_model().save_pretrained(misshapen, safe_serialization=True)
+  _write_config(misshapen, intermediate_size=80)
+  cases.append((misshapen, r'tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\); '
+                           r'the model config expects \(80, 32\)'))
+
+  missing_tensor = tmp_path / 'missing_tensor'
+  missing_tensor.mkdir()
+  (missing_tensor / 'config.json').write_text((src / 'config.json').read_text())
+  tensors = safetensors_io.SafetensorsDir(str(src))
+  safetensors_io.write(str(missing_tensor / 'model.safetensors'),
+                       [(k, tensors[k]) for k in tensors.keys() if k != 'model.norm.weight'], {})
+  cases.append((missing_tensor, r'tensor model\.norm\.weight is missing'))
+
+  pickled = tmp_path / 'pickled'
+  pickled.mkdir()
+  (pickled / 'config.json').write_text((src / 'config.json').read_text())
+  (pickled / 'pytorch_model.bin').write_bytes(b'not opened')
+  cases.append((pickled, r'pytorch_model\.bin.*never loaded.*safe_serialization=True'))
+
+  for path, message in cases:
+    dst = tmp_path / f'out_{path.name}'
+    with pytest.raises(UserError, match=message):
+      commands.run('llama', str(path), str(dst), use_ema=True)
+    assert not dst.exists() and not os.path.exists(f'{dst}.partial')
