@@ -13,7 +13,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from monoformer_jax import checkpoint, config_lib, evaluate, input_pipeline, sampling, sharding
 from monoformer_jax import model as model_lib
@@ -29,6 +28,8 @@ class MetricsLog:
   """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
 
   def __init__(self, workdir: str, start_step: int, num_steps: int):
+    # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.leader = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.leader,

@@ -2,16 +2,18 @@
 
 llama         HF LlamaForCausalLM directory -> converted directory (Orbax + model.json)
 export-llama  converted directory or training workdir -> HF LlamaForCausalLM directory
+synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to
+              measure conversion (see README)
 """
 
 import os
 
 from monoformer_jax import train
-from monoformer_jax.convert import pretrained
+from monoformer_jax.convert import pretrained, synthetic
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
-KINDS = ('llama', 'export-llama')
+KINDS = ('llama', 'export-llama', 'synthetic-llama')
 BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
 
@@ -33,6 +35,12 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
 
 
 def run(kind: str, src: str, dst: str, use_ema: bool) -> None:
+  if kind == 'synthetic-llama':
+    if not dst:
+      raise UserError('convert synthetic-llama needs --dst.')
+    size = synthetic.write_synthetic_llama(dst, 'tinyllama-1.1b')
+    print(f'wrote {dst}: {size / 2**30:.2f} GiB of bf16 weights')
+    return
   if not src or not dst:
     raise UserError(f'convert {kind} needs --src and --dst.')
   if kind == 'llama':

@@ -7,6 +7,7 @@ HF output dimension, so a reshape recovers the [H, E] axes.
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from monoformer_jax.errors import UserError
@@ -33,15 +34,6 @@ def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -
   return value
 
 
-def _stacked(cfg: BackboneConfig, read) -> np.ndarray:
-  """[L, ...] array filled layer by layer (peak memory: the result plus one layer)."""
-  out = None
-  for i in range(cfg.depth):
-    layer = read(i)
-    if out is None:
-      out = np.empty((cfg.depth,) + layer.shape, layer.dtype)
-    out[i] = layer
-  return out
 
 
 def _kernel(cfg: BackboneConfig, ours: tuple[str, str], weight: np.ndarray) -> np.ndarray:
@@ -62,28 +54,51 @@ def _hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
           'gate_proj': (f, d), 'up_proj': (f, d), 'down_proj': (d, f)}[ours[1]]
 
 
+def layer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig, i: int) -> dict:
+  """Block i's params (our layout, without the layer axis) from HF tensors, stored dtype."""
+  layer = {}
+  for ours, hf in _LINEARS.items():
+    weight = _get(tensors, f'model.layers.{i}.{hf}.weight', _hf_shape(cfg, ours))
+    layer.setdefault(ours[0], {})[ours[1]] = {'kernel': np.ascontiguousarray(_kernel(cfg, ours, weight))}
+  for norm in ('input_layernorm', 'post_attention_layernorm'):
+    layer[norm] = {'scale': _get(tensors, f'model.layers.{i}.{norm}.weight', (cfg.width,))}
+  return layer
+
+
+def outer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
+                  tie_embeddings: bool) -> dict:
+  """Everything but the blocks: 'embed_tokens', 'norm' and (untied) 'lm_head'."""
+  d, v = cfg.width, cfg.vocab_size
+  params = {'embed_tokens': {'embedding': _get(tensors, 'model.embed_tokens.weight', (v, d))},
+            'norm': {'scale': _get(tensors, 'model.norm.weight', (d,))}}
+  if not tie_embeddings:
+    params['lm_head'] = {'kernel': _get(tensors, 'lm_head.weight', (v, d)).T}
+  return params
+
+
+def stack_layers(layers: list[dict]) -> dict:
+  """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
+
+  Fills preallocated arrays block by block, so the peak is the result plus the
+  inputs, never a second copy of the whole stack.
+  """
+  def stack(*leaves):
+    out = np.empty((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+    for i, leaf in enumerate(leaves):
+      out[i] = leaf
+    return out
+  return jax.tree.map(stack, *layers)
+
+
 def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
                      tie_embeddings: bool) -> dict:
   """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors.
 
   Arrays keep the checkpoint's dtype; the caller casts when it builds a model.
   """
-  d, v = cfg.width, cfg.vocab_size
-  layer = {}
-  for ours, hf in _LINEARS.items():
-    read = lambda i, ours=ours, hf=hf: _kernel(  # noqa: E731
-        cfg, ours, _get(tensors, f'model.layers.{i}.{hf}.weight', _hf_shape(cfg, ours)))
-    layer.setdefault(ours[0], {})[ours[1]] = {'kernel': _stacked(cfg, read)}
-  for norm in ('input_layernorm', 'post_attention_layernorm'):
-    read = lambda i, norm=norm: _get(tensors, f'model.layers.{i}.{norm}.weight', (d,))  # noqa: E731
-    layer[norm] = {'scale': _stacked(cfg, read)}
-  params = {
-      'embed_tokens': {'embedding': _get(tensors, 'model.embed_tokens.weight', (v, d))},
-      'decoder': {'layers': layer},
-      'norm': {'scale': _get(tensors, 'model.norm.weight', (d,))},
-  }
-  if not tie_embeddings:
-    params['lm_head'] = {'kernel': _get(tensors, 'lm_head.weight', (v, d)).T}
+  params = outer_from_hf(tensors, cfg, tie_embeddings)
+  params['decoder'] = {'layers': stack_layers([layer_from_hf(tensors, cfg, i)
+                                               for i in range(cfg.depth)])}
   return params
 
 

@@ -1,7 +1,8 @@
 """Converted LLM directories: HF LLaMA -> Orbax, and the text backbone -> HF.
 
 A converted directory holds
-  params/          Orbax checkpoint of the backbone params (the source's dtype)
+  params/          Orbax checkpoint of the backbone params (the source's dtype), with
+                   the blocks stored one by one under decoder/layers/{0..L-1}
   model.json       the backbone shape ({'backbone': ..., 'tie_embeddings': ...})
   tokenizer.model  the source's sentencepiece model, when it has one
 and is written under DST.partial, then renamed, so a crash leaves no DST.
@@ -52,12 +53,23 @@ def read_hf_config(src: str) -> dict:
 
 
 def convert_llama(src: str, dst: str) -> None:
-  """HF LlamaForCausalLM directory (safetensors) -> converted directory."""
+  """HF LlamaForCausalLM directory (safetensors) -> converted directory.
+
+  Memory stays near the checkpoint's size: each tensor is read, moved into a
+  jax array (the numpy copy dropped), and Orbax writes with a bounded number of
+  bytes in flight; blocks are kept apart so no [L, ...] stack is ever built.
+  """
   cfg, tie = llama.config_from_hf(read_hf_config(src), os.path.join(src, 'config.json'))
-  params = llama.backbone_from_hf(safetensors_io.SafetensorsDir(src), cfg, tie)
+  tensors = safetensors_io.SafetensorsDir(src)
+  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
+  params = put(llama.outer_from_hf(tensors, cfg, tie))
+  params['decoder'] = {'layers': {str(i): put(llama.layer_from_hf(tensors, cfg, i))
+                                  for i in range(cfg.depth)}}
+  largest = max(x.nbytes for x in jax.tree.leaves(params))
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
   with atomic_directory(dst) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS), params)
+    with ocp.Checkpointer(handler) as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS), args=ocp.args.PyTreeSave(params))
     with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
       json.dump({'backbone': llama.config_to_json(cfg), 'tie_embeddings': tie,
                  'source': os.path.abspath(src)}, f, indent=1)
@@ -79,7 +91,10 @@ def load(path: str) -> tuple[dict, BackboneConfig, bool]:
   except (ValueError, KeyError, FileNotFoundError, OSError) as e:
     raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
   params = jax.tree.map(np.asarray, params)
-  return params, llama.config_from_json(meta['backbone']), bool(meta['tie_embeddings'])
+  cfg = llama.config_from_json(meta['backbone'])
+  blocks = params['decoder']['layers']
+  params['decoder']['layers'] = llama.stack_layers([blocks[str(i)] for i in range(cfg.depth)])
+  return params, cfg, bool(meta['tie_embeddings'])
 
 
 def export_llama(params: dict, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
