@@ -2,6 +2,7 @@
 
 llama         HF LlamaForCausalLM directory -> converted directory (Orbax + model.json)
 export-llama  converted directory or training workdir -> HF LlamaForCausalLM directory
+vae           diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory
 synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to
               measure conversion (see README)
 """
@@ -9,11 +10,11 @@ synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B s
 import os
 
 from monoformer_jax import train
-from monoformer_jax.convert import pretrained, synthetic
+from monoformer_jax.convert import pretrained, synthetic, vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
-KINDS = ('llama', 'export-llama', 'synthetic-llama')
+KINDS = ('llama', 'export-llama', 'vae', 'synthetic-llama')
 BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
 
@@ -45,6 +46,8 @@ def run(kind: str, src: str, dst: str, use_ema: bool) -> None:
     raise UserError(f'convert {kind} needs --src and --dst.')
   if kind == 'llama':
     pretrained.convert_llama(src, dst)
+  elif kind == 'vae':
+    vae.convert_vae(src, dst)
   else:
     export_llama(src, dst, use_ema)
   print(f'wrote {dst}')

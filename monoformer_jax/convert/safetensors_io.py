@@ -38,16 +38,16 @@ def _read_header(path: str) -> tuple[dict, int]:
 class SafetensorsDir:
   """The tensors of a HF checkpoint directory: one file, or shards listed by an index."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, single_file: str = SINGLE_FILE):
     if not os.path.isdir(directory):
       raise UserError(f'checkpoint directory {directory} does not exist.')
-    index_path = os.path.join(directory, INDEX_FILE)
-    single = os.path.join(directory, SINGLE_FILE)
+    index_path = os.path.join(directory, single_file + '.index.json')
+    single = os.path.join(directory, single_file)
     if os.path.exists(index_path):
       with open(index_path) as f:
         files = sorted(set(json.load(f)['weight_map'].values()))
     elif os.path.exists(single):
-      files = [SINGLE_FILE]
+      files = [single_file]
     else:
       pickles = glob.glob(os.path.join(directory, '*.bin')) + glob.glob(os.path.join(directory, '*.pt'))
       if pickles:
@@ -55,12 +55,12 @@ class SafetensorsDir:
             f'{directory} holds only pickle weights ({os.path.basename(pickles[0])}), which are never '
             'loaded; re-save them as safetensors first, e.g. in Python with transformers: '
             'AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True).')
-      raise UserError(f'{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}.')
+      raise UserError(f'{directory} has neither {single_file} nor its .index.json.')
     self.entries = {}  # name -> (path, dtype, shape, start, end)
     for name in files:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
-        raise UserError(f'shard {path} named by {INDEX_FILE} does not exist.')
+        raise UserError(f'shard {path} named by {index_path} does not exist.')
       header, base = _read_header(path)
       for tensor, info in header.items():
         if info['dtype'] not in DTYPES:
