@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.size = 'digits'
   c.model.init_from = ''  # a converted LLM directory (convert llama) for the backbone
+  c.model.vae = ''  # a converted VAE directory (convert vae); '' = diffusion in pixel space
   c.model.vocab_size = 1024
   c.model.rope_theta = 10000.0
   c.model.norm_eps = 1e-6
@@ -149,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config key data.text_file names {config.data.text_file}, which does not exist.')
   if config.model.init_from and not os.path.isdir(config.model.init_from):
     raise UserError(f'config key model.init_from names {config.model.init_from}, which does not exist.')
+  if config.model.vae and not os.path.isdir(config.model.vae):
+    raise UserError(f'config key model.vae names {config.model.vae}, which does not exist.')
   if config.model.size not in SIZES:
     raise UserError(f'config key model.size is {config.model.size!r}; expected one of '
                     f'{", ".join(sorted(SIZES))}.')

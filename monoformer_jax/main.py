@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from monoformer_jax import bench, evaluate, sampling, train
 from monoformer_jax.convert import commands as convert_commands
+from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train and bench).',
@@ -39,6 +40,7 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
 _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist).')
+_VAE = flags.DEFINE_string('vae', '', 'convert official: a converted VAE directory for sampling.')
 
 COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert')
 
@@ -65,6 +67,10 @@ def sample_command(workdir: str) -> None:
     raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
   images = sampling.images_for_prompts(model, params, tok, [_PROMPT.value] * _NUM.value,
                                        config.data.prompt_len, spec, jax.random.key(_SEED.value))
+  if config.model.vae:  # latent diffusion: decode to pixels
+    vae_model, vae_params = convert_vae.load_vae(config.model.vae)
+    images = jax.jit(lambda p, z: vae_model.apply({'params': p}, z, method=vae_model.decode))(
+        vae_params, images)
   images = sampling.to_uint8(images)
   grid = sampling.image_grid(images, columns=int(np.ceil(np.sqrt(len(images)))))
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -113,7 +119,7 @@ def main(argv) -> None:
       bench.run(_CONFIG.value, _BENCH_OUT.value)
       return
     if command == 'convert':
-      convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value)
+      convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value)
       return
     if not workdir:
       raise UserError('--workdir is required.')

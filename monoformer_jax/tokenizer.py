@@ -6,6 +6,7 @@ such pieces, often no pad) gets them appended after its last piece, in the
 order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 """
 
+import json
 import os
 import tempfile
 from typing import Iterable, Sequence
@@ -17,6 +18,7 @@ from monoformer_jax.errors import UserError
 
 IM_START, IM_END = '<im_start>', '<im_end>'
 MODEL_FILE = 'tokenizer.model'
+SPECIALS_FILE = 'special_tokens.json'  # optional {"im_start", "im_end", "pad"} ids beside it
 
 
 class Tokenizer:
@@ -42,9 +44,16 @@ class Tokenizer:
       next_id += 1
       return next_id - 1
 
-    self.im_start_id = own_or_appended(self.sp.piece_to_id(IM_START))
-    self.im_end_id = own_or_appended(self.sp.piece_to_id(IM_END))
-    self.pad_id = own_or_appended(self.sp.pad_id())
+    specials_path = os.path.join(os.path.dirname(path), SPECIALS_FILE)
+    if os.path.exists(specials_path):  # ids fixed by a converted checkpoint
+      with open(specials_path) as f:
+        ids = json.load(f)
+      self.im_start_id, self.im_end_id, self.pad_id = ids['im_start'], ids['im_end'], ids['pad']
+      next_id = max(next_id, self.im_start_id + 1, self.im_end_id + 1, self.pad_id + 1)
+    else:
+      self.im_start_id = own_or_appended(self.sp.piece_to_id(IM_START))
+      self.im_end_id = own_or_appended(self.sp.piece_to_id(IM_END))
+      self.pad_id = own_or_appended(self.sp.pad_id())
     self.vocab_size = next_id
 
   def encode(self, text: str) -> list[int]:

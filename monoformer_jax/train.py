@@ -108,11 +108,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterators = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
                StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
-  start = ckpt.latest_step() or 0
-  if start:
-    state, data_state = ckpt.restore(start, abstract)
+  latest = ckpt.latest_step()
+  start = latest or 0
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, abstract)
     for kind, it in iterators.items():
-      it.set_state(data_state[kind.value])
+      if kind.value in data_state:  # converted checkpoints start their data afresh
+        it.set_state(data_state[kind.value])
   else:
     state = steps.init_state(model, tx, mesh, jax.random.key(config.seed))
     if config.model.init_from:

@@ -2,6 +2,7 @@
 
 llama         HF LlamaForCausalLM directory -> converted directory (Orbax + model.json)
 export-llama  converted directory or training workdir -> HF LlamaForCausalLM directory
+official      official MonoFormer checkpoint (+ --vae=converted VAE) -> workdir for `sample`
 vae           diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory
 synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to
               measure conversion (see README)
@@ -10,11 +11,11 @@ synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B s
 import os
 
 from monoformer_jax import train
-from monoformer_jax.convert import pretrained, synthetic, vae
+from monoformer_jax.convert import official, pretrained, synthetic, vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
-KINDS = ('llama', 'export-llama', 'vae', 'synthetic-llama')
+KINDS = ('llama', 'export-llama', 'official', 'vae', 'synthetic-llama')
 BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
 
@@ -35,7 +36,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   pretrained.export_llama(params, cfg, tie, dst, tokenizer_file, special)
 
 
-def run(kind: str, src: str, dst: str, use_ema: bool) -> None:
+def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '') -> None:
   if kind == 'synthetic-llama':
     if not dst:
       raise UserError('convert synthetic-llama needs --dst.')
@@ -48,6 +49,8 @@ def run(kind: str, src: str, dst: str, use_ema: bool) -> None:
     pretrained.convert_llama(src, dst)
   elif kind == 'vae':
     vae.convert_vae(src, dst)
+  elif kind == 'official':
+    official.convert_official(src, dst, vae_dir)
   else:
     export_llama(src, dst, use_ema)
   print(f'wrote {dst}')
