@@ -44,7 +44,7 @@ def llm_dir(tmp_path_factory):
   return str(path)
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_identical(tmp_path, dtype):
   src, conv, out = tmp_path / 'hf', tmp_path / 'conv', tmp_path / 'out'
   hf_model(dtype, tie_word_embeddings=True).save_pretrained(src, safe_serialization=True)

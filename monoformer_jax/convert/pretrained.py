@@ -77,12 +77,12 @@ def convert_llama(src: str, dst: str) -> None:
       shutil.copy(os.path.join(src, TOKENIZER), os.path.join(tmp, TOKENIZER))
 
 
-def load(path: str) -> tuple[dict, BackboneConfig, bool]:
-  """(params as host arrays, backbone config, tie_embeddings) of a converted directory."""
-  meta_path = os.path.join(path, MODEL_JSON)
+def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
+  """(the JSON description, params as host arrays) of a directory `convert KIND` wrote."""
+  meta_path = os.path.join(path, meta_file)
   if not os.path.isfile(meta_path):
-    raise UserError(f'{path} is not a converted LLM directory (no {MODEL_JSON}); create one with '
-                    '`python -m monoformer_jax convert llama`.')
+    raise UserError(f'{path} is not a converted {kind} directory (no {meta_file}); create one '
+                    f'with `python -m monoformer_jax convert {kind}`.')
   with open(meta_path) as f:
     meta = json.load(f)
   try:
@@ -90,7 +90,12 @@ def load(path: str) -> tuple[dict, BackboneConfig, bool]:
       params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS))
   except (ValueError, KeyError, FileNotFoundError, OSError) as e:
     raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
-  params = jax.tree.map(np.asarray, params)
+  return meta, jax.tree.map(np.asarray, params)
+
+
+def load(path: str) -> tuple[dict, BackboneConfig, bool]:
+  """(params as host arrays, backbone config, tie_embeddings) of a converted LLM directory."""
+  meta, params = read_converted(path, MODEL_JSON, 'llama')
   cfg = llama.config_from_json(meta['backbone'])
   blocks = params['decoder']['layers']
   params['decoder']['layers'] = llama.stack_layers([blocks[str(i)] for i in range(cfg.depth)])

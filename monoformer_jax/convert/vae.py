@@ -100,13 +100,6 @@ def convert_vae(src: str, dst: str) -> None:
 
 def load_vae(path: str):
   """(AutoencoderKL module, params) of a converted VAE directory."""
-  meta = os.path.join(path, VAE_JSON)
-  if not os.path.isfile(meta):
-    raise UserError(f'{path} is not a converted VAE directory (no {VAE_JSON}); create one with '
-                    '`python -m monoformer_jax convert vae`.')
-  with open(meta) as f:
-    d = json.load(f)
+  d, params = pretrained.read_converted(path, VAE_JSON, 'vae')
   cfg = VAEConfig(**dict(d, block_out_channels=tuple(d['block_out_channels'])))
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(os.path.abspath(path), pretrained.PARAMS))
   return AutoencoderKL(cfg), params
