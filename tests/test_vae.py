@@ -72,3 +72,25 @@ def test_bad_vae_directories(vaes, tmp_path):
   with pytest.raises(UserError, match=r"lacks the tensor for parameter \['decoder'\]"):
     commands.run('vae', str(wider), str(tmp_path / 'out2'), use_ema=True)
   assert not (tmp_path / 'out1').exists() and not (tmp_path / 'out2').exists()
+
+
+def test_sd_vae_ft_mse_architecture(tmp_path):
+  """The full sd-vae-ft-mse configuration (random weights) converts and agrees."""
+  torch.manual_seed(1)
+  reference = DiffusersVAE(block_out_channels=(128, 256, 512, 512),
+                           down_block_types=('DownEncoderBlock2D',) * 4,
+                           up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=2,
+                           latent_channels=4, norm_num_groups=32, sample_size=256).eval()
+  reference.save_pretrained(tmp_path / 'src', safe_serialization=True)
+  commands.run('vae', str(tmp_path / 'src'), str(tmp_path / 'dst'), use_ema=True)
+  model, params = convert_vae.load_vae(str(tmp_path / 'dst'))
+  assert model.cfg.block_out_channels == (128, 256, 512, 512) and model.cfg.norm_groups == 32
+  images = torch.rand(1, 3, 32, 32) * 2 - 1
+  with torch.no_grad():
+    mean = reference.encode(images).latent_dist.mean
+    decoded = reference.decode(mean).sample
+  got = model.apply({'params': params}, nhwc(images), method=model.encode)
+  np.testing.assert_allclose(got, nhwc(mean) * LATENT_SCALE, atol=1e-4)
+  assert got.shape == (1, 4, 4, 4)
+  np.testing.assert_allclose(model.apply({'params': params}, got, method=model.decode), nhwc(decoded),
+                             atol=1e-4)
