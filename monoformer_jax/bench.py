@@ -43,16 +43,16 @@ def bench_steps(config: ml_collections.ConfigDict, repeats: int = 20, warmup: in
   config_lib.validate(config)
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  mesh = sharding.make_mesh(config.mesh)
-  _, shardings = steps.abstract_state(model, tx, mesh)
-  state = steps.init_state(model, tx, mesh, jax.random.key(config.seed))
+  layout = sharding.make_layout(config.mesh)
+  _, shardings = steps.abstract_state(model, tx, layout)
+  state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
   # Any valid token id works as <im_end> for timing.
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), mesh, shardings)
+  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), layout, shardings)
   rng = np.random.default_rng(0)
   results = {}
-  with sharding.activate(mesh):
+  with sharding.activate(layout):
     for kind, fn in fns.items():
-      batch = sharding.global_batch(random_batch(config, kind, rng), mesh)
+      batch = sharding.global_batch(random_batch(config, kind, rng), layout)
       key = jax.random.key(0)
       start = time.perf_counter()
       compiled = fn.lower(state, batch, key).compile()

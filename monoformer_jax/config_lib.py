@@ -16,6 +16,7 @@ from monoformer_jax.errors import UserError
 # Model sizes: (width D, depth L, heads H, kv heads K, mlp F).
 SIZES = {
     'tiny': dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
+    'tiny-mha': dict(width=32, depth=2, num_heads=4, num_kv_heads=4, mlp_dim=64),
     'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
     'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
     'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
@@ -120,9 +121,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.text_batches = 8
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 takes the devices the other axes leave
+  c.mesh.data = -1  # -1 takes the devices the other axes leave (within a slice)
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # slices (multi-slice TPU): each axis is dcn_x * x devices long
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  # Logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('embed', 'fsdp'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('vocab', 'tensor'),
+      ('layers', None),
+  )
   c.lock()
   return c
 

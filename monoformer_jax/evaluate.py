@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from monoformer_jax import input_pipeline, sampling
 from monoformer_jax.config_lib import MaskType
@@ -65,7 +66,7 @@ def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> fl
 
   total, count = 0.0, 0.0
   for start in range(0, len(chunks), batch):
-    s, c = nll_sum(params, chunks[start:start + batch])
+    s, c = multihost_utils.process_allgather(nll_sum(params, chunks[start:start + batch]))
     total, count = total + float(s), count + float(c)
   return math.exp(total / count)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -62,10 +63,19 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
   """The workdir's tokenizer: the pretrained LLM's when the backbone comes from one,
   else trained on the text and the prompts at first use."""
   path = os.path.join(workdir, tokenizer_lib.MODEL_FILE)
+  if jax.process_count() > 1:  # process 0 makes it; the others wait, then read it
+    if jax.process_index() == 0 and not os.path.exists(path):
+      _make_tokenizer(config, path)
+    multihost_utils.sync_global_devices('tokenizer written')
+    if not os.path.exists(path):
+      raise UserError(f'{path} is not visible from host {jax.process_index()}; the workdir must '
+                      'be shared by all hosts.')
   if os.path.exists(path):
     return tokenizer_lib.Tokenizer(path)
-  if jax.process_index() != 0:
-    raise UserError(f'{path} is missing on a non-leader host; expected a shared workdir.')
+  return _make_tokenizer(config, path)
+
+
+def _make_tokenizer(config: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
   if config.model.init_from:
     source = os.path.join(config.model.init_from, tokenizer_lib.MODEL_FILE)
     if not os.path.exists(source):
@@ -109,10 +119,20 @@ class PromptedDigit(grain.transforms.RandomMap):
     return dict(tokens=tokens, valid=valid, image=self.images[index], label=label)
 
 
-def _host_batch(global_batch: int) -> int:
-  if global_batch % jax.process_count():
-    raise UserError(f'batch size {global_batch} is not divisible by {jax.process_count()} hosts.')
-  return global_batch // jax.process_count()
+def host_batches(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset:
+  """This host's rows of every global batch: a contiguous block, so that the global
+  batch (assembled across hosts) is the same whatever the number of hosts."""
+  hosts, host = jax.process_count(), jax.process_index()
+  if global_batch % hosts:
+    raise UserError(f'batch size {global_batch} is not divisible by {hosts} hosts.')
+  per_host = global_batch // hosts
+
+  def element(k):
+    batch, row = divmod(k, per_host)
+    return ds[batch * global_batch + host * per_host + row]
+
+  rows = grain.MapDataset.range(len(ds) // global_batch * per_host).map(element)
+  return rows.batch(per_host, drop_remainder=True)
 
 
 def image_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
@@ -127,8 +147,7 @@ def image_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
                             tok.image_prompt('', config.data.prompt_len), config.data.cfg_dropout)
   ds = grain.MapDataset.range(len(train_idx)).shuffle(seed=config.seed).repeat()
   ds = ds.random_map(transform, seed=config.seed)
-  ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(_host_batch(config.data.image_batch_size), drop_remainder=True)
+  return host_batches(ds, config.data.image_batch_size)
 
 
 def text_chunks(config, tok: tokenizer_lib.Tokenizer, heldout: bool) -> np.ndarray:
@@ -145,8 +164,7 @@ def text_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
   chunks = text_chunks(config, tok, heldout=False)
   ds = grain.MapDataset.source(chunks).shuffle(seed=config.seed + 1).repeat()
   ds = ds.map(lambda c: dict(tokens=c, valid=np.ones(c.shape, bool)))
-  ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(_host_batch(config.data.text_batch_size), drop_remainder=True)
+  return host_batches(ds, config.data.text_batch_size)
 
 
 def iterator(ds: grain.MapDataset) -> grain.DatasetIterator:

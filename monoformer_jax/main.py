@@ -41,6 +41,11 @@ _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.'
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
 _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist).')
 _VAE = flags.DEFINE_string('vae', '', 'convert official: a converted VAE directory for sampling.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process\'s index.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by itself (TPU pod '
+                               'slices, SLURM) and join it.')
 
 COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert')
 
@@ -105,6 +110,19 @@ def evaluate_command(workdir: str) -> None:
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
 
 
+def init_distributed() -> None:
+  """Joins the other processes of a multi-host run, before any device is touched."""
+  if _NUM_PROCESSES.value > 1:
+    if not _COORDINATOR.value or not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise UserError(f'--num_processes={_NUM_PROCESSES.value} needs --coordinator_address and a '
+                      f'--process_id in [0, {_NUM_PROCESSES.value}).')
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # no effect off CPU
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize()
+
+
 def main(argv) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS or len(argv) != (3 if argv[1] == 'convert' else 2):
     raise app.UsageError(f'expected one command out of {", ".join(COMMANDS)} (convert takes a '
@@ -113,6 +131,7 @@ def main(argv) -> None:
   if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
   try:
+    init_distributed()
     if command in ('train', 'bench') and _CONFIG.value is None:
       raise UserError(f'{command} needs --config=configs/FILE.py.')
     if command == 'bench':

@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from monoformer_jax import diffusion
 from monoformer_jax.config_lib import GuidanceChannels, MaskType, Sampler
@@ -151,7 +152,8 @@ def images_for_prompts(model: MonoFormer, params, tok, prompts: list[str], promp
   null_valid = np.broadcast_to(null_valid, valid.shape)
   suffix = np.full((len(prompts), 1), tok.im_end_id, np.int32)
   sampler = make_image_sampler(model, spec)
-  return np.asarray(sampler(params, tokens, valid, null_tokens, null_valid, suffix, key))
+  images = sampler(params, tokens, valid, null_tokens, null_valid, suffix, key)
+  return np.asarray(multihost_utils.process_allgather(images, tiled=True))  # every host, whole
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

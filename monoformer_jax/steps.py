@@ -87,20 +87,20 @@ def _init_boxed(model: MonoFormer, tx: optax.GradientTransformation, key: jax.Ar
                     ema_params=params)
 
 
-def abstract_state(model, tx, mesh) -> tuple[TrainState, Any]:
-  """The state's shapes (nothing allocated) and its NamedShardings on `mesh`."""
+def abstract_state(model, tx, layout: sharding.Layout) -> tuple[TrainState, Any]:
+  """The state's shapes (nothing allocated) and its NamedShardings on the layout's mesh."""
   boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx), jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh)
+  shardings = sharding.logical_shardings(boxed, layout)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return abstract, shardings
 
 
-def init_state(model, tx, mesh, key: jax.Array) -> TrainState:
+def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState:
   """A fresh state created directly in its shards (never whole on one device)."""
-  _, shardings = abstract_state(model, tx, mesh)
+  _, shardings = abstract_state(model, tx, layout)
   init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k)), out_shardings=shardings)
-  with sharding.activate(mesh):
+  with sharding.activate(layout):
     return init(key)
 
 
@@ -158,10 +158,11 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: Mon
   return state, dict(terms, grad_norm=grad_norm)
 
 
-def jit_steps(model, tx, cfg: StepConfig, mesh, state_shardings) -> dict[StepKind, Any]:
+def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
+              state_shardings) -> dict[StepKind, Any]:
   """Both step kinds jitted with state shardings in and out and the state donated."""
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(layout)
+  replicated = sharding.replicated(layout)
   steps = {}
   for kind, fn in ((StepKind.AR, ar_step), (StepKind.DIFFUSION, diffusion_step)):
     steps[kind] = jax.jit(functools.partial(fn, model=model, tx=tx, cfg=cfg),

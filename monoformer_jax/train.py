@@ -69,7 +69,7 @@ class MetricsLog:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str):
-  """Validated config -> (tokenizer, model, optimizer, mesh)."""
+  """Validated config -> (tokenizer, model, optimizer, layout)."""
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   tok = input_pipeline.get_tokenizer(config, workdir)
@@ -78,7 +78,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
                     f'model.vocab_size is only {config.model.vocab_size}.')
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  return tok, model, tx, sharding.make_mesh(config.mesh)
+  return tok, model, tx, sharding.make_layout(config.mesh)
 
 
 def init_backbone(state, config, model, tx, shardings):
@@ -94,8 +94,8 @@ def restore_for_inference(workdir: str, use_ema: bool):
   """(config, tokenizer, model, params, step) from the workdir's newest checkpoint."""
   ckpt, step = checkpoint.open_existing(workdir)
   config = ckpt.restore_config(step)
-  tok, model, tx, mesh = setup(config, workdir)
-  abstract, _ = steps.abstract_state(model, tx, mesh)
+  tok, model, tx, layout = setup(config, workdir)
+  abstract, _ = steps.abstract_state(model, tx, layout)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return config, tok, model, (state.ema_params if use_ema else state.params), step
@@ -103,8 +103,8 @@ def restore_for_inference(workdir: str, use_ema: bool):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
-  tok, model, tx, mesh = setup(config, workdir)
-  abstract, shardings = steps.abstract_state(model, tx, mesh)
+  tok, model, tx, layout = setup(config, workdir)
+  abstract, shardings = steps.abstract_state(model, tx, layout)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterators = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
                StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
@@ -116,21 +116,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if kind.value in data_state:  # converted checkpoints start their data afresh
         it.set_state(data_state[kind.value])
   else:
-    state = steps.init_state(model, tx, mesh, jax.random.key(config.seed))
+    state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
     if config.model.init_from:
       state = init_backbone(state, config, model, tx, shardings)
 
   step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
-                             mesh, shardings)
+                             layout, shardings)
   log = MetricsLog(workdir, start, config.train.num_steps)
   seed_key = jax.random.key(config.seed)
   t = config.train
-  with sharding.activate(mesh):
+  with sharding.activate(layout):
     for step in range(start, t.num_steps):
       kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
       batch = next(iterators[kind])
       batch.pop('label', None)
-      state, metrics = step_fns[kind](state, sharding.global_batch(batch, mesh),
+      state, metrics = step_fns[kind](state, sharding.global_batch(batch, layout),
                                       jax.random.fold_in(seed_key, step))
       done = step + 1
       if done % t.log_every == 0 or done == t.num_steps:
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics = {}
   if t.eval_at_end:
     params = state.ema_params if config.sample.use_ema else state.params
-    with sharding.activate(mesh):
+    with sharding.activate(layout):
       metrics, images = evaluate.evaluate(config, model, params, tok, workdir, t.num_steps)
     log.write_eval(t.num_steps, metrics, images)
   log.close()

@@ -120,8 +120,8 @@ def convert_official(src: str, dst: str, vae_dir: str) -> None:
 
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  mesh = sharding.make_mesh(config.mesh)
-  abstract, shardings = steps.abstract_state(model, tx, mesh)
+  layout = sharding.make_layout(config.mesh)
+  abstract, shardings = steps.abstract_state(model, tx, layout)
   converted = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, want in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
     got = converted.get(path)

@@ -1,0 +1,120 @@
+"""Run by test_sharding.py in a process with 8 forced CPU devices.
+
+For each mesh: three steps of each kind from the same init and batches as the
+1-device run; reports the largest relative differences of losses and params
+and how the params are laid out. Prints one JSON object.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import tiny_config  # pylint: disable=wrong-import-position
+from monoformer_jax import checkpoint, input_pipeline, sharding, steps  # pylint: disable=wrong-import-position
+from monoformer_jax import model as model_lib  # pylint: disable=wrong-import-position
+from monoformer_jax.steps import StepKind  # pylint: disable=wrong-import-position
+
+MESHES = {
+    'data8': dict(data=8, fsdp=1, tensor=1),
+    'data2_fsdp4': dict(data=2, fsdp=4, tensor=1),
+    'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
+    'fsdp8': dict(data=1, fsdp=8, tensor=1),
+    'tensor4': dict(data=2, fsdp=1, tensor=4),
+}
+
+
+def make_config(mesh: dict):
+  config = tiny_config()
+  config.model.size = 'tiny-mha' if mesh['tensor'] > 2 else 'tiny'
+  config.data.text_batch_size = 8
+  config.mesh.update(mesh)
+  return config
+
+
+def run(config, workdir, devices, num_steps=3, state=None):
+  tok = input_pipeline.get_tokenizer(config, workdir)
+  model = model_lib.build(config.model)
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  layout = sharding.make_layout(config.mesh, devices)
+  _, shardings = steps.abstract_state(model, tx, layout)
+  if state is None:
+    state = steps.init_state(model, tx, layout, jax.random.key(0))
+  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id), layout,
+                        shardings)
+  iters = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
+           StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
+  losses = []
+  with sharding.activate(layout):
+    for step in range(num_steps * 2):
+      kind = (StepKind.AR, StepKind.DIFFUSION)[step % 2]
+      batch = next(iters[kind])
+      batch.pop('label', None)
+      state, metrics = fns[kind](state, sharding.global_batch(batch, layout),
+                                 jax.random.fold_in(jax.random.key(1), step))
+      losses.append(float(metrics['loss']))
+  return state, losses, model, tx, layout
+
+
+def rel(a, b):
+  """||a - b|| / ||b|| (a scalar or a whole parameter)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+def worst(tree_a, tree_b):
+  """(largest relative difference over the leaves, its path)."""
+  flat_a = jax.tree_util.tree_flatten_with_path(jax.device_get(tree_a))[0]
+  flat_b = jax.tree.leaves(jax.device_get(tree_b))
+  return max((rel(a, b), jax.tree_util.keystr(path)) for (path, a), b in zip(flat_a, flat_b))
+
+
+def compare(workdir):
+  devices = jax.devices()
+  report = {}
+  for name, mesh in MESHES.items():
+    config = make_config(mesh)
+    one = make_config(dict(data=1, fsdp=1, tensor=1))
+    one.model.size = config.model.size
+    ref_state, ref_losses, _, _, _ = run(one, workdir, devices[:1])
+    state, losses, _, _, _ = run(config, workdir, devices)
+    embed = state.params['embed_tokens']['embedding']
+    q = state.params['decoder']['layers']['self_attn']['q_proj']['kernel']
+    mu = state.opt_state[1][0].mu['embed_tokens']['embedding']
+    report[name] = dict(
+        loss=max(rel(a, b) for a, b in zip(losses, ref_losses)),
+        params=worst(state.params, ref_state.params),
+        ema=worst(state.ema_params, ref_state.ema_params),
+        embed_spec=[str(a) for a in embed.sharding.spec],
+        embed_shard=list(embed.sharding.shard_shape(embed.shape)),
+        q_spec=[str(a) for a in q.sharding.spec],
+        q_shard=list(q.sharding.shard_shape(q.shape)),
+        mu_shard=list(mu.sharding.shard_shape(mu.shape)),
+        full_embed=list(embed.shape), full_q=list(q.shape))
+  return report
+
+
+def across_meshes(workdir):
+  """Save under fsdp 8, restore on 1 device, continue; compare with continuing under fsdp 8."""
+  config = make_config(MESHES['fsdp8'])
+  state, _, model, tx, _ = run(config, workdir, jax.devices())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch'))
+  ckpt.save(3, state, {}, config)
+  ckpt.close()
+  _, continued, _, _, _ = run(config, workdir, jax.devices(), state=state)
+
+  one = make_config(dict(data=1, fsdp=1, tensor=1))
+  layout = sharding.make_layout(one.mesh, jax.devices()[:1])
+  abstract, _ = steps.abstract_state(model, tx, layout)
+  restored, _ = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch')).restore(3, abstract)
+  assert restored.params['embed_tokens']['embedding'].sharding.num_devices == 1
+  _, resumed, _, _, _ = run(one, workdir, jax.devices()[:1], state=restored)
+  return dict(loss=max(rel(a, b) for a, b in zip(resumed, continued)), steps=len(resumed))
+
+
+if __name__ == '__main__':
+  assert jax.device_count() == 8, jax.devices()
+  print(json.dumps({'meshes': compare(sys.argv[1]), 'restore': across_meshes(sys.argv[1])}))
