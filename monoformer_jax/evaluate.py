@@ -66,7 +66,7 @@ def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> fl
 
   total, count = 0.0, 0.0
   for start in range(0, len(chunks), batch):
-    s, c = multihost_utils.process_allgather(nll_sum(params, chunks[start:start + batch]))
+    s, c = multihost_utils.process_allgather(nll_sum(params, chunks[start:start + batch]), tiled=True)
     total, count = total + float(s), count + float(c)
   return math.exp(total / count)
 
