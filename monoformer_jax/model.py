@@ -48,6 +48,10 @@ class ImageConfig:
     return 2 * self.channels if self.learn_sigma else self.channels
 
 
+# Biases of the DiT-side layers: zero, and replicated (small and read everywhere).
+ZERO_BIAS = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
+
+
 @flax.struct.dataclass
 class ModelOutput:
   logits: Optional[Array] = None  # [B, S, V] float32, text passes only
@@ -107,7 +111,7 @@ class Mlp2(nn.Module):
     init = (nn.with_logical_partitioning(nn.initializers.zeros, ('embed', 'mlp'))
             if self.zero_init else dense_init('embed', 'mlp'))
     dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
-                                  kernel_init=init, name=name)
+                                  kernel_init=init, bias_init=ZERO_BIAS, name=name)
     x = dense('fc1')(x)
     # torch's nn.GELU() is the exact erf form.
     x = nn.silu(x) if self.activation == 'silu' else nn.gelu(x, approximate=False)
@@ -123,12 +127,13 @@ class ImageHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array, t_emb: Array) -> Array:
     mod = nn.Dense(2 * x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=dense_init('embed', 'mlp'), name='adaLN_modulation')(nn.silu(t_emb))
+                   kernel_init=dense_init('embed', 'mlp'), bias_init=ZERO_BIAS,
+                   name='adaLN_modulation')(nn.silu(t_emb))
     shift, scale = jnp.split(mod, 2, axis=-1)
     x = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32)(x)
     x = x * (1 + scale[:, None]) + shift[:, None]
     return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=dense_init('embed', 'mlp'), name='linear')(x)
+                    kernel_init=dense_init('embed', 'mlp'), bias_init=ZERO_BIAS, name='linear')(x)
 
 
 class MonoFormer(nn.Module):
@@ -149,7 +154,7 @@ class MonoFormer(nn.Module):
                               param_dtype=cfg.param_dtype, kernel_init=dense_init('embed', 'vocab'))
     zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('mlp', 'embed'))
     self.x_embedder = nn.Dense(cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               kernel_init=zeros)
+                               kernel_init=zeros, bias_init=ZERO_BIAS)
     self.t_embedder = Mlp2(cfg.width, 'silu', False, cfg.dtype, cfg.param_dtype)
     self.t_projector = Mlp2(cfg.width, 'gelu', True, cfg.dtype, cfg.param_dtype)
     self.final_layer = ImageHead(img.patch_size**2 * img.out_channels, cfg.dtype,

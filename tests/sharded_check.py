@@ -97,6 +97,33 @@ def compare(workdir):
   return report
 
 
+def samplers_under_mesh(workdir):
+  """The image sampler and KV-cached decoding with params sharded over fsdp 8 vs 1 device."""
+  from monoformer_jax import diffusion, sampling  # pylint: disable=g-import-not-at-top
+  from monoformer_jax.config_lib import Sampler  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, devices, mesh in (('fsdp8', jax.devices(), MESHES['fsdp8']),
+                              ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
+    config = make_config(mesh)
+    tok = input_pipeline.get_tokenizer(config, workdir)
+    model = model_lib.build(config.model)
+    tx = steps.make_optimizer(config.optim, 1)
+    layout = sharding.make_layout(config.mesh, devices)
+    params = steps.init_state(model, tx, layout, jax.random.key(0)).params
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
+    spec = sampling.ImageSampling(Sampler.DDPM, steps=3, guidance=diffusion.Guidance(2.0, -1))
+    with sharding.activate(layout):
+      images = sampling.images_for_prompts(model, params, tok, ['a handwritten digit two'] * 8,
+                                           config.data.prompt_len, spec, jax.random.key(4))
+      tokens, valid = tok.text_prompt('The', 8)
+      text = sampling.generate(model, params, np.stack([tokens] * 8), np.stack([valid] * 8),
+                               jax.random.key(5), max_tokens=4, temperature=0.0, top_k=0,
+                               top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    out[name] = (images, np.asarray(jax.device_get(text)))
+  return dict(images=rel(out['fsdp8'][0], out['one'][0]),
+              same_text=bool((out['fsdp8'][1] == out['one'][1]).all()))
+
+
 def across_meshes(workdir):
   """Save under fsdp 8, restore on 1 device, continue; compare with continuing under fsdp 8."""
   config = make_config(MESHES['fsdp8'])
@@ -117,4 +144,5 @@ def across_meshes(workdir):
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
-  print(json.dumps({'meshes': compare(sys.argv[1]), 'restore': across_meshes(sys.argv[1])}))
+  print(json.dumps({'meshes': compare(sys.argv[1]), 'restore': across_meshes(sys.argv[1]),
+                    'samplers': samplers_under_mesh(sys.argv[1])}))

@@ -63,6 +63,10 @@ def test_checkpoint_moves_between_meshes(report):
   assert report['restore']['steps'] == 6 and report['restore']['loss'] <= 1e-5, report['restore']
 
 
+def test_samplers_run_under_a_mesh(report):
+  assert report['samplers']['images'] <= 1e-5 and report['samplers']['same_text'], report['samplers']
+
+
 def test_two_processes_match_one(workdir_factory):
   """launch/local_multiprocess.sh: 2 processes x 2 devices against 1 process x 1 device."""
   flags = ['train', '--config=configs/digits.py', '--config.model.size=tiny',
