@@ -1,12 +1,14 @@
-"""Command line: python -m monoformer_jax {train,sample,generate,evaluate} --workdir=DIR ...
+"""Command line: python -m monoformer_jax COMMAND [FLAGS]
+
 
 train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evaluates
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
 bench    --config=configs/digits.py [--bench_out=FILE.json]   step timings
-convert  {llama,export-llama} --src=DIR --dst=DIR   weight conversion (see convert/commands.py)
-Inference commands read the config saved in the workdir's newest checkpoint.
+convert  KIND --src=DIR --dst=DIR   weight conversion; kinds in convert/commands.py
+Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
+--coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
 """
 
 import os
@@ -81,6 +83,9 @@ def sample_command(workdir: str) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   npz = _OUT.value[:-len('.png')] + '.npz'
+  if jax.process_index() != 0:  # every host sampled the same images; one writes them
+    return
+
   def save_npz(tmp):
     with open(tmp, 'wb') as f:
       np.savez(f, images=images)
