@@ -52,18 +52,22 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config.to_dict())))
 
+  def _restore(self, step: int, what: str, **items) -> dict[str, Any]:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+      first_line = (str(e).splitlines() or [''])[0]
+      raise UserError(f'checkpoint step {step} in {self.directory}: its {what} cannot be '
+                      f'restored ({type(e).__name__}: {first_line}).') from e
+
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """The state (placed as `abstract_state`'s shardings say) and the data states."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-      raise UserError(f'checkpoint step {step} in {self.directory} cannot be restored into '
-                      f'this model ({type(e).__name__}: {str(e).splitlines()[0]}).') from e
+    restored = self._restore(step, 'train state', state=ocp.args.StandardRestore(abstract_state),
+                             data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    saved = self._restore(step, 'config', config=ocp.args.JsonRestore())
     return config_from_dict(saved['config'])
 
   def close(self) -> None:

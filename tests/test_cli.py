@@ -33,19 +33,15 @@ def trained(tmp_path_factory, tokenizer_file):
   return workdir
 
 
-def test_unknown_config_key(tmp_path):
+@pytest.mark.parametrize('override, named', [
+    ('--config.train.num_stesp=3', 'num_stesp'),  # an unknown config key
+    ('--config.data.text_file=/no/such/corpus.txt', '/no/such/corpus.txt'),  # a missing dataset
+])
+def test_bad_train_input_writes_nothing(tmp_path, override, named):
   workdir = tmp_path / 'w'
-  result = cli('train', *TINY, '--config.train.num_stesp=3', f'--workdir={workdir}')
+  result = cli('train', *TINY, override, f'--workdir={workdir}')
   assert result.returncode != 0
-  assert 'num_stesp' in _error_line(result)
-  assert not workdir.exists()
-
-
-def test_missing_dataset_path(tmp_path):
-  workdir = tmp_path / 'w'
-  result = cli('train', *TINY, '--config.data.text_file=/no/such/corpus.txt', f'--workdir={workdir}')
-  assert result.returncode != 0
-  assert '/no/such/corpus.txt' in _error_line(result)
+  assert named in _error_line(result)
   assert not workdir.exists()
 
 
