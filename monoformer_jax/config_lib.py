@@ -36,6 +36,19 @@ class Remat(enum.Enum):
   NONE = 'none'  # keep every activation
   FULL = 'full'  # keep only the block inputs
   DOTS = 'dots'  # keep matmul outputs without batch dims
+  DOTS_WITH_BATCH = 'dots_with_batch'  # keep every matmul output, attention scores included
+
+
+class LayerLoop(enum.Enum):
+  """How the L decoder blocks are compiled; the parameters are stacked either way."""
+  SCAN = 'scan'  # one block body in a loop: compile time and code size independent of L
+  UNROLLED = 'unrolled'  # L inlined copies: XLA may fuse and schedule across blocks
+
+
+class AttentionImpl(enum.Enum):
+  """jax.nn.dot_product_attention's implementation."""
+  XLA = 'xla'  # any backend, any mask
+  CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute
 
 
 class Sampler(enum.Enum):
@@ -83,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'
+  c.model.layer_loop = 'scan'  # 'scan': one compiled block looped; 'unrolled': L copies
+  c.model.attention = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -107,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.eval_at_end = True
+  c.train.loss_chunk = 512  # tokens per cross-entropy chunk (bounds the fp32 logits); 0 = all
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'ddpm'
@@ -173,6 +189,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{", ".join(sorted(SIZES))}.')
   _enum(MaskType, config.model.image_mask, 'model.image_mask')
   _enum(Remat, config.model.remat, 'model.remat')
+  _enum(LayerLoop, config.model.layer_loop, 'model.layer_loop')
+  _enum(AttentionImpl, config.model.attention, 'model.attention')
+  if config.train.loss_chunk < 0:
+    raise UserError(f'config key train.loss_chunk is {config.train.loss_chunk}; expected 0 '
+                    '(no chunking) or a positive token count.')
   _enum(Sampler, config.sample.sampler, 'sample.sampler')
   _enum(GuidanceChannels, config.sample.guidance_channels, 'sample.guidance_channels')
   _positive(config, 'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size',

@@ -17,7 +17,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import input_pipeline, sampling
-from monoformer_jax.config_lib import MaskType
 from monoformer_jax.steps import next_token_loss
 
 
@@ -59,9 +58,8 @@ def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> fl
 
   @jax.jit
   def nll_sum(params, tokens):
-    valid = jnp.ones(tokens.shape, bool)
-    logits = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL).logits
-    mean, count = next_token_loss(logits, tokens, valid)
+    mean, count = next_token_loss(model, params, tokens, jnp.ones(tokens.shape, bool),
+                                  config.train.loss_chunk)
     return mean * count, count
 
   total, count = 0.0, 0.0

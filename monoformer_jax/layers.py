@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.config_lib import MaskType, Remat
+from monoformer_jax.config_lib import AttentionImpl, LayerLoop, MaskType, Remat
 
 Array = jax.Array
 
@@ -70,6 +70,8 @@ class BackboneConfig:
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: Remat = Remat.NONE
+  layer_loop: LayerLoop = LayerLoop.SCAN
+  attention: AttentionImpl = AttentionImpl.XLA
 
   @property
   def head_dim(self) -> int:
@@ -189,7 +191,8 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
       cache = (k, v)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, H, E]
+    impl = 'cudnn' if cfg.attention == AttentionImpl.CUDNN else 'xla'
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)  # [B, T, H, E]
     out = dense((cfg.width,), ('heads', 'head_dim', 'embed'), 'o_proj', in_dims=2)(out)
     return out, cache
 
@@ -230,6 +233,7 @@ class DecoderBlock(nn.Module):
 _REMAT_POLICIES = {
     Remat.FULL: jax.checkpoint_policies.nothing_saveable,
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    Remat.DOTS_WITH_BATCH: jax.checkpoint_policies.dots_saveable,
 }
 
 
@@ -245,5 +249,6 @@ class Decoder(nn.Module):
       block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat])
     scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                      length=self.cfg.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+                      length=self.cfg.depth, unroll=self.cfg.depth if self.cfg.layer_loop == LayerLoop.UNROLLED else 1,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
     return scanned(self.cfg, name='layers')(x, positions, mask, cache_index, cache)

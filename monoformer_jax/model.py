@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax.config_lib import SIZES, MaskType, Remat
+from monoformer_jax.config_lib import SIZES, AttentionImpl, LayerLoop, MaskType, Remat
 from monoformer_jax.layers import (Array, BackboneConfig, Decoder, KVCache, RMSNorm,
                                    attention_mask, dense_init)
 
@@ -55,6 +55,7 @@ ZERO_BIAS = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
 @flax.struct.dataclass
 class ModelOutput:
   logits: Optional[Array] = None  # [B, S, V] float32, text passes only
+  hidden: Optional[Array] = None  # [B, S, D] final-norm output, text passes with return_hidden
   image: Optional[Array] = None  # [B, H, W, C_out] float32, image passes only
   cache: Optional[KVCache] = None
 
@@ -162,24 +163,27 @@ class MonoFormer(nn.Module):
 
   def __call__(self, tokens: Array, valid: Array, *, mask_type: MaskType,
                image: Optional[Array] = None, t: Optional[Array] = None,
-               suffix: Optional[Array] = None, cache: Optional[KVCache] = None) -> ModelOutput:
-    """Text pass (image None): logits for every position, optionally through a cache.
+               suffix: Optional[Array] = None, cache: Optional[KVCache] = None,
+               return_hidden: bool = False) -> ModelOutput:
+    """Text pass (image None): logits for every position, optionally through a cache;
+    with return_hidden, the final-norm states instead (for a chunked loss).
 
     Image pass: tokens [B, P] prefix, image x_t [B, H, W, C], t [B], suffix [B, Q];
-    returns the prediction at the image tokens, unpatchified.
+    returns the prediction at the image tokens, unpatchified. With a cache that
+    already holds the prefix (a text pass over it), tokens may be [B, 0]: only the
+    image part is computed, attending to the cached prefix; the cache is not updated.
     """
     cfg, img = self.backbone, self.image
     embeds = self.embed_tokens(tokens)
     span = jnp.zeros(tokens.shape, jnp.int32)
     if image is not None:
-      if cache is not None:
-        raise ValueError('an image pass does not take a KV cache')
       t_emb = self.t_embedder(timestep_features(t).astype(cfg.dtype))
       patches = self.x_embedder(patchify(image.astype(cfg.dtype), img.patch_size))
       if img.use_pos_embed:
         patches = patches + jnp.asarray(sincos_2d(cfg.width, *img.grid), cfg.dtype)
       parts = [embeds, self.t_projector(t_emb)[:, None], patches]
-      spans = [span, jnp.zeros_like(span[:, :1]), jnp.ones_like(patches[..., 0], jnp.int32)]
+      spans = [span, jnp.zeros((span.shape[0], 1), jnp.int32),
+               jnp.ones_like(patches[..., 0], jnp.int32)]
       if suffix is not None:
         parts.append(self.embed_tokens(suffix))
         spans.append(jnp.zeros(suffix.shape, jnp.int32))
@@ -196,7 +200,9 @@ class MonoFormer(nn.Module):
       index = cache.index
       positions = cache.next_position[:, None] + jnp.maximum(new_positions, 0)
       kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
-      kv_span, kv = jnp.zeros(kv_valid.shape, jnp.int32), (cache.k, cache.v)
+      # Cached slots are text (span 0); new image tokens keep their span ids.
+      kv_span = jax.lax.dynamic_update_slice(jnp.zeros(kv_valid.shape, jnp.int32), span, (0, index))
+      kv = (cache.k, cache.v)
     q_slots = index + jnp.arange(valid.shape[1])
     mask = attention_mask(mask_type, q_slots, kv_valid, span, kv_span)
 
@@ -210,16 +216,20 @@ class MonoFormer(nn.Module):
       out = unpatchify(out, img.patch_size, img.height, img.width)
       return ModelOutput(image=out.astype(jnp.float32))
 
-    if self.tie_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=kv[0], v=kv[1], valid=kv_valid, index=index + valid.shape[1],
                           next_position=cache.next_position + valid.sum(axis=1).astype(jnp.int32))
-    return ModelOutput(logits=logits, cache=new_cache)
+    if return_hidden:
+      return ModelOutput(hidden=x, cache=new_cache)
+    return ModelOutput(logits=self.logits(x), cache=new_cache)
+
+  def logits(self, x: Array) -> Array:
+    """Final-norm states [..., D] -> float32 logits [..., V]."""
+    logits = self.embed_tokens.attend(x) if self.tie_embeddings else self.lm_head(x)
+    if logits.ndim == 3:
+      logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    return logits.astype(jnp.float32)
 
   def init_all(self, tokens: Array, valid: Array, image: Array, t: Array) -> ModelOutput:
     """Touches every parameter (text and image paths) for `init`."""
@@ -232,7 +242,8 @@ def build(model_config) -> MonoFormer:
   m = model_config
   backbone = BackboneConfig(vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
                             dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                            remat=Remat(m.remat), **SIZES[m.size])
+                            remat=Remat(m.remat), layer_loop=LayerLoop(m.layer_loop),
+                            attention=AttentionImpl(m.attention), **SIZES[m.size])
   image = ImageConfig(patch_size=m.patch_size, height=m.image_size[0], width=m.image_size[1],
                       channels=m.image_channels, learn_sigma=m.learn_sigma,
                       use_pos_embed=m.use_pos_embed)

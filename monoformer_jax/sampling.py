@@ -25,42 +25,67 @@ class ImageSampling:
   guidance: diffusion.Guidance
   num_timesteps: int = 1000
   mask_type: MaskType = MaskType.HYBRID
+  # The prompt never attends to the image (unless the mask is bidirectional), so
+  # its keys and values are computed once instead of at every step.
+  cache_prefix: bool = True
+
+
+def make_denoiser(model: MonoFormer, spec: ImageSampling):
+  """(prepare, denoise) for one sampling run.
+
+  prepare(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q]) -> context
+  denoise(params, context, x [B, H, W, C], i, key) -> x one step less noisy (step i of
+  spec.steps, counting from the noisiest).
+  """
+  schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
+  step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
+  guided = spec.guidance.scale != 1.0
+  use_cache = spec.cache_prefix and spec.mask_type != MaskType.BIDIRECTIONAL
+
+  def prepare(params, prompt, valid, null_prompt, null_valid, suffix):
+    if guided:
+      prompt, valid = jnp.concatenate([prompt, null_prompt]), jnp.concatenate([valid, null_valid])
+      suffix = jnp.concatenate([suffix, suffix])
+    if not use_cache:
+      return prompt, valid, suffix, None
+    length = prompt.shape[1] + 1 + model.image.num_patches + suffix.shape[1]
+    cache = KVCache.empty(model.backbone, prompt.shape[0], length)
+    cache = model.apply({'params': params}, prompt, valid, mask_type=MaskType.CAUSAL,
+                        cache=cache, return_hidden=True).cache
+    return prompt[:, :0], valid[:, :0], suffix, cache
+
+  def denoise(params, context, x, i, key):
+    tokens, valid, suffix, cache = context
+    batch = x.shape[0]
+    t = jnp.full((batch,), schedule.num_timesteps - 1 - i, jnp.int32)
+    model_t = schedule.timestep_map[t]
+    if guided:
+      x_in, t_in = jnp.concatenate([x, x]), jnp.concatenate([model_t, model_t])
+    else:
+      x_in, t_in = x, model_t
+    out = model.apply({'params': params}, tokens, valid, mask_type=spec.mask_type, image=x_in,
+                      t=t_in, suffix=suffix, cache=cache).image
+    if guided:
+      out = spec.guidance.combine(out[:batch], out[batch:], model.image.channels)
+    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    return step_fn(schedule, out, x, t, noise)
+
+  return prepare, denoise
 
 
 def make_image_sampler(model: MonoFormer, spec: ImageSampling):
   """Returns jitted fn(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q], key)."""
-  schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
-  step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
+  prepare, denoise = make_denoiser(model, spec)
   img = model.image
-  guided = spec.guidance.scale != 1.0
-
-  def predict(params, tokens, valid, suffix, x, t):
-    return model.apply({'params': params}, tokens, valid, mask_type=spec.mask_type, image=x,
-                       t=t, suffix=suffix).image
 
   @jax.jit
   def sample(params, prompt, valid, null_prompt, null_valid, suffix, key):
-    batch = prompt.shape[0]
     init_key, loop_key = jax.random.split(key)
-    x = jax.random.normal(init_key, (batch, img.height, img.width, img.channels), jnp.float32)
-    if guided:
-      tokens = jnp.concatenate([prompt, null_prompt])
-      valid_all = jnp.concatenate([valid, null_valid])
-      suffix_all = jnp.concatenate([suffix, suffix])
-
-    def body(i, x):
-      t = jnp.full((batch,), schedule.num_timesteps - 1 - i, jnp.int32)
-      model_t = schedule.timestep_map[t]
-      if guided:
-        out = predict(params, tokens, valid_all, suffix_all, jnp.concatenate([x, x]),
-                      jnp.concatenate([model_t, model_t]))
-        out = spec.guidance.combine(out[:batch], out[batch:], img.channels)
-      else:
-        out = predict(params, prompt, valid, suffix, x, model_t)
-      noise = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, x.dtype)
-      return step_fn(schedule, out, x, t, noise)
-
-    return jax.lax.fori_loop(0, schedule.num_timesteps, body, x)
+    x = jax.random.normal(init_key, (prompt.shape[0], img.height, img.width, img.channels),
+                          jnp.float32)
+    context = prepare(params, prompt, valid, null_prompt, null_valid, suffix)
+    return jax.lax.fori_loop(0, spec.steps,
+                             lambda i, x: denoise(params, context, x, i, loop_key), x)
 
   return sample
 

@@ -47,12 +47,13 @@ class StepConfig:
   ema_decay: float
   num_timesteps: int
   im_end_id: int
+  loss_chunk: int = 0  # tokens per cross-entropy chunk; 0 = the whole batch at once
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
     return cls(MaskType(config.model.image_mask), config.train.lm_loss_weight,
                config.train.diffusion_loss_weight, config.train.ema_decay,
-               config.diffusion.num_timesteps, im_end_id)
+               config.diffusion.num_timesteps, im_end_id, config.train.loss_chunk)
 
 
 def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float) -> StepKind:
@@ -112,12 +113,35 @@ def _apply_gradients(state: TrainState, grads, tx, ema_decay: float) -> tuple[Tr
   return new_state, optax.tree.norm(grads)
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy of logits [B, S, V] predicting tokens [B, S] shifted by one; and the count."""
-  weights = (valid[:, 1:] & valid[:, :-1]).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  count = jnp.maximum(weights.sum(), 1.0)
-  return (ce * weights).sum() / count, weights.sum()
+def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Array,
+                    chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy of predicting tokens [B, S] from their prefixes; and the count.
+
+  Logits are made `chunk` tokens at a time inside a rematerialized scan, so the
+  float32 [B*S, V] logits of the whole batch never exist at once (0 = one chunk).
+  """
+  hidden = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL,
+                       return_hidden=True).hidden  # [B, S, D]
+  # Position s predicts token s + 1; the last position predicts nothing (weight 0).
+  labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  weights = jnp.concatenate([valid[:, 1:] & valid[:, :-1], jnp.zeros_like(valid[:, :1])], axis=1)
+  n = tokens.size
+  chunk = chunk if 0 < chunk < n else n
+  pad = -n % chunk
+  flat = lambda a: jnp.pad(a.reshape(n, *a.shape[2:]), [(0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+  hidden, labels, weights = flat(hidden), flat(labels), flat(weights.astype(jnp.float32))
+
+  @jax.checkpoint
+  def chunk_loss(h, y, w):
+    logits = model.apply({'params': params}, h, method=MonoFormer.logits)
+    picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    return ((jax.nn.logsumexp(logits, axis=-1) - picked) * w).sum()
+
+  split = lambda a: a.reshape(-1, chunk, *a.shape[1:])  # noqa: E731
+  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_loss(*xs), None), jnp.zeros((), jnp.float32),
+                          (split(hidden), split(labels), split(weights)))
+  count = weights.sum()
+  return total / jnp.maximum(count, 1.0), count
 
 
 def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
@@ -126,9 +150,7 @@ def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer
   del key  # no randomness in the text step
 
   def loss_fn(params):
-    logits = model.apply({'params': params}, batch['tokens'], batch['valid'],
-                         mask_type=MaskType.CAUSAL).logits
-    loss, _ = next_token_loss(logits, batch['tokens'], batch['valid'])
+    loss, _ = next_token_loss(model, params, batch['tokens'], batch['valid'], cfg.loss_chunk)
     return loss * cfg.lm_loss_weight, loss
 
   (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
