@@ -25,5 +25,9 @@ def get_config():
   config.data.text_batch_size = 8
   config.data.image_batch_size = 8
   config.sample.steps = 250
+  config.model.layer_loop = 'unrolled'  # 4 blocks: faster on CPU, compile time is small
+  config.train.loss_chunk = 512
   config.sample.cfg_scale = 1.5
+  # 250 DDPM steps per image: one image (two sequences with CFG) keeps a CPU run short.
+  config.bench.sample_images = 1
   return config

@@ -1,23 +1,29 @@
-"""Step timings: median wall time of each step kind after compilation and warm-up.
+"""`bench`: speed and memory of the train steps, the image sampler and the decoder.
 
-Batches are random arrays of the config's shapes (no tokenizer, no data
-files), so the figures measure the compiled steps alone.
+Every figure is the median of `repeats` timed runs after compilation and
+warm-up. Inputs are random arrays of the config's shapes and parameters are a
+fresh initialization (no tokenizer, no data files, no checkpoint): the figures
+measure the compiled programs alone. Model FLOPs are counted analytically
+(6 x matmul parameters x tokens, plus 12 x L x B x T^2 x D for attention scores
+and values) and divided by the matmul peak measured in the same run.
 """
 
+import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from monoformer_jax import config_lib, sharding, steps
+from monoformer_jax import bench_torch, config_lib, sampling, sharding, steps
 from monoformer_jax import model as model_lib
 from monoformer_jax.steps import StepKind
-
 
 def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.random.Generator) -> dict:
   """A batch of the config's shapes for one step kind."""
@@ -30,45 +36,166 @@ def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.rand
   return dict(tokens=tokens, valid=np.ones(tokens.shape, bool), image=np.clip(image, -1, 1))
 
 
-def tokens_per_step(config: ml_collections.ConfigDict, kind: StepKind) -> int:
-  d, m = config.data, config.model
+def sequence_length(config: ml_collections.ConfigDict, kind: StepKind) -> int:
+  """T: tokens per sequence (an image sequence is prompt, time token, patches, <im_end>)."""
   if kind == StepKind.AR:
-    return d.text_batch_size * d.text_seq_len
-  patches = (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
-  return d.image_batch_size * (d.prompt_len + 1 + patches + 1)  # prompt, time token, image, <im_end>
+    return config.data.text_seq_len
+  return config.data.prompt_len + 1 + num_patches(config) + 1
 
 
-def bench_steps(config: ml_collections.ConfigDict, repeats: int = 20, warmup: int = 3) -> dict:
-  """{kind: {'median_ms', 'tokens_per_s', 'compile_s', 'runs'}} for both step kinds."""
-  config_lib.validate(config)
-  model = model_lib.build(config.model)
-  tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  layout = sharding.make_layout(config.mesh)
-  _, shardings = steps.abstract_state(model, tx, layout)
-  state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
+def num_patches(config: ml_collections.ConfigDict) -> int:
+  m = config.model
+  return (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
+
+
+def tokens_per_step(config: ml_collections.ConfigDict, kind: StepKind) -> int:
+  batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
+  return batch * sequence_length(config, kind)
+
+
+def step_flops(config: ml_collections.ConfigDict, params, kind: StepKind) -> float:
+  """Model FLOPs of one train step (forward and backward), counted from the shapes."""
+  size = config_lib.SIZES[config.model.size]
+  decoder = sum(x.size for x in jax.tree.leaves(params['decoder']) if x.ndim >= 3)  # kernels [L, ...]
+  batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
+  length = sequence_length(config, kind)
+  attention = 12 * size['depth'] * batch * length**2 * size['width']
+  if kind == StepKind.AR:
+    head = params['embed_tokens' if config.model.tie_embeddings else 'lm_head']
+    return 6.0 * (decoder + jax.tree.leaves(head)[0].size) * batch * length + attention
+  kernels = lambda name: sum(x.size for x in jax.tree.leaves(params[name]) if x.ndim >= 2)  # noqa: E731
+  per_patch = kernels('x_embedder') + params['final_layer']['linear']['kernel'].size
+  per_image = (kernels('t_embedder') + kernels('t_projector')
+               + params['final_layer']['adaLN_modulation']['kernel'].size)
+  return (6.0 * (decoder * batch * length + per_patch * batch * num_patches(config)
+                 + per_image * batch) + attention)
+
+
+def median_seconds(fn, repeats: int, warmup: int) -> float:
+  """Median wall time of fn() (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype: jnp.dtype, repeats: int) -> dict:
+  """FLOP/s of one large square jnp.dot on the first device: the practical matmul peak."""
+  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  dot = jax.jit(jnp.dot).lower(a, a).compile()
+  seconds = median_seconds(lambda: dot(a, a).block_until_ready(), repeats, 2)
+  return dict(n=n, dtype=jnp.dtype(dtype).name, flops_per_s=2 * n**3 / seconds)
+
+
+def _xla_flops(compiled) -> float | None:
+  costs = compiled.cost_analysis()
+  costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+  return float(costs['flops']) if costs and 'flops' in costs else None
+
+
+def _program_bytes(compiled) -> int | None:
+  """Arguments + outputs + temporaries of one compiled program, donated buffers counted once."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def bench_steps(config, model, tx, layout, shardings, state, peak: float, repeats: int,
+                warmup: int):
+  """{kind: timings, throughput, FLOPs and MFU} for both step kinds; and the final state."""
   # Any valid token id works as <im_end> for timing.
   fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), layout, shardings)
   rng = np.random.default_rng(0)
   results = {}
-  with sharding.activate(layout):
-    for kind, fn in fns.items():
-      batch = sharding.global_batch(random_batch(config, kind, rng), layout)
-      key = jax.random.key(0)
-      start = time.perf_counter()
-      compiled = fn.lower(state, batch, key).compile()
-      compile_s = time.perf_counter() - start
-      for _ in range(warmup):
-        state, _ = compiled(state, batch, key)
-      times = []
-      for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch, key)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-      median = statistics.median(times)
-      results[kind.value] = dict(median_ms=1e3 * median, tokens_per_s=tokens_per_step(config, kind) / median,
-                                 compile_s=compile_s, runs=repeats)
-  return results
+  for kind, fn in fns.items():
+    batch = sharding.global_batch(random_batch(config, kind, rng), layout)
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run_step():
+      holder[0], metrics = compiled(holder[0], batch, key)
+      jax.block_until_ready((holder[0], metrics))
+
+    seconds = median_seconds(run_step, repeats, warmup)
+    state = holder[0]
+    flops = step_flops(config, state.params, kind)
+    results[kind.value] = dict(
+        median_ms=1e3 * seconds, tokens_per_s=tokens_per_step(config, kind) / seconds,
+        model_flops=flops, flops_per_s=flops / seconds, mfu=flops / seconds / peak,
+        xla_flops=_xla_flops(compiled), program_bytes=_program_bytes(compiled),
+        compile_s=compile_s, runs=repeats)
+  return results, state
+
+
+def bench_sampler(config, model, params, repeats: int) -> dict:
+  """Images/s of DDPM with CFG: the compiled loop, without the prefix cache, and a Python loop
+  calling a jitted single denoising step."""
+  num = config.bench.sample_images
+  spec = sampling.spec_from_config(config, sampler='ddpm')
+  if spec.guidance.scale == 1.0:
+    spec = sampling.spec_from_config(config, sampler='ddpm', cfg_scale=1.5)
+  rng = np.random.default_rng(1)
+  batch = random_batch(config, StepKind.DIFFUSION, rng)
+  prompt = jnp.asarray(batch['tokens'][:1].repeat(num, 0))
+  valid = jnp.ones(prompt.shape, bool)
+  null_valid = valid.at[:, :-1].set(False)
+  suffix = jnp.full((num, 1), 2, jnp.int32)
+  args = (params, prompt, valid, prompt, null_valid, suffix, jax.random.key(0))
+  result = dict(images=num, steps=spec.steps, cfg_scale=spec.guidance.scale)
+  no_cache = dataclasses.replace(spec, cache_prefix=False)
+  for name, sampler_spec in (('compiled', spec), ('compiled_no_prefix_cache', no_cache)):
+    start = time.perf_counter()
+    compiled = sampling.make_image_sampler(model, sampler_spec).lower(*args).compile()
+    result[f'{name}_compile_s'] = time.perf_counter() - start
+    seconds = median_seconds(lambda: compiled(*args).block_until_ready(), repeats, 1)  # noqa: B023
+    result[f'{name}_images_per_s'] = num / seconds
+
+  prepare, denoise = sampling.make_denoiser(model, spec)
+  prepare, denoise = jax.jit(prepare), jax.jit(denoise)
+  context = prepare(*args[:-1])
+  img = model.image
+  x0 = jax.random.normal(jax.random.key(1), (num, img.height, img.width, img.channels))
+
+  def python_loop():
+    x = x0
+    for i in range(spec.steps):
+      x = denoise(params, context, x, i, args[-1])
+    x.block_until_ready()
+
+  seconds = median_seconds(python_loop, repeats, 1)
+  result['python_loop_images_per_s'] = num / seconds
+  result['speedup_vs_python_loop'] = result['compiled_images_per_s'] * seconds / num
+  return result
+
+
+def bench_decode(config, model, params, repeats: int) -> dict:
+  """Tokens/s of sampling bench.decode_tokens new tokens with the KV cache and by recomputation."""
+  rng = np.random.default_rng(2)
+  batch, new_tokens = config.bench.decode_batch, config.bench.decode_tokens
+  prompt = jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, config.data.prompt_len),
+                                    np.int32))
+  result = dict(batch=batch, prompt_tokens=prompt.shape[1], new_tokens=new_tokens)
+  for name, use_cache in (('cached', True), ('recompute', False)):
+    static = dict(max_tokens=new_tokens, top_k=0, top_p=1.0, use_cache=use_cache)
+    dynamic = dict(temperature=1.0, eos_id=-1, pad_id=0)  # -1: never stops early
+    args = (model, params, prompt, jnp.ones(prompt.shape, bool), jax.random.key(0))
+    start = time.perf_counter()
+    compiled = sampling.generate.lower(*args, **static, **dynamic).compile()
+    result[f'{name}_compile_s'] = time.perf_counter() - start
+    seconds = median_seconds(lambda: compiled(*args[1:], **dynamic).block_until_ready(), repeats, 1)  # noqa: B023
+    result[f'{name}_tokens_per_s'] = batch * new_tokens / seconds
+  result['speedup'] = result['cached_tokens_per_s'] / result['recompute_tokens_per_s']
+  return result
 
 
 def machine() -> str:
@@ -84,17 +211,77 @@ def machine() -> str:
   return f'{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}'
 
 
+def memory() -> dict:
+  """Peak host RSS of this process, and the first device's peak where the backend reports it."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(host_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              device_peak_bytes=stats.get('peak_bytes_in_use'))
 
-def run(config: ml_collections.ConfigDict, out_path: str) -> dict:
-  """Measures, prints a table, and writes the JSON report to out_path ('' for none)."""
-  report = dict(machine=machine(), steps=bench_steps(config))
+
+def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> dict:
+  """The whole report as a dict (see `run`)."""
+  config_lib.validate(config)
+  repeats, warmup = config.bench.repeats, config.bench.warmup
+  model = model_lib.build(config.model)
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  layout = sharding.make_layout(config.mesh)
+  _, shardings = steps.abstract_state(model, tx, layout)
+  state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
+  peak = matmul_peak(jnp.dtype(config.model.dtype), repeats)
+  report = dict(machine=machine(), config=dict(size=config.model.size, dtype=config.model.dtype,
+                                               layer_loop=config.model.layer_loop,
+                                               remat=config.model.remat,
+                                               loss_chunk=config.train.loss_chunk),
+                matmul_peak=peak)
+  with sharding.activate(layout):
+    report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
+                                         peak['flops_per_s'], repeats, warmup)
+    params = state.params
+    report['sampling'] = bench_sampler(config, model, params, config.bench.sample_repeats)
+    report['decode'] = bench_decode(config, model, params, config.bench.sample_repeats)
+  if compare_torch:
+    torch = bench_torch.bench_steps(config, repeats, warmup)
+    for kind in StepKind:
+      report['steps'][kind.value]['torch_ms'] = torch.pop(kind.value)
+      report['steps'][kind.value]['speedup_vs_torch'] = (
+          report['steps'][kind.value]['torch_ms'] / report['steps'][kind.value]['median_ms'])
+    report['torch'] = torch
+  report['memory'] = memory()
+  return report
+
+
+def print_table(report: dict) -> None:
   print(f'machine: {report["machine"]}')
-  print(f'{"step":10s} {"median ms":>10s} {"tokens/s":>10s} {"compile s":>10s}')
+  peak = report['matmul_peak']
+  print(f'matmul peak ({peak["n"]}^3 {peak["dtype"]} jnp.dot): {peak["flops_per_s"] / 1e9:.1f} GFLOP/s')
+  print(f'{"step":10s} {"median ms":>10s} {"tokens/s":>10s} {"GFLOP/s":>9s} {"MFU":>6s} '
+        f'{"compile s":>10s} {"torch ms":>9s} {"vs torch":>9s}')
   for kind, r in report['steps'].items():
-    print(f'{kind:10s} {r["median_ms"]:10.1f} {r["tokens_per_s"]:10.0f} {r["compile_s"]:10.1f}')
+    torch = (f'{r["torch_ms"]:9.1f} {r["speedup_vs_torch"]:8.2f}x' if 'torch_ms' in r
+             else f'{"-":>9s} {"-":>9s}')
+    print(f'{kind:10s} {r["median_ms"]:10.1f} {r["tokens_per_s"]:10.0f} '
+          f'{r["flops_per_s"] / 1e9:9.1f} {r["mfu"]:6.1%} {r["compile_s"]:10.1f} {torch}')
+  s = report['sampling']
+  print(f'sampling {s["images"]} images, DDPM {s["steps"]} steps, CFG {s["cfg_scale"]}: '
+        f'{s["compiled_images_per_s"]:.2f} images/s compiled, '
+        f'{s["compiled_no_prefix_cache_images_per_s"]:.2f} without the prefix cache, '
+        f'{s["python_loop_images_per_s"]:.2f} in a Python loop '
+        f'({s["speedup_vs_python_loop"]:.2f}x)')
+  d = report['decode']
+  print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} tokens/s '
+        f'with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing ({d["speedup"]:.1f}x)')
+  mem = report['memory']
+  device = (f'{mem["device_peak_bytes"] / 2**30:.2f} GiB' if mem['device_peak_bytes'] is not None
+            else 'not reported by this backend')
+  print(f'peak memory: host {mem["host_peak_bytes"] / 2**30:.2f} GiB, device {device}')
+
+
+def run(config: ml_collections.ConfigDict, out_path: str, compare_torch: bool = False) -> dict:
+  """Measures, prints a table, and writes the JSON report to out_path ('' for none)."""
+  report = measure(config, compare_torch=compare_torch)
+  print_table(report)
   if out_path:
     with open(out_path + '.tmp', 'w') as f:
       json.dump(report, f, indent=1)
     os.replace(out_path + '.tmp', out_path)
   return report
-

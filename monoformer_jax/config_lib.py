@@ -136,6 +136,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt_template = 'a handwritten digit {name}'  # one of data.templates
   c.eval.text_batches = 8
 
+  c.bench = ml_collections.ConfigDict()
+  c.bench.repeats = 10  # timed runs per train step (the median is reported)
+  c.bench.warmup = 3
+  c.bench.sample_repeats = 5  # timed runs of the sampler and of decoding
+  c.bench.sample_images = 16  # DDPM with CFG, sample.steps steps
+  c.bench.decode_batch = 1
+  c.bench.decode_tokens = 256
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes the devices the other axes leave (within a slice)
   c.mesh.fsdp = 1
@@ -199,7 +207,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size',
             'data.text_batch_size', 'model.vocab_size', 'model.patch_size',
             'train.num_steps', 'train.log_every', 'train.checkpoint_every',
-            'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate')
+            'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate',
+            'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
+            'bench.decode_tokens')
   if config.data.tokenizer_vocab_size > config.model.vocab_size:
     raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
                     f'exceeds model.vocab_size ({config.model.vocab_size}).')

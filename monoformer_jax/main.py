@@ -5,7 +5,8 @@ train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evalua
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
-bench    --config=configs/digits.py [--bench_out=FILE.json]   step timings
+bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
+         step speed, MFU, sampler and decoder throughput, memory
 convert  KIND --src=DIR --dst=DIR   weight conversion; kinds in convert/commands.py
 Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
@@ -40,6 +41,8 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
+_COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
+                                   'PyTorch steps of the same shapes.')
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
 _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist).')
 _VAE = flags.DEFINE_string('vae', '', 'convert official: a converted VAE directory for sampling.')
@@ -140,7 +143,7 @@ def main(argv) -> None:
     if command in ('train', 'bench') and _CONFIG.value is None:
       raise UserError(f'{command} needs --config=configs/FILE.py.')
     if command == 'bench':
-      bench.run(_CONFIG.value, _BENCH_OUT.value)
+      bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value)
       return
     if command == 'convert':
       convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value)

@@ -5,7 +5,9 @@ import json
 import importlib.util
 import os
 
+import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 
 from monoformer_jax import config_lib, steps
@@ -41,12 +43,48 @@ def test_unknown_key_is_refused():
     config.train.num_stesp = 3
 
 
-def test_bench_reports_both_step_kinds(tmp_path):
+def test_bench_report_has_every_field(tmp_path):
   from monoformer_jax import bench  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.bench.repeats = 5
+  config.bench.sample_images = 2
+  config.bench.decode_tokens = 16
   out = tmp_path / 'bench.json'
-  report = bench.run(tiny_config(), str(out))
+  report = bench.run(config, str(out), compare_torch=True)
+  assert json.loads(out.read_text()) == report
+  assert report['matmul_peak']['flops_per_s'] > 0
   assert set(report['steps']) == {'ar', 'diffusion'}
   for r in report['steps'].values():
-    assert r['median_ms'] > 0 and r['tokens_per_s'] > 0 and r['runs'] == 20
-  assert json.loads(out.read_text()) == report
+    assert r['runs'] == 5 and r['median_ms'] > 0 and r['compile_s'] > 0
+    assert r['flops_per_s'] == pytest.approx(r['model_flops'] / (r['median_ms'] / 1e3))
+    assert r['mfu'] == pytest.approx(r['flops_per_s'] / report['matmul_peak']['flops_per_s'])
+    assert r['torch_ms'] > 0 and r['speedup_vs_torch'] == pytest.approx(r['torch_ms'] / r['median_ms'])
+    assert r['xla_flops'] > 0 and r['program_bytes'] > 0
+  s = report['sampling']
+  for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop'):
+    assert s[f'{name}_images_per_s'] > 0
+  assert report['decode']['cached_tokens_per_s'] > 0 and report['decode']['recompute_tokens_per_s'] > 0
+  assert report['memory']['host_peak_bytes'] > 2**20
+
+
+def test_step_flops_closed_form():
+  """6 x matmul parameters x tokens + 12 L B T^2 D, counted by hand for the tiny shape."""
+  from monoformer_jax import bench, steps  # pylint: disable=g-import-not-at-top
+  from monoformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()  # D 32, L 2, H 4, K 2 (E 8), F 64, V 1024, 8x8x1 images, patch 2
+  params = jax.eval_shape(lambda: model_lib.build(config.model).init(
+      jax.random.key(0), *steps.example_inputs(model_lib.build(config.model)),
+      method=model_lib.MonoFormer.init_all))['params']
+  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(params))
+  decoder = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64)
+  ar_tokens, ar_len = 4 * 32, 32
+  expected_ar = 6 * (decoder + 32 * 1024) * ar_tokens + 12 * 2 * 4 * ar_len**2 * 32
+  assert bench.step_flops(config, params, steps.StepKind.AR) == expected_ar
+  patches, img_len = 16, 12 + 1 + 16 + 1
+  per_patch = 4 * 32 + 32 * 8  # x_embedder, final linear (4 sigma+eps channels per patch)
+  per_image = (256 * 32 + 32 * 32) + 2 * 32 * 32 + 32 * 64  # t_embedder, t_projector, adaLN
+  expected_diffusion = (6 * (decoder * 8 * img_len + per_patch * 8 * patches + per_image * 8)
+                        + 12 * 2 * 8 * img_len**2 * 32)
+  assert bench.step_flops(config, params, steps.StepKind.DIFFUSION) == expected_diffusion

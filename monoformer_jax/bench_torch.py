@@ -1,0 +1,148 @@
+"""The PyTorch side of `bench --compare_torch`: HF transformers steps of the bench shapes.
+
+The text step is LlamaForCausalLM's own loss; the image step runs LlamaModel on
+[prompt, time token, patches, <im_end>] embeddings under the hybrid mask with the
+DiT-side linear layers around it (the official code's structure), with an MSE
+loss. Both clip gradients to the config's norm, take an AdamW step and update
+an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
+"""
+
+import statistics
+import time
+
+import ml_collections
+import numpy as np
+
+from monoformer_jax.config_lib import SIZES
+from monoformer_jax.errors import UserError
+
+
+def available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import transformers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def _llama_config(config: ml_collections.ConfigDict):
+  import transformers  # pylint: disable=g-import-not-at-top
+  size, m = SIZES[config.model.size], config.model
+  return transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=size['width'], intermediate_size=size['mlp_dim'],
+      num_hidden_layers=size['depth'], num_attention_heads=size['num_heads'],
+      num_key_value_heads=size['num_kv_heads'], rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+      tie_word_embeddings=m.tie_embeddings, max_position_embeddings=8192,
+      attn_implementation='sdpa')
+
+
+def _image_model(config: ml_collections.ConfigDict):
+  """LlamaModel with the DiT-side layers: fn(prompt [B, P], patches [B, N, C*p*p], t_freq [B, 256])."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  m = config.model
+  width = SIZES[m.size]['width']
+  patch_dim = m.image_channels * m.patch_size**2
+  out_dim = patch_dim * (2 if m.learn_sigma else 1)
+
+  class ImageModel(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.llama = transformers.LlamaModel(_llama_config(config))
+      self.x_embedder = nn.Linear(patch_dim, width)
+      self.t_embedder = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+      self.t_projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+      self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+      self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+      self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, prompt, patches, t_freq, suffix, mask):
+      t_emb = self.t_embedder(t_freq)
+      embeds = torch.cat([self.llama.embed_tokens(prompt), self.t_projector(t_emb)[:, None],
+                          self.x_embedder(patches), self.llama.embed_tokens(suffix)], dim=1)
+      hidden = self.llama(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+      start = prompt.shape[1] + 1
+      image = self.norm(hidden[:, start:start + patches.shape[1]])
+      shift, scale = self.modulation(t_emb).chunk(2, dim=-1)
+      return self.linear(image * (1 + scale[:, None]) + shift[:, None])
+
+  return ImageModel()
+
+
+def _hybrid_mask(prompt_len: int, num_patches: int, suffix_len: int):
+  """[1, 1, T, T] bool: causal, plus full attention among the image tokens."""
+  import torch  # pylint: disable=g-import-not-at-top
+  total = prompt_len + 1 + num_patches + suffix_len
+  allowed = torch.ones(total, total).tril().bool()
+  start = prompt_len + 1
+  allowed[start:start + num_patches, start:start + num_patches] = True
+  return allowed[None, None]
+
+
+def _median_seconds(step, repeats: int, warmup: int) -> float:
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_steps(config: ml_collections.ConfigDict, repeats: int, warmup: int) -> dict:
+  """{'ar': median ms, 'diffusion': median ms, 'torch': version, 'threads': n} on the CPU."""
+  if not available():
+    raise UserError('--compare_torch needs torch and transformers (pip install -r '
+                    'requirements-test.txt).')
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(config.seed)
+  rng = np.random.default_rng(0)
+  d, m, o = config.data, config.model, config.optim
+  dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[m.dtype]
+
+  def trainer(module, loss_fn):
+    module = module.to(dtype)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.b1, o.b2),
+                            weight_decay=o.weight_decay)
+    ema = [p.detach().clone() for p in params]
+
+    def step():
+      loss = loss_fn(module)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 1.0 - config.train.ema_decay)  # pylint: disable=protected-access
+
+    return step
+
+  ids = torch.from_numpy(rng.integers(0, m.vocab_size, (d.text_batch_size, d.text_seq_len)))
+  text_step = trainer(transformers.LlamaForCausalLM(_llama_config(config)),
+                      lambda model: model(input_ids=ids, labels=ids).loss)
+
+  grid = (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
+  patch_dim = m.image_channels * m.patch_size**2
+  b = d.image_batch_size
+  prompt = torch.from_numpy(rng.integers(0, m.vocab_size, (b, d.prompt_len)))
+  suffix = torch.from_numpy(rng.integers(0, m.vocab_size, (b, 1)))
+  patches = torch.randn(b, grid, patch_dim, dtype=dtype)
+  noise = torch.randn(b, grid, patch_dim, dtype=dtype)
+  t_freq = torch.randn(b, 256, dtype=dtype)
+  mask = _hybrid_mask(d.prompt_len, grid, 1).expand(b, 1, -1, -1)
+
+  def image_loss(model):
+    out = model(prompt, patches, t_freq, suffix, mask)
+    return torch.nn.functional.mse_loss(out[..., :patch_dim], noise)
+
+  image_step = trainer(_image_model(config), image_loss)
+  return dict(torch=torch.__version__, transformers=transformers.__version__,
+              threads=torch.get_num_threads(),
+              ar=1e3 * _median_seconds(text_step, repeats, warmup),
+              diffusion=1e3 * _median_seconds(image_step, repeats, warmup))
