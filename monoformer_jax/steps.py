@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from monoformer_jax import diffusion, sharding
+from monoformer_jax import cross_entropy, diffusion, sharding
 from monoformer_jax.config_lib import MaskType
 from monoformer_jax.model import MonoFormer
 
@@ -117,29 +117,21 @@ def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Arr
                     chunk: int) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy of predicting tokens [B, S] from their prefixes; and the count.
 
-  Logits are made `chunk` tokens at a time inside a rematerialized scan, so the
-  float32 [B*S, V] logits of the whole batch never exist at once (0 = one chunk).
+  The logits are made `chunk` tokens at a time (0 = all at once); see cross_entropy.
   """
   hidden = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL,
                        return_hidden=True).hidden  # [B, S, D]
   # Position s predicts token s + 1; the last position predicts nothing (weight 0).
   labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   weights = jnp.concatenate([valid[:, 1:] & valid[:, :-1], jnp.zeros_like(valid[:, :1])], axis=1)
-  n = tokens.size
-  chunk = chunk if 0 < chunk < n else n
-  pad = -n % chunk
-  flat = lambda a: jnp.pad(a.reshape(n, *a.shape[2:]), [(0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
-  hidden, labels, weights = flat(hidden), flat(labels), flat(weights.astype(jnp.float32))
-
-  @jax.checkpoint
-  def chunk_loss(h, y, w):
-    logits = model.apply({'params': params}, h, method=MonoFormer.logits)
-    picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-    return ((jax.nn.logsumexp(logits, axis=-1) - picked) * w).sum()
-
-  split = lambda a: a.reshape(-1, chunk, *a.shape[1:])  # noqa: E731
-  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_loss(*xs), None), jnp.zeros((), jnp.float32),
-                          (split(hidden), split(labels), split(weights)))
+  weights = weights.reshape(-1).astype(jnp.float32)
+  head_name = 'embed_tokens' if model.tie_embeddings else 'lm_head'
+  head = lambda head_params, h: model.apply({'params': {head_name: head_params}}, h,  # noqa: E731
+                                            method=MonoFormer.logits)
+  chunk = chunk if 0 < chunk < tokens.size else tokens.size
+  total = cross_entropy.weighted_cross_entropy(head, params[head_name],
+                                               hidden.reshape(tokens.size, -1),
+                                               labels.reshape(-1), weights, chunk)
   count = weights.sum()
   return total / jnp.maximum(count, 1.0), count
 

@@ -27,20 +27,23 @@ def _params(model=MODEL):
   return nn.unbox(variables['params'])
 
 
-def _reference_loss(params):
+def _reference_loss(params, model=MODEL):
   """Cross-entropy over whole-batch logits, written out plainly."""
-  logits = MODEL.apply({'params': params}, TOKENS, VALID, mask_type=MaskType.CAUSAL).logits
+  logits = model.apply({'params': params}, TOKENS, VALID, mask_type=MaskType.CAUSAL).logits
   weights = (VALID[:, 1:] & VALID[:, :-1]).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], TOKENS[:, 1:])
   return (ce * weights).sum() / weights.sum()
 
 
-@pytest.mark.parametrize('chunk', [0, 5, 16, 33, 1000])  # 33 tokens: padded, exact, whole
-def test_chunked_cross_entropy_matches_whole_batch_logits(chunk):
-  params = _params()
-  want, want_grads = jax.value_and_grad(_reference_loss)(params)
+@pytest.mark.parametrize('chunk,tied', [(0, False), (5, False), (16, True), (33, False),
+                                        (1000, True)])  # 33 tokens: padded, exact, whole
+def test_chunked_cross_entropy_matches_whole_batch_logits(chunk, tied):
+  model = MODEL.clone(tie_embeddings=tied)
+  params = _params(model)
+  want, want_grads = jax.value_and_grad(lambda p: _reference_loss(p, model))(params)
   (got, count), got_grads = jax.value_and_grad(
-      lambda p: steps.next_token_loss(MODEL, p, TOKENS, VALID, chunk), has_aux=True)(params)
+      lambda p: steps.next_token_loss(model, p, TOKENS, VALID, chunk), has_aux=True)(params)
+  assert steps.next_token_loss(model, params, TOKENS, VALID, chunk)[0] == pytest.approx(got)
   assert count == 3 * 10 - 4  # the padded row loses 3 predictions from padding and 1 at its start
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
