@@ -42,20 +42,25 @@ class MetricsLog:
       with open(self.path, 'w') as f:
         f.writelines(rows)
 
-  def write(self, step: int, kind: StepKind, metrics: dict) -> None:
+  def write(self, step: int, kind: StepKind, metrics: dict, input_wait_s: float) -> None:
+    """Logs one step's metrics (the only device-to-host fetch of the loop) and the share
+    of the wall time since the last write spent waiting for input batches."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.monotonic()
-    rate = (step - self.last[0]) / max(now - self.last[1], 1e-9)
+    elapsed = max(now - self.last[1], 1e-9)
+    rate = (step - self.last[0]) / elapsed
+    input_wait = input_wait_s / elapsed
     self.last = (step, now)
     self.writer.write_scalars(step, {f'{kind.value}/{k}': v for k, v in scalars.items()}
-                              | {'steps_per_sec': rate})
+                              | {'steps_per_sec': rate, 'input_wait_fraction': input_wait})
     if not self.leader:
       return
     with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, 'kind': kind.value, **scalars}) + '\n')
+      f.write(json.dumps({'step': step, 'kind': kind.value, **scalars,
+                          'steps_per_sec': rate, 'input_wait_fraction': input_wait}) + '\n')
     eta = (self.num_steps - step) / max(rate, 1e-9)
     print(f'step {step}/{self.num_steps}  {kind.value:9s} loss {scalars["loss"]:.4f}  '
-          f'{rate:.1f} steps/s  ETA {eta / 60:.1f} min', flush=True)
+          f'{rate:.1f} steps/s  input wait {input_wait:.1%}  ETA {eta / 60:.1f} min', flush=True)
 
   def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
     self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
@@ -125,16 +130,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = MetricsLog(workdir, start, config.train.num_steps)
   seed_key = jax.random.key(config.seed)
   t = config.train
+  input_wait = 0.0
   with sharding.activate(layout):
     for step in range(start, t.num_steps):
       kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
+      # Steps are dispatched asynchronously, so the next batch is read and sent while
+      # the device still runs this one; what the loop waits here is the input's cost.
+      wait_start = time.perf_counter()
       batch = next(iterators[kind])
       batch.pop('label', None)
-      state, metrics = step_fns[kind](state, sharding.global_batch(batch, layout),
-                                      jax.random.fold_in(seed_key, step))
+      batch = sharding.global_batch(batch, layout)
+      input_wait += time.perf_counter() - wait_start
+      state, metrics = step_fns[kind](state, batch, jax.random.fold_in(seed_key, step))
       done = step + 1
       if done % t.log_every == 0 or done == t.num_steps:
-        log.write(done, kind, metrics)
+        log.write(done, kind, metrics, input_wait)
+        input_wait = 0.0
       if done % t.checkpoint_every == 0 or done == t.num_steps:
         ckpt.save(done, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
   ckpt.close()

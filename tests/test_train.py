@@ -48,9 +48,16 @@ def test_mixture_schedule_follows_weights():
   assert kinds != [steps.step_kind(4, s, 1.0, 3.0) for s in range(4000)]
 
 
+TIMING_KEYS = ('steps_per_sec', 'input_wait_fraction')
+
+
 def _rows(workdir):
+  """metrics.jsonl without the wall-clock fields (which no two runs share)."""
   with open(os.path.join(workdir, train.METRICS_FILE)) as f:
-    return [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f]
+  for row in rows:
+    assert row['steps_per_sec'] > 0 and 0 <= row['input_wait_fraction'] <= 1, row
+  return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file):
