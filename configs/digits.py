@@ -15,6 +15,7 @@ def get_config():
   config.seed = 0
   config.model.size = 'digits'
   config.model.vocab_size = 1024
+  config.model.layer_loop = 'unrolled'  # 4 blocks: about 10% faster steps on CPU
   config.data.tokenizer_vocab_size = 1024
   config.data.prompt_len = 12
   config.data.heldout_fraction = 0.25  # also the classifier's data: 449 digits

@@ -53,22 +53,32 @@ def tokens_per_step(config: ml_collections.ConfigDict, kind: StepKind) -> int:
   return batch * sequence_length(config, kind)
 
 
-def step_flops(config: ml_collections.ConfigDict, params, kind: StepKind) -> float:
-  """Model FLOPs of one train step (forward and backward), counted from the shapes."""
+def forward_flops(config: ml_collections.ConfigDict, params, kind: StepKind, batch: int,
+                  q_len: int, kv_len: int) -> float:
+  """Model FLOPs of one forward pass: 2 x matmul parameters x tokens + 4 L B T S D.
+
+  q_len tokens are computed against kv_len keys (equal unless a cache holds a prefix);
+  an image pass has one image of num_patches patches per sequence.
+  """
   size = config_lib.SIZES[config.model.size]
   decoder = sum(x.size for x in jax.tree.leaves(params['decoder']) if x.ndim >= 3)  # kernels [L, ...]
-  batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
-  length = sequence_length(config, kind)
-  attention = 12 * size['depth'] * batch * length**2 * size['width']
+  attention = 4 * size['depth'] * batch * q_len * kv_len * size['width']
   if kind == StepKind.AR:
     head = params['embed_tokens' if config.model.tie_embeddings else 'lm_head']
-    return 6.0 * (decoder + jax.tree.leaves(head)[0].size) * batch * length + attention
+    return 2.0 * (decoder + jax.tree.leaves(head)[0].size) * batch * q_len + attention
   kernels = lambda name: sum(x.size for x in jax.tree.leaves(params[name]) if x.ndim >= 2)  # noqa: E731
   per_patch = kernels('x_embedder') + params['final_layer']['linear']['kernel'].size
   per_image = (kernels('t_embedder') + kernels('t_projector')
                + params['final_layer']['adaLN_modulation']['kernel'].size)
-  return (6.0 * (decoder * batch * length + per_patch * batch * num_patches(config)
+  return (2.0 * (decoder * batch * q_len + per_patch * batch * num_patches(config)
                  + per_image * batch) + attention)
+
+
+def step_flops(config: ml_collections.ConfigDict, params, kind: StepKind) -> float:
+  """Model FLOPs of one train step: the forward pass and a backward pass of twice its cost."""
+  batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
+  length = sequence_length(config, kind)
+  return 3 * forward_flops(config, params, kind, batch, length, length)
 
 
 def median_seconds(fn, repeats: int, warmup: int) -> float:
@@ -137,7 +147,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, repeat
   return results, state
 
 
-def bench_sampler(config, model, params, repeats: int) -> dict:
+def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
   """Images/s of DDPM with CFG: the compiled loop, without the prefix cache, and a Python loop
   calling a jitted single denoising step."""
   num = config.bench.sample_images
@@ -174,6 +184,13 @@ def bench_sampler(config, model, params, repeats: int) -> dict:
 
   seconds = median_seconds(python_loop, repeats, 1)
   result['python_loop_images_per_s'] = num / seconds
+  # With the prefix cached, each step computes the image part against the whole sequence.
+  image_part = sequence_length(config, StepKind.DIFFUSION) - config.data.prompt_len
+  sequences = num * (2 if spec.guidance.scale != 1.0 else 1)
+  flops = spec.steps * forward_flops(config, params, StepKind.DIFFUSION, sequences, image_part,
+                                     sequence_length(config, StepKind.DIFFUSION))
+  result['model_flops_per_run'] = flops
+  result['mfu'] = flops * result['compiled_images_per_s'] / num / peak
   result['speedup_vs_python_loop'] = result['compiled_images_per_s'] * seconds / num
   return result
 
@@ -237,7 +254,8 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
     report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
                                          peak['flops_per_s'], repeats, warmup)
     params = state.params
-    report['sampling'] = bench_sampler(config, model, params, config.bench.sample_repeats)
+    report['sampling'] = bench_sampler(config, model, params, peak['flops_per_s'],
+                                       config.bench.sample_repeats)
     report['decode'] = bench_decode(config, model, params, config.bench.sample_repeats)
   if compare_torch:
     torch = bench_torch.bench_steps(config, repeats, warmup)
@@ -266,7 +284,7 @@ def print_table(report: dict) -> None:
         f'{s["compiled_images_per_s"]:.2f} images/s compiled, '
         f'{s["compiled_no_prefix_cache_images_per_s"]:.2f} without the prefix cache, '
         f'{s["python_loop_images_per_s"]:.2f} in a Python loop '
-        f'({s["speedup_vs_python_loop"]:.2f}x)')
+        f'({s["speedup_vs_python_loop"]:.2f}x); MFU {s["mfu"]:.1%}')
   d = report['decode']
   print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} tokens/s '
         f'with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing ({d["speedup"]:.1f}x)')

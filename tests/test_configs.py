@@ -64,6 +64,7 @@ def test_bench_report_has_every_field(tmp_path):
   s = report['sampling']
   for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop'):
     assert s[f'{name}_images_per_s'] > 0
+  assert 0 < s['mfu'] and s['model_flops_per_run'] > 0
   assert report['decode']['cached_tokens_per_s'] > 0 and report['decode']['recompute_tokens_per_s'] > 0
   assert report['memory']['host_peak_bytes'] > 2**20
 
