@@ -46,9 +46,10 @@ class LayerLoop(enum.Enum):
 
 
 class AttentionImpl(enum.Enum):
-  """jax.nn.dot_product_attention's implementation."""
+  """How attention runs (jax.nn.dot_product_attention or the splash kernel)."""
   XLA = 'xla'  # any backend, any mask
   CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute
+  SPLASH = 'splash'  # Pallas splash kernel on TPU for passes of 128k tokens without a cache
 
 
 class Sampler(enum.Enum):
@@ -97,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'
   c.model.layer_loop = 'scan'  # 'scan': one compiled block looped; 'unrolled': L copies
-  c.model.attention = 'xla'  # 'cudnn': fused attention on NVIDIA GPUs (bf16/fp16)
+  c.model.attention = 'xla'  # 'cudnn' on NVIDIA GPUs (bf16/fp16); 'splash' on TPU
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000

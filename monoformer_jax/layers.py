@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax import splash
 from monoformer_jax.config_lib import AttentionImpl, LayerLoop, MaskType, Remat
 
 Array = jax.Array
@@ -194,8 +195,11 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
       cache = (k, v)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,  # [B, T, H, E]
-                                       implementation=cfg.attention.value)
+    if isinstance(mask, splash.KernelMask):
+      out = splash.attention(q, k, v, mask)
+    else:  # [B, T, H, E]
+      impl = 'cudnn' if cfg.attention == AttentionImpl.CUDNN else 'xla'
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = dense((cfg.width,), ('heads', 'head_dim', 'embed'), 'o_proj', in_dims=2)(out)
     return out, cache
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax import splash
 from monoformer_jax.config_lib import SIZES, AttentionImpl, LayerLoop, MaskType, Remat
 from monoformer_jax.layers import (Array, BackboneConfig, Decoder, KVCache, RMSNorm,
                                    attention_mask, dense_init)
@@ -203,8 +204,13 @@ class MonoFormer(nn.Module):
       # Cached slots are text (span 0); new image tokens keep their span ids.
       kv_span = jax.lax.dynamic_update_slice(jnp.zeros(kv_valid.shape, jnp.int32), span, (0, index))
       kv = (cache.k, cache.v)
-    q_slots = index + jnp.arange(valid.shape[1])
-    mask = attention_mask(mask_type, q_slots, kv_valid, span, kv_span)
+    length = valid.shape[1]
+    if cfg.attention == AttentionImpl.SPLASH and splash.applies(length, cache is not None):
+      image_block = (tokens.shape[1] + 1, img.num_patches) if image is not None else (0, 0)
+      mask = splash.KernelMask(valid.astype(jnp.int32),
+                               splash.MaskPattern(mask_type, length, *image_block))
+    else:
+      mask = attention_mask(mask_type, index + jnp.arange(length), kv_valid, span, kv_span)
 
     x = nn.with_logical_constraint(embeds, ('batch', 'length', 'embed'))
     x, kv = self.decoder(x, positions, mask, index, kv)

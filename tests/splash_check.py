@@ -1,0 +1,67 @@
+"""Splash attention against the XLA path, printed as JSON; run by test_splash.py.
+
+With N_DEVICES > 1 (forced CPU devices) both run under a data 2 x tensor 2 mesh.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax import sharding
+from monoformer_jax.config_lib import AttentionImpl, MaskType
+from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.model import ImageConfig, MonoFormer
+
+# 110 prompt tokens + time token + 16 patches + <im_end> = 128: one splash tile.
+XLA = MonoFormer(BackboneConfig(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2,
+                                mlp_dim=48), ImageConfig(patch_size=2, height=8, width=8,
+                                                         channels=1))
+SPLASH = XLA.clone(backbone=dataclasses.replace(XLA.backbone, attention=AttentionImpl.SPLASH))
+
+
+def main(devices: int) -> dict:
+  key = jax.random.key(0)
+  prompt = jax.random.randint(key, (4, 110), 1, 64)
+  valid = jnp.ones(prompt.shape, bool).at[0, :30].set(False)  # a left-padded row
+  text = jax.random.randint(jax.random.key(1), (4, 128), 1, 64)
+  text_valid = jnp.ones(text.shape, bool).at[1, :7].set(False)
+  image = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  t = jnp.array([3, 300, 600, 999])
+  suffix = jnp.full((4, 1), 2)
+  params = XLA.init(key, prompt[:, :4], valid[:, :4], image, t, method=XLA.init_all)['params']
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                        nn.unbox(params))
+
+  def losses(model, params):
+    img = model.apply({'params': params}, prompt, valid, mask_type=MaskType.HYBRID, image=image,
+                      t=t, suffix=suffix).image
+    logits = model.apply({'params': params}, text, text_valid, mask_type=MaskType.CAUSAL).logits
+    return (img**2).mean() + (logits**2 * text_valid[..., None]).mean(), (img, logits)
+
+  config_mesh = dict(data=2, fsdp=1, tensor=2) if devices > 1 else dict(data=1, fsdp=1, tensor=1)
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  mesh_config = tiny_config().mesh
+  mesh_config.update(config_mesh)
+  layout = sharding.make_layout(mesh_config)
+  results = {}
+  with sharding.activate(layout):
+    for name, model in (('xla', XLA), ('splash', SPLASH)):
+      fn = jax.jit(jax.value_and_grad(lambda p, m=model: losses(m, p), has_aux=True))
+      (loss, (img, logits)), grads = fn(params)
+      results[name] = (np.asarray(img), np.asarray(logits)[np.asarray(text_valid)],
+                       [np.asarray(g) for g in jax.tree.leaves(grads)])
+  (xi, xl, xg), (si, sl, sg) = results['xla'], results['splash']
+  rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())  # noqa: E731
+  return dict(devices=len(jax.devices()), image=rel(si, xi), logits=rel(sl, xl),
+              grads=max(rel(a, b) for a, b in zip(sg, xg)), image_scale=float(np.abs(xi).max()))
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(__file__))
+  print(json.dumps(main(int(sys.argv[1]))))

@@ -1,0 +1,24 @@
+"""The splash kernel (Pallas interpret mode off TPU) gives the XLA path's numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.mark.parametrize('devices', [1, 4])
+def test_splash_matches_xla_attention(devices):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=os.path.dirname(HERE))
+  run = subprocess.run([sys.executable, os.path.join(HERE, 'splash_check.py'), str(devices)],
+                       capture_output=True, text=True, env=env, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result['devices'] == devices
+  assert result['image_scale'] > 0.1  # a real prediction to compare
+  # Image outputs, text logits at real positions, and every parameter gradient.
+  assert result['image'] < 1e-5 and result['logits'] < 1e-5 and result['grads'] < 1e-4, result
