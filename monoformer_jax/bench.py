@@ -93,6 +93,20 @@ def median_seconds(fn, repeats: int, warmup: int) -> float:
   return statistics.median(times)
 
 
+def interleaved_medians(runs: dict, repeats: int, warmup: int) -> dict:
+  """{name: median seconds} of several blocking callables timed in turn, round after round."""
+  for _ in range(warmup):
+    for fn in runs.values():
+      fn()
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def matmul_peak(dtype: jnp.dtype, repeats: int) -> dict:
   """FLOP/s of one large square jnp.dot on the first device: the practical matmul peak."""
   n = 2048 if jax.default_backend() == 'cpu' else 8192
@@ -117,9 +131,12 @@ def _program_bytes(compiled) -> int | None:
              - mem.alias_size_in_bytes)
 
 
-def bench_steps(config, model, tx, layout, shardings, state, peak: float, repeats: int,
-                warmup: int):
-  """{kind: timings, throughput, FLOPs and MFU} for both step kinds; and the final state."""
+def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_steps: dict):
+  """{kind: timings, throughput, FLOPs and MFU} for both step kinds; and the final state.
+
+  torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours.
+  """
+  repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
   fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), layout, shardings)
   rng = np.random.default_rng(0)
@@ -133,23 +150,29 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, repeat
     holder = [state]
 
     def run_step():
-      holder[0], metrics = compiled(holder[0], batch, key)
+      holder[0], metrics = compiled(holder[0], batch, key)  # noqa: B023
       jax.block_until_ready((holder[0], metrics))
 
-    seconds = median_seconds(run_step, repeats, warmup)
+    runs = {'jax': run_step}
+    if kind.value in torch_steps:
+      runs['torch'] = torch_steps[kind.value]
+    seconds = interleaved_medians(runs, repeats, warmup)
     state = holder[0]
     flops = step_flops(config, state.params, kind)
-    results[kind.value] = dict(
-        median_ms=1e3 * seconds, tokens_per_s=tokens_per_step(config, kind) / seconds,
-        model_flops=flops, flops_per_s=flops / seconds, mfu=flops / seconds / peak,
+    results[kind.value] = r = dict(
+        median_ms=1e3 * seconds['jax'], tokens_per_s=tokens_per_step(config, kind) / seconds['jax'],
+        model_flops=flops, flops_per_s=flops / seconds['jax'], mfu=flops / seconds['jax'] / peak,
         xla_flops=_xla_flops(compiled), program_bytes=_program_bytes(compiled),
         compile_s=compile_s, runs=repeats)
+    if 'torch' in seconds:
+      r['torch_ms'] = 1e3 * seconds['torch']
+      r['speedup_vs_torch'] = seconds['torch'] / seconds['jax']
   return results, state
 
 
 def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
   """Images/s of DDPM with CFG: the compiled loop, without the prefix cache, and a Python loop
-  calling a jitted single denoising step."""
+  calling a jitted single denoising step (timed in turn, so drift hits all alike)."""
   num = config.bench.sample_images
   spec = sampling.spec_from_config(config, sampler='ddpm')
   if spec.guidance.scale == 1.0:
@@ -162,13 +185,13 @@ def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
   suffix = jnp.full((num, 1), 2, jnp.int32)
   args = (params, prompt, valid, prompt, null_valid, suffix, jax.random.key(0))
   result = dict(images=num, steps=spec.steps, cfg_scale=spec.guidance.scale)
+  runs = {}
   no_cache = dataclasses.replace(spec, cache_prefix=False)
   for name, sampler_spec in (('compiled', spec), ('compiled_no_prefix_cache', no_cache)):
     start = time.perf_counter()
     compiled = sampling.make_image_sampler(model, sampler_spec).lower(*args).compile()
     result[f'{name}_compile_s'] = time.perf_counter() - start
-    seconds = median_seconds(lambda: compiled(*args).block_until_ready(), repeats, 1)  # noqa: B023
-    result[f'{name}_images_per_s'] = num / seconds
+    runs[name] = lambda compiled=compiled: compiled(*args).block_until_ready()
 
   prepare, denoise = sampling.make_denoiser(model, spec)
   prepare, denoise = jax.jit(prepare), jax.jit(denoise)
@@ -182,8 +205,9 @@ def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
       x = denoise(params, context, x, i, args[-1])
     x.block_until_ready()
 
-  seconds = median_seconds(python_loop, repeats, 1)
-  result['python_loop_images_per_s'] = num / seconds
+  runs['python_loop'] = python_loop
+  for name, seconds in interleaved_medians(runs, repeats, 1).items():
+    result[f'{name}_images_per_s'] = num / seconds
   # With the prefix cached, each step computes the image part against the whole sequence.
   image_part = sequence_length(config, StepKind.DIFFUSION) - config.data.prompt_len
   sequences = num * (2 if spec.guidance.scale != 1.0 else 1)
@@ -191,7 +215,8 @@ def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
                                      sequence_length(config, StepKind.DIFFUSION))
   result['model_flops_per_run'] = flops
   result['mfu'] = flops * result['compiled_images_per_s'] / num / peak
-  result['speedup_vs_python_loop'] = result['compiled_images_per_s'] * seconds / num
+  result['speedup_vs_python_loop'] = (result['compiled_images_per_s']
+                                      / result['python_loop_images_per_s'])
   return result
 
 
@@ -202,14 +227,16 @@ def bench_decode(config, model, params, repeats: int) -> dict:
   prompt = jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, config.data.prompt_len),
                                     np.int32))
   result = dict(batch=batch, prompt_tokens=prompt.shape[1], new_tokens=new_tokens)
+  dynamic = dict(temperature=1.0, eos_id=-1, pad_id=0)  # -1: never stops early
+  args = (model, params, prompt, jnp.ones(prompt.shape, bool), jax.random.key(0))
+  runs = {}
   for name, use_cache in (('cached', True), ('recompute', False)):
     static = dict(max_tokens=new_tokens, top_k=0, top_p=1.0, use_cache=use_cache)
-    dynamic = dict(temperature=1.0, eos_id=-1, pad_id=0)  # -1: never stops early
-    args = (model, params, prompt, jnp.ones(prompt.shape, bool), jax.random.key(0))
     start = time.perf_counter()
     compiled = sampling.generate.lower(*args, **static, **dynamic).compile()
     result[f'{name}_compile_s'] = time.perf_counter() - start
-    seconds = median_seconds(lambda: compiled(*args[1:], **dynamic).block_until_ready(), repeats, 1)  # noqa: B023
+    runs[name] = lambda compiled=compiled: compiled(*args[1:], **dynamic).block_until_ready()
+  for name, seconds in interleaved_medians(runs, repeats, 1).items():
     result[f'{name}_tokens_per_s'] = batch * new_tokens / seconds
   result['speedup'] = result['cached_tokens_per_s'] / result['recompute_tokens_per_s']
   return result
@@ -238,33 +265,28 @@ def memory() -> dict:
 def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> dict:
   """The whole report as a dict (see `run`)."""
   config_lib.validate(config)
-  repeats, warmup = config.bench.repeats, config.bench.warmup
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)
   state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
-  peak = matmul_peak(jnp.dtype(config.model.dtype), repeats)
+  peak = matmul_peak(jnp.dtype(config.model.dtype), config.bench.repeats)
   report = dict(machine=machine(), config=dict(size=config.model.size, dtype=config.model.dtype,
                                                layer_loop=config.model.layer_loop,
                                                remat=config.model.remat,
                                                loss_chunk=config.train.loss_chunk),
                 matmul_peak=peak)
+  torch_steps = {}
+  if compare_torch:
+    torch_steps, report['torch'] = bench_torch.make_steps(config)
   with sharding.activate(layout):
     report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
-                                         peak['flops_per_s'], repeats, warmup)
+                                         peak['flops_per_s'], torch_steps)
     params = state.params
     report['sampling'] = bench_sampler(config, model, params, peak['flops_per_s'],
                                        config.bench.sample_repeats)
     report['decode'] = bench_decode(config, model, params, config.bench.sample_repeats)
-  if compare_torch:
-    torch = bench_torch.bench_steps(config, repeats, warmup)
-    for kind in StepKind:
-      report['steps'][kind.value]['torch_ms'] = torch.pop(kind.value)
-      report['steps'][kind.value]['speedup_vs_torch'] = (
-          report['steps'][kind.value]['torch_ms'] / report['steps'][kind.value]['median_ms'])
-    report['torch'] = torch
-  report['memory'] = memory()
+  report['memory'] = dict(memory(), includes_torch_models=compare_torch)
   return report
 
 

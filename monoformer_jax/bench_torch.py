@@ -7,9 +7,6 @@ loss. Both clip gradients to the config's norm, take an AdamW step and update
 an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
 """
 
-import statistics
-import time
-
 import ml_collections
 import numpy as np
 
@@ -82,19 +79,8 @@ def _hybrid_mask(prompt_len: int, num_patches: int, suffix_len: int):
   return allowed[None, None]
 
 
-def _median_seconds(step, repeats: int, warmup: int) -> float:
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def bench_steps(config: ml_collections.ConfigDict, repeats: int, warmup: int) -> dict:
-  """{'ar': median ms, 'diffusion': median ms, 'torch': version, 'threads': n} on the CPU."""
+def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """({'ar': step, 'diffusion': step}, versions and threads): each step a blocking callable."""
   if not available():
     raise UserError('--compare_torch needs torch and transformers (pip install -r '
                     'requirements-test.txt).')
@@ -142,7 +128,6 @@ def bench_steps(config: ml_collections.ConfigDict, repeats: int, warmup: int) ->
     return torch.nn.functional.mse_loss(out[..., :patch_dim], noise)
 
   image_step = trainer(_image_model(config), image_loss)
-  return dict(torch=torch.__version__, transformers=transformers.__version__,
-              threads=torch.get_num_threads(),
-              ar=1e3 * _median_seconds(text_step, repeats, warmup),
-              diffusion=1e3 * _median_seconds(image_step, repeats, warmup))
+  about = dict(torch=torch.__version__, transformers=transformers.__version__,
+               threads=torch.get_num_threads())
+  return dict(ar=text_step, diffusion=image_step), about

@@ -138,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.text_batches = 8
 
   c.bench = ml_collections.ConfigDict()
-  c.bench.repeats = 10  # timed runs per train step (the median is reported)
+  c.bench.repeats = 20  # timed runs per train step (the median is reported)
   c.bench.warmup = 3
   c.bench.sample_repeats = 5  # timed runs of the sampler and of decoding
   c.bench.sample_images = 16  # DDPM with CFG, sample.steps steps
