@@ -24,6 +24,12 @@ SIZES = {
 }
 
 
+class ImageSource(enum.Enum):
+  """Where diffusion steps get their images."""
+  DIGITS = 'digits'  # scikit-learn's bundled 8x8 digits (the embedded default)
+  IMAGENET = 'imagenet'  # TFDS imagenet2012, ADM center crop to data.image_resolution
+
+
 class MaskType(enum.Enum):
   """Attention pattern of a forward pass."""
   CAUSAL = 'causal'
@@ -69,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.text_file = ''  # '' = the English text bundled with CPython
+  c.data.image_source = 'digits'
+  c.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
+  c.data.imagenet_manual_dir = ''  # the ILSVRC2012 tars, to prepare imagenet2012 once
+  c.data.image_resolution = 256  # ImageNet pixels per side after the center crop
+  c.data.random_flip = True  # ImageNet: horizontal flips
   c.data.tokenizer_vocab_size = 1024
   c.data.prompt_len = 16  # tokens before the time token, left-padded
   c.data.text_seq_len = 64
@@ -197,6 +208,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config key model.size is {config.model.size!r}; expected one of '
                     f'{", ".join(sorted(SIZES))}.')
   _enum(MaskType, config.model.image_mask, 'model.image_mask')
+  source = _enum(ImageSource, config.data.image_source, 'data.image_source')
+  if source == ImageSource.IMAGENET and not config.model.vae:
+    pixels = (config.data.image_resolution,) * 2 + (3,)
+    if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
+      raise UserError(f'config keys model.image_size {tuple(config.model.image_size)} and '
+                      f'model.image_channels {config.model.image_channels} do not match ImageNet '
+                      f'pixels {pixels} (data.image_resolution); pixel-space diffusion needs them equal.')
+  if source != ImageSource.DIGITS and config.train.eval_at_end:
+    raise UserError('config key train.eval_at_end needs data.image_source \'digits\' (its '
+                    'classifier); set it to False and measure FID on `sample` files instead.')
   _enum(Remat, config.model.remat, 'model.remat')
   _enum(LayerLoop, config.model.layer_loop, 'model.layer_loop')
   _enum(AttentionImpl, config.model.attention, 'model.attention')
