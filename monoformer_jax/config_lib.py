@@ -28,6 +28,7 @@ class ImageSource(enum.Enum):
   """Where diffusion steps get their images."""
   DIGITS = 'digits'  # scikit-learn's bundled 8x8 digits (the embedded default)
   IMAGENET = 'imagenet'  # TFDS imagenet2012, ADM center crop to data.image_resolution
+  LATENTS = 'latents'  # SD-VAE latents of ImageNet from `extract_latents` (data.latents_dir)
 
 
 class MaskType(enum.Enum):
@@ -80,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.imagenet_manual_dir = ''  # the ILSVRC2012 tars, to prepare imagenet2012 once
   c.data.image_resolution = 256  # ImageNet pixels per side after the center crop
   c.data.random_flip = True  # ImageNet: horizontal flips
+  c.data.latents_dir = ''  # latents source: the output of `extract_latents`
+  c.data.latents_shard_size = 10000  # extract_latents: records per ArrayRecord shard
+  c.data.latents_from_posterior = True  # sample z from N(mean, std^2); False: the mean
   c.data.tokenizer_vocab_size = 1024
   c.data.prompt_len = 16  # tokens before the time token, left-padded
   c.data.text_seq_len = 64
@@ -209,12 +213,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{", ".join(sorted(SIZES))}.')
   _enum(MaskType, config.model.image_mask, 'model.image_mask')
   source = _enum(ImageSource, config.data.image_source, 'data.image_source')
-  if source == ImageSource.IMAGENET and not config.model.vae:
+  if source == ImageSource.IMAGENET:  # pixel space; latents come from `extract_latents`
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
       raise UserError(f'config keys model.image_size {tuple(config.model.image_size)} and '
                       f'model.image_channels {config.model.image_channels} do not match ImageNet '
                       f'pixels {pixels} (data.image_resolution); pixel-space diffusion needs them equal.')
+  if source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
+    raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
+                    'directory; expected the output of `extract_latents`.')
   if source != ImageSource.DIGITS and config.train.eval_at_end:
     raise UserError('config key train.eval_at_end needs data.image_source \'digits\' (its '
                     'classifier); set it to False and measure FID on `sample` files instead.')
@@ -231,7 +238,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'train.num_steps', 'train.log_every', 'train.checkpoint_every',
             'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate',
             'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
-            'bench.decode_tokens')
+            'bench.decode_tokens', 'data.image_resolution', 'data.latents_shard_size')
   if config.data.tokenizer_vocab_size > config.model.vocab_size:
     raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
                     f'exceeds model.vocab_size ({config.model.vocab_size}).')

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from monoformer_jax import imagenet
+from monoformer_jax import imagenet, latents
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.config_lib import ImageSource
 from monoformer_jax.errors import UserError
@@ -139,8 +139,11 @@ def host_batches(ds: grain.MapDataset, global_batch: int) -> grain.MapDataset:
 
 def image_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
   """Infinite shuffled batches of prompted training images for this host."""
-  if ImageSource(config.data.image_source) == ImageSource.IMAGENET:
+  source = ImageSource(config.data.image_source)
+  if source == ImageSource.IMAGENET:
     return host_batches(imagenet.examples(config, tok), config.data.image_batch_size)
+  if source == ImageSource.LATENTS:
+    return host_batches(latents.examples(config, tok), config.data.image_batch_size)
   images, labels = load_digits()
   train_idx, _ = split(len(images), config.data.heldout_fraction)
   table = [[tok.image_prompt(t.format(name=name), config.data.prompt_len)

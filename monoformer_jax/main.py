@@ -8,6 +8,7 @@ evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
 bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
          step speed, MFU, sampler and decoder throughput, memory
 convert  KIND --src=DIR --dst=DIR   weight conversion; kinds in convert/commands.py
+extract_latents --config=configs/imagenet256.py --vae=DIR --dst=DIR   SD-VAE latent shards
 Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import bench, evaluate, sampling, train
+from monoformer_jax import bench, config_lib, evaluate, latents, sampling, train
 from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
@@ -44,15 +45,17 @@ _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.'
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
-_DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist).')
-_VAE = flags.DEFINE_string('vae', '', 'convert official: a converted VAE directory for sampling.')
+_DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist); '
+                           'extract_latents: the shard directory (reruns finish it).')
+_VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: convert official (for sampling), '
+                           'extract_latents (the encoder).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process\'s index.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by itself (TPU pod '
                                'slices, SLURM) and join it.')
 
-COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert')
+COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents')
 
 
 def _write_atomic(path: str, write) -> None:
@@ -118,6 +121,18 @@ def evaluate_command(workdir: str) -> None:
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
 
 
+def extract_latents_command(config) -> None:
+  if not _VAE.value or not os.path.isdir(_VAE.value):
+    raise UserError(f'--vae is {_VAE.value!r}; expected a converted VAE directory (convert vae).')
+  if not _DST.value:
+    raise UserError('--dst is required: the directory for the latent shards.')
+  config_lib.validate(config)
+  info = latents.extract(config, _VAE.value, _DST.value)
+  if jax.process_index() == 0:
+    print(f'wrote {info["count"]} latents of shape {info["latent_shape"]} in '
+          f'{info["num_shards"]} shards to {_DST.value}')
+
+
 def init_distributed() -> None:
   """Joins the other processes of a multi-host run, before any device is touched."""
   if _NUM_PROCESSES.value > 1:
@@ -140,8 +155,11 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
   try:
     init_distributed()
-    if command in ('train', 'bench') and _CONFIG.value is None:
+    if command in ('train', 'bench', 'extract_latents') and _CONFIG.value is None:
       raise UserError(f'{command} needs --config=configs/FILE.py.')
+    if command == 'extract_latents':
+      extract_latents_command(_CONFIG.value)
+      return
     if command == 'bench':
       bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value)
       return

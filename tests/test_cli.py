@@ -77,3 +77,16 @@ def test_sample_generate_evaluate(trained, tmp_path):
   result = cli('evaluate', f'--workdir={trained}')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'accuracy/overall' in result.stdout and 'text/perplexity' in result.stdout
+
+
+def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):
+  dst = tmp_path / 'latents'
+  result = cli('extract_latents', '--config=configs/digits.py', '--vae=/no/such/vae', f'--dst={dst}')
+  assert result.returncode != 0 and '--vae' in _error_line(result)
+  (tmp_path / 'vae').mkdir()
+  result = cli('extract_latents', '--config=configs/digits.py', f'--vae={tmp_path / "vae"}',
+               f'--dst={dst}', '--config.data.image_source=imagenet',
+               f'--config.data.tfds_data_dir={tmp_path / "tfds"}', '--config.train.eval_at_end=false',
+               '--config.model.image_size=(256, 256)', '--config.model.image_channels=3')
+  assert result.returncode != 0 and 'data.imagenet_manual_dir' in _error_line(result)
+  assert not dst.exists()

@@ -1,0 +1,110 @@
+"""extract_latents on mock ImageNet records with a tiny VAE; the grain source that reads them."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import torch
+from diffusers import AutoencoderKL as DiffusersVAE
+
+from conftest import tiny_config
+from monoformer_jax import imagenet, input_pipeline, latents
+from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.convert import commands
+from monoformer_jax.errors import UserError
+from monoformer_jax.vae import LATENT_SCALE
+
+
+@pytest.fixture(scope='module')
+def extracted(tmp_path_factory):
+  """(diffusers VAE, config, source records, latents dir) after one extraction."""
+  torch.manual_seed(0)
+  reference = DiffusersVAE(block_out_channels=(32, 64), down_block_types=('DownEncoderBlock2D',) * 2,
+                           up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1,
+                           norm_num_groups=8, latent_channels=4).eval()
+  root = tmp_path_factory.mktemp('latents')
+  reference.save_pretrained(root / 'diffusers', safe_serialization=True)
+  commands.run('vae', str(root / 'diffusers'), str(root / 'vae'), use_ema=True)
+  config = tiny_config()
+  config.data.image_resolution = 16
+  config.data.latents_shard_size = 4
+  config.data.tfds_data_dir = str(root / 'tfds')
+  config.data.imagenet_manual_dir = str(root)
+  with tfds.testing.mock_data(num_examples=10):
+    source = imagenet.data_source(config)
+    records = [source[i] for i in range(10)]
+  info = latents.extract(config, str(root / 'vae'), str(root / 'out'), source=records, batch_size=3)
+  return reference, config, records, str(root / 'out'), str(root / 'vae'), info
+
+
+def test_shards_hold_the_posterior_of_each_cropped_image(extracted):
+  reference, _, records, out, _, info = extracted
+  assert info['count'] == 10 and info['num_shards'] == 3 and info['latent_shape'] == [8, 8, 4]
+  assert sorted(os.listdir(out)) == ['latents-00000-of-00003.array_record',
+                                     'latents-00001-of-00003.array_record',
+                                     'latents-00002-of-00003.array_record', 'latents.json']
+  for index in (0, 5, 9):
+    shard, row = divmod(index, 4)
+    got = latents._read(latents.shard_path(out, shard, 3), row)  # pylint: disable=protected-access
+    image = imagenet.center_crop(np.asarray(records[index]['image']), 16)
+    pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+      posterior = reference.encode(pixels).latent_dist
+    np.testing.assert_allclose(got['mean'], posterior.mean[0].permute(1, 2, 0).numpy(), atol=2e-4)
+    np.testing.assert_allclose(got['std'], posterior.std[0].permute(1, 2, 0).numpy(), rtol=1e-3)
+    assert got['label'] == records[index]['label']
+
+
+def test_rerun_redoes_only_missing_shards(extracted):
+  _, config, records, out, vae, _ = extracted
+  kept = latents.shard_path(out, 0, 3)
+  redone = latents.shard_path(out, 1, 3)
+  before = latents._read(redone, 2)  # pylint: disable=protected-access
+  kept_mtime = os.stat(kept).st_mtime_ns
+  os.remove(redone)
+  with open(redone + '.tmp', 'wb') as f:  # a crash mid-shard leaves a temporary file
+    f.write(b'partial')
+  latents.extract(config, vae, out, source=records, batch_size=3)
+  assert os.stat(kept).st_mtime_ns == kept_mtime and not os.path.exists(redone + '.tmp')
+  after = latents._read(redone, 2)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(after['mean'], before['mean'])
+
+
+def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
+  _, _, records, out, _, _ = extracted
+  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  config = tiny_config()
+  config.data.image_source = 'latents'
+  config.data.latents_dir = out
+  config.data.prompt_len = 64
+  config.data.templates = imagenet.TEMPLATES
+  config.eval.prompt_template = imagenet.SAMPLING_TEMPLATE
+  config.model.image_size, config.model.image_channels = (8, 8), 4
+  config.train.eval_at_end = False
+  batch = next(iter(input_pipeline.image_dataset(config, tok)))
+  assert batch['image'].shape == (8, 8, 8, 4) and batch['tokens'].shape == (8, 64)
+
+  record = latents.open_source(config)[0]
+  stored = latents._decode(record)  # pylint: disable=protected-access
+  table, null = imagenet.prompt_table(tok, imagenet.TEMPLATES, 64), tok.image_prompt('', 64)
+  mean_only = latents.PromptedLatent(table, null, 0.0, from_posterior=False)
+  np.testing.assert_array_equal(mean_only.random_map(record, np.random.default_rng(0))['image'],
+                                (stored['mean'] * LATENT_SCALE).astype(np.float32))
+  sampler = latents.PromptedLatent(table, null, 0.0, from_posterior=True)
+  rng = np.random.default_rng(1)
+  draws = np.stack([sampler.random_map(record, rng)['image'] for _ in range(2000)]) / LATENT_SCALE
+  np.testing.assert_allclose(draws.mean(0), stored['mean'], atol=4 * stored['std'].max() / np.sqrt(2000))
+  np.testing.assert_allclose(draws.std(0), stored['std'], rtol=0.1)
+
+
+def test_bad_latent_directories(extracted, tmp_path):
+  _, _, _, out, _, _ = extracted
+  config = tiny_config()
+  config.data.latents_dir = str(tmp_path)
+  with pytest.raises(UserError, match='has no latents.json'):
+    latents.open_source(config)
+  config.data.latents_dir = out
+  config.model.image_size, config.model.image_channels = (4, 4), 4
+  with pytest.raises(UserError, match=r'latents of shape \[8, 8, 4\]; .* expect \[4, 4, 4\]'):
+    latents.open_source(config)
