@@ -55,7 +55,7 @@ class LayerLoop(enum.Enum):
 class AttentionImpl(enum.Enum):
   """How attention runs (jax.nn.dot_product_attention or the splash kernel)."""
   XLA = 'xla'  # any backend, any mask
-  CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute
+  CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute (the XLA path on other backends)
   SPLASH = 'splash'  # Pallas splash kernel on TPU for passes of 128k tokens without a cache
 
 
