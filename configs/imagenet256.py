@@ -17,6 +17,9 @@ Downloads are yours to do (nothing here reaches the network):
       --vae=checkpoints/sd-vae-ft-mse --dst=data/imagenet256-latents \
       --config.data.imagenet_manual_dir=$HOME/imagenet-tars
   python -m monoformer_jax train --config=configs/imagenet256.py:h100x8 --workdir=workdirs/imagenet256
+  python -m monoformer_jax sample --workdir=workdirs/imagenet256 --fid_npz=imagenet256-50k.npz \
+      --num=50000 --steps=250 --cfg_scale=1.5
+  (then the ADM evaluator: evaluator.py VIRTUAL_imagenet256_labeled.npz imagenet256-50k.npz)
 
 (On a TPU pod slice, run the same commands on every worker through launch/tpu_pod.sh with
 configs/imagenet256.py:v5p-32.)

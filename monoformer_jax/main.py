@@ -3,6 +3,7 @@
 
 train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evaluates
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
+         (--fid_npz=FILE.npz: N class-conditional samples for the ADM FID evaluator)
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
 bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import bench, config_lib, evaluate, latents, sampling, train
+from monoformer_jax import bench, config_lib, evaluate, fid_samples, latents, sampling, train
 from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
@@ -41,6 +42,10 @@ _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
+_FID_NPZ = flags.DEFINE_string('fid_npz', '', 'sample: write --num class-conditional samples, '
+                                'classes spread uniformly, to this ADM-format .npz instead.')
+_FID_BATCH = flags.DEFINE_integer('fid_batch', 256, 'sample --fid_npz: global batch (divisible by '
+                                  'the device and host counts).')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
@@ -78,6 +83,12 @@ def sample_command(workdir: str) -> None:
                                    cfg_scale=_CFG_SCALE.value)
   if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
     raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+  if _FID_NPZ.value:
+    fid_samples.write(config, tok, model, params, _FID_NPZ.value, _NUM.value, _FID_BATCH.value,
+                      spec, jax.random.key(_SEED.value))
+    if jax.process_index() == 0:
+      print(f'wrote {_FID_NPZ.value}: {_NUM.value} samples, classes spread uniformly')
+    return
   images = sampling.images_for_prompts(model, params, tok, [_PROMPT.value] * _NUM.value,
                                        config.data.prompt_len, spec, jax.random.key(_SEED.value))
   if config.model.vae:  # latent diffusion: decode to pixels

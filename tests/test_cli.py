@@ -90,3 +90,29 @@ def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):
                '--config.model.image_size=(256, 256)', '--config.model.image_channels=3')
   assert result.returncode != 0 and 'data.imagenet_manual_dir' in _error_line(result)
   assert not dst.exists()
+
+
+def test_fid_npz_is_the_same_on_one_and_four_devices(trained, tmp_path):
+  outputs = []
+  for devices in (1, 4):
+    out = tmp_path / f'fid{devices}.npz'
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    result = subprocess.run([sys.executable, '-m', 'monoformer_jax', 'sample', f'--workdir={trained}',
+                             f'--fid_npz={out}', '--num=13', '--fid_batch=8', '--steps=3'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(out) as f:
+      assert list(f.keys()) == ['arr_0']
+      outputs.append(f['arr_0'])
+    assert not list(tmp_path.glob('*.tmp'))
+  one, four = outputs
+  assert one.shape == (13, 8, 8, 3) and one.dtype == np.uint8
+  assert (one[..., 0] == one[..., 2]).all()  # grayscale digits as RGB
+  assert np.abs(one.astype(int) - four.astype(int)).max() <= 1
+  assert len(np.unique(one.reshape(13, -1), axis=0)) == 13
+
+
+def test_fid_batch_must_split_over_devices(trained, tmp_path):
+  result = cli('sample', f'--workdir={trained}', f'--fid_npz={tmp_path / "x.npz"}', '--num=4',
+               '--fid_batch=0')
+  assert result.returncode != 0 and '--fid_batch' in _error_line(result)
