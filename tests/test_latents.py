@@ -108,3 +108,26 @@ def test_bad_latent_directories(extracted, tmp_path):
   config.model.image_size, config.model.image_channels = (4, 4), 4
   with pytest.raises(UserError, match=r'latents of shape \[8, 8, 4\]; .* expect \[4, 4, 4\]'):
     latents.open_source(config)
+
+
+def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file):
+  _, _, _, out, _, _ = extracted
+  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  config = tiny_config()
+  config.data.image_source = 'latents'
+  config.data.latents_dir = out
+  config.data.prompt_len = 64
+  config.data.templates = imagenet.TEMPLATES
+  config.eval.prompt_template = imagenet.SAMPLING_TEMPLATE
+  config.model.image_size, config.model.image_channels = (8, 8), 4
+  config.data.image_batch_size = 4
+  it = input_pipeline.iterator(input_pipeline.image_dataset(config, tok))
+  for _ in range(3):  # into the second pass over the 10 records
+    next(it)
+  state = it.get_state()
+  expected = next(it)
+  restored = input_pipeline.iterator(input_pipeline.image_dataset(config, tok))
+  restored.set_state(state)
+  got = next(restored)
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key])
