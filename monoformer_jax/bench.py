@@ -30,7 +30,7 @@ def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.rand
   d, m = config.data, config.model
   if kind == StepKind.AR:
     tokens = rng.integers(0, m.vocab_size, (d.text_batch_size, d.text_seq_len), np.int32)
-    return dict(tokens=tokens, valid=np.ones(tokens.shape, bool))
+    return dict(tokens=tokens, valid=np.ones(tokens.shape, bool), loss_mask=np.ones(tokens.shape, bool))
   tokens = rng.integers(0, m.vocab_size, (d.image_batch_size, d.prompt_len), np.int32)
   image = rng.standard_normal((d.image_batch_size, *m.image_size, m.image_channels), np.float32)
   return dict(tokens=tokens, valid=np.ones(tokens.shape, bool), image=np.clip(image, -1, 1))

@@ -29,6 +29,13 @@ class ImageSource(enum.Enum):
   DIGITS = 'digits'  # scikit-learn's bundled 8x8 digits (the embedded default)
   IMAGENET = 'imagenet'  # TFDS imagenet2012, ADM center crop to data.image_resolution
   LATENTS = 'latents'  # SD-VAE latents of ImageNet from `extract_latents` (data.latents_dir)
+  T2I_JSONL = 't2i_jsonl'  # {"image", "prompt"} lines of data.t2i_files
+
+
+class TextSource(enum.Enum):
+  """Where `ar` steps get their text."""
+  CORPUS = 'corpus'  # data.text_file, or the English text bundled with CPython
+  CHAT_JSONL = 'chat_jsonl'  # {"messages": [...]} lines of data.chat_files; assistant turns learned
 
 
 class MaskType(enum.Enum):
@@ -77,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.text_file = ''  # '' = the English text bundled with CPython
   c.data.image_source = 'digits'
+  c.data.text_source = 'corpus'
+  c.data.chat_files = ''  # chat_jsonl: a glob of JSONL files
+  c.data.t2i_files = ''  # t2i_jsonl: a glob of JSONL files
+  c.data.skip_bad_records = False  # skip (and count) unusable JSONL lines and images
   c.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
   c.data.imagenet_manual_dir = ''  # the ILSVRC2012 tars, to prepare imagenet2012 once
   c.data.image_resolution = 256  # ImageNet pixels per side after the center crop
@@ -213,11 +224,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f'{", ".join(sorted(SIZES))}.')
   _enum(MaskType, config.model.image_mask, 'model.image_mask')
   source = _enum(ImageSource, config.data.image_source, 'data.image_source')
-  if source == ImageSource.IMAGENET:  # pixel space; latents come from `extract_latents`
+  _enum(TextSource, config.data.text_source, 'data.text_source')
+  if source in (ImageSource.IMAGENET, ImageSource.T2I_JSONL):  # pixel space
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
       raise UserError(f'config keys model.image_size {tuple(config.model.image_size)} and '
-                      f'model.image_channels {config.model.image_channels} do not match ImageNet '
+                      f'model.image_channels {config.model.image_channels} do not match the '
                       f'pixels {pixels} (data.image_resolution); pixel-space diffusion needs them equal.')
   if source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
     raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '

@@ -18,9 +18,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from monoformer_jax import imagenet, latents
+from monoformer_jax import imagenet, jsonl, latents
 from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.config_lib import ImageSource
+from monoformer_jax.config_lib import ImageSource, TextSource
 from monoformer_jax.errors import UserError
 
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
@@ -144,6 +144,8 @@ def image_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
     return host_batches(imagenet.examples(config, tok), config.data.image_batch_size)
   if source == ImageSource.LATENTS:
     return host_batches(latents.examples(config, tok), config.data.image_batch_size)
+  if source == ImageSource.T2I_JSONL:
+    return host_batches(jsonl.t2i_examples(config, tok), config.data.image_batch_size)
   images, labels = load_digits()
   train_idx, _ = split(len(images), config.data.heldout_fraction)
   table = [[tok.image_prompt(t.format(name=name), config.data.prompt_len)
@@ -167,10 +169,12 @@ def text_chunks(config, tok: tokenizer_lib.Tokenizer, heldout: bool) -> np.ndarr
 
 
 def text_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
-  """Infinite shuffled batches of {'tokens', 'valid'} training text for this host."""
+  """Infinite shuffled batches of {'tokens', 'valid', 'loss_mask'} training text for this host."""
+  if TextSource(config.data.text_source) == TextSource.CHAT_JSONL:
+    return host_batches(jsonl.chat_examples(config, tok), config.data.text_batch_size)
   chunks = text_chunks(config, tok, heldout=False)
   ds = grain.MapDataset.source(chunks).shuffle(seed=config.seed + 1).repeat()
-  ds = ds.map(lambda c: dict(tokens=c, valid=np.ones(c.shape, bool)))
+  ds = ds.map(lambda c: dict(tokens=c, valid=np.ones(c.shape, bool), loss_mask=np.ones(c.shape, bool)))
   return host_batches(ds, config.data.text_batch_size)
 
 

@@ -113,17 +113,19 @@ def _apply_gradients(state: TrainState, grads, tx, ema_decay: float) -> tuple[Tr
   return new_state, optax.tree.norm(grads)
 
 
-def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Array,
-                    chunk: int) -> tuple[jax.Array, jax.Array]:
+def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Array, chunk: int,
+                    loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Mean cross-entropy of predicting tokens [B, S] from their prefixes; and the count.
 
+  Only tokens where loss_mask [B, S] is set are predicted (default: every valid one).
   The logits are made `chunk` tokens at a time (0 = all at once); see cross_entropy.
   """
   hidden = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL,
                        return_hidden=True).hidden  # [B, S, D]
   # Position s predicts token s + 1; the last position predicts nothing (weight 0).
   labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-  weights = jnp.concatenate([valid[:, 1:] & valid[:, :-1], jnp.zeros_like(valid[:, :1])], axis=1)
+  learn = valid if loss_mask is None else valid & loss_mask
+  weights = jnp.concatenate([learn[:, 1:] & valid[:, :-1], jnp.zeros_like(valid[:, :1])], axis=1)
   weights = weights.reshape(-1).astype(jnp.float32)
   head_name = 'embed_tokens' if model.tie_embeddings else 'lm_head'
   head = lambda head_params, h: model.apply({'params': {head_name: head_params}}, h,  # noqa: E731
@@ -138,11 +140,12 @@ def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Arr
 
 def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
             tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
-  """One language-model step on batch {'tokens' [B, S], 'valid' [B, S]}."""
+  """One language-model step on batch {'tokens', 'valid', 'loss_mask'} (each [B, S])."""
   del key  # no randomness in the text step
 
   def loss_fn(params):
-    loss, _ = next_token_loss(model, params, batch['tokens'], batch['valid'], cfg.loss_chunk)
+    loss, _ = next_token_loss(model, params, batch['tokens'], batch['valid'], cfg.loss_chunk,
+                              batch['loss_mask'])
     return loss * cfg.lm_loss_weight, loss
 
   (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

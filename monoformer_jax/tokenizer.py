@@ -65,12 +65,16 @@ class Tokenizer:
       stop = stop[:stop.index(self.eos_id)]
     return self.sp.decode([i for i in stop if i != self.pad_id and i < self.num_pieces])
 
-  def image_prompt(self, prompt: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+  def image_prompt(self, prompt: str, length: int,
+                   truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`BOS prompt <im_start>` left-padded to `length`: ids [P] int32, valid [P] bool.
 
-    An empty prompt gives the unconditional `BOS <im_start>` used for guidance.
+    An empty prompt gives the unconditional `BOS <im_start>` used for guidance. A
+    prompt too long is an error, or with truncate keeps its first tokens.
     """
     ids = [self.bos_id] + (self.encode(prompt) if prompt else []) + [self.im_start_id]
+    if truncate and len(ids) > length:
+      ids = ids[:length - 1] + [self.im_start_id]
     if len(ids) > length:
       raise UserError(f'prompt {prompt!r} is {len(ids)} tokens with BOS and {IM_START}; '
                       f'expected at most data.prompt_len = {length}.')

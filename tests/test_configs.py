@@ -68,7 +68,8 @@ def test_real_config_steps_compile_at_full_size(path, platform, tmp_path):
   d, m = config.data, config.model
   batches = {
       steps.StepKind.AR: dict(tokens=((d.text_batch_size, d.text_seq_len), jnp.int32),
-                              valid=((d.text_batch_size, d.text_seq_len), bool)),
+                              valid=((d.text_batch_size, d.text_seq_len), bool),
+                              loss_mask=((d.text_batch_size, d.text_seq_len), bool)),
       steps.StepKind.DIFFUSION: dict(
           tokens=((d.image_batch_size, d.prompt_len), jnp.int32),
           valid=((d.image_batch_size, d.prompt_len), bool),

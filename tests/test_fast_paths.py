@@ -62,3 +62,14 @@ def test_layer_loop_and_remat_leave_loss_and_gradients_alone(loop, remat):
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_mask_keeps_only_marked_targets():
+  params = _params()
+  mask = jax.random.bernoulli(jax.random.key(4), 0.5, TOKENS.shape)
+  logits = MODEL.apply({'params': params}, TOKENS, VALID, mask_type=MaskType.CAUSAL).logits
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], TOKENS[:, 1:])
+  weights = (VALID[:, 1:] & VALID[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+  loss, count = steps.next_token_loss(MODEL, params, TOKENS, VALID, 7, mask)
+  assert count == weights.sum() > 0
+  np.testing.assert_allclose(loss, (ce * weights).sum() / weights.sum(), rtol=1e-6)

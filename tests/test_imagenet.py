@@ -88,7 +88,7 @@ def test_missing_manual_dir_is_named(tmp_path):
 def test_pixel_shape_must_match_resolution(tmp_path):
   config = imagenet_config(tmp_path)
   config.model.image_size = (8, 8)
-  with pytest.raises(UserError, match=r'do not match ImageNet pixels \(16, 16, 3\)'):
+  with pytest.raises(UserError, match=r'do not match the pixels \(16, 16, 3\)'):
     config_lib.validate(config)
   config = imagenet_config(tmp_path)
   config.train.eval_at_end = True
