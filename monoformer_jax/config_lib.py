@@ -32,6 +32,12 @@ class ImageSource(enum.Enum):
   T2I_JSONL = 't2i_jsonl'  # {"image", "prompt"} lines of data.t2i_files
 
 
+class LatentsSource(enum.Enum):
+  """What `extract_latents` encodes."""
+  IMAGENET = 'imagenet'  # TFDS imagenet2012 (labels)
+  T2I_JSONL = 't2i_jsonl'  # data.t2i_files (prompts)
+
+
 class TextSource(enum.Enum):
   """Where `ar` steps get their text."""
   CORPUS = 'corpus'  # data.text_file, or the English text bundled with CPython
@@ -93,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_resolution = 256  # ImageNet pixels per side after the center crop
   c.data.random_flip = True  # ImageNet: horizontal flips
   c.data.latents_dir = ''  # latents source: the output of `extract_latents`
+  c.data.latents_source = 'imagenet'  # what extract_latents encodes: 'imagenet' or 't2i_jsonl'
   c.data.latents_shard_size = 10000  # extract_latents: records per ArrayRecord shard
   c.data.latents_from_posterior = True  # sample z from N(mean, std^2); False: the mean
   c.data.tokenizer_vocab_size = 1024
@@ -225,6 +232,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _enum(MaskType, config.model.image_mask, 'model.image_mask')
   source = _enum(ImageSource, config.data.image_source, 'data.image_source')
   _enum(TextSource, config.data.text_source, 'data.text_source')
+  _enum(LatentsSource, config.data.latents_source, 'data.latents_source')
   if source in (ImageSource.IMAGENET, ImageSource.T2I_JSONL):  # pixel space
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:

@@ -2,10 +2,10 @@
 
 A latents directory holds ArrayRecord shards `latents-SSSSS-of-NNNNN.array_record`
 (one msgpack record per image: the posterior `mean` and `std` [h, w, Z] float32,
-unscaled, and the `label`) and `latents.json` (count, shapes, where they came
-from). Shard s is written by host s mod (number of hosts) under a temporary
-name and renamed when complete, so a rerun skips finished shards and redoes
-only the rest. Training draws z = (mean + std * noise) x LATENT_SCALE, a sample
+unscaled, and the `label` or the `prompt`) and `latents.json` (source records,
+shapes, origin; pictures skipped as unreadable have no record). Shard s is
+written by host s mod (number of hosts) under a temporary name and renamed when
+complete, so a rerun skips finished shards and redoes only the rest. Training draws z = (mean + std * noise) x LATENT_SCALE, a sample
 of the posterior, or the scaled mean when data.latents_from_posterior is False.
 Dimension letters: B batch, R resolution, h/w latent grid, Z latent channels.
 """
@@ -22,9 +22,11 @@ import ml_collections
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
+from PIL import Image
 
-from monoformer_jax import imagenet
+from monoformer_jax import imagenet, jsonl
 from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.config_lib import LatentsSource
 from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.vae import LATENT_SCALE, AutoencoderKL
@@ -49,10 +51,58 @@ def _encoder(vae_dir: str):
   return lambda images: jax.device_get(moments(params, jax.device_put(images, rows))), len(devices)
 
 
+class PictureFiles:
+  """Text-to-image JSONL records as a source of {'image' uint8 [H, W, 3], 'prompt'}; an
+  unreadable picture gives None when bad records may be skipped."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.records = jsonl.read(jsonl.files(config.data.t2i_files, 'data.t2i_files'), 't2i',
+                              config.data.skip_bad_records)
+    self.skip_bad = config.data.skip_bad_records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int):
+    record = self.records[index]
+    try:
+      with Image.open(record['image']) as image:
+        return dict(image=np.asarray(image.convert('RGB')), prompt=record['prompt'])
+    except (OSError, ValueError) as e:
+      if not self.skip_bad:
+        raise UserError(f'{record["where"]}: cannot read image {record["image"]} ({e}).') from None
+      return None
+
+
+def pictures(config: ml_collections.ConfigDict):
+  """What `extract_latents` encodes: data.latents_source's training images."""
+  if LatentsSource(config.data.latents_source) == LatentsSource.IMAGENET:
+    return imagenet.data_source(config)
+  return PictureFiles(config)
+
+
+def _write_shard(path: str, source, indices: range, encode, batch_size: int, resolution: int):
+  writer = ArrayRecordWriter(path, 'group_size:1')
+  for start in range(0, len(indices), batch_size):
+    chunk = [source[i] for i in indices[start:start + batch_size]]
+    chunk = [r for r in chunk if r is not None]  # unreadable pictures, when skipping is asked
+    if not chunk:
+      continue
+    images = np.stack([imagenet.center_crop(np.asarray(r['image']), resolution) for r in chunk])
+    images = images.astype(np.float32) / 127.5 - 1.0
+    padded = np.pad(images, [(0, batch_size - len(chunk)), (0, 0), (0, 0), (0, 0)])
+    mean, std = encode(padded)
+    for k, record in enumerate(chunk):
+      meta = (dict(prompt=record['prompt']) if 'prompt' in record
+              else dict(label=np.int32(record['label'])))
+      writer.write(flax.serialization.msgpack_serialize(dict(mean=mean[k], std=std[k], **meta)))
+  writer.close()
+
+
 def extract(config: ml_collections.ConfigDict, vae_dir: str, out_dir: str, source=None,
             batch_size: int = 64) -> dict:
-  """Encodes the image source's train split into out_dir; returns latents.json's content."""
-  source = imagenet.data_source(config) if source is None else source
+  """Encodes data.latents_source into out_dir; returns latents.json's content."""
+  source = pictures(config) if source is None else source
   resolution, per_shard = config.data.image_resolution, config.data.latents_shard_size
   count = len(source)
   num_shards = math.ceil(count / per_shard)
@@ -63,24 +113,19 @@ def extract(config: ml_collections.ConfigDict, vae_dir: str, out_dir: str, sourc
     path = shard_path(out_dir, shard, num_shards)
     if os.path.exists(path):
       continue  # finished by an earlier run
-    writer = ArrayRecordWriter(path + '.tmp', 'group_size:1')
     indices = range(shard * per_shard, min(count, (shard + 1) * per_shard))
-    for start in range(0, len(indices), batch_size):
-      chunk = [source[i] for i in indices[start:start + batch_size]]
-      images = np.stack([imagenet.center_crop(np.asarray(r['image']), resolution) for r in chunk])
-      images = images.astype(np.float32) / 127.5 - 1.0
-      padded = np.pad(images, [(0, batch_size - len(chunk)), (0, 0), (0, 0), (0, 0)])
-      mean, std = encode(padded)
-      for k, record in enumerate(chunk):
-        writer.write(flax.serialization.msgpack_serialize(
-            dict(mean=mean[k], std=std[k], label=np.int32(record['label']))))
-    writer.close()
+    try:
+      _write_shard(path + '.tmp', source, indices, encode, batch_size, resolution)
+    except BaseException:
+      if os.path.exists(path + '.tmp'):  # nothing half-written stays behind
+        os.remove(path + '.tmp')
+      raise
     os.replace(path + '.tmp', path)
   multihost_utils.sync_global_devices('latent shards written')
   latent = _read(shard_path(out_dir, 0, num_shards), 0)['mean'].shape
-  info = dict(count=count, num_shards=num_shards, records_per_shard=per_shard,
+  info = dict(source_records=count, num_shards=num_shards, records_per_shard=per_shard,
               resolution=resolution, latent_shape=list(latent), vae=os.path.abspath(vae_dir),
-              source=config.data.image_source)
+              source=config.data.latents_source)
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, INFO_FILE + '.tmp'), 'w') as f:
       json.dump(info, f, indent=1)
@@ -118,32 +163,41 @@ def open_source(config: ml_collections.ConfigDict) -> grain.sources.ArrayRecordD
 
 
 class PromptedLatent(grain.transforms.RandomMap):
-  """Record bytes -> {'tokens' [P], 'valid' [P], 'image' [h, w, Z] scaled latents, 'label'}."""
+  """Record bytes -> {'tokens' [P], 'valid' [P], 'image' [h, w, Z] scaled latents}.
 
-  def __init__(self, prompt_table, null_prompt, cfg_dropout: float, from_posterior: bool):
-    self.prompt_table, self.null_prompt = prompt_table, null_prompt
-    self.cfg_dropout, self.from_posterior = cfg_dropout, from_posterior
+  A labelled record takes a random template with its class name; a record with a
+  prompt takes a random template with the prompt (truncated to fit).
+  """
+
+  def __init__(self, prompt_table, tok, config: ml_collections.ConfigDict):
+    self.prompt_table, self.tok = prompt_table, tok
+    self.templates, self.prompt_len = config.data.templates, config.data.prompt_len
+    self.null_prompt = tok.image_prompt('', config.data.prompt_len)
+    self.cfg_dropout = config.data.cfg_dropout
+    self.from_posterior = config.data.latents_from_posterior
 
   def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
     item = _decode(record)
     z = item['mean']
     if self.from_posterior:
       z = z + item['std'] * rng.standard_normal(z.shape, np.float32)
-    label = int(item['label'])
+    k = rng.integers(len(self.templates))
     if rng.random() < self.cfg_dropout:
       tokens, valid = self.null_prompt
+    elif 'prompt' in item:
+      tokens, valid = self.tok.image_prompt(self.templates[k].format(name=item['prompt']),
+                                            self.prompt_len, truncate=True)
     else:
-      k = rng.integers(self.prompt_table[0].shape[1])
+      label = int(item['label'])
       tokens, valid = self.prompt_table[0][label, k], self.prompt_table[1][label, k]
-    return dict(tokens=tokens, valid=valid, image=(z * LATENT_SCALE).astype(np.float32),
-                label=np.int32(label))
+    return dict(tokens=tokens, valid=valid, image=(z * LATENT_SCALE).astype(np.float32))
 
 
 def examples(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
   """Infinite shuffled prompted latents (not yet batched)."""
-  transform = PromptedLatent(
-      imagenet.prompt_table(tok, config.data.templates, config.data.prompt_len),
-      tok.image_prompt('', config.data.prompt_len), config.data.cfg_dropout,
-      config.data.latents_from_posterior)
+  table = None
+  if LatentsSource(config.data.latents_source) == LatentsSource.IMAGENET:
+    table = imagenet.prompt_table(tok, config.data.templates, config.data.prompt_len)
+  transform = PromptedLatent(table, tok, config)
   ds = grain.MapDataset.source(open_source(config)).shuffle(seed=config.seed).repeat()
   return ds.random_map(transform, seed=config.seed)

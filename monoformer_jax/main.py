@@ -140,8 +140,8 @@ def extract_latents_command(config) -> None:
   config_lib.validate(config)
   info = latents.extract(config, _VAE.value, _DST.value)
   if jax.process_index() == 0:
-    print(f'wrote {info["count"]} latents of shape {info["latent_shape"]} in '
-          f'{info["num_shards"]} shards to {_DST.value}')
+    print(f'wrote the latents of {info["source_records"]} source records, shape '
+          f'{info["latent_shape"]}, in {info["num_shards"]} shards to {_DST.value}')
 
 
 def init_distributed() -> None:

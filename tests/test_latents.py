@@ -1,5 +1,6 @@
 """extract_latents on mock ImageNet records with a tiny VAE; the grain source that reads them."""
 
+import json
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
+from PIL import Image
 
 from conftest import tiny_config
 from monoformer_jax import imagenet, input_pipeline, latents
@@ -40,7 +42,7 @@ def extracted(tmp_path_factory):
 
 def test_shards_hold_the_posterior_of_each_cropped_image(extracted):
   reference, _, records, out, _, info = extracted
-  assert info['count'] == 10 and info['num_shards'] == 3 and info['latent_shape'] == [8, 8, 4]
+  assert info['source_records'] == 10 and info['num_shards'] == 3 and info['latent_shape'] == [8, 8, 4]
   assert sorted(os.listdir(out)) == ['latents-00000-of-00003.array_record',
                                      'latents-00001-of-00003.array_record',
                                      'latents-00002-of-00003.array_record', 'latents.json']
@@ -87,11 +89,14 @@ def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
 
   record = latents.open_source(config)[0]
   stored = latents._decode(record)  # pylint: disable=protected-access
-  table, null = imagenet.prompt_table(tok, imagenet.TEMPLATES, 64), tok.image_prompt('', 64)
-  mean_only = latents.PromptedLatent(table, null, 0.0, from_posterior=False)
+  table = imagenet.prompt_table(tok, imagenet.TEMPLATES, 64)
+  config.data.cfg_dropout = 0.0
+  config.data.latents_from_posterior = False
+  mean_only = latents.PromptedLatent(table, tok, config)
   np.testing.assert_array_equal(mean_only.random_map(record, np.random.default_rng(0))['image'],
                                 (stored['mean'] * LATENT_SCALE).astype(np.float32))
-  sampler = latents.PromptedLatent(table, null, 0.0, from_posterior=True)
+  config.data.latents_from_posterior = True
+  sampler = latents.PromptedLatent(table, tok, config)
   rng = np.random.default_rng(1)
   draws = np.stack([sampler.random_map(record, rng)['image'] for _ in range(2000)]) / LATENT_SCALE
   np.testing.assert_allclose(draws.mean(0), stored['mean'], atol=4 * stored['std'].max() / np.sqrt(2000))
@@ -131,3 +136,38 @@ def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file)
   got = next(restored)
   for key in expected:
     np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenizer_file):
+  _, _, _, _, vae, _ = extracted
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(tmp_path / f'{i}.png')
+    lines.append(json.dumps({'image': f'{i}.png', 'prompt': f'a red square {i}'}))
+  (tmp_path / '1.png').write_text('broken')
+  (tmp_path / 't2i.jsonl').write_text('\n'.join(lines) + '\n')
+  config = tiny_config()
+  config.data.latents_source = 't2i_jsonl'
+  config.data.t2i_files = str(tmp_path / 't2i.jsonl')
+  config.data.image_resolution = 16
+  with pytest.raises(UserError, match=r't2i.jsonl, line 2: cannot read image'):
+    latents.extract(config, vae, str(tmp_path / 'strict'))
+  assert not list((tmp_path / 'strict').iterdir())  # the partial shard was removed
+  config.data.skip_bad_records = True
+  info = latents.extract(config, vae, str(tmp_path / 'out'))
+  assert info['source_records'] == 3
+  config.data.image_source = 'latents'
+  config.data.latents_dir = str(tmp_path / 'out')
+  config.model.image_size, config.model.image_channels = (8, 8), 4
+  config.data.templates = ('Please generate an image of {name}',)
+  config.eval.prompt_template = config.data.templates[0]
+  config.data.cfg_dropout = 0.0
+  source = latents.open_source(config)
+  assert len(source) == 2  # the unreadable picture has no record
+  assert [latents._decode(source[i])['prompt'] for i in range(2)] == [  # pylint: disable=protected-access
+      'a red square 0', 'a red square 2']
+  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  out = latents.PromptedLatent(None, tok, config).random_map(source[1], np.random.default_rng(0))
+  np.testing.assert_array_equal(out['tokens'], tok.image_prompt(
+      'Please generate an image of a red square 2', config.data.prompt_len, truncate=True)[0])
