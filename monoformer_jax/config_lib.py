@@ -32,6 +32,9 @@ class ImageSource(enum.Enum):
   T2I_JSONL = 't2i_jsonl'  # {"image", "prompt"} lines of data.t2i_files
 
 
+PIXEL_SOURCES = (ImageSource.IMAGENET, ImageSource.T2I_JSONL)
+
+
 class LatentsSource(enum.Enum):
   """What `extract_latents` encodes."""
   IMAGENET = 'imagenet'  # TFDS imagenet2012 (labels)
@@ -233,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   source = _enum(ImageSource, config.data.image_source, 'data.image_source')
   _enum(TextSource, config.data.text_source, 'data.text_source')
   _enum(LatentsSource, config.data.latents_source, 'data.latents_source')
-  if source in (ImageSource.IMAGENET, ImageSource.T2I_JSONL):  # pixel space
+  if source in PIXEL_SOURCES and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
       raise UserError(f'config keys model.image_size {tuple(config.model.image_size)} and '

@@ -24,7 +24,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from monoformer_jax import imagenet, jsonl
+from monoformer_jax import imagenet, jsonl, sharding
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.config_lib import LatentsSource
 from monoformer_jax.convert import vae as convert_vae
@@ -36,6 +36,25 @@ INFO_FILE = 'latents.json'
 
 def shard_path(directory: str, shard: int, num_shards: int) -> str:
   return os.path.join(directory, f'latents-{shard:05d}-of-{num_shards:05d}.array_record')
+
+
+def on_the_fly_encoder(config: ml_collections.ConfigDict, layout):
+  """fn(pixels [B, R, R, 3] global array, key) -> scaled posterior samples [B, h, w, Z], on the
+  devices of the train mesh (the official on-the-fly path samples the posterior too)."""
+  model, params = convert_vae.load_vae(config.model.vae)
+  params = jax.device_put(params, sharding.replicated(layout))
+  r = config.data.image_resolution
+  shape = jax.eval_shape(lambda p, x: model.apply({'params': p}, x, method=AutoencoderKL.moments)[0],
+                         params, jax.ShapeDtypeStruct((1, r, r, 3), np.float32)).shape[1:]
+  expected = tuple(config.model.image_size) + (config.model.image_channels,)
+  if shape != expected:
+    raise UserError(f'the VAE in {config.model.vae} turns {r} x {r} pixels into latents of shape '
+                    f'{shape}; config keys model.image_size and model.image_channels expect '
+                    f'{expected}.')
+  rows, replicated = sharding.batch_sharding(layout), sharding.replicated(layout)
+  encode = jax.jit(lambda p, x, key: model.apply({'params': p}, x, key, method=AutoencoderKL.encode),
+                   in_shardings=(replicated, rows, replicated), out_shardings=rows)
+  return lambda pixels, key: encode(params, pixels, key)
 
 
 def _encoder(vae_dir: str):

@@ -14,7 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from monoformer_jax import checkpoint, config_lib, evaluate, input_pipeline, sampling, sharding
+from monoformer_jax import (checkpoint, config_lib, evaluate, input_pipeline, latents, sampling,
+                            sharding)
 from monoformer_jax import model as model_lib
 from monoformer_jax import steps
 from monoformer_jax.convert import pretrained
@@ -109,6 +110,10 @@ def restore_for_inference(workdir: str, use_ema: bool):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
   tok, model, tx, layout = setup(config, workdir)
+  encode = None  # pixels -> latents on the devices, when the images are pixels and a VAE is set
+  pixels = config_lib.ImageSource(config.data.image_source) in config_lib.PIXEL_SOURCES
+  if config.model.vae and pixels:
+    encode = latents.on_the_fly_encoder(config, layout)
   abstract, shardings = steps.abstract_state(model, tx, layout)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   iterators = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
@@ -141,7 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch.pop('label', None)
       batch = sharding.global_batch(batch, layout)
       input_wait += time.perf_counter() - wait_start
-      state, metrics = step_fns[kind](state, batch, jax.random.fold_in(seed_key, step))
+      step_key = jax.random.fold_in(seed_key, step)
+      if encode is not None and kind == StepKind.DIFFUSION:
+        batch['image'] = encode(batch['image'], jax.random.fold_in(step_key, 1))
+      state, metrics = step_fns[kind](state, batch, step_key)
       done = step + 1
       if done % t.log_every == 0 or done == t.num_steps:
         log.write(done, kind, metrics, input_wait)

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from PIL import Image
 
 from conftest import tiny_config
-from monoformer_jax import imagenet, input_pipeline, latents
+from monoformer_jax import imagenet, input_pipeline, latents, train
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.convert import commands
 from monoformer_jax.errors import UserError
@@ -171,3 +171,28 @@ def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenize
   out = latents.PromptedLatent(None, tok, config).random_map(source[1], np.random.default_rng(0))
   np.testing.assert_array_equal(out['tokens'], tok.image_prompt(
       'Please generate an image of a red square 2', config.data.prompt_len, truncate=True)[0])
+
+
+def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir):
+  _, _, _, _, vae, _ = extracted
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (18, 22, 3), np.uint8)).save(tmp_path / f'{i}.png')
+  (tmp_path / 't2i.jsonl').write_text(''.join(
+      json.dumps({'image': f'{i}.png', 'prompt': f'noise {i}'}) + '\n' for i in range(4)))
+  config = tiny_config(num_steps=2, ar_weight=0.0)
+  config.data.image_source = 't2i_jsonl'
+  config.data.t2i_files = str(tmp_path / 't2i.jsonl')
+  config.data.image_resolution = 16
+  config.data.templates = ('Please generate an image of {name}',)
+  config.eval.prompt_template = config.data.templates[0]
+  config.model.vae = vae
+  config.model.image_size, config.model.image_channels = (4, 4), 4
+  with pytest.raises(UserError, match=r'latents of shape \(8, 8, 4\); .* expect \(4, 4, 4\)'):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  config.model.image_size = (8, 8)
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['kind'] for r in rows] == ['diffusion', 'diffusion'] and np.isfinite(rows[-1]['loss'])

@@ -44,6 +44,8 @@ def test_loss_decreases(workdir, kind):
 def test_mixture_schedule_follows_weights():
   kinds = [steps.step_kind(3, s, 1.0, 3.0) for s in range(4000)]
   assert abs(kinds.count(StepKind.AR) / 4000 - 0.25) < 0.03
+  paper = [steps.step_kind(0, s, 1.0, 9.0) for s in range(20000)]  # JourneyDB : UltraChat
+  assert abs(paper.count(StepKind.DIFFUSION) / 20000 - 0.9) < 0.01
   assert kinds == [steps.step_kind(3, s, 1.0, 3.0) for s in range(4000)]
   assert kinds != [steps.step_kind(4, s, 1.0, 3.0) for s in range(4000)]
 
