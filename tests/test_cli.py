@@ -116,3 +116,20 @@ def test_fid_batch_must_split_over_devices(trained, tmp_path):
   result = cli('sample', f'--workdir={trained}', f'--fid_npz={tmp_path / "x.npz"}', '--num=4',
                '--fid_batch=0')
   assert result.returncode != 0 and '--fid_batch' in _error_line(result)
+
+
+def test_fid_npz_from_two_processes_matches_one(trained, tmp_path):
+  """launch/local_multiprocess.sh: 2 processes x 2 devices write the file one process writes."""
+  flags = ['sample', f'--workdir={trained}', '--num=10', '--fid_batch=8', '--steps=3']
+  env = dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2')
+  one = subprocess.run([sys.executable, '-m', 'monoformer_jax', *flags,
+                        f'--fid_npz={tmp_path / "one.npz"}'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=env)
+  assert one.returncode == 0, one.stderr[-2000:]
+  two = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', *flags,
+                        f'--fid_npz={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=env)
+  assert two.returncode == 0, two.stderr[-3000:]
+  with np.load(tmp_path / 'one.npz') as a, np.load(tmp_path / 'two.npz') as b:
+    assert a['arr_0'].shape == b['arr_0'].shape == (10, 8, 8, 3)
+    assert np.abs(a['arr_0'].astype(int) - b['arr_0'].astype(int)).max() <= 1

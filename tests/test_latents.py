@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,3 +198,31 @@ def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir
   with open(os.path.join(workdir, train.METRICS_FILE)) as f:
     rows = [json.loads(line) for line in f]
   assert [r['kind'] for r in rows] == ['diffusion', 'diffusion'] and np.isfinite(rows[-1]['loss'])
+
+
+def test_two_processes_write_the_shards_one_process_writes(extracted, tmp_path):
+  """launch/local_multiprocess.sh: shard s comes from process s mod 2; the records are the same."""
+  _, _, _, _, vae, _ = extracted
+  rng = np.random.default_rng(1)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / f'{i}.png')
+  (tmp_path / 't2i.jsonl').write_text(''.join(
+      json.dumps({'image': f'{i}.png', 'prompt': f'p{i}'}) + '\n' for i in range(5)))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = ['extract_latents', '--config=configs/digits.py', f'--vae={vae}',
+           '--config.data.latents_source=t2i_jsonl', f'--config.data.t2i_files={tmp_path / "t2i.jsonl"}',
+           '--config.data.image_resolution=16', '--config.data.latents_shard_size=2']
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=root)
+  runs = {'one': [sys.executable, '-m', 'monoformer_jax'],
+          'two': ['bash', os.path.join(root, 'launch', 'local_multiprocess.sh'), '2']}
+  for name, command in runs.items():
+    result = subprocess.run([*command, *flags, f'--dst={tmp_path / name}'], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+  for shard in range(3):
+    for row in range(2 if shard < 2 else 1):
+      a = latents._read(latents.shard_path(str(tmp_path / 'one'), shard, 3), row)  # pylint: disable=protected-access
+      b = latents._read(latents.shard_path(str(tmp_path / 'two'), shard, 3), row)  # pylint: disable=protected-access
+      assert a['prompt'] == b['prompt'] == f'p{2 * shard + row}'
+      np.testing.assert_allclose(a['mean'], b['mean'], atol=1e-5)
+  assert json.load(open(tmp_path / 'two' / 'latents.json'))['source_records'] == 5
