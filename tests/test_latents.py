@@ -140,18 +140,24 @@ def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file)
     np.testing.assert_array_equal(got[key], expected[key])
 
 
+def _picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> str:
+  """PNG files i.png of random pixels and a JSONL naming them with the prompts; its path."""
+  rng = np.random.default_rng(seed)
+  for i in range(len(prompts)):
+    Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(directory / f'{i}.png')
+  path = directory / 't2i.jsonl'
+  path.write_text(''.join(json.dumps({'image': f'{i}.png', 'prompt': p}) + '\n'
+                          for i, p in enumerate(prompts)))
+  return str(path)
+
+
 def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenizer_file):
   _, _, _, _, vae, _ = extracted
-  rng = np.random.default_rng(0)
-  lines = []
-  for i in range(3):
-    Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(tmp_path / f'{i}.png')
-    lines.append(json.dumps({'image': f'{i}.png', 'prompt': f'a red square {i}'}))
+  t2i_file = _picture_jsonl(tmp_path, [f'a red square {i}' for i in range(3)], (24, 20, 3))
   (tmp_path / '1.png').write_text('broken')
-  (tmp_path / 't2i.jsonl').write_text('\n'.join(lines) + '\n')
   config = tiny_config()
   config.data.latents_source = 't2i_jsonl'
-  config.data.t2i_files = str(tmp_path / 't2i.jsonl')
+  config.data.t2i_files = t2i_file
   config.data.image_resolution = 16
   with pytest.raises(UserError, match=r't2i.jsonl, line 2: cannot read image'):
     latents.extract(config, vae, str(tmp_path / 'strict'))
@@ -177,14 +183,10 @@ def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenize
 
 def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir):
   _, _, _, _, vae, _ = extracted
-  rng = np.random.default_rng(0)
-  for i in range(4):
-    Image.fromarray(rng.integers(0, 256, (18, 22, 3), np.uint8)).save(tmp_path / f'{i}.png')
-  (tmp_path / 't2i.jsonl').write_text(''.join(
-      json.dumps({'image': f'{i}.png', 'prompt': f'noise {i}'}) + '\n' for i in range(4)))
+  t2i_file = _picture_jsonl(tmp_path, [f'noise {i}' for i in range(4)], (18, 22, 3))
   config = tiny_config(num_steps=2, ar_weight=0.0)
   config.data.image_source = 't2i_jsonl'
-  config.data.t2i_files = str(tmp_path / 't2i.jsonl')
+  config.data.t2i_files = t2i_file
   config.data.image_resolution = 16
   config.data.templates = ('Please generate an image of {name}',)
   config.eval.prompt_template = config.data.templates[0]
@@ -203,14 +205,10 @@ def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir
 def test_two_processes_write_the_shards_one_process_writes(extracted, tmp_path):
   """launch/local_multiprocess.sh: shard s comes from process s mod 2; the records are the same."""
   _, _, _, _, vae, _ = extracted
-  rng = np.random.default_rng(1)
-  for i in range(5):
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / f'{i}.png')
-  (tmp_path / 't2i.jsonl').write_text(''.join(
-      json.dumps({'image': f'{i}.png', 'prompt': f'p{i}'}) + '\n' for i in range(5)))
+  t2i_file = _picture_jsonl(tmp_path, [f'p{i}' for i in range(5)], seed=1)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   flags = ['extract_latents', '--config=configs/digits.py', f'--vae={vae}',
-           '--config.data.latents_source=t2i_jsonl', f'--config.data.t2i_files={tmp_path / "t2i.jsonl"}',
+           '--config.data.latents_source=t2i_jsonl', f'--config.data.t2i_files={t2i_file}',
            '--config.data.image_resolution=16', '--config.data.latents_shard_size=2']
   env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=root)
   runs = {'one': [sys.executable, '-m', 'monoformer_jax'],
