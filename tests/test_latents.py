@@ -75,17 +75,23 @@ def test_rerun_redoes_only_missing_shards(extracted):
   np.testing.assert_array_equal(after['mean'], before['mean'])
 
 
-def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
-  _, _, records, out, _, _ = extracted
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+def latents_config(latents_dir: str):
+  """The tiny config training on the extracted ImageNet-labelled latents (8 x 8 x 4)."""
   config = tiny_config()
   config.data.image_source = 'latents'
-  config.data.latents_dir = out
+  config.data.latents_dir = latents_dir
   config.data.prompt_len = 64
   config.data.templates = imagenet.TEMPLATES
   config.eval.prompt_template = imagenet.SAMPLING_TEMPLATE
   config.model.image_size, config.model.image_channels = (8, 8), 4
   config.train.eval_at_end = False
+  return config
+
+
+def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
+  _, _, records, out, _, _ = extracted
+  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  config = latents_config(out)
   batch = next(iter(input_pipeline.image_dataset(config, tok)))
   assert batch['image'].shape == (8, 8, 8, 4) and batch['tokens'].shape == (8, 64)
 
@@ -120,13 +126,7 @@ def test_bad_latent_directories(extracted, tmp_path):
 def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file):
   _, _, _, out, _, _ = extracted
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
-  config = tiny_config()
-  config.data.image_source = 'latents'
-  config.data.latents_dir = out
-  config.data.prompt_len = 64
-  config.data.templates = imagenet.TEMPLATES
-  config.eval.prompt_template = imagenet.SAMPLING_TEMPLATE
-  config.model.image_size, config.model.image_channels = (8, 8), 4
+  config = latents_config(out)
   config.data.image_batch_size = 4
   it = input_pipeline.iterator(input_pipeline.image_dataset(config, tok))
   for _ in range(3):  # into the second pass over the 10 records
