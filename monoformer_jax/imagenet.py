@@ -69,43 +69,32 @@ def data_source(config: ml_collections.ConfigDict):
 class PromptedImageNet(grain.transforms.RandomMap):
   """TFDS record -> {'tokens' [P], 'valid' [P], 'image' [R, R, 3] float32, 'label'}."""
 
-  def __init__(self, prompt_table: tuple[np.ndarray, np.ndarray], null_prompt, cfg_dropout: float,
-               resolution: int, flip: bool):
-    self.prompt_table = prompt_table  # (tokens [1000, templates, P], valid [1000, templates, P])
-    self.null_prompt = null_prompt
-    self.cfg_dropout = cfg_dropout
-    self.resolution = resolution
-    self.flip = flip
+  def __init__(self, prompts: tokenizer_lib.PromptTable, cfg_dropout: float, resolution: int,
+               flip: bool):
+    self.prompts, self.cfg_dropout = prompts, cfg_dropout
+    self.resolution, self.flip = resolution, flip
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     label = int(record['label'])
     image = center_crop(np.asarray(record['image']), self.resolution)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
-    if rng.random() < self.cfg_dropout:
-      tokens, valid = self.null_prompt
-    else:
-      k = rng.integers(self.prompt_table[0].shape[1])
-      tokens, valid = self.prompt_table[0][label, k], self.prompt_table[1][label, k]
+    tokens, valid = self.prompts.pick(rng, label, self.cfg_dropout)
     pixels = image.astype(np.float32) / 127.5 - 1.0
     return dict(tokens=tokens, valid=valid, image=pixels, label=np.int32(label))
 
 
-def prompt_table(tok: tokenizer_lib.Tokenizer, templates, prompt_len: int):
-  """Every (class, template) prompt, tokenized once: ([1000, T, P] int32, [1000, T, P] bool)."""
-  rows = [[tok.image_prompt(t.format(name=name), prompt_len) for t in templates]
-          for name in class_names()]
-  return (np.stack([[p[0] for p in row] for row in rows]),
-          np.stack([[p[1] for p in row] for row in rows]))
+def prompt_table(tok: tokenizer_lib.Tokenizer, config: ml_collections.ConfigDict):
+  """Every (class, template) prompt of the config's templates and ImageNet's class names."""
+  return tokenizer_lib.PromptTable.build(tok, class_names(), config.data.templates,
+                                         config.data.prompt_len)
 
 
 def examples(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
              source=None) -> grain.MapDataset:
   """Infinite shuffled prompted examples (not yet batched); source defaults to data_source."""
   source = data_source(config) if source is None else source
-  transform = PromptedImageNet(prompt_table(tok, config.data.templates, config.data.prompt_len),
-                               tok.image_prompt('', config.data.prompt_len),
-                               config.data.cfg_dropout, config.data.image_resolution,
-                               config.data.random_flip)
+  transform = PromptedImageNet(prompt_table(tok, config), config.data.cfg_dropout,
+                               config.data.image_resolution, config.data.random_flip)
   ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
   return ds.random_map(transform, seed=config.seed)

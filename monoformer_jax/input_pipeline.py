@@ -105,19 +105,13 @@ def pack_text(docs: list[str], tok: tokenizer_lib.Tokenizer, length: int) -> np.
 class PromptedDigit(grain.transforms.RandomMap):
   """Index -> {'tokens', 'valid', 'image', 'label'} with a random template or no prompt."""
 
-  def __init__(self, images, labels, prompt_table, null_prompt, cfg_dropout):
+  def __init__(self, images, labels, prompts: tokenizer_lib.PromptTable, cfg_dropout: float):
     self.images, self.labels = images, labels
-    self.prompt_table = prompt_table  # (tokens [10, T, P], valid [10, T, P])
-    self.null_prompt = null_prompt
-    self.cfg_dropout = cfg_dropout
+    self.prompts, self.cfg_dropout = prompts, cfg_dropout
 
   def random_map(self, index, rng: np.random.Generator) -> dict[str, Any]:
     label = self.labels[index]
-    if rng.random() < self.cfg_dropout:
-      tokens, valid = self.null_prompt
-    else:
-      k = rng.integers(self.prompt_table[0].shape[1])
-      tokens, valid = self.prompt_table[0][label, k], self.prompt_table[1][label, k]
+    tokens, valid = self.prompts.pick(rng, label, self.cfg_dropout)
     return dict(tokens=tokens, valid=valid, image=self.images[index], label=label)
 
 
@@ -148,12 +142,9 @@ def image_dataset(config, tok: tokenizer_lib.Tokenizer) -> grain.MapDataset:
     return host_batches(jsonl.t2i_examples(config, tok), config.data.image_batch_size)
   images, labels = load_digits()
   train_idx, _ = split(len(images), config.data.heldout_fraction)
-  table = [[tok.image_prompt(t.format(name=name), config.data.prompt_len)
-            for t in config.data.templates] for name in DIGIT_NAMES]
-  prompt_table = (np.stack([[p[0] for p in row] for row in table]),
-                  np.stack([[p[1] for p in row] for row in table]))
-  transform = PromptedDigit(images[train_idx], labels[train_idx], prompt_table,
-                            tok.image_prompt('', config.data.prompt_len), config.data.cfg_dropout)
+  prompts = tokenizer_lib.PromptTable.build(tok, DIGIT_NAMES, config.data.templates,
+                                            config.data.prompt_len)
+  transform = PromptedDigit(images[train_idx], labels[train_idx], prompts, config.data.cfg_dropout)
   ds = grain.MapDataset.range(len(train_idx)).shuffle(seed=config.seed).repeat()
   ds = ds.random_map(transform, seed=config.seed)
   return host_batches(ds, config.data.image_batch_size)

@@ -119,6 +119,17 @@ def chat_examples(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenize
           .map(tokenize))
 
 
+def read_picture(record: dict, skip_bad: bool) -> np.ndarray | None:
+  """A text-to-image record's picture as uint8 [H, W, 3]; None if unreadable and skip_bad."""
+  try:
+    with Image.open(record['image']) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, ValueError) as e:
+    if not skip_bad:
+      raise UserError(f'{record["where"]}: cannot read image {record["image"]} ({e}).') from None
+    return None
+
+
 class PromptedPicture(grain.transforms.RandomMap):
   """Record index -> {'tokens' [P], 'valid' [P], 'image' [R, R, 3] float32 in [-1, 1]}."""
 
@@ -130,17 +141,15 @@ class PromptedPicture(grain.transforms.RandomMap):
     self.skip_bad, self.skipped = config.data.skip_bad_records, 0
 
   def _pixels(self, index: int) -> tuple[int, np.ndarray]:
+    """The first readable picture from index on (wrapping around), and its index."""
     for offset in range(len(self.records)):
-      record = self.records[(index + offset) % len(self.records)]
-      try:
-        with Image.open(record['image']) as image:
-          return (index + offset) % len(self.records), np.asarray(image.convert('RGB'))
-      except (OSError, ValueError) as e:
-        if not self.skip_bad:
-          raise UserError(f'{record["where"]}: cannot read image {record["image"]} ({e}).') from None
-        self.skipped += 1
-        logging.warning('%s: unreadable image %s skipped (%d so far)', record['where'],
-                        record['image'], self.skipped)
+      at = (index + offset) % len(self.records)
+      pixels = read_picture(self.records[at], self.skip_bad)
+      if pixels is not None:
+        return at, pixels
+      self.skipped += 1
+      logging.warning('%s: unreadable image %s skipped (%d so far)', self.records[at]['where'],
+                      self.records[at]['image'], self.skipped)
     raise UserError('no image of the text-to-image records can be read.')
 
   def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Dimension letters: B batch, R resolution, h/w latent grid, Z latent channels.
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import flax.serialization
 import grain
@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from monoformer_jax import imagenet, jsonl, sharding
 from monoformer_jax import tokenizer as tokenizer_lib
@@ -84,13 +83,8 @@ class PictureFiles:
 
   def __getitem__(self, index: int):
     record = self.records[index]
-    try:
-      with Image.open(record['image']) as image:
-        return dict(image=np.asarray(image.convert('RGB')), prompt=record['prompt'])
-    except (OSError, ValueError) as e:
-      if not self.skip_bad:
-        raise UserError(f'{record["where"]}: cannot read image {record["image"]} ({e}).') from None
-      return None
+    pixels = jsonl.read_picture(record, self.skip_bad)
+    return None if pixels is None else dict(image=pixels, prompt=record['prompt'])
 
 
 def pictures(config: ml_collections.ConfigDict):
@@ -184,12 +178,13 @@ def open_source(config: ml_collections.ConfigDict) -> grain.sources.ArrayRecordD
 class PromptedLatent(grain.transforms.RandomMap):
   """Record bytes -> {'tokens' [P], 'valid' [P], 'image' [h, w, Z] scaled latents}.
 
-  A labelled record takes a random template with its class name; a record with a
-  prompt takes a random template with the prompt (truncated to fit).
+  A labelled record takes a random template with its class name (from prompts); a
+  record with a prompt takes a random template with the prompt (truncated to fit).
   """
 
-  def __init__(self, prompt_table, tok, config: ml_collections.ConfigDict):
-    self.prompt_table, self.tok = prompt_table, tok
+  def __init__(self, prompts: Optional[tokenizer_lib.PromptTable], tok,
+               config: ml_collections.ConfigDict):
+    self.prompts, self.tok = prompts, tok
     self.templates, self.prompt_len = config.data.templates, config.data.prompt_len
     self.null_prompt = tok.image_prompt('', config.data.prompt_len)
     self.cfg_dropout = config.data.cfg_dropout
@@ -200,15 +195,14 @@ class PromptedLatent(grain.transforms.RandomMap):
     z = item['mean']
     if self.from_posterior:
       z = z + item['std'] * rng.standard_normal(z.shape, np.float32)
-    k = rng.integers(len(self.templates))
-    if rng.random() < self.cfg_dropout:
+    if 'prompt' not in item:
+      tokens, valid = self.prompts.pick(rng, int(item['label']), self.cfg_dropout)
+    elif rng.random() < self.cfg_dropout:
       tokens, valid = self.null_prompt
-    elif 'prompt' in item:
-      tokens, valid = self.tok.image_prompt(self.templates[k].format(name=item['prompt']),
-                                            self.prompt_len, truncate=True)
     else:
-      label = int(item['label'])
-      tokens, valid = self.prompt_table[0][label, k], self.prompt_table[1][label, k]
+      template = self.templates[rng.integers(len(self.templates))]
+      tokens, valid = self.tok.image_prompt(template.format(name=item['prompt']),
+                                            self.prompt_len, truncate=True)
     return dict(tokens=tokens, valid=valid, image=(z * LATENT_SCALE).astype(np.float32))
 
 
@@ -216,7 +210,7 @@ def examples(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) ->
   """Infinite shuffled prompted latents (not yet batched)."""
   table = None
   if LatentsSource(config.data.latents_source) == LatentsSource.IMAGENET:
-    table = imagenet.prompt_table(tok, config.data.templates, config.data.prompt_len)
+    table = imagenet.prompt_table(tok, config)
   transform = PromptedLatent(table, tok, config)
   ds = grain.MapDataset.source(open_source(config)).shuffle(seed=config.seed).repeat()
   return ds.random_map(transform, seed=config.seed)

@@ -6,6 +6,7 @@ such pieces, often no pad) gets them appended after its last piece, in the
 order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 """
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -115,3 +116,28 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
     os.replace(prefix + '.model', path)
   return Tokenizer(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTable:
+  """Every (class, template) image prompt tokenized once, and the null prompt.
+
+  tokens, valid: [classes, templates, P]; null: ([P], [P]).
+  """
+  tokens: np.ndarray
+  valid: np.ndarray
+  null: tuple[np.ndarray, np.ndarray]
+
+  @classmethod
+  def build(cls, tok: 'Tokenizer', names: Sequence[str], templates: Sequence[str],
+            length: int) -> 'PromptTable':
+    rows = [[tok.image_prompt(t.format(name=name), length) for t in templates] for name in names]
+    return cls(np.stack([[p[0] for p in row] for row in rows]),
+               np.stack([[p[1] for p in row] for row in rows]), tok.image_prompt('', length))
+
+  def pick(self, rng: np.random.Generator, label: int, dropout: float):
+    """The null prompt with probability dropout, else a random template for the label."""
+    if rng.random() < dropout:
+      return self.null
+    k = rng.integers(self.tokens.shape[1])
+    return self.tokens[label, k], self.valid[label, k]

@@ -56,9 +56,9 @@ def test_batches_prompts_and_dropout(tmp_path, tokenizer_file):
   assert batch['valid'].dtype == bool and batch['image'].shape == (8, 16, 16, 3)
   assert batch['image'].dtype == np.float32 and -1 <= batch['image'].min() < batch['image'].max() <= 1
 
-  table = imagenet.prompt_table(tok, imagenet.TEMPLATES, 64)
+  table = imagenet.prompt_table(tok, config)  # the official templates, 64 tokens
   null = tok.image_prompt('', 64)
-  transform = imagenet.PromptedImageNet(table, null, 0.1, 16, flip=True)
+  transform = imagenet.PromptedImageNet(table, 0.1, 16, flip=True)
   rng = np.random.default_rng(0)
   dropped, flipped = 0, 0
   for i in range(2000):
@@ -68,7 +68,7 @@ def test_batches_prompts_and_dropout(tmp_path, tokenizer_file):
     if (out['tokens'] == null[0]).all():
       dropped += 1
     else:  # one of the four official templates with this class's name
-      assert any((out['tokens'] == table[0][label, k]).all() for k in range(4)), i
+      assert any((out['tokens'] == table.tokens[label, k]).all() for k in range(4)), i
     assert out['label'] == label
     unflipped = imagenet.center_crop(np.asarray(record['image']), 16).astype(np.float32) / 127.5 - 1
     if not np.array_equal(out['image'], unflipped):

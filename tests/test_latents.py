@@ -97,7 +97,7 @@ def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
 
   record = latents.open_source(config)[0]
   stored = latents._decode(record)  # pylint: disable=protected-access
-  table = imagenet.prompt_table(tok, imagenet.TEMPLATES, 64)
+  table = imagenet.prompt_table(tok, config)
   config.data.cfg_dropout = 0.0
   config.data.latents_from_posterior = False
   mean_only = latents.PromptedLatent(table, tok, config)
