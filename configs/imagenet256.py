@@ -1,6 +1,6 @@
 r"""The paper's class-conditional ImageNet 256 run (FID 2.57): TinyLlama-1.1B, SD-VAE latents.
 
-The official run's settings (config_lib.paper_config): backbone from
+The official run's settings (common.paper_config): backbone from
 TinyLlama-1.1B-Chat, sd-vae-ft-mse latents 32 x 32 x 4, patch 2, lr 1e-4, global
 batch 256, grad clip 2.0, EMA 0.9999, 500k steps, bf16 compute; ImageNet alone, so
 every step is a diffusion step. `get_config(platform)`: 'v5p-32' or 'h100x8'.
@@ -24,13 +24,14 @@ Downloads are yours to do (nothing here reaches the network):
 configs/imagenet256.py:v5p-32.)
 """
 
-from monoformer_jax import config_lib, imagenet
+from configs import common
+from monoformer_jax.data import imagenet
 
-PLATFORMS = config_lib.PLATFORMS
+PLATFORMS = common.PLATFORMS
 
 
 def get_config(platform: str = 'h100x8'):
-  config = config_lib.paper_config(platform)
+  config = common.paper_config(platform)
   config.data.latents_source = 'imagenet'
   config.data.latents_dir = 'data/imagenet256-latents'
   config.data.templates = imagenet.TEMPLATES

@@ -1,6 +1,6 @@
 r"""The paper's text-to-image plus chat run: JourneyDB : UltraChat at 9 : 1, TinyLlama-1.1B.
 
-The official run's settings (config_lib.paper_config) with a mixed schedule: 9 of
+The official run's settings (common.paper_config) with a mixed schedule: 9 of
 10 steps are diffusion steps on JourneyDB pictures (SD-VAE latents, prompts as
 "Please generate an image of {prompt}", up to 128 prompt tokens), 1 of 10 is a
 language-model step on UltraChat conversations (512 tokens, the official
@@ -22,14 +22,14 @@ as data/ultrachat/*.jsonl lines {"messages": [{"role": ..., "content": ...}, ...
   python -m monoformer_jax generate --workdir=workdirs/t2i_chat --prompt="### Human: Hi ### Assistant:"
 """
 
-from monoformer_jax import config_lib
+from configs import common
 
-PLATFORMS = config_lib.PLATFORMS
+PLATFORMS = common.PLATFORMS
 TEMPLATE = 'Please generate an image of {name}'  # the official JourneyDB prompt (no period)
 
 
 def get_config(platform: str = 'h100x8'):
-  config = config_lib.paper_config(platform)
+  config = common.paper_config(platform)
   config.data.latents_source = 't2i_jsonl'
   config.data.t2i_files = 'data/journeydb/train.jsonl'
   config.data.latents_dir = 'data/journeydb256-latents'

@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from monoformer_jax import bench_torch, config_lib, sampling, sharding, steps
-from monoformer_jax import model as model_lib
+from monoformer_jax import bench_torch, files, sampling, settings, sharding, steps
+from monoformer_jax.diffusion import Sampler
+from monoformer_jax.model import MonoFormer
 from monoformer_jax.steps import StepKind
+
 
 def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.random.Generator) -> dict:
   """A batch of the config's shapes for one step kind."""
@@ -36,49 +38,44 @@ def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.rand
   return dict(tokens=tokens, valid=np.ones(tokens.shape, bool), image=np.clip(image, -1, 1))
 
 
-def sequence_length(config: ml_collections.ConfigDict, kind: StepKind) -> int:
+def sequence_length(config: ml_collections.ConfigDict, model: MonoFormer, kind: StepKind) -> int:
   """T: tokens per sequence (an image sequence is prompt, time token, patches, <im_end>)."""
   if kind == StepKind.AR:
     return config.data.text_seq_len
-  return config.data.prompt_len + 1 + num_patches(config) + 1
+  return model.image.sequence(config.data.prompt_len).length
 
 
-def num_patches(config: ml_collections.ConfigDict) -> int:
-  m = config.model
-  return (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
-
-
-def tokens_per_step(config: ml_collections.ConfigDict, kind: StepKind) -> int:
+def tokens_per_step(config: ml_collections.ConfigDict, model: MonoFormer, kind: StepKind) -> int:
   batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
-  return batch * sequence_length(config, kind)
+  return batch * sequence_length(config, model, kind)
 
 
-def forward_flops(config: ml_collections.ConfigDict, params, kind: StepKind, batch: int,
-                  q_len: int, kv_len: int) -> float:
+def forward_flops(model: MonoFormer, params, kind: StepKind, batch: int, q_len: int,
+                  kv_len: int) -> float:
   """Model FLOPs of one forward pass: 2 x matmul parameters x tokens + 4 L B T S D.
 
   q_len tokens are computed against kv_len keys (equal unless a cache holds a prefix);
-  an image pass has one image of num_patches patches per sequence.
+  an image pass has one image of N patches per sequence.
   """
-  size = config_lib.SIZES[config.model.size]
   decoder = sum(x.size for x in jax.tree.leaves(params['decoder']) if x.ndim >= 3)  # kernels [L, ...]
-  attention = 4 * size['depth'] * batch * q_len * kv_len * size['width']
+  attention = 4 * model.backbone.depth * batch * q_len * kv_len * model.backbone.width
   if kind == StepKind.AR:
-    head = params['embed_tokens' if config.model.tie_embeddings else 'lm_head']
+    head = params['embed_tokens' if model.tie_embeddings else 'lm_head']
     return 2.0 * (decoder + jax.tree.leaves(head)[0].size) * batch * q_len + attention
   kernels = lambda name: sum(x.size for x in jax.tree.leaves(params[name]) if x.ndim >= 2)  # noqa: E731
   per_patch = kernels('x_embedder') + params['final_layer']['linear']['kernel'].size
   per_image = (kernels('t_embedder') + kernels('t_projector')
                + params['final_layer']['adaLN_modulation']['kernel'].size)
-  return (2.0 * (decoder * batch * q_len + per_patch * batch * num_patches(config)
+  return (2.0 * (decoder * batch * q_len + per_patch * batch * model.image.num_patches
                  + per_image * batch) + attention)
 
 
-def step_flops(config: ml_collections.ConfigDict, params, kind: StepKind) -> float:
+def step_flops(config: ml_collections.ConfigDict, model: MonoFormer, params,
+               kind: StepKind) -> float:
   """Model FLOPs of one train step: the forward pass and a backward pass of twice its cost."""
   batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
-  length = sequence_length(config, kind)
-  return 3 * forward_flops(config, params, kind, batch, length, length)
+  length = sequence_length(config, model, kind)
+  return 3 * forward_flops(model, params, kind, batch, length, length)
 
 
 def median_seconds(fn, repeats: int, warmup: int) -> float:
@@ -158,9 +155,10 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
       runs['torch'] = torch_steps[kind.value]
     seconds = interleaved_medians(runs, repeats, warmup)
     state = holder[0]
-    flops = step_flops(config, state.params, kind)
+    flops = step_flops(config, model, state.params, kind)
     results[kind.value] = r = dict(
-        median_ms=1e3 * seconds['jax'], tokens_per_s=tokens_per_step(config, kind) / seconds['jax'],
+        median_ms=1e3 * seconds['jax'],
+        tokens_per_s=tokens_per_step(config, model, kind) / seconds['jax'],
         model_flops=flops, flops_per_s=flops / seconds['jax'], mfu=flops / seconds['jax'] / peak,
         xla_flops=_xla_flops(compiled), program_bytes=_program_bytes(compiled),
         compile_s=compile_s, runs=repeats)
@@ -170,13 +168,13 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   return results, state
 
 
-def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
-  """Images/s of DDPM with CFG: the compiled loop, without the prefix cache, and a Python loop
-  calling a jitted single denoising step (timed in turn, so drift hits all alike)."""
+def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: float,
+                  repeats: int) -> dict:
+  """Images/s of DDPM with CFG (scale 1.5 if spec has none): the compiled loop, without the
+  prefix cache, and a Python loop calling a jitted single denoising step (timed in turn, so
+  drift hits all alike)."""
   num = config.bench.sample_images
-  spec = sampling.spec_from_config(config, sampler='ddpm')
-  if spec.guidance.scale == 1.0:
-    spec = sampling.spec_from_config(config, sampler='ddpm', cfg_scale=1.5)
+  spec = spec.but(Sampler.DDPM, cfg_scale=1.5 if spec.guidance.scale == 1.0 else None)
   rng = np.random.default_rng(1)
   batch = random_batch(config, StepKind.DIFFUSION, rng)
   prompt = jnp.asarray(batch['tokens'][:1].repeat(num, 0))
@@ -209,10 +207,10 @@ def bench_sampler(config, model, params, peak: float, repeats: int) -> dict:
   for name, seconds in interleaved_medians(runs, repeats, 1).items():
     result[f'{name}_images_per_s'] = num / seconds
   # With the prefix cached, each step computes the image part against the whole sequence.
-  image_part = sequence_length(config, StepKind.DIFFUSION) - config.data.prompt_len
+  length = sequence_length(config, model, StepKind.DIFFUSION)
   sequences = num * (2 if spec.guidance.scale != 1.0 else 1)
-  flops = spec.steps * forward_flops(config, params, StepKind.DIFFUSION, sequences, image_part,
-                                     sequence_length(config, StepKind.DIFFUSION))
+  flops = spec.steps * forward_flops(model, params, StepKind.DIFFUSION, sequences,
+                                     length - config.data.prompt_len, length)
   result['model_flops_per_run'] = flops
   result['mfu'] = flops * result['compiled_images_per_s'] / num / peak
   result['speedup_vs_python_loop'] = (result['compiled_images_per_s']
@@ -264,8 +262,8 @@ def memory() -> dict:
 
 def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> dict:
   """The whole report as a dict (see `run`)."""
-  config_lib.validate(config)
-  model = model_lib.build(config.model)
+  typed = settings.validate(config)
+  model = typed.model
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)
@@ -283,8 +281,8 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
     report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
                                          peak['flops_per_s'], torch_steps)
     params = state.params
-    report['sampling'] = bench_sampler(config, model, params, peak['flops_per_s'],
-                                       config.bench.sample_repeats)
+    report['sampling'] = bench_sampler(config, model, typed.sampling, params,
+                                       peak['flops_per_s'], config.bench.sample_repeats)
     report['decode'] = bench_decode(config, model, params, config.bench.sample_repeats)
   report['memory'] = dict(memory(), includes_torch_models=compare_torch)
   return report
@@ -321,7 +319,5 @@ def run(config: ml_collections.ConfigDict, out_path: str, compare_torch: bool = 
   report = measure(config, compare_torch=compare_torch)
   print_table(report)
   if out_path:
-    with open(out_path + '.tmp', 'w') as f:
-      json.dump(report, f, indent=1)
-    os.replace(out_path + '.tmp', out_path)
+    files.write_text(out_path, json.dumps(report, indent=1))
   return report

@@ -10,7 +10,7 @@ an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
 import ml_collections
 import numpy as np
 
-from monoformer_jax.config_lib import SIZES
+from monoformer_jax.model import SIZES, ImageSequence
 from monoformer_jax.errors import UserError
 
 
@@ -34,8 +34,9 @@ def _llama_config(config: ml_collections.ConfigDict):
       attn_implementation='sdpa')
 
 
-def _image_model(config: ml_collections.ConfigDict):
-  """LlamaModel with the DiT-side layers: fn(prompt [B, P], patches [B, N, C*p*p], t_freq [B, 256])."""
+def _image_model(config: ml_collections.ConfigDict, layout: ImageSequence):
+  """LlamaModel with the DiT-side layers: fn(prompt [B, P], patches [B, N, C*p*p], t_freq [B, 256],
+  suffix [B, Q], mask) for sequences laid out as `layout`."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
@@ -61,21 +62,19 @@ def _image_model(config: ml_collections.ConfigDict):
       embeds = torch.cat([self.llama.embed_tokens(prompt), self.t_projector(t_emb)[:, None],
                           self.x_embedder(patches), self.llama.embed_tokens(suffix)], dim=1)
       hidden = self.llama(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-      start = prompt.shape[1] + 1
-      image = self.norm(hidden[:, start:start + patches.shape[1]])
+      image = self.norm(hidden[:, layout.image_start:layout.image_end])
       shift, scale = self.modulation(t_emb).chunk(2, dim=-1)
       return self.linear(image * (1 + scale[:, None]) + shift[:, None])
 
   return ImageModel()
 
 
-def _hybrid_mask(prompt_len: int, num_patches: int, suffix_len: int):
+def _hybrid_mask(layout: ImageSequence):
   """[1, 1, T, T] bool: causal, plus full attention among the image tokens."""
   import torch  # pylint: disable=g-import-not-at-top
-  total = prompt_len + 1 + num_patches + suffix_len
-  allowed = torch.ones(total, total).tril().bool()
-  start = prompt_len + 1
-  allowed[start:start + num_patches, start:start + num_patches] = True
+  allowed = torch.ones(layout.length, layout.length).tril().bool()
+  image = slice(layout.image_start, layout.image_end)
+  allowed[image, image] = True
   return allowed[None, None]
 
 
@@ -114,6 +113,7 @@ def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
                       lambda model: model(input_ids=ids, labels=ids).loss)
 
   grid = (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
+  layout = ImageSequence(d.prompt_len, grid)
   patch_dim = m.image_channels * m.patch_size**2
   b = d.image_batch_size
   prompt = torch.from_numpy(rng.integers(0, m.vocab_size, (b, d.prompt_len)))
@@ -121,13 +121,13 @@ def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
   patches = torch.randn(b, grid, patch_dim, dtype=dtype)
   noise = torch.randn(b, grid, patch_dim, dtype=dtype)
   t_freq = torch.randn(b, 256, dtype=dtype)
-  mask = _hybrid_mask(d.prompt_len, grid, 1).expand(b, 1, -1, -1)
+  mask = _hybrid_mask(layout).expand(b, 1, -1, -1)
 
   def image_loss(model):
     out = model(prompt, patches, t_freq, suffix, mask)
     return torch.nn.functional.mse_loss(out[..., :patch_dim], noise)
 
-  image_step = trainer(_image_model(config), image_loss)
+  image_step = trainer(_image_model(config, layout), image_loss)
   about = dict(torch=torch.__version__, transformers=transformers.__version__,
                threads=torch.get_num_threads())
   return dict(ar=text_step, diffusion=image_step), about

@@ -17,22 +17,6 @@ from monoformer_jax.errors import UserError
 ITEMS = ('state', 'data', 'config')
 
 
-def _as_config_value(value):
-  return tuple(_as_config_value(v) for v in value) if isinstance(value, list) else value
-
-
-def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Rebuilds a checkpoint's config on the current schema (JSON lists -> tuples)."""
-  config = config_lib.base_config()
-  for section, values in saved.items():
-    if isinstance(values, dict):
-      for key, value in values.items():
-        config[section][key] = _as_config_value(value)
-    else:
-      config[section] = values
-  return config
-
-
 class Checkpointer:
   """A CheckpointManager over WORKDIR/checkpoints."""
 
@@ -68,7 +52,7 @@ class Checkpointer:
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     saved = self._restore(step, 'config', config=ocp.args.JsonRestore())
-    return config_from_dict(saved['config'])
+    return config_lib.config_from_dict(saved['config'])
 
   def close(self) -> None:
     self.manager.wait_until_finished()

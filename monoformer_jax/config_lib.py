@@ -2,88 +2,16 @@
 
 Config files start from `base_config()` (a locked ConfigDict), so a typo in a
 file or in a `--config.x.y=` override fails at once instead of being ignored.
-`validate` turns the few string-valued choices into enums and checks ranges.
+The string-valued choices are parsed into their owners' enums by `choice`, once,
+in `settings.validate`.
 """
 
 import enum
-import os
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_collections
 
 from monoformer_jax.errors import UserError
-
-# Model sizes: (width D, depth L, heads H, kv heads K, mlp F).
-SIZES = {
-    'tiny': dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
-    'tiny-mha': dict(width=32, depth=2, num_heads=4, num_kv_heads=4, mlp_dim=64),
-    'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
-    'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
-    'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
-                           mlp_dim=5632),
-}
-
-
-class ImageSource(enum.Enum):
-  """Where diffusion steps get their images."""
-  DIGITS = 'digits'  # scikit-learn's bundled 8x8 digits (the embedded default)
-  IMAGENET = 'imagenet'  # TFDS imagenet2012, ADM center crop to data.image_resolution
-  LATENTS = 'latents'  # SD-VAE latents of ImageNet from `extract_latents` (data.latents_dir)
-  T2I_JSONL = 't2i_jsonl'  # {"image", "prompt"} lines of data.t2i_files
-
-
-PIXEL_SOURCES = (ImageSource.IMAGENET, ImageSource.T2I_JSONL)
-
-
-class LatentsSource(enum.Enum):
-  """What `extract_latents` encodes."""
-  IMAGENET = 'imagenet'  # TFDS imagenet2012 (labels)
-  T2I_JSONL = 't2i_jsonl'  # data.t2i_files (prompts)
-
-
-class TextSource(enum.Enum):
-  """Where `ar` steps get their text."""
-  CORPUS = 'corpus'  # data.text_file, or the English text bundled with CPython
-  CHAT_JSONL = 'chat_jsonl'  # {"messages": [...]} lines of data.chat_files; assistant turns learned
-
-
-class MaskType(enum.Enum):
-  """Attention pattern of a forward pass."""
-  CAUSAL = 'causal'
-  BIDIRECTIONAL = 'bidirectional'
-  HYBRID = 'hybrid'  # causal, plus full attention inside each image span
-
-
-class Remat(enum.Enum):
-  """What a scanned decoder block keeps for the backward pass."""
-  NONE = 'none'  # keep every activation
-  FULL = 'full'  # keep only the block inputs
-  DOTS = 'dots'  # keep matmul outputs without batch dims
-  DOTS_WITH_BATCH = 'dots_with_batch'  # keep every matmul output, attention scores included
-
-
-class LayerLoop(enum.Enum):
-  """How the L decoder blocks are compiled; the parameters are stacked either way."""
-  SCAN = 'scan'  # one block body in a loop: compile time and code size independent of L
-  UNROLLED = 'unrolled'  # L inlined copies: XLA may fuse and schedule across blocks
-
-
-class AttentionImpl(enum.Enum):
-  """How attention runs (jax.nn.dot_product_attention or the splash kernel)."""
-  XLA = 'xla'  # any backend, any mask
-  CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute (the XLA path on other backends)
-  SPLASH = 'splash'  # Pallas splash kernel on TPU for passes of 128k tokens without a cache
-
-
-class Sampler(enum.Enum):
-  DDPM = 'ddpm'
-  DDIM = 'ddim'
-
-
-class GuidanceChannels(enum.Enum):
-  ALL = 'all'  # guide every eps channel
-  FIRST_THREE = 'first_three'  # the official code's default, for parity
-
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key with a default; config files override what they need."""
@@ -204,7 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _enum(kind: type[enum.Enum], value: str, key: str) -> enum.Enum:
+EnumT = TypeVar('EnumT', bound=enum.Enum)
+
+
+def choice(kind: type[EnumT], value: str, key: str) -> EnumT:
+  """The member of `kind` named by config key `key`; an error naming the choices otherwise."""
   try:
     return kind(value)
   except ValueError:
@@ -212,111 +144,17 @@ def _enum(kind: type[enum.Enum], value: str, key: str) -> enum.Enum:
     raise UserError(f'config key {key} is {value!r}; expected one of {choices}.') from None
 
 
-def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
-  for key in keys:
-    value: Any = config
-    for part in key.split('.'):
-      value = value[part]
-    if not value > 0:
-      raise UserError(f'config key {key} is {value!r}; expected a positive number.')
+def _as_config_value(value):
+  return tuple(_as_config_value(v) for v in value) if isinstance(value, list) else value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError naming the first key that cannot work."""
-  if config.data.text_file and not os.path.isfile(config.data.text_file):
-    raise UserError(f'config key data.text_file names {config.data.text_file}, which does not exist.')
-  if config.model.init_from and not os.path.isdir(config.model.init_from):
-    raise UserError(f'config key model.init_from names {config.model.init_from}, which does not exist.')
-  if config.model.vae and not os.path.isdir(config.model.vae):
-    raise UserError(f'config key model.vae names {config.model.vae}, which does not exist.')
-  if config.model.size not in SIZES:
-    raise UserError(f'config key model.size is {config.model.size!r}; expected one of '
-                    f'{", ".join(sorted(SIZES))}.')
-  _enum(MaskType, config.model.image_mask, 'model.image_mask')
-  source = _enum(ImageSource, config.data.image_source, 'data.image_source')
-  _enum(TextSource, config.data.text_source, 'data.text_source')
-  _enum(LatentsSource, config.data.latents_source, 'data.latents_source')
-  if source in PIXEL_SOURCES and not config.model.vae:  # pixel-space diffusion
-    pixels = (config.data.image_resolution,) * 2 + (3,)
-    if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
-      raise UserError(f'config keys model.image_size {tuple(config.model.image_size)} and '
-                      f'model.image_channels {config.model.image_channels} do not match the '
-                      f'pixels {pixels} (data.image_resolution); pixel-space diffusion needs them equal.')
-  if source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
-    raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
-                    'directory; expected the output of `extract_latents`.')
-  if source != ImageSource.DIGITS and config.train.eval_at_end:
-    raise UserError('config key train.eval_at_end needs data.image_source \'digits\' (its '
-                    'classifier); set it to False and measure FID on `sample` files instead.')
-  _enum(Remat, config.model.remat, 'model.remat')
-  _enum(LayerLoop, config.model.layer_loop, 'model.layer_loop')
-  _enum(AttentionImpl, config.model.attention, 'model.attention')
-  if config.train.loss_chunk < 0:
-    raise UserError(f'config key train.loss_chunk is {config.train.loss_chunk}; expected 0 '
-                    '(no chunking) or a positive token count.')
-  _enum(Sampler, config.sample.sampler, 'sample.sampler')
-  _enum(GuidanceChannels, config.sample.guidance_channels, 'sample.guidance_channels')
-  _positive(config, 'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size',
-            'data.text_batch_size', 'model.vocab_size', 'model.patch_size',
-            'train.num_steps', 'train.log_every', 'train.checkpoint_every',
-            'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate',
-            'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
-            'bench.decode_tokens', 'data.image_resolution', 'data.latents_shard_size')
-  if config.data.tokenizer_vocab_size > config.model.vocab_size:
-    raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
-                    f'exceeds model.vocab_size ({config.model.vocab_size}).')
-  height, width = config.model.image_size
-  p = config.model.patch_size
-  if height % p or width % p:
-    raise UserError(f'config key model.image_size {tuple(config.model.image_size)} is not '
-                    f'divisible by model.patch_size {p}.')
-  if config.sample.steps > config.diffusion.num_timesteps:
-    raise UserError(f'config key sample.steps ({config.sample.steps}) exceeds '
-                    f'diffusion.num_timesteps ({config.diffusion.num_timesteps}).')
-  if min(config.train.ar_weight, config.train.diffusion_weight) < 0 or (
-      config.train.ar_weight + config.train.diffusion_weight <= 0):
-    raise UserError('config keys train.ar_weight and train.diffusion_weight must be '
-                    'non-negative with a positive sum.')
-  if not 0.0 <= config.train.ema_decay < 1.0:
-    raise UserError(f'config key train.ema_decay is {config.train.ema_decay}; expected [0, 1).')
-  for template in config.data.templates:
-    if '{name}' not in template:
-      raise UserError(f'config key data.templates has {template!r}; every template needs {{name}}.')
-  if config.eval.prompt_template not in config.data.templates:
-    raise UserError(f'config key eval.prompt_template {config.eval.prompt_template!r} is not one '
-                    'of data.templates.')
-
-
-# Mesh and kernels of the paper-scale configs. 1.1B parameters in fp32 with AdamW moments and
-# EMA are 1.1e9 x 16 bytes = 18 GB of state: fully sharded over every device (fsdp = all) with
-# the batch split over the same axis.
-PLATFORMS = {
-    'v5p-32': dict(fsdp=-1, data=1, attention='xla', remat='dots'),  # 16 TPU v5p chips
-    'h100x8': dict(fsdp=-1, data=1, attention='cudnn', remat='dots'),  # 8 NVIDIA H100s
-}
-
-
-def paper_config(platform: str) -> ml_collections.ConfigDict:
-  """The paper's shared settings: TinyLlama-1.1B backbone, SD-VAE latents 32 x 32 x 4,
-  patch 2, lr 1e-4, global batch 256, clip 2.0, EMA 0.9999, lm 0.01 / diffusion 1.0,
-  500k steps, bf16 compute; the platform's mesh. Config files add their data."""
-  if platform not in PLATFORMS:
-    raise ValueError(f'platform {platform!r}; expected one of {sorted(PLATFORMS)}')
-  preset = PLATFORMS[platform]
-  c = base_config()
-  m = c.model
-  m.size, m.vocab_size, m.norm_eps, m.rope_theta = 'tinyllama-1.1b', 32003, 1e-5, 10000.0
-  m.init_from, m.vae = 'checkpoints/tinyllama-1.1b-chat', 'checkpoints/sd-vae-ft-mse'
-  m.patch_size, m.image_size, m.image_channels, m.learn_sigma = 2, (32, 32), 4, True
-  m.dtype, m.param_dtype, m.layer_loop = 'bfloat16', 'float32', 'scan'
-  m.remat, m.attention = preset['remat'], preset['attention']
-  c.data.image_source, c.data.image_resolution = 'latents', 256
-  c.data.tokenizer_vocab_size = 32000  # TinyLlama's; <im_start>, <im_end>, padding appended
-  c.data.image_batch_size = c.data.text_batch_size = 256  # global
-  c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip = 1e-4, 0.0, 2.0
-  c.train.num_steps, c.train.ema_decay = 500_000, 0.9999
-  c.train.lm_loss_weight, c.train.diffusion_loss_weight = 0.01, 1.0
-  c.train.log_every, c.train.checkpoint_every, c.train.eval_at_end = 100, 50_000, False
-  c.sample.sampler, c.sample.steps = 'ddpm', 250
-  c.mesh.data, c.mesh.fsdp = preset['data'], preset['fsdp']
-  return c
+def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a saved config (a checkpoint's JSON) on the current schema (lists -> tuples)."""
+  config = base_config()
+  for section, values in saved.items():
+    if isinstance(values, dict):
+      for key, value in values.items():
+        config[section][key] = _as_config_value(value)
+    else:
+      config[section] = values
+  return config

@@ -16,16 +16,16 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import input_pipeline, sampling
+from monoformer_jax import files, sampling
+from monoformer_jax.data import corpus, digits
 from monoformer_jax.steps import next_token_loss
 
 
-def digit_classifier(heldout_fraction: float):
+def digit_classifier(data: ml_collections.ConfigDict):
   """An SVM fitted on the held-out real digits (pixel values 0..16)."""
   from sklearn import svm  # pylint: disable=g-import-not-at-top
-  images, labels = input_pipeline.load_digits()
-  _, held = input_pipeline.split(len(images), heldout_fraction)
-  return svm.SVC(gamma=0.001, C=10.0).fit(_features(images[held]), labels[held])
+  images, labels = digits.heldout(data)
+  return svm.SVC(gamma=0.001, C=10.0).fit(_features(images), labels)
 
 
 def _features(images: np.ndarray) -> np.ndarray:
@@ -33,16 +33,15 @@ def _features(images: np.ndarray) -> np.ndarray:
   return np.clip((np.asarray(images) + 1.0) * 8.0, 0.0, 16.0).reshape(len(images), -1)
 
 
-def prompt_accuracy(config: ml_collections.ConfigDict, model, params, tok, key: jax.Array,
-                    ) -> tuple[dict[str, float], np.ndarray]:
+def prompt_accuracy(setup, params, key: jax.Array) -> tuple[dict[str, float], np.ndarray]:
   """Fraction of samples classified as the prompted digit, per digit name and overall."""
+  config = setup.config
   n = config.eval.samples_per_class
-  names = input_pipeline.DIGIT_NAMES
+  names = digits.CLASS_NAMES
   prompts = [config.eval.prompt_template.format(name=name) for name in names for _ in range(n)]
-  spec = sampling.spec_from_config(config)
-  images = sampling.images_for_prompts(model, params, tok, prompts, config.data.prompt_len,
-                                       spec, key)
-  predicted = digit_classifier(config.data.heldout_fraction).predict(_features(images))
+  images = sampling.images_for_prompts(setup.model, params, setup.tok, prompts,
+                                       config.data.prompt_len, setup.settings.sampling, key)
+  predicted = digit_classifier(config.data).predict(_features(images))
   wanted = np.repeat(np.arange(len(names)), n)
   result = {f'accuracy/{name}': float(np.mean(predicted[wanted == i] == i))
             for i, name in enumerate(names)}
@@ -50,9 +49,10 @@ def prompt_accuracy(config: ml_collections.ConfigDict, model, params, tok, key: 
   return result, images
 
 
-def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> float:
+def text_perplexity(setup, params) -> float:
   """exp(mean next-token NLL) over held-out text chunks."""
-  chunks = input_pipeline.text_chunks(config, tok, heldout=True)
+  config, model = setup.config, setup.model
+  chunks = corpus.chunks(config.data, setup.tok, heldout=True)
   batch = config.data.text_batch_size
   chunks = chunks[:batch * config.eval.text_batches] if config.eval.text_batches > 0 else chunks
 
@@ -69,15 +69,13 @@ def text_perplexity(config: ml_collections.ConfigDict, model, params, tok) -> fl
   return math.exp(total / count)
 
 
-def evaluate(config, model, params, tok, workdir: str, step: int) -> tuple[dict, np.ndarray]:
-  """Both metrics, written to WORKDIR/eval.json; returns them and the sample images."""
-  key = jax.random.fold_in(jax.random.key(config.seed), 2**30)
-  metrics, images = prompt_accuracy(config, model, params, tok, key)
-  metrics['text/perplexity'] = text_perplexity(config, model, params, tok)
+def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
+  """Both metrics of a workdir.Setup's model, written to WORKDIR/eval.json; returns them and
+  the sample images."""
+  key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30)
+  metrics, images = prompt_accuracy(setup, params, key)
+  metrics['text/perplexity'] = text_perplexity(setup, params)
   metrics['step'] = step
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, 'eval.json.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, 'eval.json'))
+    files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))
   return metrics, images

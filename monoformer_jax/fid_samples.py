@@ -16,22 +16,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import imagenet, input_pipeline, sampling, sharding
-from monoformer_jax.config_lib import ImageSource
-from monoformer_jax.convert import vae as convert_vae
+from monoformer_jax import files, sampling, sharding, vae
+from monoformer_jax.data import pipeline
 from monoformer_jax.errors import UserError
 
 
-def class_names(config) -> list[str]:
-  if ImageSource(config.data.image_source) == ImageSource.DIGITS:
-    return list(input_pipeline.DIGIT_NAMES)
-  return imagenet.class_names()
-
-
-def write(config, tok, model, params, path: str, num: int, global_batch: int,
-          spec: sampling.ImageSampling, key: jax.Array) -> None:
-  """Samples num images and writes path (an .npz with arr_0 uint8 [num, H, W, 3])."""
-  layout = sharding.make_layout(config.mesh)
+def write(setup, params, path: str, num: int, global_batch: int, spec: sampling.ImageSampling,
+          key: jax.Array, vae_dir: str) -> None:
+  """Samples num images with a workdir.Setup's model and writes path (an .npz with arr_0
+  uint8 [num, H, W, 3]); latents are decoded by the VAE in vae_dir ('' for pixel models)."""
+  config, tok, model, layout = setup.config, setup.tok, setup.model, setup.layout
   devices = layout.mesh.size
   if global_batch < 1 or global_batch % devices or global_batch % jax.process_count():
     raise UserError(f'--fid_batch is {global_batch}; expected a positive multiple of the '
@@ -42,16 +36,12 @@ def write(config, tok, model, params, path: str, num: int, global_batch: int,
     raise UserError(f'--fid_npz is {path}; expected a .npz path.')
   if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
     raise UserError(f'output directory {os.path.dirname(os.path.abspath(path))} does not exist.')
-  names = class_names(config)
+  names = pipeline.class_names(setup.settings.image_source)
   table = [tok.image_prompt(config.eval.prompt_template.format(name=n), config.data.prompt_len)
            for n in names]
   null = tok.image_prompt('', config.data.prompt_len)
   sampler = sampling.make_image_sampler(model, spec)
-  decode = None
-  if config.model.vae:
-    vae_model, vae_params = convert_vae.load_vae(config.model.vae)
-    vae_params = jax.device_put(vae_params, sharding.replicated(layout))
-    decode = jax.jit(lambda z: vae_model.apply({'params': vae_params}, z, method=vae_model.decode))
+  decode = vae.pixel_decoder(vae_dir, layout) if vae_dir else None
 
   per_host = global_batch // jax.process_count()
   leader = jax.process_index() == 0
@@ -83,8 +73,8 @@ def write(config, tok, model, params, path: str, num: int, global_batch: int,
   if leader:
     out.flush()
     del out
-    with zipfile.ZipFile(path + '.tmp', 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
-      z.write(npy_path, 'arr_0.npy')
+    with files.atomic_file(path) as tmp:
+      with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
+        z.write(npy_path, 'arr_0.npy')
     os.remove(npy_path)
-    os.replace(path + '.tmp', path)
   multihost_utils.sync_global_devices('fid samples written')

@@ -18,9 +18,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import splash
-from monoformer_jax.config_lib import AttentionImpl, LayerLoop, MaskType, Remat
 
 Array = jax.Array
+
+
+class MaskType(enum.Enum):
+  """Attention pattern of a forward pass."""
+  CAUSAL = 'causal'
+  BIDIRECTIONAL = 'bidirectional'
+  HYBRID = 'hybrid'  # causal, plus full attention inside each image span
+
+
+class AttentionImpl(enum.Enum):
+  """How attention runs (jax.nn.dot_product_attention or the splash kernel)."""
+  XLA = 'xla'  # any backend, any mask
+  CUDNN = 'cudnn'  # NVIDIA GPUs, bf16/fp16 compute (the XLA path on other backends)
+  SPLASH = 'splash'  # Pallas splash kernel on TPU for passes of 128k tokens without a cache
+
+
+class Remat(enum.Enum):
+  """What a decoder block keeps for the backward pass."""
+  NONE = 'none'  # keep every activation
+  FULL = 'full'  # keep only the block inputs
+  DOTS = 'dots'  # keep matmul outputs without batch dims
+  DOTS_WITH_BATCH = 'dots_with_batch'  # keep every matmul output, attention scores included
+
+
+class LayerLoop(enum.Enum):
+  """How the L decoder blocks are compiled; the parameters are stacked either way."""
+  SCAN = 'scan'  # one block body in a loop: compile time and code size independent of L
+  UNROLLED = 'unrolled'  # L inlined copies: XLA may fuse and schedule across blocks
 
 
 class RopeKind(enum.Enum):

@@ -8,7 +8,7 @@ generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
 bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
          step speed, MFU, sampler and decoder throughput, memory
-convert  KIND --src=DIR --dst=DIR   weight conversion; kinds in convert/commands.py
+convert  KIND --src=DIR --dst=DIR   weight conversion (convert --help lists the kinds)
 extract_latents --config=configs/imagenet256.py --vae=DIR --dst=DIR   SD-VAE latent shards
 Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
@@ -22,9 +22,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import bench, config_lib, evaluate, fid_samples, latents, sampling, train
+from monoformer_jax import bench, extract_latents, fid_samples, files, sampling, settings, vae
+from monoformer_jax import evaluate as evaluate_lib
+from monoformer_jax import train
+from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands as convert_commands
-from monoformer_jax.convert import vae as convert_vae
+from monoformer_jax.diffusion import Sampler
 from monoformer_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train and bench).',
@@ -34,7 +37,8 @@ _PROMPT = flags.DEFINE_string('prompt', '', 'Text prompt for sample / generate.'
 _NUM = flags.DEFINE_integer('num', 16, 'Number of images to sample.')
 _OUT = flags.DEFINE_string('out', 'samples.png', 'PNG grid to write; FILE.npz is written beside.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config).')
-_SAMPLER = flags.DEFINE_enum('sampler', None, ['ddpm', 'ddim'], 'Sampler (default: the config).')
+_SAMPLER = flags.DEFINE_enum_class('sampler', None, Sampler, 'Sampler (default: the config).',
+                                   case_sensitive=False)
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the config).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
@@ -52,8 +56,9 @@ _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
 _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist); '
                            'extract_latents: the shard directory (reruns finish it).')
-_VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: convert official (for sampling), '
-                           'extract_latents (the encoder).')
+_VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: the decoder for sample (default: '
+                           'the config\'s model.vae), the encoder for extract_latents, the one '
+                           'convert official records.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process\'s index.')
@@ -63,38 +68,33 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by 
 COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents')
 
 
-def _write_atomic(path: str, write) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise UserError(f'output directory {directory} does not exist.')
-  tmp = path + '.tmp'
-  write(tmp)
-  os.replace(tmp, path)
-
-
 def sample_command(workdir: str) -> None:
   if _NUM.value < 1:
     raise UserError(f'--num is {_NUM.value}; expected at least 1.')
-  if not _OUT.value.endswith('.png'):
+  if not _FID_NPZ.value and not _OUT.value.endswith('.png'):
     raise UserError(f'--out is {_OUT.value}; expected a .png path.')
-  config, tok, model, params, _ = train.restore_for_inference(workdir, _EMA.value)
+  restored = workdir_lib.for_inference(workdir, _EMA.value)
+  setup, params = restored.setup, restored.params
+  config, tok = setup.config, setup.tok
   tok.image_prompt(_PROMPT.value, config.data.prompt_len)  # rejects long prompts before any work
-  spec = sampling.spec_from_config(config, sampler=_SAMPLER.value, steps=_STEPS.value,
-                                   cfg_scale=_CFG_SCALE.value)
+  spec = setup.settings.sampling.but(_SAMPLER.value, _STEPS.value, _CFG_SCALE.value)
   if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
     raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+  vae_dir = _VAE.value or config.model.vae
+  if vae_dir and not os.path.isdir(vae_dir):
+    raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
+                    'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
   if _FID_NPZ.value:
-    fid_samples.write(config, tok, model, params, _FID_NPZ.value, _NUM.value, _FID_BATCH.value,
-                      spec, jax.random.key(_SEED.value))
+    fid_samples.write(setup, params, _FID_NPZ.value, _NUM.value, _FID_BATCH.value, spec,
+                      jax.random.key(_SEED.value), vae_dir)
     if jax.process_index() == 0:
       print(f'wrote {_FID_NPZ.value}: {_NUM.value} samples, classes spread uniformly')
     return
-  images = sampling.images_for_prompts(model, params, tok, [_PROMPT.value] * _NUM.value,
+  decode = vae.pixel_decoder(vae_dir, setup.layout) if vae_dir else None  # latent diffusion
+  images = sampling.images_for_prompts(setup.model, params, tok, [_PROMPT.value] * _NUM.value,
                                        config.data.prompt_len, spec, jax.random.key(_SEED.value))
-  if config.model.vae:  # latent diffusion: decode to pixels
-    vae_model, vae_params = convert_vae.load_vae(config.model.vae)
-    images = jax.jit(lambda p, z: vae_model.apply({'params': p}, z, method=vae_model.decode))(
-        vae_params, images)
+  if decode is not None:
+    images = decode(images)
   images = sampling.to_uint8(images)
   grid = sampling.image_grid(images, columns=int(np.ceil(np.sqrt(len(images)))))
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -102,12 +102,10 @@ def sample_command(workdir: str) -> None:
   npz = _OUT.value[:-len('.png')] + '.npz'
   if jax.process_index() != 0:  # every host sampled the same images; one writes them
     return
-
-  def save_npz(tmp):
-    with open(tmp, 'wb') as f:
-      np.savez(f, images=images)
-  _write_atomic(npz, save_npz)
-  _write_atomic(_OUT.value, lambda tmp: picture.save(tmp, format='PNG'))
+  with files.atomic_file(npz) as tmp, open(tmp, 'wb') as f:
+    np.savez(f, images=images)
+  with files.atomic_file(_OUT.value) as tmp:
+    picture.save(tmp, format='PNG')
   print(f'wrote {_OUT.value} and {npz}: {len(images)} images of {images.shape[1:]}')
 
 
@@ -116,10 +114,13 @@ def generate_command(workdir: str) -> None:
     raise UserError(f'--max_tokens is {_MAX_TOKENS.value}; expected at least 1.')
   if not 0.0 < _TOP_P.value <= 1.0 or _TOP_K.value < 0 or _TEMPERATURE.value < 0:
     raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
-  config, tok, model, params, _ = train.restore_for_inference(workdir, _EMA.value)
-  tokens, valid = tok.text_prompt(_PROMPT.value, config.data.text_seq_len)
-  out = sampling.generate(model, params, tokens[None], valid[None], jax.random.key(_SEED.value),
-                          max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+  restored = workdir_lib.for_inference(workdir, _EMA.value)
+  setup = restored.setup
+  tok, model = setup.tok, setup.model
+  tokens, valid = tok.text_prompt(_PROMPT.value, setup.config.data.text_seq_len)
+  out = sampling.generate(model, restored.params, tokens[None], valid[None],
+                          jax.random.key(_SEED.value), max_tokens=_MAX_TOKENS.value,
+                          temperature=_TEMPERATURE.value,
                           top_k=min(_TOP_K.value, model.backbone.vocab_size), top_p=_TOP_P.value,
                           eos_id=tok.eos_id, pad_id=tok.pad_id)
   # Decode prompt and continuation together so the piece boundary keeps its space.
@@ -127,8 +128,8 @@ def generate_command(workdir: str) -> None:
 
 
 def evaluate_command(workdir: str) -> None:
-  config, tok, model, params, step = train.restore_for_inference(workdir, _EMA.value)
-  metrics, _ = evaluate.evaluate(config, model, params, tok, workdir, step)
+  restored = workdir_lib.for_inference(workdir, _EMA.value)
+  metrics, _ = evaluate_lib.evaluate(restored.setup, restored.params, workdir, restored.step)
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
 
 
@@ -137,8 +138,8 @@ def extract_latents_command(config) -> None:
     raise UserError(f'--vae is {_VAE.value!r}; expected a converted VAE directory (convert vae).')
   if not _DST.value:
     raise UserError('--dst is required: the directory for the latent shards.')
-  config_lib.validate(config)
-  info = latents.extract(config, _VAE.value, _DST.value)
+  latents_source = settings.validate(config).latents_source
+  info = extract_latents.extract(config.data, latents_source, _VAE.value, _DST.value)
   if jax.process_index() == 0:
     print(f'wrote the latents of {info["source_records"]} source records, shape '
           f'{info["latent_shape"]}, in {info["num_shards"]} shards to {_DST.value}')
@@ -193,7 +194,11 @@ def main(argv) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config errors (a key the config lacks, a bad value) as one sentence."""
+  """absl's parsing, with config errors (a key the config lacks, a bad value) as one sentence;
+  `convert --help` lists the conversion kinds."""
+  if argv[1:2] == ['convert'] and {'--help', '-h', '-?', '--helpshort'} & set(argv):
+    print(convert_commands.usage())
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error:

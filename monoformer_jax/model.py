@@ -11,6 +11,7 @@ Dimension letters as in layers.py, plus P prefix, N image tokens, C channels.
 """
 
 import dataclasses
+import enum
 import math
 from typing import Optional
 
@@ -20,10 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax import splash
-from monoformer_jax.config_lib import SIZES, AttentionImpl, LayerLoop, MaskType, Remat
-from monoformer_jax.layers import (Array, BackboneConfig, Decoder, KVCache, RMSNorm,
-                                   attention_mask, dense_init)
+from monoformer_jax import config_lib, splash
+from monoformer_jax.errors import UserError
+from monoformer_jax.layers import (Array, AttentionImpl, BackboneConfig, Decoder, KVCache, LayerLoop,
+                                   MaskType, Remat, RMSNorm, attention_mask, dense_init)
+
+# Named model sizes for config files: (width D, depth L, heads H, kv heads K, mlp F).
+SIZES = {
+    'tiny': dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
+    'tiny-mha': dict(width=32, depth=2, num_heads=4, num_kv_heads=4, mlp_dim=64),
+    'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
+    'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
+    'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
+                           mlp_dim=5632),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +58,34 @@ class ImageConfig:
   @property
   def out_channels(self) -> int:
     return 2 * self.channels if self.learn_sigma else self.channels
+
+  def sequence(self, prefix: int, suffix: int = 1) -> 'ImageSequence':
+    return ImageSequence(prefix, self.num_patches, suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSequence:
+  """Where everything sits in an image example of length T: P prefix tokens (left-padded,
+  ending with <im_start>), the time token, N image tokens, Q suffix tokens (<im_end>)."""
+  prefix: int
+  num_patches: int
+  suffix: int = 1
+
+  @property
+  def time_token(self) -> int:
+    return self.prefix
+
+  @property
+  def image_start(self) -> int:
+    return self.prefix + 1
+
+  @property
+  def image_end(self) -> int:
+    return self.image_start + self.num_patches
+
+  @property
+  def length(self) -> int:
+    return self.image_end + self.suffix
 
 
 # Biases of the DiT-side layers: zero, and replicated (small and read everywhere).
@@ -100,10 +139,15 @@ def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> 
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+class Activation(enum.Enum):
+  SILU = 'silu'
+  GELU = 'gelu'  # the exact erf form, as torch's nn.GELU()
+
+
 class Mlp2(nn.Module):
   """Dense -> activation -> Dense with biases (the DiT-side MLPs)."""
   width: int
-  activation: str  # 'silu' or 'gelu'
+  activation: Activation
   zero_init: bool
   dtype: jnp.dtype
   param_dtype: jnp.dtype
@@ -115,8 +159,7 @@ class Mlp2(nn.Module):
     dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                   kernel_init=init, bias_init=ZERO_BIAS, name=name)
     x = dense('fc1')(x)
-    # torch's nn.GELU() is the exact erf form.
-    x = nn.silu(x) if self.activation == 'silu' else nn.gelu(x, approximate=False)
+    x = nn.silu(x) if self.activation == Activation.SILU else nn.gelu(x, approximate=False)
     return dense('fc2')(x)
 
 
@@ -139,10 +182,12 @@ class ImageHead(nn.Module):
 
 
 class MonoFormer(nn.Module):
-  """One set of weights for text logits and image denoising."""
+  """One set of weights for text logits and image denoising; image_mask is the mask
+  its image passes are trained and sampled with."""
   backbone: BackboneConfig
   image: ImageConfig
   tie_embeddings: bool = False
+  image_mask: MaskType = MaskType.HYBRID
 
   def setup(self):
     cfg, img = self.backbone, self.image
@@ -157,8 +202,8 @@ class MonoFormer(nn.Module):
     zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('mlp', 'embed'))
     self.x_embedder = nn.Dense(cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                kernel_init=zeros, bias_init=ZERO_BIAS)
-    self.t_embedder = Mlp2(cfg.width, 'silu', False, cfg.dtype, cfg.param_dtype)
-    self.t_projector = Mlp2(cfg.width, 'gelu', True, cfg.dtype, cfg.param_dtype)
+    self.t_embedder = Mlp2(cfg.width, Activation.SILU, False, cfg.dtype, cfg.param_dtype)
+    self.t_projector = Mlp2(cfg.width, Activation.GELU, True, cfg.dtype, cfg.param_dtype)
     self.final_layer = ImageHead(img.patch_size**2 * img.out_channels, cfg.dtype,
                                  cfg.param_dtype)
 
@@ -205,10 +250,12 @@ class MonoFormer(nn.Module):
       kv_span = jax.lax.dynamic_update_slice(jnp.zeros(kv_valid.shape, jnp.int32), span, (0, index))
       kv = (cache.k, cache.v)
     length = valid.shape[1]
+    layout = img.sequence(tokens.shape[1], 0 if suffix is None else suffix.shape[1])
     if cfg.attention == AttentionImpl.SPLASH and splash.applies(length, cache is not None):
-      image_block = (tokens.shape[1] + 1, img.num_patches) if image is not None else (0, 0)
-      mask = splash.KernelMask(valid.astype(jnp.int32),
-                               splash.MaskPattern(mask_type, length, *image_block))
+      image_block = (layout.image_start, img.num_patches) if image is not None else (0, 0)
+      pattern = splash.MaskPattern(length, mask_type != MaskType.BIDIRECTIONAL,
+                                   *(image_block if mask_type == MaskType.HYBRID else (0, 0)))
+      mask = splash.KernelMask(valid.astype(jnp.int32), pattern)
     else:
       mask = attention_mask(mask_type, index + jnp.arange(length), kv_valid, span, kv_span)
 
@@ -217,8 +264,7 @@ class MonoFormer(nn.Module):
     x = self.norm(x)
 
     if image is not None:
-      start = tokens.shape[1] + 1
-      out = self.final_layer(x[:, start:start + img.num_patches], t_emb)
+      out = self.final_layer(x[:, layout.image_start:layout.image_end], t_emb)
       out = unpatchify(out, img.patch_size, img.height, img.width)
       return ModelOutput(image=out.astype(jnp.float32))
 
@@ -244,13 +290,19 @@ class MonoFormer(nn.Module):
 
 
 def build(model_config) -> MonoFormer:
-  """The module from the config's `model` section (sizes from config_lib.SIZES)."""
+  """The module from the config's `model` section: the one place its choices are parsed."""
   m = model_config
-  backbone = BackboneConfig(vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-                            dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                            remat=Remat(m.remat), layer_loop=LayerLoop(m.layer_loop),
-                            attention=AttentionImpl(m.attention), **SIZES[m.size])
+  if m.size not in SIZES:
+    raise UserError(f'config key model.size is {m.size!r}; expected one of '
+                    f'{", ".join(sorted(SIZES))}.')
+  backbone = BackboneConfig(
+      vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+      dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+      remat=config_lib.choice(Remat, m.remat, 'model.remat'),
+      layer_loop=config_lib.choice(LayerLoop, m.layer_loop, 'model.layer_loop'),
+      attention=config_lib.choice(AttentionImpl, m.attention, 'model.attention'), **SIZES[m.size])
   image = ImageConfig(patch_size=m.patch_size, height=m.image_size[0], width=m.image_size[1],
                       channels=m.image_channels, learn_sigma=m.learn_sigma,
                       use_pos_embed=m.use_pos_embed)
-  return MonoFormer(backbone, image, m.tie_embeddings)
+  return MonoFormer(backbone, image, m.tie_embeddings,
+                    config_lib.choice(MaskType, m.image_mask, 'model.image_mask'))

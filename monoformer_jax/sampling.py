@@ -12,22 +12,38 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion
-from monoformer_jax.config_lib import GuidanceChannels, MaskType, Sampler
-from monoformer_jax.layers import KVCache
+from monoformer_jax import config_lib, diffusion
+from monoformer_jax.diffusion import Guidance, GuidanceChannels, Sampler
+from monoformer_jax.layers import KVCache, MaskType
 from monoformer_jax.model import MonoFormer
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSampling:
+  """How images are sampled; the attention mask is the model's image_mask."""
   sampler: Sampler
   steps: int
-  guidance: diffusion.Guidance
+  guidance: Guidance
   num_timesteps: int = 1000
-  mask_type: MaskType = MaskType.HYBRID
   # The prompt never attends to the image (unless the mask is bidirectional), so
   # its keys and values are computed once instead of at every step.
   cache_prefix: bool = True
+
+  @classmethod
+  def from_config(cls, sample, num_timesteps: int) -> 'ImageSampling':
+    """The config's `sample` section: the one place its choices are parsed."""
+    return cls(config_lib.choice(Sampler, sample.sampler, 'sample.sampler'), sample.steps,
+               Guidance(sample.cfg_scale, config_lib.choice(
+                   GuidanceChannels, sample.guidance_channels, 'sample.guidance_channels')),
+               num_timesteps)
+
+  def but(self, sampler: Sampler | None = None, steps: int | None = None,
+          cfg_scale: float | None = None) -> 'ImageSampling':
+    """This spec with the given settings (command-line flags) replacing its own."""
+    guidance = self.guidance if cfg_scale is None else dataclasses.replace(self.guidance,
+                                                                           scale=cfg_scale)
+    return dataclasses.replace(self, sampler=self.sampler if sampler is None else sampler,
+                               steps=self.steps if steps is None else steps, guidance=guidance)
 
 
 def make_denoiser(model: MonoFormer, spec: ImageSampling):
@@ -40,7 +56,7 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
   schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
   step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
   guided = spec.guidance.scale != 1.0
-  use_cache = spec.cache_prefix and spec.mask_type != MaskType.BIDIRECTIONAL
+  use_cache = spec.cache_prefix and model.image_mask != MaskType.BIDIRECTIONAL
 
   def prepare(params, prompt, valid, null_prompt, null_valid, suffix):
     if guided:
@@ -48,7 +64,7 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
       suffix = jnp.concatenate([suffix, suffix])
     if not use_cache:
       return prompt, valid, suffix, None
-    length = prompt.shape[1] + 1 + model.image.num_patches + suffix.shape[1]
+    length = model.image.sequence(prompt.shape[1], suffix.shape[1]).length
     cache = KVCache.empty(model.backbone, prompt.shape[0], length)
     cache = model.apply({'params': params}, prompt, valid, mask_type=MaskType.CAUSAL,
                         cache=cache, return_hidden=True).cache
@@ -63,7 +79,7 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
       x_in, t_in = jnp.concatenate([x, x]), jnp.concatenate([model_t, model_t])
     else:
       x_in, t_in = x, model_t
-    out = model.apply({'params': params}, tokens, valid, mask_type=spec.mask_type, image=x_in,
+    out = model.apply({'params': params}, tokens, valid, mask_type=model.image_mask, image=x_in,
                       t=t_in, suffix=suffix, cache=cache).image
     if guided:
       out = spec.guidance.combine(out[:batch], out[batch:], model.image.channels)
@@ -152,18 +168,6 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
   init = (state[0], jnp.zeros((batch,), bool), state[1])
   _, tokens = jax.lax.scan(body, init, jnp.arange(max_tokens))
   return tokens.T
-
-
-def spec_from_config(config, **overrides) -> ImageSampling:
-  """The config's sampler settings, with any of sampler/steps/cfg_scale overridden."""
-  s = dict(sampler=config.sample.sampler, steps=config.sample.steps,
-           cfg_scale=config.sample.cfg_scale)
-  s.update({k: v for k, v in overrides.items() if v is not None})
-  channels = -1 if config.sample.guidance_channels == GuidanceChannels.ALL.value else 3
-  return ImageSampling(sampler=Sampler(s['sampler']), steps=int(s['steps']),
-                       guidance=diffusion.Guidance(float(s['cfg_scale']), channels),
-                       num_timesteps=config.diffusion.num_timesteps,
-                       mask_type=MaskType(config.model.image_mask))
 
 
 def images_for_prompts(model: MonoFormer, params, tok, prompts: list[str], prompt_len: int,

@@ -24,24 +24,23 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-from monoformer_jax.config_lib import MaskType
-
 BLOCK = 128  # the kernel's tile along T and S; sequence lengths must be multiples of it
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskPattern:
-  """The static part of a mask: its kind, length, and the image block (0, 0 if none)."""
-  mask_type: MaskType
+  """The static part of a mask: its length, whether it is causal, and the block
+  [image_start, image_start + image_len) of full attention inside a causal mask."""
   length: int
+  causal: bool = True
   image_start: int = 0
   image_len: int = 0
 
   def mask(self) -> mask_lib.Mask:
     shape = (self.length, self.length)
-    if self.mask_type == MaskType.BIDIRECTIONAL:
+    if not self.causal:
       return mask_lib.FullMask(shape)
-    if self.mask_type == MaskType.CAUSAL or self.image_len == 0:
+    if self.image_len == 0:
       return mask_lib.CausalMask(shape)
     allowed = np.tril(np.ones(shape, bool))
     end = self.image_start + self.image_len

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from monoformer_jax import cross_entropy, diffusion, sharding
-from monoformer_jax.config_lib import MaskType
+from monoformer_jax.layers import MaskType
 from monoformer_jax.model import MonoFormer
 
 
@@ -41,7 +41,6 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """What the step functions need from the config (hashable: static under jit)."""
-  image_mask: MaskType
   lm_loss_weight: float
   diffusion_loss_weight: float
   ema_decay: float
@@ -51,7 +50,7 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
-    return cls(MaskType(config.model.image_mask), config.train.lm_loss_weight,
+    return cls(config.train.lm_loss_weight,
                config.train.diffusion_loss_weight, config.train.ema_decay,
                config.diffusion.num_timesteps, im_end_id, config.train.loss_chunk)
 
@@ -166,7 +165,7 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: Mon
 
   def loss_fn(params):
     out = model.apply({'params': params}, batch['tokens'], batch['valid'],
-                      mask_type=cfg.image_mask, image=xt, t=t, suffix=suffix).image
+                      mask_type=model.image_mask, image=xt, t=t, suffix=suffix).image
     terms = jax.tree.map(jnp.mean, diffusion.training_loss(schedule, out, x0, xt, t, noise))
     return terms['loss'] * cfg.diffusion_loss_weight, terms
 

@@ -9,12 +9,16 @@ order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 import sentencepiece as spm
+from jax.experimental import multihost_utils
 
+from monoformer_jax import files
 from monoformer_jax.errors import UserError
 
 IM_START, IM_END = '<im_start>', '<im_end>'
@@ -28,6 +32,7 @@ class Tokenizer:
   def __init__(self, path: str):
     if not os.path.exists(path):
       raise UserError(f'tokenizer model {path} does not exist; train once to create it.')
+    self.path = path
     try:
       self.sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
@@ -116,6 +121,35 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
     os.replace(prefix + '.model', path)
   return Tokenizer(path)
+
+
+def for_workdir(workdir: str, init_from: str, vocab_size: int,
+                texts: Callable[[], list[str]]) -> Tokenizer:
+  """The workdir's tokenizer, made at first use: a copy of the pretrained LLM's when the
+  backbone comes from the converted directory init_from, else trained on texts()."""
+  path = os.path.join(workdir, MODEL_FILE)
+  if jax.process_count() > 1:  # process 0 makes it; the others wait, then read it
+    if jax.process_index() == 0 and not os.path.exists(path):
+      _make(path, init_from, vocab_size, texts)
+    multihost_utils.sync_global_devices('tokenizer written')
+    if not os.path.exists(path):
+      raise UserError(f'{path} is not visible from host {jax.process_index()}; the workdir must '
+                      'be shared by all hosts.')
+  if os.path.exists(path):
+    return Tokenizer(path)
+  return _make(path, init_from, vocab_size, texts)
+
+
+def _make(path: str, init_from: str, vocab_size: int, texts: Callable[[], list[str]]) -> Tokenizer:
+  if init_from:
+    source = os.path.join(init_from, MODEL_FILE)
+    if not os.path.exists(source):
+      raise UserError(f'{init_from} has no {MODEL_FILE}; copy the LLM\'s sentencepiece model '
+                      'there.')
+    with files.atomic_file(path) as tmp:
+      shutil.copy(source, tmp)
+    return Tokenizer(path)
+  return train(texts(), path, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

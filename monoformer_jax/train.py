@@ -8,18 +8,16 @@ at the end.
 
 import json
 import os
+import shutil
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from monoformer_jax import (checkpoint, config_lib, evaluate, input_pipeline, latents, sampling,
-                            sharding)
-from monoformer_jax import model as model_lib
-from monoformer_jax import steps
-from monoformer_jax.convert import pretrained
-from monoformer_jax.errors import UserError
+from monoformer_jax import checkpoint, evaluate, pretrained, sampling, sharding, steps, vae
+from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.data import common, pipeline
 from monoformer_jax.steps import StepKind
 
 METRICS_FILE = 'metrics.jsonl'
@@ -74,50 +72,40 @@ class MetricsLog:
     self.writer.close()
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
-  """Validated config -> (tokenizer, model, optimizer, layout)."""
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  tok = input_pipeline.get_tokenizer(config, workdir)
-  if tok.vocab_size > config.model.vocab_size:
-    raise UserError(f'the tokenizer in {workdir} has {tok.vocab_size} pieces; config key '
-                    f'model.vocab_size is only {config.model.vocab_size}.')
-  model = model_lib.build(config.model)
-  tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  return tok, model, tx, sharding.make_layout(config.mesh)
+def init_backbone(state, setup: workdir_lib.Setup, shardings):
+  """The fresh state with params, EMA and optimizer state started from the converted LLM
+  of model.init_from."""
+  model = setup.model
+  grafted = pretrained.graft_backbone(jax.device_get(state.params), setup.config.model.init_from,
+                                      model.backbone, model.tie_embeddings)
+  # Two transfers: params and EMA must not share buffers, since the steps donate both.
+  params = jax.device_put(grafted, shardings.params)
+  return state.replace(params=params, ema_params=jax.device_put(grafted, shardings.ema_params),
+                       opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params))
 
 
-def init_backbone(state, config, model, tx, shardings):
-  """The fresh state with params, EMA and optimizer state started from a converted LLM."""
-  params = pretrained.graft_backbone(jax.device_get(state.params), config.model.init_from,
-                                     model.backbone, model.tie_embeddings)
-  params = jax.device_put(params, shardings.params)
-  return state.replace(params=params, ema_params=params, opt_state=jax.jit(
-      tx.init, out_shardings=shardings.opt_state)(params))
-
-
-def restore_for_inference(workdir: str, use_ema: bool):
-  """(config, tokenizer, model, params, step) from the workdir's newest checkpoint."""
-  ckpt, step = checkpoint.open_existing(workdir)
-  config = ckpt.restore_config(step)
-  tok, model, tx, layout = setup(config, workdir)
-  abstract, _ = steps.abstract_state(model, tx, layout)
-  state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return config, tok, model, (state.ema_params if use_ema else state.params), step
+def _record_llm_source(init_from: str, workdir: str) -> None:
+  """Keeps the converted LLM's description in the workdir, for `convert export-llama`."""
+  if jax.process_index() == 0:
+    shutil.copy(os.path.join(init_from, pretrained.MODEL_JSON),
+                os.path.join(workdir, pretrained.SOURCE_JSON))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
-  tok, model, tx, layout = setup(config, workdir)
+  setup = workdir_lib.for_training(config, workdir)
+  settings, tok, model, tx, layout = setup.settings, setup.tok, setup.model, setup.tx, setup.layout
+  image_shape = (*config.model.image_size, config.model.image_channels)
   encode = None  # pixels -> latents on the devices, when the images are pixels and a VAE is set
-  pixels = config_lib.ImageSource(config.data.image_source) in config_lib.PIXEL_SOURCES
-  if config.model.vae and pixels:
-    encode = latents.on_the_fly_encoder(config, layout)
+  if config.model.vae and settings.image_source.pixels:
+    encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution, image_shape)
   abstract, shardings = steps.abstract_state(model, tx, layout)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  iterators = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
-               StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
+  datasets = {
+      StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
+      StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
+                                                 config.seed, image_shape)}
+  iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
   latest = ckpt.latest_step()
   start = latest or 0
   if latest is not None:
@@ -128,7 +116,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
     if config.model.init_from:
-      state = init_backbone(state, config, model, tx, shardings)
+      state = init_backbone(state, setup, shardings)
+      _record_llm_source(config.model.init_from, workdir)
 
   step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
                              layout, shardings)
@@ -162,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if t.eval_at_end:
     params = state.ema_params if config.sample.use_ema else state.params
     with sharding.activate(layout):
-      metrics, images = evaluate.evaluate(config, model, params, tok, workdir, t.num_steps)
+      metrics, images = evaluate.evaluate(setup, params, workdir, t.num_steps)
     log.write_eval(t.num_steps, metrics, images)
   log.close()
   return metrics

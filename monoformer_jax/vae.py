@@ -5,8 +5,10 @@ UpDecoderBlock2D blocks: ResNet blocks with GroupNorm and SiLU, a mid block with
 one single-head self-attention, stride-2 downsampling with (0, 1) padding,
 nearest-neighbour upsampling. Submodules are named after diffusers' state-dict
 paths ('down_blocks_0_resnets_1/conv1'), which keeps conversion mechanical.
-Images are in [-1, 1]; `LATENT_SCALE` is applied in encode/decode only.
-Dimension letters: B batch, H/W spatial, C channels, Z latent channels.
+Images are in [-1, 1]; `LATENT_SCALE` is applied in encode/decode only. A
+converted VAE directory (`convert vae`) holds params/ (Orbax) and vae.json.
+Dimension letters: B batch, H/W spatial, R resolution, C channels, h/w latent grid,
+Z latent channels.
 """
 
 import dataclasses
@@ -14,7 +16,12 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from monoformer_jax import pretrained, sharding
+from monoformer_jax.errors import UserError
+
+VAE_JSON = 'vae.json'
 LATENT_SCALE = 0.18215  # SD-VAE latents are multiplied by this before diffusion
 
 
@@ -142,3 +149,38 @@ class AutoencoderKL(nn.Module):
 
   def __call__(self, images):
     return self.decode(self.encode(images))
+
+
+def load_vae(path: str) -> tuple[AutoencoderKL, dict]:
+  """(module, params as host arrays) of a converted VAE directory."""
+  d, params = pretrained.read_converted(path, VAE_JSON, 'vae')
+  cfg = VAEConfig(**dict(d, block_out_channels=tuple(d['block_out_channels'])))
+  return AutoencoderKL(cfg), params
+
+
+def pixel_decoder(path: str, layout: sharding.Layout):
+  """Jitted fn(scaled latents [B, h, w, Z]) -> images [B, H, W, 3], the VAE replicated on
+  the layout's mesh (the batch keeps its sharding)."""
+  model, params = load_vae(path)
+  params = jax.device_put(params, sharding.replicated(layout))
+  return jax.jit(lambda z: model.apply({'params': params}, z, method=AutoencoderKL.decode))
+
+
+def pixel_encoder(path: str, layout: sharding.Layout, resolution: int,
+                  latent_shape: tuple[int, ...]):
+  """fn(pixels [B, R, R, 3] global array, key) -> scaled posterior samples [B, h, w, Z] on
+  the devices of the train mesh (the official on-the-fly path samples the posterior too).
+  The VAE must turn R x R pixels into latent_shape [h, w, Z], the model's image."""
+  model, params = load_vae(path)
+  params = jax.device_put(params, sharding.replicated(layout))
+  shape = jax.eval_shape(lambda p, x: model.apply({'params': p}, x, method=AutoencoderKL.moments)[0],
+                         params, jax.ShapeDtypeStruct((1, resolution, resolution, 3),
+                                                      np.float32)).shape[1:]
+  if shape != tuple(latent_shape):
+    raise UserError(f'the VAE in {path} turns {resolution} x {resolution} pixels into latents of '
+                    f'shape {shape}; config keys model.image_size and model.image_channels expect '
+                    f'{tuple(latent_shape)}.')
+  rows, replicated = sharding.batch_sharding(layout), sharding.replicated(layout)
+  encode = jax.jit(lambda p, x, key: model.apply({'params': p}, x, key, method=AutoencoderKL.encode),
+                   in_shardings=(replicated, rows, replicated), out_shardings=rows)
+  return lambda pixels, key: encode(params, pixels, key)

@@ -1,40 +1,37 @@
-"""Shared fixtures: a tiny config and a workdir with the default tokenizer trained once."""
+"""Shared fixtures (a workdir with the default tokenizer trained once) and the markers.
+
+`slow` marks tests of more than a few seconds and `multiprocess` those that start
+several processes; `pytest -m "not slow"` is the quick inner loop, `.ci/run` runs all.
+"""
 
 import os
 import shutil
 
 import pytest
 
-from monoformer_jax import config_lib, input_pipeline
+from helpers import tiny_config
+from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.data import pipeline
 
 
-def tiny_config(**train_overrides):
-  """The embedded default shrunk to seconds: tiny model, small batches."""
-  config = config_lib.base_config()
-  config.model.size = 'tiny'
-  config.data.image_batch_size = 8
-  config.data.text_batch_size = 4
-  config.data.text_seq_len = 32
-  config.data.prompt_len = 12
-  config.optim.learning_rate = 1e-3
-  config.train.num_steps = 6
-  config.train.log_every = 1
-  config.train.checkpoint_every = 3
-  config.train.eval_at_end = False
-  config.train.ema_decay = 0.9
-  config.sample.steps = 5
-  config.eval.samples_per_class = 1
-  config.eval.text_batches = 1
-  for key, value in train_overrides.items():
-    config.train[key] = value
-  return config
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes more than a few seconds (left out by -m "not slow")')
+  config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (and is slow)')
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker('multiprocess'):
+      item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope='session')
 def tokenizer_file(tmp_path_factory):
   """The default tokenizer, trained once per session."""
   workdir = tmp_path_factory.mktemp('tokenizer')
-  input_pipeline.get_tokenizer(tiny_config(), str(workdir))
+  config = tiny_config()
+  tokenizer_lib.for_workdir(str(workdir), '', config.data.tokenizer_vocab_size,
+                            lambda: pipeline.tokenizer_texts(config.data))
   return os.path.join(workdir, 'tokenizer.model')
 
 

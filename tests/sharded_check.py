@@ -13,10 +13,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_config  # pylint: disable=wrong-import-position
-from monoformer_jax import checkpoint, input_pipeline, sharding, steps  # pylint: disable=wrong-import-position
+from helpers import image_batches, signal_params, text_batches, tiny_config  # pylint: disable=wrong-import-position
+from monoformer_jax import checkpoint, sharding, steps  # pylint: disable=wrong-import-position
 from monoformer_jax import model as model_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.steps import StepKind  # pylint: disable=wrong-import-position
+from monoformer_jax.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
 
 MESHES = {
     'data8': dict(data=8, fsdp=1, tensor=1),
@@ -36,7 +37,7 @@ def make_config(mesh: dict):
 
 
 def run(config, workdir, devices, num_steps=3, state=None):
-  tok = input_pipeline.get_tokenizer(config, workdir)
+  tok = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh, devices)
@@ -45,8 +46,7 @@ def run(config, workdir, devices, num_steps=3, state=None):
     state = steps.init_state(model, tx, layout, jax.random.key(0))
   fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id), layout,
                         shardings)
-  iters = {StepKind.AR: input_pipeline.iterator(input_pipeline.text_dataset(config, tok)),
-           StepKind.DIFFUSION: input_pipeline.iterator(input_pipeline.image_dataset(config, tok))}
+  iters = {StepKind.AR: text_batches(config, tok), StepKind.DIFFUSION: image_batches(config, tok)}
   losses = []
   with sharding.activate(layout):
     for step in range(num_steps * 2):
@@ -100,18 +100,18 @@ def compare(workdir):
 def samplers_under_mesh(workdir):
   """The image sampler and KV-cached decoding with params sharded over fsdp 8 vs 1 device."""
   from monoformer_jax import diffusion, sampling  # pylint: disable=g-import-not-at-top
-  from monoformer_jax.config_lib import Sampler  # pylint: disable=g-import-not-at-top
   out = {}
   for name, devices, mesh in (('fsdp8', jax.devices(), MESHES['fsdp8']),
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
     config = make_config(mesh)
-    tok = input_pipeline.get_tokenizer(config, workdir)
+    tok = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
     model = model_lib.build(config.model)
     tx = steps.make_optimizer(config.optim, 1)
     layout = sharding.make_layout(config.mesh, devices)
-    params = steps.init_state(model, tx, layout, jax.random.key(0)).params
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape), params)
-    spec = sampling.ImageSampling(Sampler.DDPM, steps=3, guidance=diffusion.Guidance(2.0, -1))
+    _, shardings = steps.abstract_state(model, tx, layout)
+    params = jax.device_put(signal_params(model), shardings.params)
+    spec = sampling.ImageSampling(diffusion.Sampler.DDPM, steps=3,
+                                  guidance=diffusion.Guidance(2.0))
     with sharding.activate(layout):
       images = sampling.images_for_prompts(model, params, tok, ['a handwritten digit two'] * 8,
                                            config.data.prompt_len, spec, jax.random.key(4))

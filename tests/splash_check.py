@@ -8,15 +8,15 @@ import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monoformer_jax import sharding
-from monoformer_jax.config_lib import AttentionImpl, MaskType
-from monoformer_jax.layers import BackboneConfig
-from monoformer_jax.model import ImageConfig, MonoFormer
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import signal_params, tiny_config  # pylint: disable=wrong-import-position
+from monoformer_jax import sharding  # pylint: disable=wrong-import-position
+from monoformer_jax.layers import AttentionImpl, BackboneConfig, MaskType  # pylint: disable=wrong-import-position
+from monoformer_jax.model import ImageConfig, MonoFormer  # pylint: disable=wrong-import-position
 
 # 110 prompt tokens + time token + 16 patches + <im_end> = 128: one splash tile.
 XLA = MonoFormer(BackboneConfig(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2,
@@ -34,9 +34,7 @@ def main(devices: int) -> dict:
   image = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
   t = jnp.array([3, 300, 600, 999])
   suffix = jnp.full((4, 1), 2)
-  params = XLA.init(key, prompt[:, :4], valid[:, :4], image, t, method=XLA.init_all)['params']
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
-                        nn.unbox(params))
+  params = signal_params(XLA, noise=0.05)
 
   def losses(model, params):
     img = model.apply({'params': params}, prompt, valid, mask_type=MaskType.HYBRID, image=image,
@@ -45,7 +43,6 @@ def main(devices: int) -> dict:
     return (img**2).mean() + (logits**2 * text_valid[..., None]).mean(), (img, logits)
 
   config_mesh = dict(data=2, fsdp=1, tensor=2) if devices > 1 else dict(data=1, fsdp=1, tensor=1)
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   mesh_config = tiny_config().mesh
   mesh_config.update(config_mesh)
   layout = sharding.make_layout(mesh_config)
@@ -63,5 +60,4 @@ def main(devices: int) -> dict:
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(__file__))
   print(json.dumps(main(int(sys.argv[1]))))

@@ -2,27 +2,14 @@
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers import ROOT, cli, error_line, tiny_config
 from monoformer_jax import train
-from conftest import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.num_steps=2']
-
-
-def cli(*args):
-  return subprocess.run([sys.executable, '-m', 'monoformer_jax', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-
-
-def _error_line(result):
-  lines = [l for l in result.stderr.splitlines() if l.startswith(('error:', 'FATAL'))]
-  assert lines, result.stderr[-2000:]
-  return lines[-1]
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +28,7 @@ def test_bad_train_input_writes_nothing(tmp_path, override, named):
   workdir = tmp_path / 'w'
   result = cli('train', *TINY, override, f'--workdir={workdir}')
   assert result.returncode != 0
-  assert named in _error_line(result)
+  assert named in error_line(result)
   assert not workdir.exists()
 
 
@@ -49,18 +36,20 @@ def test_sample_without_checkpoint(tmp_path):
   out = tmp_path / 'x.png'
   result = cli('sample', f'--workdir={tmp_path}', '--prompt=a handwritten digit one', f'--out={out}')
   assert result.returncode != 0
-  assert 'no checkpoint' in _error_line(result)
+  assert 'no checkpoint' in error_line(result)
   assert not out.exists()
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_configured(trained, tmp_path):
   out = tmp_path / 'x.png'
   result = cli('sample', f'--workdir={trained}', '--prompt=' + 'seven ' * 40, f'--out={out}')
   assert result.returncode != 0
-  assert 'data.prompt_len' in _error_line(result)
+  assert 'data.prompt_len' in error_line(result)
   assert not out.exists() and not (tmp_path / 'x.npz').exists()
 
 
+@pytest.mark.slow
 def test_sample_generate_evaluate(trained, tmp_path):
   out = tmp_path / 'seven.png'
   result = cli('sample', f'--workdir={trained}', '--prompt=a handwritten digit seven', '--num=3',
@@ -82,24 +71,24 @@ def test_sample_generate_evaluate(trained, tmp_path):
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):
   dst = tmp_path / 'latents'
   result = cli('extract_latents', '--config=configs/digits.py', '--vae=/no/such/vae', f'--dst={dst}')
-  assert result.returncode != 0 and '--vae' in _error_line(result)
+  assert result.returncode != 0 and '--vae' in error_line(result)
   (tmp_path / 'vae').mkdir()
   result = cli('extract_latents', '--config=configs/digits.py', f'--vae={tmp_path / "vae"}',
                f'--dst={dst}', '--config.data.image_source=imagenet',
                f'--config.data.tfds_data_dir={tmp_path / "tfds"}', '--config.train.eval_at_end=false',
                '--config.model.image_size=(256, 256)', '--config.model.image_channels=3')
-  assert result.returncode != 0 and 'data.imagenet_manual_dir' in _error_line(result)
+  assert result.returncode != 0 and 'data.imagenet_manual_dir' in error_line(result)
   assert not dst.exists()
 
 
+@pytest.mark.slow
 def test_fid_npz_is_the_same_on_one_and_four_devices(trained, tmp_path):
   outputs = []
   for devices in (1, 4):
     out = tmp_path / f'fid{devices}.npz'
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-    result = subprocess.run([sys.executable, '-m', 'monoformer_jax', 'sample', f'--workdir={trained}',
-                             f'--fid_npz={out}', '--num=13', '--fid_batch=8', '--steps=3'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    result = cli('sample', f'--workdir={trained}', f'--fid_npz={out}', '--num=13', '--fid_batch=8',
+                 '--steps=3', env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(out) as f:
       assert list(f.keys()) == ['arr_0']
@@ -112,19 +101,19 @@ def test_fid_npz_is_the_same_on_one_and_four_devices(trained, tmp_path):
   assert len(np.unique(one.reshape(13, -1), axis=0)) == 13
 
 
+@pytest.mark.slow
 def test_fid_batch_must_split_over_devices(trained, tmp_path):
   result = cli('sample', f'--workdir={trained}', f'--fid_npz={tmp_path / "x.npz"}', '--num=4',
                '--fid_batch=0')
-  assert result.returncode != 0 and '--fid_batch' in _error_line(result)
+  assert result.returncode != 0 and '--fid_batch' in error_line(result)
 
 
+@pytest.mark.multiprocess
 def test_fid_npz_from_two_processes_matches_one(trained, tmp_path):
   """launch/local_multiprocess.sh: 2 processes x 2 devices write the file one process writes."""
   flags = ['sample', f'--workdir={trained}', '--num=10', '--fid_batch=8', '--steps=3']
   env = dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2')
-  one = subprocess.run([sys.executable, '-m', 'monoformer_jax', *flags,
-                        f'--fid_npz={tmp_path / "one.npz"}'], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=env)
+  one = cli(*flags, f'--fid_npz={tmp_path / "one.npz"}', env=env)
   assert one.returncode == 0, one.stderr[-2000:]
   two = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', *flags,
                         f'--fid_npz={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True,

@@ -8,13 +8,15 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from monoformer_jax import config_lib, sharding, steps
-from monoformer_jax import model as model_lib
+from helpers import ROOT, tiny_config
+from monoformer_jax import bench, config_lib, settings, sharding, steps
+from monoformer_jax.steps import StepKind
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.py')))
+# Every runnable config (common.py holds shared pieces, not a config).
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if os.path.basename(p) != 'common.py')
 
 
 def test_there_are_configs():
@@ -42,25 +44,24 @@ def test_config_loads(path, tmp_path):
   module = _load(path)
   config = _with_stand_in_paths(module.get_config(), tmp_path)
   assert config.is_locked
-  config_lib.validate(config)
+  typed = settings.validate(config)
+  settings.check_inputs(config, typed)
   assert 'python -m monoformer_jax' in open(path).read()
-  model = model_lib.build(config.model)
-  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  model = typed.model
   shapes = jax.eval_shape(lambda k: model.init(k, *steps.example_inputs(model),
                                                method=model.init_all), jax.random.key(0))
   assert shapes['params']['embed_tokens']['embedding'].value.shape[0] == config.model.vocab_size
-  del tx
 
 
 REAL = [(path, platform) for path in CONFIGS for platform in getattr(_load(path), 'PLATFORMS', {})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path, platform', REAL, ids=lambda x: os.path.basename(str(x)))
 def test_real_config_steps_compile_at_full_size(path, platform, tmp_path):
   """Each step kind the config trains lowers and compiles with abstract full-size inputs."""
   config = _with_stand_in_paths(_load(path).get_config(platform), tmp_path)
-  config_lib.validate(config)
-  model = model_lib.build(config.model)
+  model = settings.validate(config).model
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   abstract, shardings = steps.abstract_state(model, tx, layout)
@@ -97,9 +98,8 @@ def test_unknown_key_is_refused():
     config.train.num_stesp = 3
 
 
+@pytest.mark.slow
 def test_bench_report_has_every_field(tmp_path):
-  from monoformer_jax import bench  # pylint: disable=g-import-not-at-top
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.bench.repeats = 5
   config.bench.sample_images = 2
@@ -110,11 +110,8 @@ def test_bench_report_has_every_field(tmp_path):
   assert report['matmul_peak']['flops_per_s'] > 0
   assert set(report['steps']) == {'ar', 'diffusion'}
   for r in report['steps'].values():
-    assert r['runs'] == 5 and r['median_ms'] > 0 and r['compile_s'] > 0
-    assert r['flops_per_s'] == pytest.approx(r['model_flops'] / (r['median_ms'] / 1e3))
-    assert r['mfu'] == pytest.approx(r['flops_per_s'] / report['matmul_peak']['flops_per_s'])
-    assert r['torch_ms'] > 0 and r['speedup_vs_torch'] == pytest.approx(r['torch_ms'] / r['median_ms'])
-    assert r['xla_flops'] > 0 and r['program_bytes'] > 0
+    assert r['runs'] == 5 and r['median_ms'] > 0 and r['compile_s'] > 0 and 0 < r['mfu']
+    assert r['torch_ms'] > 0 and r['xla_flops'] > 0 and r['program_bytes'] > 0
   s = report['sampling']
   for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop'):
     assert s[f'{name}_images_per_s'] > 0
@@ -123,23 +120,39 @@ def test_bench_report_has_every_field(tmp_path):
   assert report['memory']['host_peak_bytes'] > 2**20
 
 
-def test_step_flops_closed_form():
-  """6 x matmul parameters x tokens + 12 L B T^2 D, counted by hand for the tiny shape."""
-  from monoformer_jax import bench, steps  # pylint: disable=g-import-not-at-top
-  from monoformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config()  # D 32, L 2, H 4, K 2 (E 8), F 64, V 1024, 8x8x1 images, patch 2
-  params = jax.eval_shape(lambda: model_lib.build(config.model).init(
-      jax.random.key(0), *steps.example_inputs(model_lib.build(config.model)),
-      method=model_lib.MonoFormer.init_all))['params']
-  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(params))
-  decoder = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64)
-  ar_tokens, ar_len = 4 * 32, 32
-  expected_ar = 6 * (decoder + 32 * 1024) * ar_tokens + 12 * 2 * 4 * ar_len**2 * 32
-  assert bench.step_flops(config, params, steps.StepKind.AR) == expected_ar
-  patches, img_len = 16, 12 + 1 + 16 + 1
-  per_patch = 4 * 32 + 32 * 8  # x_embedder, final linear (4 sigma+eps channels per patch)
-  per_image = (256 * 32 + 32 * 32) + 2 * 32 * 32 + 32 * 64  # t_embedder, t_projector, adaLN
-  expected_diffusion = (6 * (decoder * 8 * img_len + per_patch * 8 * patches + per_image * 8)
-                        + 12 * 2 * 8 * img_len**2 * 32)
-  assert bench.step_flops(config, params, steps.StepKind.DIFFUSION) == expected_diffusion
+@pytest.mark.parametrize('kind', list(StepKind))
+def test_model_flops_agree_with_xla_cost_analysis(kind):
+  """bench's analytic forward FLOPs against XLA's own count of the compiled forward pass.
+
+  XLA also counts norms, softmax, RoPE and activations, which the analytic count leaves
+  out; at width 256 those are a few percent, while a missing or doubled term (attention
+  is a fifth of these FLOPs, the LM head a tenth) would be off by far more.
+  """
+  config = tiny_config()
+  config.model.size, config.model.vocab_size = 'bench', 2048
+  config.model.layer_loop = 'unrolled'  # XLA counts a loop body once, not once per layer
+  config.data.text_seq_len = 512  # long enough that attention is a fifth of the FLOPs
+  config.model.image_size, config.model.image_channels = (32, 32), 4  # 256 patches
+  model = settings.validate(config).model
+  params = nn.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), *steps.example_inputs(model), method=model.init_all))['params'])
+  length = bench.sequence_length(config, model, kind)
+  if kind == StepKind.AR:
+    batch = 4
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    forward = lambda p, x: model.apply({'params': p}, x, jnp.ones(x.shape, bool),  # noqa: E731
+                                       mask_type=model.image_mask).logits
+    args = (params, tokens)
+  else:
+    batch, prompt = 4, config.data.prompt_len
+    image = jax.ShapeDtypeStruct((batch, *config.model.image_size, config.model.image_channels),
+                                 jnp.float32)
+    forward = lambda p, x: model.apply(  # noqa: E731
+        {'params': p}, jnp.ones((batch, prompt), jnp.int32), jnp.ones((batch, prompt), bool),
+        mask_type=model.image_mask, image=x, t=jnp.full((batch,), 10),
+        suffix=jnp.ones((batch, 1), jnp.int32)).image
+    args = (params, image)
+  costs = jax.jit(forward).lower(*args).compile().cost_analysis()
+  costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+  analytic = bench.forward_flops(model, params, kind, batch, length, length)
+  assert analytic == pytest.approx(float(costs['flops']), rel=0.03)

@@ -10,13 +10,16 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from monoformer_jax import config_lib, steps, train
-from monoformer_jax.convert import commands, pretrained, safetensors_io
+from helpers import tiny_config
+from monoformer_jax import steps, train
+from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.convert import commands, safetensors_io
 from monoformer_jax.errors import UserError
+from monoformer_jax.layers import MaskType
+from monoformer_jax.model import SIZES
 from monoformer_jax.tokenizer import Tokenizer
-from conftest import tiny_config
 
-TINY = config_lib.SIZES['tiny']
+TINY = SIZES['tiny']
 VOCAB = 300
 
 
@@ -57,6 +60,10 @@ def test_round_trip_is_identical(tmp_path, dtype):
     np.testing.assert_array_equal(a[name].view(np.uint8), b[name].view(np.uint8))
   _, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
+  # Every key of the source's config.json survives, max_position_embeddings (256) included.
+  source = json.loads((src / 'config.json').read_text())
+  exported = json.loads((out / 'config.json').read_text())
+  assert {k: exported.get(k) for k in source} == source
 
 
 def test_init_from_converted_llm(llm_dir, tmp_path):
@@ -67,12 +74,13 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   config.model.vocab_size = VOCAB + 5  # the three specials and two rows of padding
   config.data.tokenizer_vocab_size = VOCAB
   workdir = str(tmp_path / 'work')
-  tok, model, tx, mesh = train.setup(config, workdir)
+  setup = workdir_lib.for_training(config, workdir)
+  tok, model, tx, mesh = setup.tok, setup.model, setup.tx, setup.layout
   assert (tok.im_start_id, tok.im_end_id, tok.pad_id, tok.vocab_size) == (VOCAB, VOCAB + 1,
                                                                          VOCAB + 2, VOCAB + 3)
   _, shardings = steps.abstract_state(model, tx, mesh)
   fresh = steps.init_state(model, tx, mesh, jax.random.key(0))
-  state = train.init_backbone(fresh, config, model, tx, shardings)
+  state = train.init_backbone(fresh, setup, shardings)
 
   hf = hf_model()
   embed = hf.model.embed_tokens.weight.detach().numpy()
@@ -91,17 +99,17 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   with torch.no_grad():
     want = hf(torch.tensor(tokens)).logits.numpy()
   logits = model.apply({'params': state.params}, tokens, np.ones(tokens.shape, bool),
-                       mask_type=config_lib.MaskType.CAUSAL).logits
+                       mask_type=MaskType.CAUSAL).logits
   np.testing.assert_allclose(np.asarray(logits)[..., :VOCAB], want, atol=1e-4)
 
   # A model whose shape differs is refused, naming the parameter and both shapes.
   config.unlock()
   config.model.size = 'digits'
   with pytest.raises(UserError, match=r'parameter decoder/layers/.* has shape \(2, .*model config'):
-    tok, model, tx, mesh = train.setup(config, workdir)
-    _, shardings = steps.abstract_state(model, tx, mesh)
-    train.init_backbone(steps.init_state(model, tx, mesh, jax.random.key(0)), config, model, tx,
-                        shardings)
+    setup = workdir_lib.for_training(config, workdir)
+    _, shardings = steps.abstract_state(setup.model, setup.tx, setup.layout)
+    train.init_backbone(steps.init_state(setup.model, setup.tx, setup.layout, jax.random.key(0)),
+                        setup, shardings)
 
 
 def test_tokenizer_of_an_llm_gets_appended_specials(llm_dir):

@@ -139,9 +139,9 @@ def test_ddpm_step_matches_diffusers(t):
 def test_guidance_closed_form():
   cond = jnp.asarray(RNG.normal(size=(2, 2, 2, 8)), jnp.float32)
   uncond = jnp.asarray(RNG.normal(size=(2, 2, 2, 8)), jnp.float32)
-  all_eps = diffusion.Guidance(4.0, -1).combine(cond, uncond, eps_channels=4)
+  all_eps = diffusion.Guidance(4.0).combine(cond, uncond, eps_channels=4)
   np.testing.assert_allclose(all_eps[..., :4], uncond[..., :4] + 4 * (cond[..., :4] - uncond[..., :4]),
                              rtol=1e-6)
   np.testing.assert_array_equal(all_eps[..., 4:], cond[..., 4:])
-  three = diffusion.Guidance(4.0, 3).combine(cond, uncond, eps_channels=4)
+  three = diffusion.Guidance(4.0, diffusion.GuidanceChannels.FIRST_THREE).combine(cond, uncond, eps_channels=4)
   np.testing.assert_array_equal(three[..., 3:], cond[..., 3:])

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
-from monoformer_jax import config_lib, imagenet, input_pipeline
+from helpers import image_batches, tiny_config
+from monoformer_jax import settings
 from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.data import common, imagenet
 from monoformer_jax.errors import UserError
 
 
@@ -36,27 +37,27 @@ def test_center_crop_keeps_the_middle_of_a_wide_image():
   image[:, :64, 0] = 255  # red | green | blue thirds
   image[:, 64:128, 1] = 255
   image[:, 128:, 2] = 255
-  crop = imagenet.center_crop(image, 16)  # halved twice (box), then bicubic 16 / 16 = 1
+  crop = common.center_crop(image, 16)  # halved twice (box), then bicubic 16 / 16 = 1
   assert crop.shape == (16, 16, 3) and crop.dtype == np.uint8
   np.testing.assert_array_equal(crop[..., 1], 255)
   np.testing.assert_array_equal(crop[..., [0, 2]], 0)
-  tall = imagenet.center_crop(np.full((30, 20, 3), 7, np.uint8), 64)  # upscaled by 3.2
+  tall = common.center_crop(np.full((30, 20, 3), 7, np.uint8), 64)  # upscaled by 3.2
   assert tall.shape == (64, 64, 3) and (tall == 7).all()
 
 
 def test_batches_prompts_and_dropout(tmp_path, tokenizer_file):
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
   config = imagenet_config(tmp_path)
-  config_lib.validate(config)
+  settings.validate(config)
   with tfds.testing.mock_data(num_examples=64):
-    batch = next(iter(input_pipeline.image_dataset(config, tok)))
-    source = imagenet.data_source(config)
+    batch = next(image_batches(config, tok))
+    source = imagenet.data_source(config.data)
     records = [source[i] for i in range(64)]
   assert batch['tokens'].shape == (8, 64) and batch['tokens'].dtype == np.int32
   assert batch['valid'].dtype == bool and batch['image'].shape == (8, 16, 16, 3)
   assert batch['image'].dtype == np.float32 and -1 <= batch['image'].min() < batch['image'].max() <= 1
 
-  table = imagenet.prompt_table(tok, config)  # the official templates, 64 tokens
+  table = imagenet.prompt_table(tok, config.data)  # the official templates, 64 tokens
   null = tok.image_prompt('', 64)
   transform = imagenet.PromptedImageNet(table, 0.1, 16, flip=True)
   rng = np.random.default_rng(0)
@@ -70,7 +71,7 @@ def test_batches_prompts_and_dropout(tmp_path, tokenizer_file):
     else:  # one of the four official templates with this class's name
       assert any((out['tokens'] == table.tokens[label, k]).all() for k in range(4)), i
     assert out['label'] == label
-    unflipped = imagenet.center_crop(np.asarray(record['image']), 16).astype(np.float32) / 127.5 - 1
+    unflipped = common.center_crop(np.asarray(record['image']), 16).astype(np.float32) / 127.5 - 1
     if not np.array_equal(out['image'], unflipped):
       np.testing.assert_array_equal(out['image'], unflipped[:, ::-1])
       flipped += 1
@@ -82,15 +83,15 @@ def test_missing_manual_dir_is_named(tmp_path):
   config = imagenet_config(tmp_path)
   config.data.imagenet_manual_dir = str(tmp_path / 'no_such_dir')
   with pytest.raises(UserError, match=r'data\.imagenet_manual_dir .*no_such_dir.* is not a directory'):
-    imagenet.data_source(config)
+    imagenet.data_source(config.data)
 
 
 def test_pixel_shape_must_match_resolution(tmp_path):
   config = imagenet_config(tmp_path)
   config.model.image_size = (8, 8)
   with pytest.raises(UserError, match=r'do not match the pixels \(16, 16, 3\)'):
-    config_lib.validate(config)
+    settings.validate(config)
   config = imagenet_config(tmp_path)
   config.train.eval_at_end = True
   with pytest.raises(UserError, match='eval_at_end'):
-    config_lib.validate(config)
+    settings.validate(config)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
-from monoformer_jax import input_pipeline, jsonl
+from helpers import image_batches, text_batches, tiny_config
 from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.data import chat, jsonl, t2i
+from monoformer_jax.data.jsonl import RecordKind
 from monoformer_jax.errors import UserError
 
 CHATS = [
@@ -31,7 +32,7 @@ def tok(tokenizer_file):
 
 
 def test_chat_template_and_assistant_only_mask(tok):
-  tokens, valid, mask = jsonl.chat_tokens(CHATS[0]['messages'], tok, 96)
+  tokens, valid, mask = chat.chat_tokens(CHATS[0]['messages'], tok, 96)
   user1 = [tok.bos_id] + tok.encode('### Human: What is a list?')
   bot1 = tok.encode('### Assistant: An ordered sequence.') + [tok.eos_id]
   user2 = [tok.bos_id] + tok.encode('### Human: And a tuple?')
@@ -41,7 +42,7 @@ def test_chat_template_and_assistant_only_mask(tok):
   assert valid.sum() == len(ids)
   want = [False] * len(user1) + [True] * len(bot1) + [False] * len(user2) + [True] * len(bot2)
   assert mask[:len(ids)].tolist() == want and not mask[len(ids):].any()
-  short = jsonl.chat_tokens(CHATS[0]['messages'], tok, 10)
+  short = chat.chat_tokens(CHATS[0]['messages'], tok, 10)
   assert short[0].tolist() == ids[:10] and short[1].all()
 
 
@@ -49,7 +50,7 @@ def test_chat_batches(tmp_path, tok):
   config = tiny_config()
   config.data.text_source = 'chat_jsonl'
   config.data.chat_files = _write(tmp_path / 'chat.jsonl', CHATS * 3)
-  batch = next(iter(input_pipeline.text_dataset(config, tok)))
+  batch = next(text_batches(config, tok))
   assert batch['tokens'].shape == (4, 32) and batch['loss_mask'].dtype == bool
   assert (batch['loss_mask'] <= batch['valid']).all() and batch['loss_mask'].any()
 
@@ -62,8 +63,8 @@ def test_chat_batches(tmp_path, tok):
 def test_bad_chat_line_is_named(tmp_path, line, problem):
   path = _write(tmp_path / 'chat.jsonl', [CHATS[0], line, CHATS[1]])
   with pytest.raises(UserError, match=f'chat.jsonl, line 2: {problem}'):
-    jsonl.read([path], 'chat', skip_bad=False)
-  assert len(jsonl.read([path], 'chat', skip_bad=True)) == 2
+    jsonl.read([path], RecordKind.CHAT, skip_bad=False)
+  assert len(jsonl.read([path], RecordKind.CHAT, skip_bad=True)) == 2
 
 
 def _pictures(tmp_path, count=4):
@@ -90,11 +91,11 @@ def t2i_config(path):
 
 def test_text_to_image_batches_and_truncated_prompts(tmp_path, tok):
   config = t2i_config(_write(tmp_path / 't2i.jsonl', _pictures(tmp_path)))
-  batch = next(iter(input_pipeline.image_dataset(config, tok)))
+  batch = next(image_batches(config, tok))
   assert batch['image'].shape == (8, 16, 16, 3) and batch['image'].dtype == np.float32
   assert batch['tokens'].shape == (8, 8)
-  records = jsonl.read([config.data.t2i_files], 't2i', False)
-  transform = jsonl.PromptedPicture(records, tok, config)
+  records = jsonl.read([config.data.t2i_files], RecordKind.T2I, False)
+  transform = t2i.PromptedPicture(records, tok, config.data)
   out = transform.random_map(2, np.random.default_rng(3))
   prompts = [tok.image_prompt(p, 8, truncate=True)[0]
              for p in ('Please generate an image of picture number 2', '')]
@@ -106,14 +107,14 @@ def test_missing_prompt_and_unreadable_image(tmp_path, tok):
   rows = _pictures(tmp_path)
   path = _write(tmp_path / 'bad.jsonl', rows[:2] + [{'image': 'p2.png'}] + rows[2:])
   with pytest.raises(UserError, match=r'bad.jsonl, line 3: no "prompt" string'):
-    jsonl.read([path], 't2i', skip_bad=False)
+    jsonl.read([path], RecordKind.T2I, skip_bad=False)
   (tmp_path / 'p1.png').write_text('not a picture')
   config = t2i_config(_write(tmp_path / 'broken.jsonl', rows))
-  records = jsonl.read([config.data.t2i_files], 't2i', False)
+  records = jsonl.read([config.data.t2i_files], RecordKind.T2I, False)
   with pytest.raises(UserError, match=r'broken.jsonl, line 2: cannot read image .*p1.png'):
-    jsonl.PromptedPicture(records, tok, config).random_map(1, np.random.default_rng(0))
+    t2i.PromptedPicture(records, tok, config.data).random_map(1, np.random.default_rng(0))
   config.data.skip_bad_records = True
-  transform = jsonl.PromptedPicture(records, tok, config)
+  transform = t2i.PromptedPicture(records, tok, config.data)
   transform.random_map(1, np.random.default_rng(0))  # replaced by the next readable picture
   assert transform.skipped == 1
 

@@ -10,12 +10,13 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
-from PIL import Image
 
-from conftest import tiny_config
-from monoformer_jax import imagenet, input_pipeline, latents, train
+from helpers import ROOT, image_batches, picture_jsonl, tiny_config
+from monoformer_jax import extract_latents, train
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.convert import commands
+from monoformer_jax.data import common, imagenet, latents
+from monoformer_jax.data.pipeline import LatentsSource
 from monoformer_jax.errors import UserError
 from monoformer_jax.vae import LATENT_SCALE
 
@@ -36,9 +37,10 @@ def extracted(tmp_path_factory):
   config.data.tfds_data_dir = str(root / 'tfds')
   config.data.imagenet_manual_dir = str(root)
   with tfds.testing.mock_data(num_examples=10):
-    source = imagenet.data_source(config)
+    source = imagenet.data_source(config.data)
     records = [source[i] for i in range(10)]
-  info = latents.extract(config, str(root / 'vae'), str(root / 'out'), source=records, batch_size=3)
+  info = extract_latents.extract(config.data, LatentsSource.IMAGENET, str(root / 'vae'),
+                                 str(root / 'out'), source=records, batch_size=3)
   return reference, config, records, str(root / 'out'), str(root / 'vae'), info
 
 
@@ -50,8 +52,8 @@ def test_shards_hold_the_posterior_of_each_cropped_image(extracted):
                                      'latents-00002-of-00003.array_record', 'latents.json']
   for index in (0, 5, 9):
     shard, row = divmod(index, 4)
-    got = latents._read(latents.shard_path(out, shard, 3), row)  # pylint: disable=protected-access
-    image = imagenet.center_crop(np.asarray(records[index]['image']), 16)
+    got = latents.read_record(latents.shard_path(out, shard, 3), row)
+    image = common.center_crop(np.asarray(records[index]['image']), 16)
     pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     with torch.no_grad():
       posterior = reference.encode(pixels).latent_dist
@@ -64,14 +66,15 @@ def test_rerun_redoes_only_missing_shards(extracted):
   _, config, records, out, vae, _ = extracted
   kept = latents.shard_path(out, 0, 3)
   redone = latents.shard_path(out, 1, 3)
-  before = latents._read(redone, 2)  # pylint: disable=protected-access
+  before = latents.read_record(redone, 2)
   kept_mtime = os.stat(kept).st_mtime_ns
   os.remove(redone)
   with open(redone + '.tmp', 'wb') as f:  # a crash mid-shard leaves a temporary file
     f.write(b'partial')
-  latents.extract(config, vae, out, source=records, batch_size=3)
+  extract_latents.extract(config.data, LatentsSource.IMAGENET, vae, out, source=records,
+                          batch_size=3)
   assert os.stat(kept).st_mtime_ns == kept_mtime and not os.path.exists(redone + '.tmp')
-  after = latents._read(redone, 2)  # pylint: disable=protected-access
+  after = latents.read_record(redone, 2)
   np.testing.assert_array_equal(after['mean'], before['mean'])
 
 
@@ -92,19 +95,19 @@ def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
   _, _, records, out, _, _ = extracted
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
   config = latents_config(out)
-  batch = next(iter(input_pipeline.image_dataset(config, tok)))
+  batch = next(image_batches(config, tok))
   assert batch['image'].shape == (8, 8, 8, 4) and batch['tokens'].shape == (8, 64)
 
-  record = latents.open_source(config)[0]
-  stored = latents._decode(record)  # pylint: disable=protected-access
-  table = imagenet.prompt_table(tok, config)
+  record = latents.open_source(config.data, (8, 8, 4))[0][0]
+  stored = latents.decode(record)
+  table = imagenet.prompt_table(tok, config.data)
   config.data.cfg_dropout = 0.0
   config.data.latents_from_posterior = False
-  mean_only = latents.PromptedLatent(table, tok, config)
+  mean_only = latents.PromptedLatent(table, tok, config.data, LATENT_SCALE)
   np.testing.assert_array_equal(mean_only.random_map(record, np.random.default_rng(0))['image'],
                                 (stored['mean'] * LATENT_SCALE).astype(np.float32))
   config.data.latents_from_posterior = True
-  sampler = latents.PromptedLatent(table, tok, config)
+  sampler = latents.PromptedLatent(table, tok, config.data, LATENT_SCALE)
   rng = np.random.default_rng(1)
   draws = np.stack([sampler.random_map(record, rng)['image'] for _ in range(2000)]) / LATENT_SCALE
   np.testing.assert_allclose(draws.mean(0), stored['mean'], atol=4 * stored['std'].max() / np.sqrt(2000))
@@ -116,11 +119,10 @@ def test_bad_latent_directories(extracted, tmp_path):
   config = tiny_config()
   config.data.latents_dir = str(tmp_path)
   with pytest.raises(UserError, match='has no latents.json'):
-    latents.open_source(config)
+    latents.open_source(config.data, (8, 8, 4))
   config.data.latents_dir = out
-  config.model.image_size, config.model.image_channels = (4, 4), 4
   with pytest.raises(UserError, match=r'latents of shape \[8, 8, 4\]; .* expect \[4, 4, 4\]'):
-    latents.open_source(config)
+    latents.open_source(config.data, (4, 4, 4))
 
 
 def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file):
@@ -128,42 +130,31 @@ def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file)
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
   config = latents_config(out)
   config.data.image_batch_size = 4
-  it = input_pipeline.iterator(input_pipeline.image_dataset(config, tok))
+  it = image_batches(config, tok)
   for _ in range(3):  # into the second pass over the 10 records
     next(it)
   state = it.get_state()
   expected = next(it)
-  restored = input_pipeline.iterator(input_pipeline.image_dataset(config, tok))
+  restored = image_batches(config, tok)
   restored.set_state(state)
   got = next(restored)
   for key in expected:
     np.testing.assert_array_equal(got[key], expected[key])
 
 
-def _picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> str:
-  """PNG files i.png of random pixels and a JSONL naming them with the prompts; its path."""
-  rng = np.random.default_rng(seed)
-  for i in range(len(prompts)):
-    Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(directory / f'{i}.png')
-  path = directory / 't2i.jsonl'
-  path.write_text(''.join(json.dumps({'image': f'{i}.png', 'prompt': p}) + '\n'
-                          for i, p in enumerate(prompts)))
-  return str(path)
-
-
 def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenizer_file):
   _, _, _, _, vae, _ = extracted
-  t2i_file = _picture_jsonl(tmp_path, [f'a red square {i}' for i in range(3)], (24, 20, 3))
+  t2i_file = picture_jsonl(tmp_path, [f'a red square {i}' for i in range(3)], (24, 20, 3))
   (tmp_path / '1.png').write_text('broken')
   config = tiny_config()
   config.data.latents_source = 't2i_jsonl'
   config.data.t2i_files = t2i_file
   config.data.image_resolution = 16
   with pytest.raises(UserError, match=r't2i.jsonl, line 2: cannot read image'):
-    latents.extract(config, vae, str(tmp_path / 'strict'))
+    extract_latents.extract(config.data, LatentsSource.T2I_JSONL, vae, str(tmp_path / 'strict'))
   assert not list((tmp_path / 'strict').iterdir())  # the partial shard was removed
   config.data.skip_bad_records = True
-  info = latents.extract(config, vae, str(tmp_path / 'out'))
+  info = extract_latents.extract(config.data, LatentsSource.T2I_JSONL, vae, str(tmp_path / 'out'))
   assert info['source_records'] == 3
   config.data.image_source = 'latents'
   config.data.latents_dir = str(tmp_path / 'out')
@@ -171,19 +162,21 @@ def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenize
   config.data.templates = ('Please generate an image of {name}',)
   config.eval.prompt_template = config.data.templates[0]
   config.data.cfg_dropout = 0.0
-  source = latents.open_source(config)
+  source, info = latents.open_source(config.data, (8, 8, 4))
   assert len(source) == 2  # the unreadable picture has no record
-  assert [latents._decode(source[i])['prompt'] for i in range(2)] == [  # pylint: disable=protected-access
+  assert [latents.decode(source[i])['prompt'] for i in range(2)] == [
       'a red square 0', 'a red square 2']
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
-  out = latents.PromptedLatent(None, tok, config).random_map(source[1], np.random.default_rng(0))
+  out = latents.PromptedLatent(None, tok, config.data, info['latent_scale']).random_map(
+      source[1], np.random.default_rng(0))
   np.testing.assert_array_equal(out['tokens'], tok.image_prompt(
       'Please generate an image of a red square 2', config.data.prompt_len, truncate=True)[0])
 
 
+@pytest.mark.slow
 def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir):
   _, _, _, _, vae, _ = extracted
-  t2i_file = _picture_jsonl(tmp_path, [f'noise {i}' for i in range(4)], (18, 22, 3))
+  t2i_file = picture_jsonl(tmp_path, [f'noise {i}' for i in range(4)], (18, 22, 3))
   config = tiny_config(num_steps=2, ar_weight=0.0)
   config.data.image_source = 't2i_jsonl'
   config.data.t2i_files = t2i_file
@@ -202,11 +195,12 @@ def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir
   assert [r['kind'] for r in rows] == ['diffusion', 'diffusion'] and np.isfinite(rows[-1]['loss'])
 
 
+@pytest.mark.multiprocess
 def test_two_processes_write_the_shards_one_process_writes(extracted, tmp_path):
   """launch/local_multiprocess.sh: shard s comes from process s mod 2; the records are the same."""
   _, _, _, _, vae, _ = extracted
-  t2i_file = _picture_jsonl(tmp_path, [f'p{i}' for i in range(5)], seed=1)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  t2i_file = picture_jsonl(tmp_path, [f'p{i}' for i in range(5)], seed=1)
+  root = ROOT
   flags = ['extract_latents', '--config=configs/digits.py', f'--vae={vae}',
            '--config.data.latents_source=t2i_jsonl', f'--config.data.t2i_files={t2i_file}',
            '--config.data.image_resolution=16', '--config.data.latents_shard_size=2']
@@ -219,8 +213,8 @@ def test_two_processes_write_the_shards_one_process_writes(extracted, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
   for shard in range(3):
     for row in range(2 if shard < 2 else 1):
-      a = latents._read(latents.shard_path(str(tmp_path / 'one'), shard, 3), row)  # pylint: disable=protected-access
-      b = latents._read(latents.shard_path(str(tmp_path / 'two'), shard, 3), row)  # pylint: disable=protected-access
+      a = latents.read_record(latents.shard_path(str(tmp_path / 'one'), shard, 3), row)
+      b = latents.read_record(latents.shard_path(str(tmp_path / 'two'), shard, 3), row)
       assert a['prompt'] == b['prompt'] == f'p{2 * shard + row}'
       np.testing.assert_allclose(a['mean'], b['mean'], atol=1e-5)
   assert json.load(open(tmp_path / 'two' / 'latents.json'))['source_records'] == 5

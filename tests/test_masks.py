@@ -2,14 +2,13 @@
 
 import itertools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from monoformer_jax.config_lib import MaskType
-from monoformer_jax.layers import BackboneConfig, attention_mask
+from helpers import signal_params
+from monoformer_jax.layers import BackboneConfig, MaskType, attention_mask
 from monoformer_jax.model import ImageConfig, MonoFormer
 
 P, H = 5, 4  # prompt tokens; image 4x4, patch 2 -> 4 image tokens
@@ -19,14 +18,7 @@ def _model_and_params():
   model = MonoFormer(BackboneConfig(vocab_size=50, width=32, depth=2, num_heads=4, num_kv_heads=2,
                                     mlp_dim=48), ImageConfig(patch_size=2, height=H, width=H,
                                                              channels=1))
-  variables = model.init(jax.random.key(0), jnp.zeros((1, P), jnp.int32), jnp.ones((1, P), bool),
-                         jnp.zeros((1, H, H, 1)), jnp.zeros((1,), jnp.int32), method=model.init_all)
-  params = nn.unbox(variables['params'])
-  # The patch embed and time projector start at zero; make every path carry signal.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-  return model, jax.tree.unflatten(tree, leaves)
+  return model, signal_params(model, noise=0.2)
 
 
 def test_mask_matches_the_design_formula():

@@ -19,9 +19,11 @@ import torch
 import transformers
 from torch import nn
 
-from monoformer_jax import train
-from monoformer_jax.config_lib import MaskType
+from helpers import cli
+from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands, safetensors_io
+from monoformer_jax.diffusion import GuidanceChannels
+from monoformer_jax.layers import MaskType
 from monoformer_jax.errors import UserError
 
 D, P, C, LATENT = 32, 2, 4, 8  # width, patch, latent channels, latent size (image_size 64)
@@ -126,13 +128,17 @@ def official_dir(tmp_path_factory, tokenizer_file):
   return llm, extras, str(path)
 
 
+@pytest.mark.slow
 def test_converted_official_predictions_match(official_dir, tmp_path):
   llm, extras, src = official_dir
   dst = str(tmp_path / 'work')
   commands.run('official', src, dst, use_ema=True, vae_dir=_converted_vae(tmp_path))
-  config, tok, model, params, step = train.restore_for_inference(dst, use_ema=True)
-  assert step == 0 and (tok.im_start_id, tok.im_end_id, tok.pad_id) == (IM_START, IM_END, PAD)
-  assert config.sample.guidance_channels == 'first_three' and config.model.image_mask == 'hybrid'
+  restored = workdir_lib.for_inference(dst, use_ema=True)
+  tok, model, params = restored.setup.tok, restored.setup.model, restored.params
+  assert restored.step == 0
+  assert (tok.im_start_id, tok.im_end_id, tok.pad_id) == (IM_START, IM_END, PAD)
+  assert restored.setup.settings.sampling.guidance.channels == GuidanceChannels.FIRST_THREE
+  assert model.image_mask == MaskType.HYBRID
 
   prompts = [[1, 17, 42, 9], [1]]  # a prompt, and the unconditional one
   x_t = torch.randn(2, C, LATENT, LATENT)
@@ -177,12 +183,9 @@ def _converted_vae(tmp_path) -> str:
 
 def _sample_through_the_vae(workdir, tmp_path):
   """`sample` on the converted workdir decodes latents with the VAE given at conversion."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'official.png'
-  result = subprocess.run([sys.executable, '-m', 'monoformer_jax', 'sample', f'--workdir={workdir}',
-                           '--prompt=goldfish', '--num=2', '--steps=2', f'--out={out}'],
-                          capture_output=True, text=True, timeout=600)
+  result = cli('sample', f'--workdir={workdir}', '--prompt=goldfish', '--num=2', '--steps=2',
+               f'--out={out}')
   assert result.returncode == 0, result.stderr[-2000:]
   images = np.load(tmp_path / 'official.npz')['images']
   assert images.shape == (2, LATENT * 8, LATENT * 8, 3) and images.dtype == np.uint8

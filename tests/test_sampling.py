@@ -2,14 +2,15 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from helpers import signal_params
 from monoformer_jax import diffusion, sampling
-from monoformer_jax.config_lib import MaskType, Sampler
-from monoformer_jax.layers import BackboneConfig, KVCache
+from monoformer_jax.diffusion import Sampler
+from monoformer_jax.layers import BackboneConfig, KVCache, MaskType
 from monoformer_jax.model import ImageConfig, MonoFormer
 
 MODEL = MonoFormer(BackboneConfig(vocab_size=40, width=32, depth=2, num_heads=4, num_kv_heads=2,
@@ -17,17 +18,7 @@ MODEL = MonoFormer(BackboneConfig(vocab_size=40, width=32, depth=2, num_heads=4,
                                                            channels=1))
 
 
-def _params():
-  variables = MODEL.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool),
-                         jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32),
-                         method=MODEL.init_all)
-  leaves, tree = jax.tree.flatten(nn.unbox(variables['params']))
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
-
-
-PARAMS = _params()
+PARAMS = signal_params(MODEL)
 PROMPT = jnp.array([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
 VALID = jnp.array([[False, False, True, True, True], [True] * 5])
 
@@ -65,8 +56,9 @@ def test_filter_logits():
                                 [[True, True, True, False, False]])
 
 
+@pytest.mark.slow
 def test_compiled_ddpm_loop_equals_python_loop_of_steps():
-  guidance = diffusion.Guidance(2.0, -1)
+  guidance = diffusion.Guidance(2.0)
   spec = sampling.ImageSampling(Sampler.DDPM, steps=6, guidance=guidance)
   null = jnp.zeros_like(PROMPT).at[:, -1].set(7)
   null_valid = jnp.zeros_like(VALID).at[:, -1].set(True)
@@ -96,7 +88,7 @@ def test_image_pass_over_a_cached_prompt_equals_the_full_pass():
   suffix = jnp.full((2, 1), 8)
   full = MODEL.apply({'params': PARAMS}, PROMPT, VALID, mask_type=MaskType.HYBRID, image=x, t=t,
                      suffix=suffix).image
-  cache = KVCache.empty(MODEL.backbone, 2, PROMPT.shape[1] + 1 + 4 + 1)
+  cache = KVCache.empty(MODEL.backbone, 2, MODEL.image.sequence(PROMPT.shape[1]).length)
   cache = MODEL.apply({'params': PARAMS}, PROMPT, VALID, mask_type=MaskType.CAUSAL, cache=cache,
                       return_hidden=True).cache
   cached = MODEL.apply({'params': PARAMS}, PROMPT[:, :0], VALID[:, :0], mask_type=MaskType.HYBRID,
@@ -106,7 +98,7 @@ def test_image_pass_over_a_cached_prompt_equals_the_full_pass():
 
 
 def test_sampler_with_and_without_prefix_cache_agree():
-  spec = sampling.ImageSampling(Sampler.DDIM, steps=4, guidance=diffusion.Guidance(2.0, -1))
+  spec = sampling.ImageSampling(Sampler.DDIM, steps=4, guidance=diffusion.Guidance(2.0))
   null = jnp.zeros_like(PROMPT).at[:, -1].set(7)
   null_valid = jnp.zeros_like(VALID).at[:, -1].set(True)
   args = (PARAMS, PROMPT, VALID, null, null_valid, jnp.full((2, 1), 8), jax.random.key(2))

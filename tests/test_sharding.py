@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from helpers import tiny_config
 from monoformer_jax import sharding
-from conftest import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -39,12 +39,14 @@ def workdir_factory(tmp_path_factory, tokenizer_file):
   return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', ['data8', 'data2_fsdp4', 'data2_fsdp2_tensor2', 'fsdp8', 'tensor4'])
 def test_mesh_matches_one_device(report, mesh):
   r = report['meshes'][mesh]
   assert r['loss'] <= 1e-5 and r['params'][0] <= 1e-5 and r['ema'][0] <= 1e-5, r
 
 
+@pytest.mark.slow
 def test_params_are_sharded_as_the_rules_say(report):
   m = report['meshes']
   # embedding [vocab, embed] -> ('tensor', 'fsdp'); q_proj [layers, embed, heads, head_dim].
@@ -59,14 +61,17 @@ def test_params_are_sharded_as_the_rules_say(report):
   assert t['embed_shard'] == [t['full_embed'][0] // 2, t['full_embed'][1] // 2]
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_meshes(report):
   assert report['restore']['steps'] == 6 and report['restore']['loss'] <= 1e-5, report['restore']
 
 
+@pytest.mark.slow
 def test_samplers_run_under_a_mesh(report):
   assert report['samplers']['images'] <= 1e-5 and report['samplers']['same_text'], report['samplers']
 
 
+@pytest.mark.multiprocess
 def test_two_processes_match_one(workdir_factory):
   """launch/local_multiprocess.sh: 2 processes x 2 devices against 1 process x 1 device."""
   flags = ['train', '--config=configs/digits.py', '--config.model.size=tiny',

@@ -10,6 +10,7 @@ import pytest
 HERE = os.path.dirname(__file__)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('devices', [1, 4])
 def test_splash_matches_xla_attention(devices):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',

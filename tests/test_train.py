@@ -8,27 +8,29 @@ import jax
 import numpy as np
 import pytest
 
-from monoformer_jax import input_pipeline, sharding, steps, train
+from helpers import image_batches, text_batches, tiny_config
+from monoformer_jax import sharding, steps, train
+from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.steps import StepKind
-from conftest import tiny_config
 
 
 def _setup(workdir):
   config = tiny_config()
-  tok, model, tx, mesh = train.setup(config, workdir)
+  setup = workdir_lib.for_training(config, workdir)
+  model, tx, mesh = setup.model, setup.tx, setup.layout
   _, shardings = steps.abstract_state(model, tx, mesh)
   state = steps.init_state(model, tx, mesh, jax.random.key(0))
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id), mesh,
+  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, setup.tok.im_end_id), mesh,
                         shardings)
-  return config, tok, mesh, state, fns
+  return config, setup.tok, mesh, state, fns
 
 
 @pytest.mark.parametrize('kind', list(StepKind))
 def test_loss_decreases(workdir, kind):
   """Repeated steps on one batch (same noise and timesteps) must fit it."""
   config, tok, mesh, state, fns = _setup(workdir)
-  make = input_pipeline.text_dataset if kind == StepKind.AR else input_pipeline.image_dataset
-  batch = next(input_pipeline.iterator(make(config, tok)))
+  make = text_batches if kind == StepKind.AR else image_batches
+  batch = next(make(config, tok))
   batch.pop('label', None)
   batch = sharding.global_batch(batch, mesh)
   losses = []
@@ -62,6 +64,7 @@ def _rows(workdir):
   return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file):
   straight = workdir
   train.train_and_evaluate(tiny_config(num_steps=6), straight)
@@ -79,6 +82,7 @@ def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file):
   assert a == b
 
 
+@pytest.mark.slow
 def test_unfinished_save_is_ignored(workdir):
   """A step directory left by a crash mid-save is not mistaken for a checkpoint."""
   train.train_and_evaluate(tiny_config(num_steps=3), workdir)

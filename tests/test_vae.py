@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL as DiffusersVAE
 from monoformer_jax.convert import commands
 from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
-from monoformer_jax.vae import LATENT_SCALE
+from monoformer_jax.vae import LATENT_SCALE, load_vae
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +24,7 @@ def vaes(tmp_path_factory):
   reference.save_pretrained(src, safe_serialization=True)
   dst = tmp_path_factory.mktemp('converted') / 'vae'
   commands.run('vae', str(src), str(dst), use_ema=True)
-  model, params = convert_vae.load_vae(str(dst))
+  model, params = load_vae(str(dst))
   return reference, model, params, src
 
 
@@ -74,6 +74,7 @@ def test_bad_vae_directories(vaes, tmp_path):
   assert not (tmp_path / 'out1').exists() and not (tmp_path / 'out2').exists()
 
 
+@pytest.mark.slow
 def test_sd_vae_ft_mse_architecture(tmp_path):
   """The full sd-vae-ft-mse configuration (random weights) converts and agrees."""
   torch.manual_seed(1)
@@ -83,7 +84,7 @@ def test_sd_vae_ft_mse_architecture(tmp_path):
                            latent_channels=4, norm_num_groups=32, sample_size=256).eval()
   reference.save_pretrained(tmp_path / 'src', safe_serialization=True)
   commands.run('vae', str(tmp_path / 'src'), str(tmp_path / 'dst'), use_ema=True)
-  model, params = convert_vae.load_vae(str(tmp_path / 'dst'))
+  model, params = load_vae(str(tmp_path / 'dst'))
   assert model.cfg.block_out_channels == (128, 256, 512, 512) and model.cfg.norm_groups == 32
   images = torch.rand(1, 3, 32, 32) * 2 - 1
   with torch.no_grad():

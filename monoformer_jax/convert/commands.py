@@ -1,42 +1,59 @@
-"""`python -m monoformer_jax convert KIND --src=... --dst=...`.
-
-llama         HF LlamaForCausalLM directory -> converted directory (Orbax + model.json)
-export-llama  converted directory or training workdir -> HF LlamaForCausalLM directory
-official      official MonoFormer checkpoint (+ --vae=converted VAE) -> workdir for `sample`
-vae           diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory
-synthetic-llama  --dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to
-              measure conversion (see README)
-"""
+"""`python -m monoformer_jax convert KIND --src=... --dst=...`: the kinds and their dispatch."""
 
 import os
 
-from monoformer_jax import train
-from monoformer_jax.convert import official, pretrained, synthetic, vae
+from monoformer_jax import pretrained
+from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.convert import llama, official, synthetic, vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
-KINDS = ('llama', 'export-llama', 'official', 'vae', 'synthetic-llama')
+KINDS = {
+    'llama': 'HF LlamaForCausalLM directory (safetensors) -> converted directory (Orbax params, '
+             'model.json, tokenizer.model)',
+    'export-llama': 'converted directory or training workdir -> HF LlamaForCausalLM directory '
+                    '(--ema=false for the raw params)',
+    'official': 'official MonoFormer checkpoint (+ --vae=converted VAE) -> workdir for `sample`',
+    'vae': 'diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory',
+    'synthetic-llama': '--dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to '
+                       'measure conversion',
+}
 BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
 
+def usage() -> str:
+  """What `convert --help` prints: each kind on one line."""
+  width = max(map(len, KINDS))
+  return '\n'.join(['python -m monoformer_jax convert KIND --src=DIR --dst=DIR', 'kinds:']
+                   + [f'  {kind:{width}s}  {text}' for kind, text in KINDS.items()])
+
+
 def export_llama(src: str, dst: str, use_ema: bool) -> None:
+  """The text half of a converted directory or a workdir as a HF checkpoint, the
+  config.json the backbone came from (when there is one) carried over."""
+  source = pretrained.hf_source(src)
+  tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
   if os.path.isfile(os.path.join(src, pretrained.MODEL_JSON)):
-    params, cfg, tie = pretrained.load(src)
-    tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
-    special = (1, 2, 0)
-    if os.path.exists(tokenizer_file):
-      tok = Tokenizer(tokenizer_file)
-      special = (tok.bos_id, tok.eos_id, tok.pad_id)
+    params, cfg, tie = pretrained.load_llm(src)
+    max_positions, special = 2048, None
+    if source is None:  # converted before the source's config was kept
+      tok = Tokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None
+      special = (tok.bos_id, tok.eos_id, tok.pad_id) if tok else (1, 2, 0)
   else:
-    _, tok, model, all_params, _ = train.restore_for_inference(src, use_ema)
-    params = {k: v for k, v in all_params.items() if k in BACKBONE_KEYS}
-    cfg, tie = model.backbone, model.tie_embeddings
-    tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
-    special = (tok.bos_id, tok.eos_id, tok.pad_id)
-  pretrained.export_llama(params, cfg, tie, dst, tokenizer_file, special)
+    restored = workdir_lib.for_inference(src, use_ema)
+    setup = restored.setup
+    params = {k: v for k, v in restored.params.items() if k in BACKBONE_KEYS}
+    cfg, tie = setup.model.backbone, setup.model.tie_embeddings
+    # Without a source, the longest sequence the model was trained on is its context.
+    data = setup.config.data
+    max_positions = max(data.text_seq_len, setup.model.image.sequence(data.prompt_len).length)
+    special = (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id)
+  llama.export_llama(params, cfg, tie, dst, tokenizer_file, source, max_positions, special)
 
 
 def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '') -> None:
+  if kind not in KINDS:
+    raise UserError(f'convert kind {kind!r} is unknown; expected one of {", ".join(KINDS)}.')
   if kind == 'synthetic-llama':
     if not dst:
       raise UserError('convert synthetic-llama needs --dst.')
@@ -46,7 +63,7 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '') -> None
   if not src or not dst:
     raise UserError(f'convert {kind} needs --src and --dst.')
   if kind == 'llama':
-    pretrained.convert_llama(src, dst)
+    llama.convert_llama(src, dst)
   elif kind == 'vae':
     vae.convert_vae(src, dst)
   elif kind == 'official':

@@ -1,15 +1,22 @@
-"""HF LLaMA tensors <-> this project's backbone params.
+"""HF LLaMA checkpoints <-> converted directories (see pretrained.py) and backbone params.
 
 HF stores Linear weights as [out, in]; ours are [in, ...out axes] with the L
 layers stacked on a leading axis (nn.scan). Heads are contiguous blocks of the
-HF output dimension, so a reshape recovers the [H, E] axes.
+HF output dimension, so a reshape recovers the [H, E] axes. Directories are
+written under DST.partial, then renamed, so a crash leaves no DST.
 """
 
-from typing import Mapping
+import json
+import os
+import shutil
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from monoformer_jax import files, pretrained
+from monoformer_jax.convert import safetensors_io
 from monoformer_jax.errors import UserError
 from monoformer_jax.layers import BackboneConfig, RopeKind, RopeScaling
 
@@ -76,20 +83,6 @@ def outer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   return params
 
 
-def stack_layers(layers: list[dict]) -> dict:
-  """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
-
-  Fills preallocated arrays block by block, so the peak is the result plus the
-  inputs, never a second copy of the whole stack.
-  """
-  def stack(*leaves):
-    out = np.empty((len(leaves),) + leaves[0].shape, leaves[0].dtype)
-    for i, leaf in enumerate(leaves):
-      out[i] = leaf
-    return out
-  return jax.tree.map(stack, *layers)
-
-
 def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
                      tie_embeddings: bool) -> dict:
   """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors.
@@ -97,7 +90,7 @@ def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   Arrays keep the checkpoint's dtype; the caller casts when it builds a model.
   """
   params = outer_from_hf(tensors, cfg, tie_embeddings)
-  params['decoder'] = {'layers': stack_layers([layer_from_hf(tensors, cfg, i)
+  params['decoder'] = {'layers': pretrained.stack_layers([layer_from_hf(tensors, cfg, i)
                                                for i in range(cfg.depth)])}
   return params
 
@@ -150,37 +143,84 @@ def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
   return cfg, bool(hf.get('tie_word_embeddings', False))
 
 
-def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str, bos_id: int, eos_id: int,
-              pad_id: int) -> dict:
-  """A LlamaForCausalLM config.json dict for an exported backbone."""
-  out = dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
+def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
+              source: Optional[Mapping] = None, max_positions: int = 2048,
+              special_ids: Optional[tuple[int, int, int]] = None) -> dict:
+  """A LlamaForCausalLM config.json dict for an exported backbone.
+
+  Every key of `source` (the config.json the backbone was converted from) is kept,
+  rope settings and context length included; the shape, vocabulary and dtype are
+  the exported tensors'. special_ids (bos, eos, pad) replace the source's ids.
+  """
+  out = dict(source or {})
+  out.update(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
              hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
              num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
              num_key_value_heads=cfg.num_kv_heads, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
-             rope_theta=cfg.rope_theta, tie_word_embeddings=tie_embeddings,
-             attention_bias=False, mlp_bias=False, max_position_embeddings=4096,
-             bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, torch_dtype=dtype)
-  if cfg.rope_scaling is not None:
-    r = cfg.rope_scaling
-    out['rope_scaling'] = dict(rope_type=r.kind.value, factor=r.factor,
-                               low_freq_factor=r.low_freq_factor,
-                               high_freq_factor=r.high_freq_factor,
-                               original_max_position_embeddings=r.original_max_position)
+             tie_word_embeddings=tie_embeddings, attention_bias=False, mlp_bias=False,
+             torch_dtype=dtype)
+  if 'dtype' in out:
+    out['dtype'] = dtype
+  if special_ids is not None:
+    out.update(bos_token_id=special_ids[0], eos_token_id=special_ids[1], pad_token_id=special_ids[2])
+  if source is None:
+    out.update(rope_theta=cfg.rope_theta, max_position_embeddings=max_positions)
+    if cfg.rope_scaling is not None:
+      r = cfg.rope_scaling
+      out['rope_scaling'] = dict(rope_type=r.kind.value, factor=r.factor,
+                                 low_freq_factor=r.low_freq_factor,
+                                 high_freq_factor=r.high_freq_factor,
+                                 original_max_position_embeddings=r.original_max_position)
   return out
 
 
-def config_to_json(cfg: BackboneConfig) -> dict:
-  r = cfg.rope_scaling
-  return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-              num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
-              norm_eps=cfg.norm_eps,
-              rope_scaling=None if r is None else dict(
-                  kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
-                  high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))
+def read_hf_config(src: str) -> dict:
+  path = os.path.join(src, 'config.json')
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist; expected a HF checkpoint directory with config.json.')
+  with open(path) as f:
+    return json.load(f)
 
 
-def config_from_json(d: Mapping) -> BackboneConfig:
-  d = dict(d)
-  r = d.pop('rope_scaling')
-  scaling = None if r is None else RopeScaling(**dict(r, kind=RopeKind(r['kind'])))
-  return BackboneConfig(rope_scaling=scaling, **d)
+def convert_llama(src: str, dst: str) -> None:
+  """HF LlamaForCausalLM directory (safetensors) -> converted directory.
+
+  Memory stays near the checkpoint's size: each tensor is read, moved into a
+  jax array (the numpy copy dropped), and Orbax writes with a bounded number of
+  bytes in flight; blocks are kept apart so no [L, ...] stack is ever built.
+  """
+  source = read_hf_config(src)
+  cfg, tie = config_from_hf(source, os.path.join(src, 'config.json'))
+  tensors = safetensors_io.SafetensorsDir(src)
+  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
+  params = put(outer_from_hf(tensors, cfg, tie))
+  params['decoder'] = {'layers': {str(i): put(layer_from_hf(tensors, cfg, i))
+                                  for i in range(cfg.depth)}}
+  largest = max(x.nbytes for x in jax.tree.leaves(params))
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
+  with files.atomic_directory(dst) as tmp:
+    with ocp.Checkpointer(handler) as ckptr:
+      ckptr.save(os.path.join(tmp, pretrained.PARAMS), args=ocp.args.PyTreeSave(params))
+    with open(os.path.join(tmp, pretrained.MODEL_JSON), 'w') as f:
+      json.dump({'backbone': pretrained.config_to_json(cfg), 'tie_embeddings': tie,
+                 'hf_config': source, 'source': os.path.abspath(src)}, f, indent=1)
+    if os.path.exists(os.path.join(src, pretrained.TOKENIZER)):
+      shutil.copy(os.path.join(src, pretrained.TOKENIZER), os.path.join(tmp, pretrained.TOKENIZER))
+
+
+def export_llama(params: dict, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
+                 source: Optional[Mapping], max_positions: int,
+                 special_ids: Optional[tuple[int, int, int]]) -> None:
+  """Backbone params -> a HF LlamaForCausalLM directory (config.json + model.safetensors);
+  the config as hf_config makes it, in the dtype of the params."""
+  tensors = backbone_to_hf(params, cfg, tie)
+  dtype = np.dtype(next(iter(tensors.values())).dtype)
+  torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
+      dtype, 'bfloat16')
+  with files.atomic_directory(dst) as tmp:
+    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), list(tensors.items()),
+                         {'format': 'pt'})
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids), f, indent=1)
+    if tokenizer_file and os.path.exists(tokenizer_file):
+      shutil.copy(tokenizer_file, os.path.join(tmp, pretrained.TOKENIZER))

@@ -18,9 +18,9 @@ import shutil
 import jax
 import numpy as np
 
-from monoformer_jax import checkpoint, config_lib, sharding, steps
+from monoformer_jax import checkpoint, config_lib, files, sharding, steps
 from monoformer_jax import model as model_lib
-from monoformer_jax.convert import llama, pretrained, safetensors_io
+from monoformer_jax.convert import llama, safetensors_io
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
 
@@ -45,10 +45,10 @@ def check_supported(hf: dict, source: str) -> None:
 
 
 def size_name(cfg) -> str:
-  for name, dims in config_lib.SIZES.items():
+  for name, dims in model_lib.SIZES.items():
     if all(getattr(cfg, k) == v for k, v in dims.items()):
       return name
-  raise UserError(f'no entry of config_lib.SIZES has width {cfg.width}, depth {cfg.depth}, '
+  raise UserError(f'no entry of model_lib.SIZES has width {cfg.width}, depth {cfg.depth}, '
                   f'heads {cfg.num_heads}/{cfg.num_kv_heads}, mlp {cfg.mlp_dim}; add one.')
 
 
@@ -104,7 +104,7 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
 
 
 def convert_official(src: str, dst: str, vae_dir: str) -> None:
-  hf = pretrained.read_hf_config(src)
+  hf = llama.read_hf_config(src)
   source = os.path.join(src, 'config.json')
   check_supported(hf, source)
   if vae_dir and not os.path.isdir(vae_dir):
@@ -135,7 +135,7 @@ def convert_official(src: str, dst: str, vae_dir: str) -> None:
   state = steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
                            ema_params=params)
-  with pretrained.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst) as tmp:
     shutil.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
     with open(os.path.join(tmp, SPECIALS_FILE), 'w') as f:
       json.dump(ids, f)

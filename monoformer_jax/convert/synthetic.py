@@ -10,14 +10,15 @@ import os
 import ml_dtypes
 import numpy as np
 
-from monoformer_jax import config_lib
-from monoformer_jax.convert import llama, pretrained, safetensors_io
+from monoformer_jax import files
+from monoformer_jax import model as model_lib
+from monoformer_jax.convert import llama, safetensors_io
 from monoformer_jax.layers import BackboneConfig
 
 
 def write_synthetic_llama(dst: str, size: str, vocab_size: int = 32000) -> int:
   """Writes DST/config.json + model.safetensors (bf16); returns the weights' bytes."""
-  cfg = BackboneConfig(vocab_size=vocab_size, **config_lib.SIZES[size])
+  cfg = BackboneConfig(vocab_size=vocab_size, **model_lib.SIZES[size])
   h, k, e, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width, cfg.mlp_dim
   shapes = {'model.embed_tokens.weight': (vocab_size, d)}
   for i in range(cfg.depth):
@@ -38,8 +39,8 @@ def write_synthetic_llama(dst: str, size: str, vocab_size: int = 32000) -> int:
         array = rng.standard_normal(shape, np.float32) * 0.02 if len(shape) == 2 else np.ones(shape)
         yield name, array.astype(ml_dtypes.bfloat16)
 
-  with pretrained.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst) as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), Lazy(), {'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f_out:
-      json.dump(llama.hf_config(cfg, False, 'bfloat16', 1, 2, 0), f_out, indent=1)
+      json.dump(llama.hf_config(cfg, False, 'bfloat16', special_ids=(1, 2, 0)), f_out, indent=1)
   return 2 * sum(int(np.prod(s)) for s in shapes.values())

@@ -1,7 +1,4 @@
-"""diffusers AutoencoderKL directory -> Flax VAE params (and a converted VAE directory).
-
-A converted VAE directory holds params/ (Orbax) and vae.json (the VAEConfig).
-"""
+"""diffusers AutoencoderKL directory -> a converted VAE directory (params/ and vae.json)."""
 
 import json
 import os
@@ -11,11 +8,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax.convert import pretrained, safetensors_io
+from monoformer_jax import files, pretrained
+from monoformer_jax.convert import safetensors_io
 from monoformer_jax.errors import UserError
-from monoformer_jax.vae import AutoencoderKL, VAEConfig
+from monoformer_jax.vae import VAE_JSON, AutoencoderKL, VAEConfig
 
-VAE_JSON = 'vae.json'
 _DIFFUSERS_FILE = 'diffusion_pytorch_model.safetensors'
 
 
@@ -91,15 +88,8 @@ def convert_vae(src: str, dst: str) -> None:
   images = jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), np.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)['params']
   check_against(params, abstract, weights)
-  with pretrained.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, pretrained.PARAMS), params)
     with open(os.path.join(tmp, VAE_JSON), 'w') as f:
       json.dump(dict(cfg.__dict__), f, indent=1)
-
-
-def load_vae(path: str):
-  """(AutoencoderKL module, params) of a converted VAE directory."""
-  d, params = pretrained.read_converted(path, VAE_JSON, 'vae')
-  cfg = VAEConfig(**dict(d, block_out_channels=tuple(d['block_out_channels'])))
-  return AutoencoderKL(cfg), params

@@ -1,80 +1,69 @@
-"""Converted LLM directories: HF LLaMA -> Orbax, and the text backbone -> HF.
+"""Converted directories at run time: the LLM a backbone starts from, and the params of any
+directory `convert` wrote.
 
-A converted directory holds
+A converted LLM directory holds
   params/          Orbax checkpoint of the backbone params (the source's dtype), with
                    the blocks stored one by one under decoder/layers/{0..L-1}
-  model.json       the backbone shape ({'backbone': ..., 'tie_embeddings': ...})
+  model.json       {'backbone': the BackboneConfig, 'tie_embeddings', 'hf_config': the
+                   source's config.json, 'source'}
   tokenizer.model  the source's sentencepiece model, when it has one
-and is written under DST.partial, then renamed, so a crash leaves no DST.
+Dimension letters: L layers.
 """
 
-import contextlib
 import json
 import os
-import shutil
-from typing import Iterator
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax.convert import llama, safetensors_io
 from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.layers import BackboneConfig, RopeKind, RopeScaling
 
 PARAMS, MODEL_JSON, TOKENIZER = 'params', 'model.json', 'tokenizer.model'
+SOURCE_JSON = 'llm_source.json'  # a workdir's copy of the model.json its backbone started from
 
 
-@contextlib.contextmanager
-def atomic_directory(dst: str) -> Iterator[str]:
-  """Yields a scratch directory that becomes `dst` only if the block finishes."""
-  if os.path.exists(dst):
-    raise UserError(f'destination {dst} already exists; remove it or choose another.')
-  parent = os.path.dirname(os.path.abspath(dst))
-  if not os.path.isdir(parent):
-    raise UserError(f'the parent directory of {dst} does not exist.')
-  tmp = os.path.abspath(dst) + '.partial'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  os.rename(tmp, dst)
+def hf_source(directory: str) -> Optional[dict]:
+  """The HF config.json a converted directory, or a workdir trained from one, came from."""
+  for name in (MODEL_JSON, SOURCE_JSON):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f).get('hf_config')
+  return None
 
 
-def read_hf_config(src: str) -> dict:
-  path = os.path.join(src, 'config.json')
-  if not os.path.isfile(path):
-    raise UserError(f'{path} does not exist; expected a HF checkpoint directory with config.json.')
-  with open(path) as f:
-    return json.load(f)
+def stack_layers(layers: list[dict]) -> dict:
+  """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
 
-
-def convert_llama(src: str, dst: str) -> None:
-  """HF LlamaForCausalLM directory (safetensors) -> converted directory.
-
-  Memory stays near the checkpoint's size: each tensor is read, moved into a
-  jax array (the numpy copy dropped), and Orbax writes with a bounded number of
-  bytes in flight; blocks are kept apart so no [L, ...] stack is ever built.
+  Fills preallocated arrays block by block, so the peak is the result plus the
+  inputs, never a second copy of the whole stack.
   """
-  cfg, tie = llama.config_from_hf(read_hf_config(src), os.path.join(src, 'config.json'))
-  tensors = safetensors_io.SafetensorsDir(src)
-  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
-  params = put(llama.outer_from_hf(tensors, cfg, tie))
-  params['decoder'] = {'layers': {str(i): put(llama.layer_from_hf(tensors, cfg, i))
-                                  for i in range(cfg.depth)}}
-  largest = max(x.nbytes for x in jax.tree.leaves(params))
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
-  with atomic_directory(dst) as tmp:
-    with ocp.Checkpointer(handler) as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS), args=ocp.args.PyTreeSave(params))
-    with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
-      json.dump({'backbone': llama.config_to_json(cfg), 'tie_embeddings': tie,
-                 'source': os.path.abspath(src)}, f, indent=1)
-    if os.path.exists(os.path.join(src, TOKENIZER)):
-      shutil.copy(os.path.join(src, TOKENIZER), os.path.join(tmp, TOKENIZER))
+  def stack(*leaves):
+    out = np.empty((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+    for i, leaf in enumerate(leaves):
+      out[i] = leaf
+    return out
+  return jax.tree.map(stack, *layers)
+
+
+def config_to_json(cfg: BackboneConfig) -> dict:
+  r = cfg.rope_scaling
+  return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+              num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
+              norm_eps=cfg.norm_eps,
+              rope_scaling=None if r is None else dict(
+                  kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
+                  high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))
+
+
+def config_from_json(d: Mapping) -> BackboneConfig:
+  d = dict(d)
+  r = d.pop('rope_scaling')
+  scaling = None if r is None else RopeScaling(**dict(r, kind=RopeKind(r['kind'])))
+  return BackboneConfig(rope_scaling=scaling, **d)
 
 
 def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
@@ -93,29 +82,13 @@ def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
   return meta, jax.tree.map(np.asarray, params)
 
 
-def load(path: str) -> tuple[dict, BackboneConfig, bool]:
+def load_llm(path: str) -> tuple[dict, BackboneConfig, bool]:
   """(params as host arrays, backbone config, tie_embeddings) of a converted LLM directory."""
   meta, params = read_converted(path, MODEL_JSON, 'llama')
-  cfg = llama.config_from_json(meta['backbone'])
+  cfg = config_from_json(meta['backbone'])
   blocks = params['decoder']['layers']
-  params['decoder']['layers'] = llama.stack_layers([blocks[str(i)] for i in range(cfg.depth)])
+  params['decoder']['layers'] = stack_layers([blocks[str(i)] for i in range(cfg.depth)])
   return params, cfg, bool(meta['tie_embeddings'])
-
-
-def export_llama(params: dict, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
-                 special_ids: tuple[int, int, int]) -> None:
-  """Backbone params -> a HF LlamaForCausalLM directory (config.json + model.safetensors)."""
-  tensors = llama.backbone_to_hf(params, cfg, tie)
-  dtype = np.dtype(next(iter(tensors.values())).dtype)
-  torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
-      dtype, 'bfloat16')
-  with atomic_directory(dst) as tmp:
-    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), list(tensors.items()),
-                         {'format': 'pt'})
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(llama.hf_config(cfg, tie, torch_dtype, *special_ids), f, indent=1)
-    if tokenizer_file and os.path.exists(tokenizer_file):
-      shutil.copy(tokenizer_file, os.path.join(tmp, TOKENIZER))
 
 
 def _check_backbone(cfg: BackboneConfig, model_cfg: BackboneConfig, path: str) -> None:
@@ -136,7 +109,7 @@ def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool
   tokens and any padding) are set to the mean of its rows. MonoFormer's own
   parameters keep their initialization.
   """
-  pretrained, cfg, pretrained_tie = load(path)
+  pretrained, cfg, pretrained_tie = load_llm(path)
   _check_backbone(cfg, model_cfg, path)
   if pretrained_tie != tie:
     raise UserError(f'{path} has tie_embeddings = {pretrained_tie}; config key '

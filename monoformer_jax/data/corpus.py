@@ -1,0 +1,63 @@
+"""Plain text for `ar` steps: data.text_file, or the English text bundled with CPython.
+
+Documents (paragraphs of the file, or the `pydoc_data.topics` entries sorted by
+name) are split into train and held-out parts by the fixed split, streamed as
+`BOS doc EOS` and cut into chunks of data.text_seq_len tokens.
+Dimension letters: S text length.
+"""
+
+import os
+
+import grain
+import ml_collections
+import numpy as np
+
+from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax.data import common
+from monoformer_jax.errors import UserError
+
+
+def documents(data: ml_collections.ConfigDict) -> list[str]:
+  """The text corpus as documents: pydoc topics (sorted by name) or one file's paragraphs."""
+  path = data.text_file
+  if path:
+    if not os.path.isfile(path):
+      raise UserError(f'config key data.text_file names {path}, which does not exist.')
+    with open(path, encoding='utf-8') as f:
+      docs = [d for d in f.read().split('\n\n') if d.strip()]
+    if not docs:
+      raise UserError(f'data.text_file {path} holds no text.')
+    return docs
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  return [topics.topics[k] for k in sorted(topics.topics)]
+
+
+def pack(docs: list[str], tok: tokenizer_lib.Tokenizer, length: int) -> np.ndarray:
+  """`BOS doc EOS` streams cut into [num_chunks, S] int32 chunks."""
+  stream = []
+  for doc in docs:
+    stream.extend([tok.bos_id] + tok.encode(doc) + [tok.eos_id])
+  n = len(stream) // length
+  if n == 0:
+    raise UserError(f'the text corpus has {len(stream)} tokens; expected at least '
+                    f'data.text_seq_len = {length}.')
+  return np.asarray(stream[:n * length], np.int32).reshape(n, length)
+
+
+def chunks(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
+           heldout: bool) -> np.ndarray:
+  """The training or held-out documents as [num_chunks, S] int32 chunks."""
+  docs = documents(data)
+  if len(docs) < 2:
+    raise UserError('the text corpus needs at least two documents (paragraphs) to hold one out.')
+  train_idx, held_idx = common.split(len(docs), data.heldout_fraction)
+  chosen = held_idx if heldout else train_idx
+  return pack([docs[i] for i in chosen], tok, data.text_seq_len)
+
+
+def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
+             seed: int) -> grain.MapDataset:
+  """Infinite shuffled {'tokens', 'valid', 'loss_mask'} training chunks (not yet batched)."""
+  ds = grain.MapDataset.source(chunks(data, tok, heldout=False)).shuffle(seed=seed + 1).repeat()
+  return ds.map(lambda c: dict(tokens=c, valid=np.ones(c.shape, bool),
+                               loss_mask=np.ones(c.shape, bool)))
