@@ -78,18 +78,6 @@ def step_flops(config: ml_collections.ConfigDict, model: MonoFormer, params,
   return 3 * forward_flops(model, params, kind, batch, length, length)
 
 
-def median_seconds(fn, repeats: int, warmup: int) -> float:
-  """Median wall time of fn() (which must block until its result is ready)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def interleaved_medians(runs: dict, repeats: int, warmup: int) -> dict:
   """{name: median seconds} of several blocking callables timed in turn, round after round."""
   for _ in range(warmup):
@@ -109,7 +97,7 @@ def matmul_peak(dtype: jnp.dtype, repeats: int) -> dict:
   n = 2048 if jax.default_backend() == 'cpu' else 8192
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   dot = jax.jit(jnp.dot).lower(a, a).compile()
-  seconds = median_seconds(lambda: dot(a, a).block_until_ready(), repeats, 2)
+  seconds = interleaved_medians({'dot': lambda: dot(a, a).block_until_ready()}, repeats, 2)['dot']
   return dict(n=n, dtype=jnp.dtype(dtype).name, flops_per_s=2 * n**3 / seconds)
 
 

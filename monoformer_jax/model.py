@@ -72,10 +72,6 @@ class ImageSequence:
   suffix: int = 1
 
   @property
-  def time_token(self) -> int:
-    return self.prefix
-
-  @property
   def image_start(self) -> int:
     return self.prefix + 1
 

@@ -12,7 +12,6 @@ torch from the official definitions.
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
 import torch

@@ -9,7 +9,6 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 
 from monoformer_jax.convert import commands
-from monoformer_jax.convert import vae as convert_vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.vae import LATENT_SCALE, load_vae
 

@@ -2,7 +2,6 @@
 latents) are gone samples, generates and exports, from another directory."""
 
 import json
-import os
 import shutil
 
 import numpy as np

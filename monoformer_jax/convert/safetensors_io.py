@@ -15,6 +15,7 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from monoformer_jax import files
 from monoformer_jax.errors import UserError
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -109,10 +110,8 @@ def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[s
     offset += array.nbytes
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+  with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(raw)))
     f.write(raw)
     for _, array in tensors:
       f.write(np.ascontiguousarray(array).tobytes())
-  os.replace(tmp, path)
