@@ -33,4 +33,10 @@ if [[ ${SETUP:-1} == 1 ]]; then
   ssh_all "cd ~/monoformer-jax && pip install -q -r requirements.txt 'jax[tpu]'"
 fi
 args=$(printf ' %q' "$@")
-ssh_all "cd ~/monoformer-jax && python -m monoformer_jax${args} --multihost"
+# 75: every worker stopped at a preemption notice (TPU maintenance sends SIGTERM) after saving a
+# checkpoint; running the same command again resumes from it.
+until ssh_all "cd ~/monoformer-jax && python -m monoformer_jax${args} --multihost"; do
+  status=$?
+  [[ ${status} -eq 75 ]] || exit "${status}"
+  echo "preempted; restarting" >&2
+done

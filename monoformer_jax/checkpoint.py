@@ -2,50 +2,166 @@
 
 Orbax writes each step into a temporary directory and renames it only once
 every item is complete, so a crash mid-save never leaves a step that looks
-finished; `latest_step` only ever sees finished steps.
+finished. A step that cannot be restored (truncated, damaged or deleted files)
+is reported in one warning line and the previous finished step is used instead.
+Parameters that are not finite are never saved, so the retention policy can
+only drop older finite checkpoints. Saves are asynchronous where that helps
+(the loop goes on while the previous save is written; the next save, and the
+end of the run, wait for it). Once a save is complete, process 0 records a CRC-32
+of every file of the step in CHECKSUMS; a restore checks them first, so flipped
+bytes are caught like a truncated file.
 """
 
+import concurrent.futures
+import enum
+import errno
+import json
 import os
-from typing import Any, Optional
+import sys
+import zlib
+from typing import Any, Callable, Optional, TypeVar
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from monoformer_jax import config_lib
 from monoformer_jax.errors import UserError
 
 ITEMS = ('state', 'data', 'config')
+CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC-32}
+T = TypeVar('T')
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while block := f.read(1 << 24):
+      crc = zlib.crc32(block, crc)  # releases the GIL, so files are summed in parallel
+  return crc
+
+
+def _file_checksums(step_dir: str) -> dict[str, int]:
+  paths = sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                 for root, _, names in os.walk(step_dir) for name in names if name != CHECKSUMS)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    sums = pool.map(lambda rel: _crc32(os.path.join(step_dir, rel)), paths)
+  return dict(zip(paths, sums))
+
+
+class AsyncSaves(enum.Enum):
+  AUTO = 'auto'  # asynchronous on accelerators; on CPU the copy to host is the whole write
+  ON = 'on'
+  OFF = 'off'
+
+  def enabled(self) -> bool:
+    return self == AsyncSaves.ON or (self == AsyncSaves.AUTO and jax.default_backend() != 'cpu')
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every leaf of a pytree of float arrays is finite (one device reduction)."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def _disk_full(error: BaseException) -> bool:
+  while error is not None:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class Checkpointer:
   """A CheckpointManager over WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int = 2, create: bool = True):
+  def __init__(self, workdir: str, keep: int = 2, create: bool = True,
+               async_saves: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=async_saves,
+                                           cleanup_tmp_directories=create)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.async_saves = async_saves
+    self.unsummed: Optional[int] = None  # the step saved last, until its checksums are recorded
+
+  def all_steps(self) -> list[int]:
+    """The finished steps, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def _written(self, action: Callable[[], None], step: Optional[int]) -> None:
+    """Runs a save of `step` (or the wait for one, step None); a full disk becomes one sentence."""
+    try:
+      action()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _disk_full(e):
+        raise
+      finished = [s for s in self.all_steps() if s != step]
+      last = f'step {finished[0]}' if finished else 'none'
+      what = 'a checkpoint' if step is None else f'checkpoint step {step}'
+      raise UserError(f'the disk holding {self.directory} is full; {what} was not written. The '
+                      f'last finished checkpoint is {last}; free space and run the same command '
+                      'to resume from it.') from e
+
   def save(self, step: int, state, data_state: dict[str, Any],
            config: ml_collections.ConfigDict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config.to_dict())))
+    """Saves after the previous save has finished; refuses parameters that are not finite."""
+    if not bool(jax.device_get(all_finite((state.params, state.ema_params)))):
+      last = self.all_steps()
+      raise UserError(f'the parameters at step {step} are not finite, so they were not saved; '
+                      f'the last finite checkpoint is {f"step {last[0]}" if last else "none"} '
+                      f'in {self.directory}.')
+    self.wait()
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config.to_dict()))
+    self._written(lambda: self.manager.save(step, args=args), step)
+    self.unsummed = step
+    if not self.async_saves:
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for an asynchronous save to be complete on disk, then records its checksums."""
+    self._written(self.manager.wait_until_finished, None)
+    step, self.unsummed = self.unsummed, None
+    if step is not None and jax.process_index() == 0 and step in self.manager.all_steps():
+      step_dir = os.path.join(self.directory, str(step))
+      with open(os.path.join(step_dir, CHECKSUMS), 'w') as f:
+        json.dump(_file_checksums(step_dir), f)
+
+  def _verify(self, step: int) -> None:
+    """Raises UserError when a file of the step differs from its recorded checksum (process 0;
+    a step saved before checksums were recorded passes)."""
+    step_dir = os.path.join(self.directory, str(step))
+    path = os.path.join(step_dir, CHECKSUMS)
+    if jax.process_index() != 0 or not os.path.exists(path):
+      return
+    with open(path) as f:
+      recorded = json.load(f)
+    found = _file_checksums(step_dir)
+    for name, crc in recorded.items():
+      if found.get(name) != crc:
+        raise UserError(f'checkpoint step {step} in {self.directory}: {name} is '
+                        f'{"missing" if name not in found else "damaged"} (its checksum differs).')
 
   def _restore(self, step: int, what: str, **items) -> dict[str, Any]:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-      first_line = (str(e).splitlines() or [''])[0]
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and tensorstore raise many kinds (a bare Exception for a truncated array file).
+      first_line = (str(e).splitlines() or [''])[0][:200]
       raise UserError(f'checkpoint step {step} in {self.directory}: its {what} cannot be '
                       f'restored ({type(e).__name__}: {first_line}).') from e
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """The state (placed as `abstract_state`'s shardings say) and the data states."""
+    self._verify(step)
     restored = self._restore(step, 'train state', state=ocp.args.StandardRestore(abstract_state),
                              data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
@@ -54,18 +170,37 @@ class Checkpointer:
     saved = self._restore(step, 'config', config=ocp.args.JsonRestore())
     return config_lib.config_from_dict(saved['config'])
 
+  def newest_restorable(self, load: Callable[[int], T]) -> tuple[int, T]:
+    """(step, load(step)) for the newest step that every process restores, from newest to
+    oldest; a warning line for each step passed over, an error if none restores."""
+    failures = []
+    for step in self.all_steps():
+      try:
+        result, problem = load(step), None
+      except UserError as e:
+        result, problem = None, str(e)
+      everywhere = multihost_utils.process_allgather(np.int32(problem is None)).min()
+      if everywhere:
+        if failures and jax.process_index() == 0:
+          more = f' ({len(failures) - 1} other newer step(s) failed too.)' if len(failures) > 1 else ''
+          print(f'warning: {failures[0]}{more} Using step {step} instead.', file=sys.stderr,
+                flush=True)
+        return step, result
+      failures.append(problem or f'checkpoint step {step} cannot be restored on another host.')
+    raise UserError(f'no checkpoint in {self.directory} can be restored'
+                    + (f'; the newest: {failures[0]}' if failures else '.'))
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
-def open_existing(workdir: str) -> tuple[Checkpointer, int]:
-  """The checkpointer of a workdir that must hold a finished checkpoint, and its newest step."""
+def open_existing(workdir: str) -> Checkpointer:
+  """The checkpointer of a workdir that must hold a finished checkpoint."""
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise UserError(f'workdir {workdir} has no checkpoint; run train with --workdir={workdir} first.')
   ckpt = Checkpointer(workdir, create=False)
-  step = ckpt.latest_step()
-  if step is None:
+  if ckpt.latest_step() is None:
     raise UserError(f'workdir {workdir} has no finished checkpoint in {directory}.')
-  return ckpt, step
+  return ckpt

@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'
   c.model.layer_loop = 'scan'  # 'scan': one compiled block looped; 'unrolled': L copies
   c.model.attention = 'xla'  # 'cudnn' on NVIDIA GPUs (bf16/fp16); 'splash' on TPU
+  c.model.context_length = 2048  # longest sequence (prompt + generated) the model is used at
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
@@ -85,7 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.9999
   c.train.log_every = 50
   c.train.checkpoint_every = 500
+  c.train.checkpoint_minutes = 0.0  # also save when this much time has passed; 0 = steps only
   c.train.keep_checkpoints = 2
+  c.train.async_checkpoints = 'auto'  # 'auto': on accelerators, not on CPU; 'on'; 'off'
+  c.train.max_skipped_steps = 10  # consecutive non-finite steps (skipped) that stop the run
+  c.train.eval_every = 0  # held-out losses every this many steps; 0 = never
+  c.train.profile_start = 10  # first step of the profiler trace (after compilation)
+  c.train.profile_steps = 0  # steps traced into WORKDIR/plugins/profile; 0 = none
   c.train.eval_at_end = True
   c.train.loss_chunk = 512  # tokens per cross-entropy chunk (bounds the fp32 logits); 0 = all
 

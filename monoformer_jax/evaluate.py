@@ -4,6 +4,9 @@ Image half: samples for every prompt "a handwritten digit {name}" are labelled
 by an independent classifier (an RBF SVM fitted only on the held-out real
 digits, which the generator never saw); we report how often the label is the
 prompted digit, per class and overall. Text half: perplexity of held-out text.
+During training (train.eval_every), `heldout_losses` gives the held-out text loss
+and the held-out diffusion loss of each quarter of the timesteps.
+Dimension letters: B batch, P prompt length, H/W/C image.
 """
 
 import json
@@ -16,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import files, sampling
+from monoformer_jax import diffusion, files, sampling
 from monoformer_jax.data import corpus, digits
 from monoformer_jax.steps import next_token_loss
 
@@ -49,8 +52,8 @@ def prompt_accuracy(setup, params, key: jax.Array) -> tuple[dict[str, float], np
   return result, images
 
 
-def text_perplexity(setup, params) -> float:
-  """exp(mean next-token NLL) over held-out text chunks."""
+def heldout_text_loss(setup, params) -> float:
+  """Mean next-token NLL over held-out text chunks (eval.text_batches batches; 0 = all)."""
   config, model = setup.config, setup.model
   chunks = corpus.chunks(config.data, setup.tok, heldout=True)
   batch = config.data.text_batch_size
@@ -66,7 +69,43 @@ def text_perplexity(setup, params) -> float:
   for start in range(0, len(chunks), batch):
     s, c = multihost_utils.process_allgather(nll_sum(params, chunks[start:start + batch]), tiled=True)
     total, count = total + float(s), count + float(c)
-  return math.exp(total / count)
+  return total / count
+
+
+def heldout_diffusion_losses(setup, params) -> dict[str, float]:
+  """The diffusion loss of the held-out digits, prompted with eval.prompt_template, at fixed
+  noise and timesteps drawn from each quarter of [0, T): {'diffusion_q1': ..., ...}."""
+  config, model, tok = setup.config, setup.model, setup.tok
+  images, labels = digits.heldout(config.data)
+  prompts = [tok.image_prompt(config.eval.prompt_template.format(name=digits.CLASS_NAMES[c]),
+                              config.data.prompt_len) for c in labels]
+  tokens, valid = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
+  num_t = config.diffusion.num_timesteps
+  schedule = diffusion.make_schedule(num_t)
+  rng = np.random.default_rng(0)  # the same noise at every evaluation
+  noise = rng.standard_normal(images.shape).astype(np.float32)
+
+  @jax.jit
+  def loss_sum(params, tokens, valid, x0, t, noise):
+    xt = diffusion.q_sample(schedule, x0, t, noise)
+    suffix = jnp.full((x0.shape[0], 1), tok.im_end_id, jnp.int32)
+    out = model.apply({'params': params}, tokens, valid, mask_type=model.image_mask, image=xt,
+                      t=t, suffix=suffix).image
+    return diffusion.training_loss(schedule, out, x0, xt, t, noise)['loss'].sum()
+
+  losses, batch = {}, config.data.image_batch_size
+  for quarter in range(4):
+    t = rng.integers(quarter * num_t // 4, (quarter + 1) * num_t // 4, len(images)).astype(np.int32)
+    total = sum(float(loss_sum(params, tokens[i:i + batch], valid[i:i + batch],
+                               images[i:i + batch], t[i:i + batch], noise[i:i + batch]))
+                for i in range(0, len(images), batch))
+    losses[f'diffusion_q{quarter + 1}'] = total / len(images)
+  return losses
+
+
+def heldout_losses(setup, params) -> dict[str, float]:
+  """Held-out text loss and diffusion loss per timestep quarter (digits and corpus sources)."""
+  return {'text': heldout_text_loss(setup, params), **heldout_diffusion_losses(setup, params)}
 
 
 def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
@@ -74,7 +113,7 @@ def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
   the sample images."""
   key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30)
   metrics, images = prompt_accuracy(setup, params, key)
-  metrics['text/perplexity'] = text_perplexity(setup, params)
+  metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
   metrics['step'] = step
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))

@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import bench, extract_latents, fid_samples, files, sampling, settings, vae
+from monoformer_jax import (bench, extract_latents, fid_samples, files, guards, sampling, settings,
+                            vae)
 from monoformer_jax import evaluate as evaluate_lib
 from monoformer_jax import train
 from monoformer_jax import workdir as workdir_lib
@@ -118,6 +119,10 @@ def generate_command(workdir: str) -> None:
   setup = restored.setup
   tok, model = setup.tok, setup.model
   tokens, valid = tok.text_prompt(_PROMPT.value, setup.config.data.text_seq_len)
+  context = setup.config.model.context_length
+  if valid.sum() + _MAX_TOKENS.value > context:
+    raise UserError(f'--max_tokens {_MAX_TOKENS.value} after a prompt of {valid.sum()} tokens '
+                    f'passes the model\'s context of {context} tokens (model.context_length).')
   out = sampling.generate(model, restored.params, tokens[None], valid[None],
                           jax.random.key(_SEED.value), max_tokens=_MAX_TOKENS.value,
                           temperature=_TEMPERATURE.value,
@@ -158,10 +163,15 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _fail(message: str, code: int = 2) -> None:
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
 def main(argv) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS or len(argv) != (3 if argv[1] == 'convert' else 2):
-    raise app.UsageError(f'expected one command out of {", ".join(COMMANDS)} (convert takes a '
-                         f'kind: {", ".join(convert_commands.KINDS)}); got {argv[1:]}.')
+    _fail(f'error: expected one command out of {", ".join(COMMANDS)} (convert takes a kind: '
+          f'{", ".join(convert_commands.KINDS)}); got {" ".join(argv[1:]) or "none"}.')
   command, workdir = argv[1], _WORKDIR.value
   if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
@@ -189,8 +199,11 @@ def main(argv) -> None:
     else:
       evaluate_command(workdir)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(f'error: {e}')
+  except guards.Preempted as e:
+    _fail(str(e), guards.PREEMPTED_EXIT_CODE)
+  except OSError as e:  # a full disk, a file that cannot be written or read
+    _fail(f'error: {e.strerror or e}: {e.filename or "(no file named)"}.')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -201,12 +214,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(0)
   try:
     return flags.FLAGS(argv)
-  except flags.Error:
-    raise  # absl prints these itself
+  except flags.Error as e:  # an unknown flag, a value of the wrong type
+    _fail(f'error: {" ".join(str(e).split())}.')
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     detail = ' '.join(str(e).replace('\\n', ' ').replace("\\", '').replace("'", '').split())
-    print(f'error: the config (file or --config.* override) is invalid: {detail}', file=sys.stderr)
-    sys.exit(2)
+    _fail(f'error: the config (file or --config.* override) is invalid: {detail}')
 
 
 def run() -> None:

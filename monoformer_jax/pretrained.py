@@ -91,15 +91,28 @@ def load_llm(path: str) -> tuple[dict, BackboneConfig, bool]:
   return params, cfg, bool(meta['tie_embeddings'])
 
 
-def _check_backbone(cfg: BackboneConfig, model_cfg: BackboneConfig, path: str) -> None:
-  # Shapes are compared parameter by parameter later; these settings leave no trace in them.
-  for field in ('rope_theta', 'rope_scaling', 'norm_eps'):
+def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
+  """The converted LLM at `path` fits the model: shape, rope, norm and tying agree, and the
+  model's vocabulary holds the LLM's. Reads model.json only, so it costs nothing."""
+  meta_path = os.path.join(path, MODEL_JSON)
+  if not os.path.isfile(meta_path):
+    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}); create one '
+                    'with `python -m monoformer_jax convert llama`.')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  cfg = config_from_json(meta['backbone'])
+  # These settings leave no trace in the parameter shapes, so they are compared here.
+  for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'rope_theta',
+                'rope_scaling', 'norm_eps'):
     got, want = getattr(cfg, field), getattr(model_cfg, field)
     if got != want:
       raise UserError(f'{path} has {field} = {got}, but the model config gives {want}.')
   if model_cfg.vocab_size < cfg.vocab_size:
     raise UserError(f'{path} has {cfg.vocab_size} vocabulary rows; config key model.vocab_size '
                     f'is only {model_cfg.vocab_size}.')
+  if bool(meta['tie_embeddings']) != tie:
+    raise UserError(f'{path} has tie_embeddings = {bool(meta["tie_embeddings"])}; config key '
+                    f'model.tie_embeddings is {tie}.')
 
 
 def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
@@ -109,11 +122,8 @@ def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool
   tokens and any padding) are set to the mean of its rows. MonoFormer's own
   parameters keep their initialization.
   """
-  pretrained, cfg, pretrained_tie = load_llm(path)
-  _check_backbone(cfg, model_cfg, path)
-  if pretrained_tie != tie:
-    raise UserError(f'{path} has tie_embeddings = {pretrained_tie}; config key '
-                    f'model.tie_embeddings is {tie}.')
+  check_compatible(path, model_cfg, tie)
+  pretrained, cfg, _ = load_llm(path)
   extra = model_cfg.vocab_size - cfg.vocab_size
 
   def extend(rows: np.ndarray, axis: int) -> np.ndarray:

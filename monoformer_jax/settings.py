@@ -7,12 +7,12 @@ adds what only training reads: the files and directories the config names.
 
 import dataclasses
 import os
-from typing import Any
 
 import ml_collections
 
-from monoformer_jax import config_lib
+from monoformer_jax import config_lib, pretrained
 from monoformer_jax import model as model_lib
+from monoformer_jax.checkpoint import AsyncSaves
 from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
 from monoformer_jax.errors import UserError
 from monoformer_jax.sampling import ImageSampling
@@ -26,19 +26,46 @@ class Settings:
   image_source: ImageSource
   text_source: TextSource
   latents_source: LatentsSource
+  async_saves: AsyncSaves
 
 
-def _positive(config: ml_collections.ConfigDict, *keys: str) -> None:
-  for key in keys:
-    value: Any = config
-    for part in key.split('.'):
-      value = value[part]
-    if not value > 0:
-      raise UserError(f'config key {key} is {value!r}; expected a positive number.')
+# Numeric keys and what each must be; a value outside fails with the key named.
+_RANGES = (
+    (lambda v: v > 0, 'a positive number', (
+        'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size', 'data.text_batch_size',
+        'data.tokenizer_vocab_size', 'data.image_resolution', 'data.latents_shard_size',
+        'model.vocab_size', 'model.patch_size', 'model.image_channels', 'model.rope_theta',
+        'model.norm_eps', 'model.context_length', 'diffusion.num_timesteps',
+        'optim.learning_rate', 'optim.grad_clip', 'train.num_steps', 'train.log_every',
+        'train.checkpoint_every', 'train.keep_checkpoints', 'train.max_skipped_steps',
+        'sample.steps', 'eval.samples_per_class', 'bench.repeats', 'bench.sample_repeats',
+        'bench.sample_images', 'bench.decode_batch', 'bench.decode_tokens')),
+    (lambda v: v >= 0, 'zero or more', (
+        'seed', 'optim.warmup_steps', 'optim.weight_decay', 'train.ar_weight',
+        'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
+        'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.profile_start',
+        'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches', 'bench.warmup')),
+    (lambda v: 0 <= v < 1, 'a fraction in [0, 1)', (
+        'data.cfg_dropout', 'optim.b1', 'optim.b2', 'train.ema_decay')),
+    (lambda v: 0 < v < 1, 'a fraction in (0, 1)', ('data.heldout_fraction',)),
+)
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  for within, expected, keys in _RANGES:
+    for key in keys:
+      section, _, name = key.rpartition('.')
+      value = config[section][name] if section else config[name]
+      if not within(value):
+        raise UserError(f'config key {key} is {value!r}; expected {expected}.')
 
 
 def validate(config: ml_collections.ConfigDict) -> Settings:
   """The config's Settings; a UserError naming the first key that cannot work."""
+  _check_ranges(config)
+  if len(config.model.image_size) != 2 or min(config.model.image_size) < 1:
+    raise UserError(f'config key model.image_size is {tuple(config.model.image_size)}; expected '
+                    '(height, width), both positive.')
   model = model_lib.build(config.model)
   image_source = config_lib.choice(ImageSource, config.data.image_source, 'data.image_source')
   settings = Settings(
@@ -47,7 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
       image_source=image_source,
       text_source=config_lib.choice(TextSource, config.data.text_source, 'data.text_source'),
       latents_source=config_lib.choice(LatentsSource, config.data.latents_source,
-                                       'data.latents_source'))
+                                       'data.latents_source'),
+      async_saves=config_lib.choice(AsyncSaves, config.train.async_checkpoints,
+                                    'train.async_checkpoints'))
   if image_source.pixels and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
@@ -57,15 +86,15 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if image_source != ImageSource.DIGITS and config.train.eval_at_end:
     raise UserError('config key train.eval_at_end needs data.image_source \'digits\' (its '
                     'classifier); set it to False and measure FID on `sample` files instead.')
-  if config.train.loss_chunk < 0:
-    raise UserError(f'config key train.loss_chunk is {config.train.loss_chunk}; expected 0 '
-                    '(no chunking) or a positive token count.')
-  _positive(config, 'data.prompt_len', 'data.text_seq_len', 'data.image_batch_size',
-            'data.text_batch_size', 'model.vocab_size', 'model.patch_size',
-            'train.num_steps', 'train.log_every', 'train.checkpoint_every',
-            'sample.steps', 'diffusion.num_timesteps', 'optim.learning_rate',
-            'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
-            'bench.decode_tokens', 'data.image_resolution', 'data.latents_shard_size')
+  if config.train.eval_every and (image_source != ImageSource.DIGITS or
+                                  settings.text_source != TextSource.CORPUS):
+    raise UserError('config key train.eval_every needs held-out data, which data.image_source '
+                    '\'digits\' and data.text_source \'corpus\' have; set it to 0.')
+  longest = max(config.data.text_seq_len, model.image.sequence(config.data.prompt_len).length)
+  if longest > config.model.context_length:
+    raise UserError(f'config key model.context_length ({config.model.context_length}) is shorter '
+                    f'than the training sequences ({longest} tokens: data.text_seq_len, or '
+                    'data.prompt_len plus the image).')
   if config.data.tokenizer_vocab_size > config.model.vocab_size:
     raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
                     f'exceeds model.vocab_size ({config.model.vocab_size}).')
@@ -77,12 +106,9 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.sample.steps > config.diffusion.num_timesteps:
     raise UserError(f'config key sample.steps ({config.sample.steps}) exceeds '
                     f'diffusion.num_timesteps ({config.diffusion.num_timesteps}).')
-  if min(config.train.ar_weight, config.train.diffusion_weight) < 0 or (
-      config.train.ar_weight + config.train.diffusion_weight <= 0):
-    raise UserError('config keys train.ar_weight and train.diffusion_weight must be '
-                    'non-negative with a positive sum.')
-  if not 0.0 <= config.train.ema_decay < 1.0:
-    raise UserError(f'config key train.ema_decay is {config.train.ema_decay}; expected [0, 1).')
+  if config.train.ar_weight + config.train.diffusion_weight <= 0:
+    raise UserError('config keys train.ar_weight and train.diffusion_weight must have a '
+                    'positive sum.')
   for template in config.data.templates:
     if '{name}' not in template:
       raise UserError(f'config key data.templates has {template!r}; every template needs {{name}}.')
@@ -93,12 +119,16 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings) -> None:
-  """The files and directories training reads exist (a UserError naming the first that does not)."""
+  """The files and directories training reads exist, and a converted LLM fits the model (a
+  UserError naming the first that does not)."""
   for key, value, is_there in (('data.text_file', config.data.text_file, os.path.isfile),
                                ('model.init_from', config.model.init_from, os.path.isdir),
                                ('model.vae', config.model.vae, os.path.isdir)):
     if value and not is_there(value):
       raise UserError(f'config key {key} names {value}, which does not exist.')
+  if config.model.init_from:
+    pretrained.check_compatible(config.model.init_from, settings.model.backbone,
+                                settings.model.tie_embeddings)
   if settings.image_source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
     raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
                     'directory; expected the output of `extract_latents`.')

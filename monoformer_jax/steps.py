@@ -3,14 +3,16 @@
 An `ar` step takes next-token cross-entropy on text under the causal mask; a
 `diffusion` step takes the IDDPM hybrid loss on noised images under the image
 mask. Each is a pure function of (state, batch, key); keys come from
-fold_in(seed key, step), so a resumed run replays the same randomness.
+fold_in(seed key, step), so a resumed run replays the same randomness. A step
+whose loss or gradient norm is not finite leaves the state as it was (metric
+`skipped` is 1); state.step counts the updates applied.
 Dimension letters: B batch, S text length, P prompt length, V vocabulary.
 """
 
 import dataclasses
 import enum
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -47,12 +49,14 @@ class StepConfig:
   num_timesteps: int
   im_end_id: int
   loss_chunk: int = 0  # tokens per cross-entropy chunk; 0 = the whole batch at once
+  learning_rate: Callable[[jax.Array], jax.Array] = optax.constant_schedule(0.0)  # for the logs
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
     return cls(config.train.lm_loss_weight,
                config.train.diffusion_loss_weight, config.train.ema_decay,
-               config.diffusion.num_timesteps, im_end_id, config.train.loss_chunk)
+               config.diffusion.num_timesteps, im_end_id, config.train.loss_chunk,
+               learning_rate(config.optim, config.train.num_steps))
 
 
 def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float) -> StepKind:
@@ -61,15 +65,21 @@ def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float) -
   return StepKind.AR if u < ar_weight / (ar_weight + diffusion_weight) else StepKind.DIFFUSION
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """AdamW after global-norm clipping, with optional warmup and cosine decay."""
+def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """The learning rate after n applied updates: constant, or warmup then optional cosine decay."""
   if optim.cosine_decay:
-    lr = optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
-                                            max(num_steps, optim.warmup_steps + 1))
-  elif optim.warmup_steps:
-    lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
-  else:
-    lr = optim.learning_rate
+    return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                              max(num_steps, optim.warmup_steps + 1))
+  if optim.warmup_steps:
+    return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  return optax.constant_schedule(optim.learning_rate)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping, on the learning_rate schedule."""
+  lr = learning_rate(optim, num_steps)
+  if not (optim.cosine_decay or optim.warmup_steps):
+    lr = optim.learning_rate  # a float keeps the optimizer state free of a step count
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                      optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
 
@@ -104,12 +114,22 @@ def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState
     return init(key)
 
 
-def _apply_gradients(state: TrainState, grads, tx, ema_decay: float) -> tuple[TrainState, jax.Array]:
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  return new_state, optax.tree.norm(grads)
+def _apply_gradients(state: TrainState, grads, loss: jax.Array, tx,
+                     cfg: StepConfig) -> tuple[TrainState, dict]:
+  """The updated state, or the same state when the loss or the gradients are not finite."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(state: TrainState) -> TrainState:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p,
+                       state.ema_params, params)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+  metrics = dict(grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
+                 learning_rate=jnp.asarray(cfg.learning_rate(state.step), jnp.float32))
+  return jax.lax.cond(finite, update, lambda s: s, state), metrics
 
 
 def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Array, chunk: int,
@@ -148,8 +168,8 @@ def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer
     return loss * cfg.lm_loss_weight, loss
 
   (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, grad_norm = _apply_gradients(state, grads, tx, cfg.ema_decay)
-  return state, {'loss': loss, 'grad_norm': grad_norm}
+  state, metrics = _apply_gradients(state, grads, loss, tx, cfg)
+  return state, dict(metrics, loss=loss)
 
 
 def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
@@ -170,8 +190,8 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: Mon
     return terms['loss'] * cfg.diffusion_loss_weight, terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, grad_norm = _apply_gradients(state, grads, tx, cfg.ema_decay)
-  return state, dict(terms, grad_norm=grad_norm)
+  state, metrics = _apply_gradients(state, grads, terms['loss'], tx, cfg)
+  return state, dict(terms, **metrics)
 
 
 def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,

@@ -1,12 +1,14 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Resumes from the newest finished checkpoint in the workdir (train state, both
-data-iterator states), alternates `ar` and `diffusion` steps by the seeded
+Resumes from the newest checkpoint in the workdir that restores (train state,
+both data-iterator states), alternates `ar` and `diffusion` steps by the seeded
 mixture schedule, logs to TensorBoard and WORKDIR/metrics.jsonl, and evaluates
-at the end.
+at the end. Checkpoints come every train.checkpoint_every steps, every
+train.checkpoint_minutes, at the end, and at a preemption notice, after which the
+run stops with guards.Preempted. Steps that are not finite are skipped;
+train.max_skipped_steps of them in a row stop the run.
 """
 
-import json
 import os
 import shutil
 import time
@@ -14,62 +16,15 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from monoformer_jax import checkpoint, evaluate, pretrained, sampling, sharding, steps, vae
+from monoformer_jax import checkpoint, evaluate, guards, pretrained, sharding, steps, vae
+from monoformer_jax import settings as settings_lib
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.data import common, pipeline
+from monoformer_jax.errors import UserError
+from monoformer_jax.metrics_log import MetricsLog
 from monoformer_jax.steps import StepKind
-
-METRICS_FILE = 'metrics.jsonl'
-
-
-class MetricsLog:
-  """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
-
-  def __init__(self, workdir: str, start_step: int, num_steps: int):
-    # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    self.leader = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.leader,
-                                                       asynchronous=False)
-    self.num_steps = num_steps
-    self.last = (start_step, time.monotonic())
-    if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo
-      with open(self.path) as f:
-        rows = [line for line in f if json.loads(line)['step'] <= start_step]
-      with open(self.path, 'w') as f:
-        f.writelines(rows)
-
-  def write(self, step: int, kind: StepKind, metrics: dict, input_wait_s: float) -> None:
-    """Logs one step's metrics (the only device-to-host fetch of the loop) and the share
-    of the wall time since the last write spent waiting for input batches."""
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.monotonic()
-    elapsed = max(now - self.last[1], 1e-9)
-    rate = (step - self.last[0]) / elapsed
-    input_wait = input_wait_s / elapsed
-    self.last = (step, now)
-    self.writer.write_scalars(step, {f'{kind.value}/{k}': v for k, v in scalars.items()}
-                              | {'steps_per_sec': rate, 'input_wait_fraction': input_wait})
-    if not self.leader:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, 'kind': kind.value, **scalars,
-                          'steps_per_sec': rate, 'input_wait_fraction': input_wait}) + '\n')
-    eta = (self.num_steps - step) / max(rate, 1e-9)
-    print(f'step {step}/{self.num_steps}  {kind.value:9s} loss {scalars["loss"]:.4f}  '
-          f'{rate:.1f} steps/s  input wait {input_wait:.1%}  ETA {eta / 60:.1f} min', flush=True)
-
-  def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
-    self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
-    grid = sampling.image_grid(sampling.to_uint8(images), columns=len(images) // 10)
-    self.writer.write_images(step, {'samples': grid[None]})
-    if self.leader:
-      print('eval: ' + '  '.join(f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
-
-  def close(self) -> None:
-    self.writer.close()
 
 
 def init_backbone(state, setup: workdir_lib.Setup, shardings):
@@ -91,29 +46,60 @@ def _record_llm_source(init_from: str, workdir: str) -> None:
                 os.path.join(workdir, pretrained.SOURCE_JSON))
 
 
+class _SaveClock:
+  """train.checkpoint_minutes: whether that long has passed since the last save, decided by
+  process 0 at logged steps so that every process saves at the same step."""
+
+  def __init__(self, minutes: float):
+    self.seconds, self.last = 60.0 * minutes, time.monotonic()
+
+  def due(self) -> bool:
+    if not self.seconds:
+      return False
+    late = np.int32(time.monotonic() - self.last >= self.seconds)
+    return bool(multihost_utils.broadcast_one_to_all(late))
+
+  def saved(self) -> None:
+    self.last = time.monotonic()
+
+
+def _profile(workdir: str, t: ml_collections.ConfigDict, done: int, state) -> None:
+  """Traces steps [profile_start, profile_start + profile_steps) into WORKDIR/plugins/profile."""
+  if not t.profile_steps or jax.process_index() != 0:
+    return
+  if done == t.profile_start:
+    jax.profiler.start_trace(workdir)
+  elif done == t.profile_start + t.profile_steps:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
-  setup = workdir_lib.for_training(config, workdir)
-  settings, tok, model, tx, layout = setup.settings, setup.tok, setup.model, setup.tx, setup.layout
+  settings = settings_lib.validate(config)
+  settings_lib.check_inputs(config, settings)
+  layout = sharding.make_layout(config.mesh)
   image_shape = (*config.model.image_size, config.model.image_channels)
   encode = None  # pixels -> latents on the devices, when the images are pixels and a VAE is set
   if config.model.vae and settings.image_source.pixels:
     encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution, image_shape)
+  setup = workdir_lib.for_training(config, workdir, settings, layout)
+  tok, model, tx = setup.tok, setup.model, setup.tx
   abstract, shardings = steps.abstract_state(model, tx, layout)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                 async_saves=settings.async_saves.enabled())
   datasets = {
       StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
       StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
                                                  config.seed, image_shape)}
   iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
-  latest = ckpt.latest_step()
-  start = latest or 0
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract)
+  if ckpt.all_steps():
+    start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
     for kind, it in iterators.items():
       if kind.value in data_state:  # converted checkpoints start their data afresh
         it.set_state(data_state[kind.value])
   else:
+    start = 0
     state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
     if config.model.init_from:
       state = init_backbone(state, setup, shardings)
@@ -122,30 +108,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
                              layout, shardings)
   log = MetricsLog(workdir, start, config.train.num_steps)
+  notice, guard = guards.PreemptionNotice(), guards.SkipGuard(config.train.max_skipped_steps)
+  clock = _SaveClock(config.train.checkpoint_minutes)
   seed_key = jax.random.key(config.seed)
   t = config.train
   input_wait = 0.0
-  with sharding.activate(layout):
-    for step in range(start, t.num_steps):
-      kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
-      # Steps are dispatched asynchronously, so the next batch is read and sent while
-      # the device still runs this one; what the loop waits here is the input's cost.
-      wait_start = time.perf_counter()
-      batch = next(iterators[kind])
-      batch.pop('label', None)
-      batch = sharding.global_batch(batch, layout)
-      input_wait += time.perf_counter() - wait_start
-      step_key = jax.random.fold_in(seed_key, step)
-      if encode is not None and kind == StepKind.DIFFUSION:
-        batch['image'] = encode(batch['image'], jax.random.fold_in(step_key, 1))
-      state, metrics = step_fns[kind](state, batch, step_key)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.num_steps:
-        log.write(done, kind, metrics, input_wait)
-        input_wait = 0.0
-      if done % t.checkpoint_every == 0 or done == t.num_steps:
-        ckpt.save(done, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
-  ckpt.close()
+
+  def save(step: int) -> None:
+    _stop_if_diverged(guard.flush(), ckpt, t.max_skipped_steps)
+    ckpt.save(step, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
+    clock.saved()
+
+  try:
+    with sharding.activate(layout):
+      for step in range(start, t.num_steps):
+        kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
+        # Steps are dispatched asynchronously, so the next batch is read and sent while
+        # the device still runs this one; what the loop waits here is the input's cost.
+        wait_start = time.perf_counter()
+        batch = next(iterators[kind])
+        batch.pop('label', None)
+        batch = sharding.global_batch(batch, layout)
+        input_wait += time.perf_counter() - wait_start
+        step_key = jax.random.fold_in(seed_key, step)
+        if encode is not None and kind == StepKind.DIFFUSION:
+          batch['image'] = encode(batch['image'], jax.random.fold_in(step_key, 1))
+        state, metrics = step_fns[kind](state, batch, step_key)
+        done = step + 1
+        _stop_if_diverged(guard.push(done, metrics['skipped']), ckpt, t.max_skipped_steps)
+        logged = done % t.log_every == 0 or done == t.num_steps
+        if logged:
+          _stop_if_diverged(guard.flush(), ckpt, t.max_skipped_steps)
+          log.write(done, kind.value, jax.device_get(metrics), input_wait, guard.total)
+          input_wait = 0.0
+        if notice.reached(done):
+          save(done)
+          raise guards.Preempted(done, ckpt.directory)
+        if done % t.checkpoint_every == 0 or done == t.num_steps or (logged and clock.due()):
+          save(done)
+        if t.eval_every and done % t.eval_every == 0:
+          log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
+        _profile(workdir, t, done, state)
+  finally:
+    notice.close()
+    ckpt.close()
 
   metrics = {}
   if t.eval_at_end:
@@ -155,3 +161,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.write_eval(t.num_steps, metrics, images)
   log.close()
   return metrics
+
+
+def _stop_if_diverged(step, ckpt: checkpoint.Checkpointer, limit: int) -> None:
+  if step is not None:
+    last = ckpt.all_steps()
+    raise UserError(f'the loss or the gradients were not finite at {limit} steps in a row up to '
+                    f'step {step} (train.max_skipped_steps); those steps were skipped and the run '
+                    'stopped; a lower optim.learning_rate may help. The last checkpoint, whose '
+                    f'parameters are finite, is {f"step {last[0]}" if last else "none"} in '
+                    f'{ckpt.directory}.')

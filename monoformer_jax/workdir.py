@@ -1,14 +1,20 @@
 """Opening a workdir: what training sets up in it, and what inference reads back.
 
 Inference needs nothing but the workdir (and the VAE where latents are decoded
-to pixels): the config comes from the newest checkpoint and is only validated,
-never checked against the training inputs it names, which may be gone.
+to pixels): the config comes from the newest checkpoint that restores and is
+only validated, never checked against the training inputs it names, which may
+be gone. Training holds the workdir's lock while it runs, so a second `train`
+on the same workdir is refused; the kernel drops the lock with the process, so a
+killed run leaves nothing stuck.
 """
 
 import dataclasses
+import fcntl
 import os
-from typing import Any
+import socket
+from typing import Any, Optional, TextIO
 
+import jax
 import ml_collections
 import optax
 
@@ -17,6 +23,8 @@ from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.data import pipeline
 from monoformer_jax.errors import UserError
 from monoformer_jax.model import MonoFormer
+
+LOCK_FILE = 'train.lock'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,46 +35,93 @@ class Setup:
   tok: tokenizer_lib.Tokenizer
   tx: optax.GradientTransformation
   layout: sharding.Layout
+  lock: Optional[TextIO] = None  # training: the open, locked WORKDIR/train.lock
 
   @property
   def model(self) -> MonoFormer:
     return self.settings.model
 
 
-def _setup(config, settings, tok) -> Setup:
+def _setup(config, settings, tok, layout=None, lock=None) -> Setup:
   if tok.vocab_size > config.model.vocab_size:
     raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} pieces; config key '
                     f'model.vocab_size is only {config.model.vocab_size}.')
   return Setup(config, settings, tok, steps.make_optimizer(config.optim, config.train.num_steps),
-               sharding.make_layout(config.mesh))
+               layout or sharding.make_layout(config.mesh), lock)
 
 
-def for_training(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """Checks the config and its inputs, then creates the workdir and its tokenizer."""
-  settings = settings_lib.validate(config)
-  settings_lib.check_inputs(config, settings)
+def _lock(workdir: str) -> Optional[TextIO]:
+  """Process 0's exclusive lock on the workdir (other processes share process 0's run)."""
+  if jax.process_index() != 0:
+    return None
+  handle = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'another process'
+    handle.close()
+    raise UserError(f'workdir {workdir} is in use by another `train` ({holder}); wait for it to '
+                    'end or choose another --workdir.') from None
+  handle.truncate(0)
+  handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+  handle.flush()
+  return handle
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a directory this process can write, or can be created as one."""
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(os.path.abspath(existing))
+  if not os.path.isdir(existing):
+    raise UserError(f'--workdir {workdir} is a file (or lies under {existing}, a file); expected '
+                    'a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir {workdir} is not writable here ({existing} refuses writes).')
+
+
+def for_training(config: ml_collections.ConfigDict, workdir: str,
+                 settings: Optional[settings_lib.Settings] = None,
+                 layout: Optional[sharding.Layout] = None) -> Setup:
+  """Checks the config, its inputs and the workdir; then creates the workdir, takes its lock
+  and makes its tokenizer. Nothing is created until the checks pass."""
+  if settings is None:
+    settings = settings_lib.validate(config)
+    settings_lib.check_inputs(config, settings)
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
+  lock = _lock(workdir)
   tok = tokenizer_lib.for_workdir(workdir, config.model.init_from,
                                   config.data.tokenizer_vocab_size,
                                   lambda: pipeline.tokenizer_texts(config.data))
-  return _setup(config, settings, tok)
+  return _setup(config, settings, tok, layout, lock)
 
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A workdir's newest checkpoint, ready for inference."""
+  """A workdir's newest restorable checkpoint, ready for inference."""
   setup: Setup
   params: Any  # the EMA or the raw parameters, placed on setup.layout's mesh
   step: int
 
 
 def for_inference(workdir: str, use_ema: bool) -> Restored:
-  """The setup saved in the workdir's newest checkpoint, and its EMA or raw parameters."""
-  ckpt, step = checkpoint.open_existing(workdir)
-  config = ckpt.restore_config(step)
+  """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
+  parameters (which must be finite)."""
+  ckpt = checkpoint.open_existing(workdir)
   tok = tokenizer_lib.Tokenizer(os.path.join(workdir, tokenizer_lib.MODEL_FILE))
-  setup = _setup(config, settings_lib.validate(config), tok)
-  abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
-  state, _ = ckpt.restore(step, abstract)
+
+  def load(step: int):
+    config = ckpt.restore_config(step)
+    setup = _setup(config, settings_lib.validate(config), tok)
+    abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
+    return setup, ckpt.restore(step, abstract)[0]
+
+  step, (setup, state) = ckpt.newest_restorable(load)
   ckpt.close()
-  return Restored(setup, state.ema_params if use_ema else state.params, step)
+  params = state.ema_params if use_ema else state.params
+  if not bool(jax.device_get(checkpoint.all_finite(params))):
+    raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
+                    f'{workdir} are not finite; no sample or text can come from them.')
+  return Restored(setup, params, step)

@@ -74,12 +74,14 @@ def worst(tree_a, tree_b):
 
 def compare(workdir):
   devices = jax.devices()
-  report = {}
+  report, references = {}, {}
   for name, mesh in MESHES.items():
     config = make_config(mesh)
-    one = make_config(dict(data=1, fsdp=1, tensor=1))
-    one.model.size = config.model.size
-    ref_state, ref_losses, _, _, _ = run(one, workdir, devices[:1])
+    if config.model.size not in references:  # one 1-device run per model size
+      one = make_config(dict(data=1, fsdp=1, tensor=1))
+      one.model.size = config.model.size
+      references[config.model.size] = run(one, workdir, devices[:1])[:2]
+    ref_state, ref_losses = references[config.model.size]
     state, losses, _, _, _ = run(config, workdir, devices)
     embed = state.params['embed_tokens']['embedding']
     q = state.params['decoder']['layers']['self_attn']['q_proj']['kernel']

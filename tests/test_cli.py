@@ -1,5 +1,6 @@
 """The command line end to end, and its answers to bad input."""
 
+import json
 import os
 import subprocess
 
@@ -20,16 +21,53 @@ def trained(tmp_path_factory, tokenizer_file):
   return workdir
 
 
-@pytest.mark.parametrize('override, named', [
-    ('--config.train.num_stesp=3', 'num_stesp'),  # an unknown config key
-    ('--config.data.text_file=/no/such/corpus.txt', '/no/such/corpus.txt'),  # a missing dataset
-])
-def test_bad_train_input_writes_nothing(tmp_path, override, named):
-  workdir = tmp_path / 'w'
-  result = cli('train', *TINY, override, f'--workdir={workdir}')
-  assert result.returncode != 0
-  assert named in error_line(result)
-  assert not workdir.exists()
+def _bad_inputs(tmp_path):
+  """(command line, what its error must name) for every kind of bad input; {trained} is a
+  trained workdir, and train commands use {new}, which must not be created."""
+  (tmp_path / 'a_file').write_text('')
+  hf_config = json.dumps(dict(model_type='llama', vocab_size=10, hidden_size=8,
+                              intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+  for name in ('no_weights', 'truncated', 'no_shape'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(hf_config)
+  (tmp_path / 'no_shape' / 'config.json').write_text('{"model_type": "llama"}')
+  truncated = tmp_path / 'truncated'
+  (truncated / 'model.safetensors').write_bytes(b'\x40\x00\x00\x00\x00\x00\x00\x00{"a":')
+  train = ['train', *TINY, '--workdir={new}']
+  return [
+      (train + ['--config.train.num_stesp=3'], 'num_stesp'),  # an unknown config key
+      (train + ['--config.data.text_file=/no/such/corpus.txt'], '/no/such/corpus.txt'),
+      (train + ['--config.train.num_steps=abc'], 'num_steps'),  # a value of the wrong type
+      (train + ['--bogus=1'], 'bogus'),  # an unknown flag
+      (train + ['--config.train.keep_checkpoints=0'], 'train.keep_checkpoints'),
+      (train + ['--config.optim.warmup_steps=-1'], 'optim.warmup_steps'),
+      (train + ['--config.eval.samples_per_class=0'], 'eval.samples_per_class'),
+      (train + ['--config.data.heldout_fraction=1.5'], 'data.heldout_fraction'),
+      (train + ['--config.data.cfg_dropout=1.0'], 'data.cfg_dropout'),
+      (train + ['--config.model.context_length=16'], 'model.context_length'),
+      (['train', *TINY, f'--workdir={tmp_path / "a_file"}'], 'is a file'),
+      (['train', *TINY, f'--workdir={tmp_path / "a_file" / "below"}'], 'is a file'),
+      (['trian', '--workdir={new}'], 'trian'),  # an unknown command
+      (['sample', '--workdir={trained}', '--num=abc'], 'num'),
+      (['generate', '--workdir={trained}', '--prompt=The', '--max_tokens=100000'],
+       'model.context_length'),
+      (['convert', 'gguf', f'--src={tmp_path}', '--dst={new}'], 'gguf'),
+      (['convert', 'llama', f'--src={tmp_path / "no_weights"}', '--dst={new}'], 'model.safetensors'),
+      (['convert', 'llama', f'--src={truncated}', '--dst={new}'], 'model.safetensors'),
+      (['convert', 'llama', f'--src={tmp_path / "no_shape"}', '--dst={new}'], 'vocab_size'),
+  ]
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_one_sentence(trained, tmp_path):
+  """Each ends with one `error:` line naming the thing, exit 2, no traceback, nothing written."""
+  for i, (args, named) in enumerate(_bad_inputs(tmp_path)):
+    new = tmp_path / f'new{i}'
+    result = cli(*[a.format(trained=trained, new=new) for a in args])
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    assert result.returncode == 2 and len(errors) == 1, (args, result.stderr[-2000:])
+    assert named in errors[0] and 'Traceback' not in result.stderr, (args, errors[0])
+    assert not new.exists(), args
 
 
 def test_sample_without_checkpoint(tmp_path):
@@ -76,7 +114,8 @@ def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):
   result = cli('extract_latents', '--config=configs/digits.py', f'--vae={tmp_path / "vae"}',
                f'--dst={dst}', '--config.data.image_source=imagenet',
                f'--config.data.tfds_data_dir={tmp_path / "tfds"}', '--config.train.eval_at_end=false',
-               '--config.model.image_size=(256, 256)', '--config.model.image_channels=3')
+               '--config.model.image_size=(256, 256)', '--config.model.image_channels=3',
+               '--config.model.context_length=16400')
   assert result.returncode != 0 and 'data.imagenet_manual_dir' in error_line(result)
   assert not dst.exists()
 

@@ -1,5 +1,6 @@
 """Every config file loads, validates and builds its model abstractly."""
 
+import dataclasses
 import glob
 import json
 import importlib.util
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import ROOT, tiny_config
-from monoformer_jax import bench, config_lib, settings, sharding, steps
+from monoformer_jax import bench, config_lib, pretrained, settings, sharding, steps
+from monoformer_jax import model as model_lib
 from monoformer_jax.steps import StepKind
 
 # Every runnable config (common.py holds shared pieces, not a config).
@@ -31,11 +33,17 @@ def _load(path):
 
 
 def _with_stand_in_paths(config, tmp_path):
-  """The config with its input directories (converted LLM, VAE, latents) made to exist."""
+  """The config with its input directories (converted LLM, VAE, latents) made to exist; the
+  LLM's model.json describes the backbone the config asks for."""
   for section, key in (('model', 'init_from'), ('model', 'vae'), ('data', 'latents_dir')):
     if config[section][key]:
       config[section][key] = str(tmp_path / key)
       os.makedirs(config[section][key], exist_ok=True)
+  if config.model.init_from:
+    backbone = dataclasses.replace(model_lib.build(config.model).backbone,
+                                   vocab_size=config.data.tokenizer_vocab_size)
+    (tmp_path / 'init_from' / pretrained.MODEL_JSON).write_text(json.dumps(dict(
+        backbone=pretrained.config_to_json(backbone), tie_embeddings=config.model.tie_embeddings)))
   return config
 
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from helpers import tiny_config
-from monoformer_jax import steps, train
+from monoformer_jax import pretrained, steps, train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands, safetensors_io
 from monoformer_jax.errors import UserError
@@ -102,14 +102,19 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
                        mask_type=MaskType.CAUSAL).logits
   np.testing.assert_allclose(np.asarray(logits)[..., :VOCAB], want, atol=1e-4)
 
-  # A model whose shape differs is refused, naming the parameter and both shapes.
+  # A model of another shape is refused before anything is created in a new workdir.
   config.unlock()
   config.model.size = 'digits'
-  with pytest.raises(UserError, match=r'parameter decoder/layers/.* has shape \(2, .*model config'):
-    setup = workdir_lib.for_training(config, workdir)
-    _, shardings = steps.abstract_state(setup.model, setup.tx, setup.layout)
-    train.init_backbone(steps.init_state(setup.model, setup.tx, setup.layout, jax.random.key(0)),
-                        setup, shardings)
+  fresh_workdir = str(tmp_path / 'never_created')
+  with pytest.raises(UserError, match=r'conv has width = 32, but the model config gives 128'):
+    train.train_and_evaluate(config, fresh_workdir)
+  assert not os.path.exists(fresh_workdir)
+  # A parameter whose shape differs is named, with both shapes.
+  params = jax.device_get(fresh.params)
+  params['decoder']['layers']['mlp']['up_proj']['kernel'] = np.zeros((2, 32, 80), np.float32)
+  with pytest.raises(UserError, match=r'parameter decoder/layers/mlp/up_proj/kernel has shape '
+                                      r'\(2, 32, 64\) in .*model config gives \(2, 32, 80\)'):
+    pretrained.graft_backbone(params, conv, model.backbone, False)
 
 
 def test_tokenizer_of_an_llm_gets_appended_specials(llm_dir):

@@ -18,6 +18,7 @@ from monoformer_jax.convert import commands
 from monoformer_jax.data import common, imagenet, latents
 from monoformer_jax.data.pipeline import LatentsSource
 from monoformer_jax.errors import UserError
+from monoformer_jax.metrics_log import METRICS_FILE
 from monoformer_jax.vae import LATENT_SCALE
 
 
@@ -190,7 +191,7 @@ def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
   config.model.image_size = (8, 8)
   train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
     rows = [json.loads(line) for line in f]
   assert [r['kind'] for r in rows] == ['diffusion', 'diffusion'] and np.isfinite(rows[-1]['loss'])
 

@@ -17,7 +17,7 @@ STAGES = {
     'data': ['tokenizer', 'data.*'],
     'model': ['layers', 'splash', 'model', 'vae', 'pretrained', 'sharding', 'diffusion'],
     'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint'],
-    'train': ['workdir', 'evaluate', 'fid_samples', 'train'],
+    'train': ['workdir', 'evaluate', 'fid_samples', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)

@@ -11,6 +11,7 @@ import pytest
 from helpers import image_batches, text_batches, tiny_config
 from monoformer_jax import sharding, steps, train
 from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.metrics_log import METRICS_FILE
 from monoformer_jax.steps import StepKind
 
 
@@ -57,7 +58,7 @@ TIMING_KEYS = ('steps_per_sec', 'input_wait_fraction')
 
 def _rows(workdir):
   """metrics.jsonl without the wall-clock fields (which no two runs share)."""
-  with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
     rows = [json.loads(line) for line in f]
   for row in rows:
     assert row['steps_per_sec'] > 0 and 0 <= row['input_wait_fraction'] <= 1, row

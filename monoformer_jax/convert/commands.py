@@ -44,9 +44,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
     setup = restored.setup
     params = {k: v for k, v in restored.params.items() if k in BACKBONE_KEYS}
     cfg, tie = setup.model.backbone, setup.model.tie_embeddings
-    # Without a source, the longest sequence the model was trained on is its context.
-    data = setup.config.data
-    max_positions = max(data.text_seq_len, setup.model.image.sequence(data.prompt_len).length)
+    max_positions = setup.config.model.context_length  # used when there is no source
     special = (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id)
   llama.export_llama(params, cfg, tie, dst, tokenizer_file, source, max_positions, special)
 

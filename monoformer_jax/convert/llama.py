@@ -120,6 +120,10 @@ def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
   if hf.get('model_type') != 'llama' or arch != 'LlamaForCausalLM':
     raise UserError(f'{source} describes {arch} (model_type {hf.get("model_type")!r}); only '
                     'LlamaForCausalLM checkpoints are supported.')
+  for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+              'num_attention_heads'):
+    if not isinstance(hf.get(key), int) or hf[key] < 1:
+      raise UserError(f'{source} gives {key} = {hf.get(key)!r}; expected a positive integer.')
   for key, wanted in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if hf.get(key, wanted) != wanted:
       raise UserError(f'{source} sets {key} = {hf[key]!r}; only {wanted!r} is supported.')

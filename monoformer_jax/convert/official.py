@@ -95,6 +95,7 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   m.image_size = (latent, latent)
   m.learn_sigma, m.use_pos_embed = hf['learn_sigma'], hf['use_pos_embed']
   m.image_mask = 'hybrid' if hf.get('use_bi_attn_img_tokens', True) else 'causal'
+  m.context_length = hf.get('max_position_embeddings', m.context_length)
   m.vae = vae_dir
   config.data.tokenizer_vocab_size = cfg.vocab_size
   config.data.prompt_len = 64

@@ -1,0 +1,98 @@
+"""What a run reports: TensorBoard scalars and images, WORKDIR/metrics.jsonl (one JSON object
+per logged step) and a progress line.
+
+metrics.jsonl survives crashes: a resumed run drops the rows it will redo and any line a
+crash or a full disk left torn (with a warning), and rewrites the file atomically.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from monoformer_jax import files, sampling
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; lines that are not JSON objects are dropped with a warning."""
+  rows, torn = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get('step'), int):
+        rows.append(row)
+      elif line.strip():
+        torn += 1
+  if torn:
+    print(f'warning: {path}: dropped {torn} unreadable line(s), e.g. one torn by a crash.',
+          file=sys.stderr, flush=True)
+  return rows
+
+
+class MetricsLog:
+  """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
+
+  def __init__(self, workdir: str, start_step: int, num_steps: int):
+    # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.leader = jax.process_index() == 0
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.leader,
+                                                       asynchronous=False)
+    self.num_steps = num_steps
+    self.last = (start_step, time.monotonic())
+    if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo
+      rows = [r for r in read_rows(self.path) if r['step'] <= start_step]
+      files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+  def _append(self, row: dict) -> None:
+    if self.leader:
+      with open(self.path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(row) + '\n')
+
+  def write(self, step: int, kind: str, metrics: dict, input_wait_s: float,
+            skipped_steps: int) -> None:
+    """Logs one step's metrics (already on the host), the steps skipped so far as not
+    finite, and the share of the wall time since the last write spent waiting for input."""
+    scalars = {k: float(v) for k, v in metrics.items()}
+    now = time.monotonic()
+    elapsed = max(now - self.last[1], 1e-9)
+    rate = (step - self.last[0]) / elapsed
+    input_wait = input_wait_s / elapsed
+    self.last = (step, now)
+    extra = {'skipped_steps': skipped_steps, 'steps_per_sec': rate,
+             'input_wait_fraction': input_wait}
+    self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()} | extra)
+    self._append({'step': step, 'kind': kind, **scalars, **extra})
+    if self.leader:
+      eta = (self.num_steps - step) / max(rate, 1e-9)
+      skipped = f'  skipped {skipped_steps}' if skipped_steps else ''
+      print(f'step {step}/{self.num_steps}  {kind:9s} loss {scalars["loss"]:.4f}  '
+            f'lr {scalars["learning_rate"]:.3g}{skipped}  {rate:.1f} steps/s  '
+            f'input wait {input_wait:.1%}  ETA {eta / 60:.1f} min', flush=True)
+
+  def write_heldout(self, step: int, losses: dict[str, float]) -> None:
+    """Held-out losses (train.eval_every), as scalars and a metrics.jsonl row of kind 'heldout'."""
+    self.writer.write_scalars(step, {f'heldout/{k}': v for k, v in losses.items()})
+    self._append({'step': step, 'kind': 'heldout', **losses})
+    if self.leader:
+      print(f'step {step}  held out: ' + '  '.join(f'{k} {v:.4f}' for k, v in losses.items()),
+            flush=True)
+
+  def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
+    self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
+    grid = sampling.image_grid(sampling.to_uint8(images), columns=len(images) // 10)
+    self.writer.write_images(step, {'samples': grid[None]})
+    if self.leader:
+      print('eval: ' + '  '.join(f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
+
+  def close(self) -> None:
+    self.writer.close()
