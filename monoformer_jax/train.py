@@ -9,9 +9,11 @@ run stops with guards.Preempted. Steps that are not finite are skipped;
 train.max_skipped_steps of them in a row stop the run.
 """
 
+import dataclasses
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -74,44 +76,69 @@ def _profile(workdir: str, t: ml_collections.ConfigDict, done: int, state) -> No
     jax.profiler.stop_trace()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
+@dataclasses.dataclass
+class _Run:
+  """Everything the loop works on, restored or fresh."""
+  setup: workdir_lib.Setup
+  ckpt: checkpoint.Checkpointer
+  iterators: dict
+  step_fns: dict
+  encode: Any  # pixels -> latents on the devices, or None
+  state: steps.TrainState
+  start: int
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Checks every input, then creates the workdir and restores or initializes the run. A new
+  workdir is removed again if anything fails before the first step."""
   settings = settings_lib.validate(config)
   settings_lib.check_inputs(config, settings)
   layout = sharding.make_layout(config.mesh)
   image_shape = (*config.model.image_size, config.model.image_channels)
-  encode = None  # pixels -> latents on the devices, when the images are pixels and a VAE is set
+  encode = None
   if config.model.vae and settings.image_source.pixels:
     encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution, image_shape)
-  setup = workdir_lib.for_training(config, workdir, settings, layout)
-  tok, model, tx = setup.tok, setup.model, setup.tx
-  abstract, shardings = steps.abstract_state(model, tx, layout)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                 async_saves=settings.async_saves.enabled())
-  datasets = {
-      StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
-      StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
-                                                 config.seed, image_shape)}
-  iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
-  if ckpt.all_steps():
-    start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
-    for kind, it in iterators.items():
-      if kind.value in data_state:  # converted checkpoints start their data afresh
-        it.set_state(data_state[kind.value])
-  else:
-    start = 0
-    state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
-    if config.model.init_from:
-      state = init_backbone(state, setup, shardings)
-      _record_llm_source(config.model.init_from, workdir)
-
+  fresh = not os.path.exists(workdir)
+  try:
+    setup = workdir_lib.for_training(config, workdir, settings, layout)
+    tok, model, tx = setup.tok, setup.model, setup.tx
+    abstract, shardings = steps.abstract_state(model, tx, layout)
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                   async_saves=settings.async_saves.enabled())
+    datasets = {
+        StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
+        StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
+                                                   config.seed, image_shape)}
+    iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
+    if ckpt.all_steps():
+      start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
+      for kind, it in iterators.items():
+        if kind.value in data_state:  # converted checkpoints start their data afresh
+          it.set_state(data_state[kind.value])
+    else:
+      start = 0
+      state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
+      if config.model.init_from:
+        state = init_backbone(state, setup, shardings)
+        _record_llm_source(config.model.init_from, workdir)
+  except BaseException:
+    if fresh and jax.process_index() == 0:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
                              layout, shardings)
-  log = MetricsLog(workdir, start, config.train.num_steps)
-  notice, guard = guards.PreemptionNotice(), guards.SkipGuard(config.train.max_skipped_steps)
-  clock = _SaveClock(config.train.checkpoint_minutes)
+  return _Run(setup, ckpt, iterators, step_fns, encode, state, start)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
+  run = _prepare(config, workdir)
+  setup, ckpt, iterators, state = run.setup, run.ckpt, run.iterators, run.state
+  layout, t = setup.layout, config.train
+  log = MetricsLog(workdir, run.start, t.num_steps)
+  notice, guard = guards.PreemptionNotice(), guards.SkipGuard(t.max_skipped_steps)
+  clock = _SaveClock(t.checkpoint_minutes)
   seed_key = jax.random.key(config.seed)
-  t = config.train
   input_wait = 0.0
 
   def save(step: int) -> None:
@@ -121,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   try:
     with sharding.activate(layout):
-      for step in range(start, t.num_steps):
+      for step in range(run.start, t.num_steps):
         kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
         # Steps are dispatched asynchronously, so the next batch is read and sent while
         # the device still runs this one; what the loop waits here is the input's cost.
@@ -131,9 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = sharding.global_batch(batch, layout)
         input_wait += time.perf_counter() - wait_start
         step_key = jax.random.fold_in(seed_key, step)
-        if encode is not None and kind == StepKind.DIFFUSION:
-          batch['image'] = encode(batch['image'], jax.random.fold_in(step_key, 1))
-        state, metrics = step_fns[kind](state, batch, step_key)
+        if run.encode is not None and kind == StepKind.DIFFUSION:
+          batch['image'] = run.encode(batch['image'], jax.random.fold_in(step_key, 1))
+        state, metrics = run.step_fns[kind](state, batch, step_key)
         done = step + 1
         _stop_if_diverged(guard.push(done, metrics['skipped']), ckpt, t.max_skipped_steps)
         logged = done % t.log_every == 0 or done == t.num_steps

@@ -33,8 +33,12 @@ def _bad_inputs(tmp_path):
   (tmp_path / 'no_shape' / 'config.json').write_text('{"model_type": "llama"}')
   truncated = tmp_path / 'truncated'
   (truncated / 'model.safetensors').write_bytes(b'\x40\x00\x00\x00\x00\x00\x00\x00{"a":')
+  (tmp_path / 'chat.jsonl').write_text('{"messages": [\n')
   train = ['train', *TINY, '--workdir={new}']
   return [
+      # Found only once the workdir exists (the datasets need its tokenizer): it is removed.
+      (train + ['--config.data.text_source=chat_jsonl',
+                f'--config.data.chat_files={tmp_path / "chat.jsonl"}'], 'chat.jsonl, line 1'),
       (train + ['--config.train.num_stesp=3'], 'num_stesp'),  # an unknown config key
       (train + ['--config.data.text_file=/no/such/corpus.txt'], '/no/such/corpus.txt'),
       (train + ['--config.train.num_steps=abc'], 'num_steps'),  # a value of the wrong type
