@@ -225,21 +225,21 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_pat
   assert 'Traceback' not in result.stderr
 
 
-def test_a_second_train_on_a_workdir_in_use_is_refused(workdir):
-  holder = subprocess.Popen([sys.executable, '-c', (
-      'import sys, time; sys.path.insert(0, sys.argv[1]); '
-      'from monoformer_jax import workdir; lock = workdir._lock(sys.argv[2]); print("locked", '
-      'flush=True); time.sleep(600)'), ROOT, workdir], stdout=subprocess.PIPE, text=True)
+@pytest.mark.slow
+def test_a_second_train_on_a_workdir_in_use_is_refused(tmp_path):
+  workdir = str(tmp_path / 'w')
+  first = _start([sys.executable, '-m', 'monoformer_jax', 'train', *TINY,
+                  '--config.train.num_steps=100000', f'--workdir={workdir}'])
   try:
-    assert holder.stdout.readline().strip() == 'locked'
+    _wait_for_rows(workdir, 2, first)
     result = cli('train', *TINY, '--config.train.num_steps=2', f'--workdir={workdir}')
-    assert result.returncode != 0 and 'is in use by another `train` (pid' in error_line(result)
-    assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+    assert result.returncode == 2 and 'is in use by another `train` (pid' in error_line(result)
   finally:
-    holder.kill()  # kill -9 ...
-    holder.wait()
+    first.kill()  # kill -9 ...
+    first.communicate()
   handle = workdir_lib._lock(workdir)  # ... leaves no stale lock  pylint: disable=protected-access
   handle.close()
+  assert [r['step'] for r in _rows(workdir)][:2] == [1, 2]  # the first run's rows are intact
 
 
 @pytest.mark.slow
