@@ -152,6 +152,7 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(workdir, monkeypatch):
   assert bool(checkpoint.all_finite((state.params, state.ema_params)))
 
 
+@pytest.mark.slow
 def test_consecutive_non_finite_steps_stop_the_run(workdir, monkeypatch):
   monkeypatch.setattr(train.pipeline, 'image_dataset',
                       _nan_from(lambda i: i >= 3, train.pipeline.image_dataset))
@@ -258,6 +259,7 @@ def test_time_based_checkpoints_and_a_torn_metrics_line(workdir, capsys):
   assert [r['step'] for r in _rows(workdir)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_non_finite_params_are_never_saved_nor_sampled(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   config = tiny_config(num_steps=4, checkpoint_every=2)
@@ -275,6 +277,7 @@ def test_non_finite_params_are_never_saved_nor_sampled(trained, tmp_path):
     workdir_lib.for_inference(workdir, use_ema=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_sentence(trained, tmp_path, monkeypatch):
   workdir = _copy(trained, tmp_path)
   config = tiny_config(num_steps=4, checkpoint_every=2)
