@@ -264,7 +264,7 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
                 matmul_peak=peak)
   torch_steps = {}
   if compare_torch:
-    torch_steps, report['torch'] = bench_torch.make_steps(config)
+    torch_steps, report['torch'] = bench_torch.make_steps(config, model.backbone)
   with sharding.activate(layout):
     report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
                                          peak['flops_per_s'], torch_steps)

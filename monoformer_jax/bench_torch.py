@@ -10,7 +10,8 @@ an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
 import ml_collections
 import numpy as np
 
-from monoformer_jax.model import SIZES, ImageSequence
+from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.model import ImageSequence
 from monoformer_jax.errors import UserError
 
 
@@ -23,25 +24,24 @@ def available() -> bool:
   return True
 
 
-def _llama_config(config: ml_collections.ConfigDict):
+def _llama_config(config: ml_collections.ConfigDict, cfg: BackboneConfig):
   import transformers  # pylint: disable=g-import-not-at-top
-  size, m = SIZES[config.model.size], config.model
   return transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=size['width'], intermediate_size=size['mlp_dim'],
-      num_hidden_layers=size['depth'], num_attention_heads=size['num_heads'],
-      num_key_value_heads=size['num_kv_heads'], rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-      tie_word_embeddings=m.tie_embeddings, max_position_embeddings=8192,
-      attn_implementation='sdpa')
+      vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=config.model.tie_embeddings,
+      max_position_embeddings=8192, attn_implementation='sdpa')
 
 
-def _image_model(config: ml_collections.ConfigDict, layout: ImageSequence):
+def _image_model(config: ml_collections.ConfigDict, cfg: BackboneConfig, layout: ImageSequence):
   """LlamaModel with the DiT-side layers: fn(prompt [B, P], patches [B, N, C*p*p], t_freq [B, 256],
   suffix [B, Q], mask) for sequences laid out as `layout`."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   m = config.model
-  width = SIZES[m.size]['width']
+  width = cfg.width
   patch_dim = m.image_channels * m.patch_size**2
   out_dim = patch_dim * (2 if m.learn_sigma else 1)
 
@@ -49,7 +49,7 @@ def _image_model(config: ml_collections.ConfigDict, layout: ImageSequence):
 
     def __init__(self):
       super().__init__()
-      self.llama = transformers.LlamaModel(_llama_config(config))
+      self.llama = transformers.LlamaModel(_llama_config(config, cfg))
       self.x_embedder = nn.Linear(patch_dim, width)
       self.t_embedder = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
       self.t_projector = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
@@ -78,7 +78,7 @@ def _hybrid_mask(layout: ImageSequence):
   return allowed[None, None]
 
 
-def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+def make_steps(config: ml_collections.ConfigDict, cfg: BackboneConfig) -> tuple[dict, dict]:
   """({'ar': step, 'diffusion': step}, versions and threads): each step a blocking callable."""
   if not available():
     raise UserError('--compare_torch needs torch and transformers (pip install -r '
@@ -109,7 +109,7 @@ def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     return step
 
   ids = torch.from_numpy(rng.integers(0, m.vocab_size, (d.text_batch_size, d.text_seq_len)))
-  text_step = trainer(transformers.LlamaForCausalLM(_llama_config(config)),
+  text_step = trainer(transformers.LlamaForCausalLM(_llama_config(config, cfg)),
                       lambda model: model(input_ids=ids, labels=ids).loss)
 
   grid = (m.image_size[0] // m.patch_size) * (m.image_size[1] // m.patch_size)
@@ -127,7 +127,7 @@ def make_steps(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     out = model(prompt, patches, t_freq, suffix, mask)
     return torch.nn.functional.mse_loss(out[..., :patch_dim], noise)
 
-  image_step = trainer(_image_model(config, layout), image_loss)
+  image_step = trainer(_image_model(config, cfg, layout), image_loss)
   about = dict(torch=torch.__version__, transformers=transformers.__version__,
                threads=torch.get_num_threads())
   return dict(ar=text_step, diffusion=image_step), about

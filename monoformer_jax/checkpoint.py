@@ -166,6 +166,16 @@ class Checkpointer:
                              data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
 
+  def restore_params(self, step: int, abstract_params, use_ema: bool):
+    """Only the EMA or the raw parameters (as abstract_params' shardings say): inference never
+    reads the optimizer state, a third of a checkpoint or more."""
+    self._verify(step)
+    item = {'ema_params' if use_ema else 'params': abstract_params}
+    restored = self._restore(step, 'parameters', state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+    return next(iter(restored['state'].values()))
+
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     saved = self._restore(step, 'config', config=ocp.args.JsonRestore())
     return config_lib.config_from_dict(saved['config'])

@@ -45,11 +45,25 @@ def base_config() -> ml_collections.ConfigDict:
                       'Please draw the number {name}.')
 
   c.model = ml_collections.ConfigDict()
+  # A named size (model.SIZES), 'custom' (width ... head_dim below), or 'auto': the shape, rope,
+  # norm, tying, vocabulary and context of model.init_from, resolved when training starts.
   c.model.size = 'digits'
+  c.model.width = 0
+  c.model.depth = 0
+  c.model.num_heads = 0
+  c.model.num_kv_heads = 0
+  c.model.mlp_dim = 0
+  c.model.head_dim = 0  # 0 = width / num_heads
   c.model.init_from = ''  # a converted LLM directory (convert llama) for the backbone
   c.model.vae = ''  # a converted VAE directory (convert vae); '' = diffusion in pixel space
   c.model.vocab_size = 1024
   c.model.rope_theta = 10000.0
+  c.model.rope_scaling = ml_collections.ConfigDict()  # HF's rope_scaling
+  c.model.rope_scaling.kind = 'none'  # 'none', 'linear', 'dynamic' or 'llama3'
+  c.model.rope_scaling.factor = 1.0
+  c.model.rope_scaling.low_freq_factor = 1.0  # llama3
+  c.model.rope_scaling.high_freq_factor = 4.0  # llama3
+  c.model.rope_scaling.original_max_position = 8192  # llama3; dynamic: max_position_embeddings
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = False
   c.model.patch_size = 2

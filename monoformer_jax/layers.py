@@ -15,9 +15,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from monoformer_jax import splash
+from monoformer_jax import rope, splash
+from monoformer_jax.rope import RopeScaling
 
 Array = jax.Array
 
@@ -50,39 +50,6 @@ class LayerLoop(enum.Enum):
   UNROLLED = 'unrolled'  # L inlined copies: XLA may fuse and schedule across blocks
 
 
-class RopeKind(enum.Enum):
-  LINEAR = 'linear'  # positions divided by factor
-  LLAMA3 = 'llama3'  # low frequencies divided by factor, a smooth band in between
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """HF's `rope_scaling` for the supported kinds."""
-  kind: RopeKind
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position: int = 8192
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> np.ndarray:
-  """Inverse frequencies [E/2] (float32, computed as HF does)."""
-  inv_freq = (1.0 / theta**(np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
-  if scaling is None:
-    return inv_freq
-  if scaling.kind == RopeKind.LINEAR:
-    return (inv_freq / scaling.factor).astype(np.float32)
-  low_wavelen = scaling.original_max_position / scaling.low_freq_factor
-  high_wavelen = scaling.original_max_position / scaling.high_freq_factor
-  wavelen = 2 * math.pi / inv_freq
-  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-  smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
   """The LLaMA decoder's shape and numerics (hashable: a static module field)."""
@@ -101,9 +68,11 @@ class BackboneConfig:
   layer_loop: LayerLoop = LayerLoop.SCAN
   attention: AttentionImpl = AttentionImpl.XLA
 
+  head_width: Optional[int] = None  # E when it is not width / num_heads (HF's head_dim)
+
   @property
   def head_dim(self) -> int:
-    return self.width // self.num_heads
+    return self.head_width or self.width // self.num_heads
 
 
 def dense_init(*names: str, stddev: float = 0.02):
@@ -166,17 +135,6 @@ class RMSNorm(nn.Module):
     return (scale.astype(self.dtype) * x32.astype(self.dtype))
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-  """Rotates x [B, T, N, E] by positions [B, T] (HF's half-split layout)."""
-  half = x.shape[-1] // 2
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, E/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
 class Projection(nn.Module):
   """Bias-free linear map contracting x's last `in_dims` axes into `features`.
 
@@ -213,9 +171,9 @@ class Attention(nn.Module):
     q = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'q_proj')(x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'k_proj')(x)
     v = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'v_proj')(x)
-    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    inv_freq = rope.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions)
+    q = rope.apply(q, positions, inv_freq)
+    k = rope.apply(k, positions, inv_freq)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     if cache is not None:  # write this chunk into the cache and attend to all of it
       start = (0, cache_index, 0, 0)

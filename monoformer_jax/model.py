@@ -25,6 +25,7 @@ from monoformer_jax import config_lib, splash
 from monoformer_jax.errors import UserError
 from monoformer_jax.layers import (Array, AttentionImpl, BackboneConfig, Decoder, KVCache, LayerLoop,
                                    MaskType, Remat, RMSNorm, attention_mask, dense_init)
+from monoformer_jax.rope import RopeKind, RopeScaling
 
 # Named model sizes for config files: (width D, depth L, heads H, kv heads K, mlp F).
 SIZES = {
@@ -285,18 +286,45 @@ class MonoFormer(nn.Module):
     return self(tokens, valid, mask_type=MaskType.HYBRID, image=image, t=t)
 
 
+def _shape(m) -> dict:
+  """The backbone shape named by the model section: a preset of SIZES, or the custom keys."""
+  if m.size in SIZES:
+    return dict(SIZES[m.size])
+  if m.size == 'auto':
+    raise UserError('config key model.size is \'auto\', which only `train` resolves (from '
+                    'model.init_from); name a size or give the shape with size \'custom\'.')
+  if m.size != 'custom':
+    raise UserError(f'config key model.size is {m.size!r}; expected \'auto\', \'custom\' or one '
+                    f'of {", ".join(sorted(SIZES))}.')
+  for key in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim'):
+    if not m[key] > 0:
+      raise UserError(f'config key model.{key} is {m[key]!r}; size \'custom\' needs it positive.')
+  if m.num_heads % m.num_kv_heads or (not m.head_dim and m.width % m.num_heads) or m.head_dim % 2:
+    raise UserError(f'config keys model.num_heads {m.num_heads}, model.num_kv_heads '
+                    f'{m.num_kv_heads}, model.width {m.width} and model.head_dim {m.head_dim} do '
+                    'not fit: heads must split into the kv heads, and heads of even width.')
+  head_dim = m.head_dim or m.width // m.num_heads
+  return dict(width=m.width, depth=m.depth, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+              mlp_dim=m.mlp_dim, head_width=None if head_dim == m.width // m.num_heads else head_dim)
+
+
+def _rope_scaling(r) -> Optional[RopeScaling]:
+  if r.kind == 'none':
+    return None
+  return RopeScaling(config_lib.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor,
+                     r.low_freq_factor, r.high_freq_factor, r.original_max_position)
+
+
 def build(model_config) -> MonoFormer:
   """The module from the config's `model` section: the one place its choices are parsed."""
   m = model_config
-  if m.size not in SIZES:
-    raise UserError(f'config key model.size is {m.size!r}; expected one of '
-                    f'{", ".join(sorted(SIZES))}.')
   backbone = BackboneConfig(
       vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+      rope_scaling=_rope_scaling(m.rope_scaling),
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
       remat=config_lib.choice(Remat, m.remat, 'model.remat'),
       layer_loop=config_lib.choice(LayerLoop, m.layer_loop, 'model.layer_loop'),
-      attention=config_lib.choice(AttentionImpl, m.attention, 'model.attention'), **SIZES[m.size])
+      attention=config_lib.choice(AttentionImpl, m.attention, 'model.attention'), **_shape(m))
   image = ImageConfig(patch_size=m.patch_size, height=m.image_size[0], width=m.image_size[1],
                       channels=m.image_channels, learn_sigma=m.learn_sigma,
                       use_pos_embed=m.use_pos_embed)

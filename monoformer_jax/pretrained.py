@@ -10,16 +10,20 @@ A converted LLM directory holds
 Dimension letters: L layers.
 """
 
+import copy
 import json
 import os
 from typing import Mapping, Optional
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig, RopeKind, RopeScaling
+from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.rope import RopeKind, RopeScaling
 
 PARAMS, MODEL_JSON, TOKENIZER = 'params', 'model.json', 'tokenizer.model'
 SOURCE_JSON = 'llm_source.json'  # a workdir's copy of the model.json its backbone started from
@@ -53,7 +57,7 @@ def config_to_json(cfg: BackboneConfig) -> dict:
   r = cfg.rope_scaling
   return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
               num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
-              norm_eps=cfg.norm_eps,
+              norm_eps=cfg.norm_eps, head_width=cfg.head_width,
               rope_scaling=None if r is None else dict(
                   kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
                   high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))
@@ -64,6 +68,49 @@ def config_from_json(d: Mapping) -> BackboneConfig:
   r = d.pop('rope_scaling')
   scaling = None if r is None else RopeScaling(**dict(r, kind=RopeKind(r['kind'])))
   return BackboneConfig(rope_scaling=scaling, **d)
+
+
+def describe(model: ml_collections.ConfigDict, cfg: BackboneConfig, tie: bool) -> None:
+  """Writes a backbone's shape, rope and norm settings into a config's model section
+  (size 'custom')."""
+  model.size = 'custom'
+  model.width, model.depth, model.mlp_dim = cfg.width, cfg.depth, cfg.mlp_dim
+  model.num_heads, model.num_kv_heads, model.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  model.rope_theta, model.norm_eps, model.tie_embeddings = cfg.rope_theta, cfg.norm_eps, tie
+  r = cfg.rope_scaling
+  model.rope_scaling.kind = 'none' if r is None else r.kind.value
+  if r is not None:
+    model.rope_scaling.factor, model.rope_scaling.original_max_position = r.factor, r.original_max_position
+    model.rope_scaling.low_freq_factor = r.low_freq_factor
+    model.rope_scaling.high_freq_factor = r.high_freq_factor
+
+
+def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config, or with model.size 'auto' a copy whose model section describes the converted
+  LLM of model.init_from: shape, rope, norm, tying, its context, and a vocabulary with room for
+  the special tokens its tokenizer gets appended."""
+  if config.model.size != 'auto':
+    return config
+  path = config.model.init_from
+  if not path:
+    raise UserError('config key model.size is \'auto\', which takes the shape of model.init_from; '
+                    'set model.init_from to a converted LLM directory.')
+  meta_path = os.path.join(path, MODEL_JSON)
+  if not os.path.isfile(meta_path):
+    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}); create one '
+                    'with `python -m monoformer_jax convert llama`.')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  cfg = config_from_json(meta['backbone'])
+  tok = tokenizer_lib.Tokenizer(os.path.join(path, TOKENIZER))
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    describe(resolved.model, cfg, bool(meta['tie_embeddings']))
+    resolved.model.vocab_size = max(cfg.vocab_size, tok.vocab_size)
+    resolved.data.tokenizer_vocab_size = tok.num_pieces
+    resolved.model.context_length = (meta.get('hf_config') or {}).get(
+        'max_position_embeddings', config.model.context_length)
+  return resolved
 
 
 def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
@@ -102,7 +149,7 @@ def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
     meta = json.load(f)
   cfg = config_from_json(meta['backbone'])
   # These settings leave no trace in the parameter shapes, so they are compared here.
-  for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'rope_theta',
+  for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'head_dim', 'rope_theta',
                 'rope_scaling', 'norm_eps'):
     got, want = getattr(cfg, field), getattr(model_cfg, field)
     if got != want:

@@ -90,7 +90,9 @@ class _Run:
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Checks every input, then creates the workdir and restores or initializes the run. A new
-  workdir is removed again if anything fails before the first step."""
+  workdir is removed again if anything fails before the first step. Model size 'auto' is
+  resolved here, so the saved config names the shape."""
+  config = pretrained.resolve_auto(config)
   settings = settings_lib.validate(config)
   settings_lib.check_inputs(config, settings)
   layout = sharding.make_layout(config.mesh)
@@ -134,6 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
   run = _prepare(config, workdir)
   setup, ckpt, iterators, state = run.setup, run.ckpt, run.iterators, run.state
+  config = setup.config
   layout, t = setup.layout, config.train
   log = MetricsLog(workdir, run.start, t.num_steps)
   notice, guard = guards.PreemptionNotice(), guards.SkipGuard(t.max_skipped_steps)

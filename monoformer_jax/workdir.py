@@ -116,11 +116,10 @@ def for_inference(workdir: str, use_ema: bool) -> Restored:
     config = ckpt.restore_config(step)
     setup = _setup(config, settings_lib.validate(config), tok)
     abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
-    return setup, ckpt.restore(step, abstract)[0]
+    return setup, ckpt.restore_params(step, abstract.params, use_ema)
 
-  step, (setup, state) = ckpt.newest_restorable(load)
+  step, (setup, params) = ckpt.newest_restorable(load)
   ckpt.close()
-  params = state.ema_params if use_ema else state.params
   if not bool(jax.device_get(checkpoint.all_finite(params))):
     raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
                     f'{workdir} are not finite; no sample or text can come from them.')

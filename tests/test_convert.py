@@ -162,10 +162,43 @@ def test_bad_checkpoints_are_named(tmp_path):
   pickled.mkdir()
   (pickled / 'config.json').write_text((src / 'config.json').read_text())
   (pickled / 'pytorch_model.bin').write_bytes(b'not opened')
-  cases.append((pickled, r'pytorch_model\.bin.*never loaded.*safe_serialization=True'))
+  cases.append((pickled, r'pytorch_model\.bin cannot be read as tensors only .* objects other than '
+                         r'tensors are never unpickled'))
 
   for path, message in cases:
     dst = tmp_path / f'out_{path.name}'
     with pytest.raises(UserError, match=message):
       commands.run('llama', str(path), str(dst), use_ema=True)
     assert not dst.exists() and not os.path.exists(f'{dst}.partial')
+
+
+class _Trap:
+  """Unpickling this would create the file `path`: a stand-in for arbitrary code."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, 'w'))
+
+
+def test_torch_bin_weights_are_read_as_tensors_only(tmp_path):
+  model = hf_model(torch.bfloat16)
+  model.save_pretrained(tmp_path / 'st', safe_serialization=True)
+  (tmp_path / 'bin').mkdir()  # what transformers 4 writes with safe_serialization=False
+  (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'st' / 'config.json').read_text())
+  torch.save(model.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+  for name in ('bin', 'st'):
+    commands.run('llama', str(tmp_path / name), str(tmp_path / f'conv_{name}'), use_ema=True)
+  a = pretrained.load_llm(str(tmp_path / 'conv_bin'))[0]
+  b = pretrained.load_llm(str(tmp_path / 'conv_st'))[0]
+  assert jax.tree.leaves(a)[0].dtype == jax.numpy.bfloat16
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  trap = tmp_path / 'trap'
+  trap.mkdir()
+  (trap / 'config.json').write_text((tmp_path / 'st' / 'config.json').read_text())
+  torch.save({'model.norm.weight': _Trap(str(tmp_path / 'sprung'))}, trap / 'pytorch_model.bin')
+  with pytest.raises(UserError, match='cannot be read as tensors only'):
+    commands.run('llama', str(trap), str(tmp_path / 'conv_trap'), use_ema=True)
+  assert not (tmp_path / 'sprung').exists() and not (tmp_path / 'conv_trap').exists()

@@ -15,7 +15,7 @@ STAGES = {
     'foundation': ['errors', 'files'],
     'config': ['config_lib'],
     'data': ['tokenizer', 'data.*'],
-    'model': ['layers', 'splash', 'model', 'vae', 'pretrained', 'sharding', 'diffusion'],
+    'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'sharding', 'diffusion'],
     'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint'],
     'train': ['workdir', 'evaluate', 'fid_samples', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],

@@ -16,9 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from monoformer_jax import files, pretrained
-from monoformer_jax.convert import safetensors_io
+from monoformer_jax.convert import safetensors_io, torch_bin
 from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig, RopeKind, RopeScaling
+from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.rope import RopeKind, RopeScaling
 
 _LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
     ('self_attn', 'q_proj'): 'self_attn.q_proj',
@@ -128,22 +129,26 @@ def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
     if hf.get(key, wanted) != wanted:
       raise UserError(f'{source} sets {key} = {hf[key]!r}; only {wanted!r} is supported.')
   width, heads = hf['hidden_size'], hf['num_attention_heads']
-  if hf.get('head_dim') not in (None, width // heads):
-    raise UserError(f'{source} sets head_dim = {hf["head_dim"]}; expected hidden_size / heads.')
+  head_dim = hf.get('head_dim') or width // heads
+  if hf.get('partial_rotary_factor', 1.0) != 1.0 or head_dim % 2:
+    raise UserError(f'{source} rotates part of each head, or heads of odd width {head_dim}; only '
+                    'full rotary embeddings on even head widths are supported.')
   scaling = None
-  rs = hf.get('rope_scaling') or hf.get('rope_parameters')
-  kind = (rs or {}).get('rope_type', (rs or {}).get('type', 'default'))
-  if kind in ('linear', 'llama3'):
+  rs = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+  kind = rs.get('rope_type', rs.get('type', 'default'))
+  if kind in ('linear', 'llama3', 'dynamic'):
+    original = (hf.get('max_position_embeddings', 2048) if kind == 'dynamic'
+                else rs.get('original_max_position_embeddings', 8192))
     scaling = RopeScaling(RopeKind(kind), float(rs['factor']), float(rs.get('low_freq_factor', 1.0)),
-                          float(rs.get('high_freq_factor', 4.0)),
-                          int(rs.get('original_max_position_embeddings', 8192)))
+                          float(rs.get('high_freq_factor', 4.0)), int(original))
   elif kind != 'default':
-    raise UserError(f'{source} uses rope scaling {kind!r}; supported: linear, llama3.')
-  theta = float((rs or {}).get('rope_theta', hf.get('rope_theta', 10000.0)))
+    raise UserError(f'{source} uses rope scaling {kind!r}; supported: linear, dynamic, llama3.')
+  theta = float(rs.get('rope_theta', hf.get('rope_theta', 10000.0)))
   cfg = BackboneConfig(vocab_size=hf['vocab_size'], width=width, depth=hf['num_hidden_layers'],
                        num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
                        mlp_dim=hf['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
-                       norm_eps=float(hf.get('rms_norm_eps', 1e-6)))
+                       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+                       head_width=None if head_dim == width // heads else head_dim)
   return cfg, bool(hf.get('tie_word_embeddings', False))
 
 
@@ -160,17 +165,19 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
   out.update(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
              hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
              num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-             num_key_value_heads=cfg.num_kv_heads, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
-             tie_word_embeddings=tie_embeddings, attention_bias=False, mlp_bias=False,
-             torch_dtype=dtype)
+             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act='silu',
+             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, attention_bias=False,
+             mlp_bias=False, torch_dtype=dtype)
   if 'dtype' in out:
     out['dtype'] = dtype
   if special_ids is not None:
     out.update(bos_token_id=special_ids[0], eos_token_id=special_ids[1], pad_token_id=special_ids[2])
   if source is None:
-    out.update(rope_theta=cfg.rope_theta, max_position_embeddings=max_positions)
-    if cfg.rope_scaling is not None:
-      r = cfg.rope_scaling
+    r = cfg.rope_scaling
+    dynamic = r is not None and r.kind == RopeKind.DYNAMIC  # scaled past max_position_embeddings
+    out.update(rope_theta=cfg.rope_theta,
+               max_position_embeddings=r.original_max_position if dynamic else max_positions)
+    if r is not None:
       out['rope_scaling'] = dict(rope_type=r.kind.value, factor=r.factor,
                                  low_freq_factor=r.low_freq_factor,
                                  high_freq_factor=r.high_freq_factor,
@@ -195,7 +202,7 @@ def convert_llama(src: str, dst: str) -> None:
   """
   source = read_hf_config(src)
   cfg, tie = config_from_hf(source, os.path.join(src, 'config.json'))
-  tensors = safetensors_io.SafetensorsDir(src)
+  tensors = torch_bin.open_weights(src)
   put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
   params = put(outer_from_hf(tensors, cfg, tie))
   params['decoder'] = {'layers': {str(i): put(layer_from_hf(tensors, cfg, i))

@@ -18,9 +18,9 @@ import shutil
 import jax
 import numpy as np
 
-from monoformer_jax import checkpoint, config_lib, files, sharding, steps
+from monoformer_jax import checkpoint, config_lib, files, pretrained, sharding, steps
 from monoformer_jax import model as model_lib
-from monoformer_jax.convert import llama, safetensors_io
+from monoformer_jax.convert import llama, torch_bin
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
 
@@ -42,14 +42,6 @@ def check_supported(hf: dict, source: str) -> None:
   for key, value in wanted.items():
     if hf.get(key, value) != value:
       raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
-
-
-def size_name(cfg) -> str:
-  for name, dims in model_lib.SIZES.items():
-    if all(getattr(cfg, k) == v for k, v in dims.items()):
-      return name
-  raise UserError(f'no entry of model_lib.SIZES has width {cfg.width}, depth {cfg.depth}, '
-                  f'heads {cfg.num_heads}/{cfg.num_kv_heads}, mlp {cfg.mlp_dim}; add one.')
 
 
 def monoformer_params(tensors) -> dict:
@@ -88,8 +80,8 @@ def special_ids(src: str) -> dict[str, int]:
 def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   config = config_lib.base_config()
   m = config.model
-  m.size, m.vocab_size, m.rope_theta, m.norm_eps = size_name(cfg), cfg.vocab_size, cfg.rope_theta, cfg.norm_eps
-  m.tie_embeddings = tie
+  pretrained.describe(m, cfg, tie)
+  m.vocab_size = cfg.vocab_size
   m.patch_size, m.image_channels = hf['patch_size'], hf['in_channels']
   latent = hf['image_size'] // 8  # SD-VAE downsamples by 8
   m.image_size = (latent, latent)
@@ -111,7 +103,7 @@ def convert_official(src: str, dst: str, vae_dir: str) -> None:
   if vae_dir and not os.path.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
   cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
-  tensors = safetensors_io.SafetensorsDir(src)
+  tensors = torch_bin.open_weights(src)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), llama.backbone_from_hf(tensors, cfg, tie))
   params.update(monoformer_params(tensors))
   ids = special_ids(src)

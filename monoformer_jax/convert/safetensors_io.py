@@ -3,10 +3,9 @@
 The format is an 8-byte little-endian header length, a JSON header mapping
 names to dtype, shape and byte offsets, then the raw bytes. Reading a tensor
 touches only its own bytes, so converting a checkpoint never holds more than
-the output and one input tensor. Pickle files are never opened.
+the output and one input tensor.
 """
 
-import glob
 import json
 import os
 import struct
@@ -50,12 +49,6 @@ class SafetensorsDir:
     elif os.path.exists(single):
       files = [single_file]
     else:
-      pickles = glob.glob(os.path.join(directory, '*.bin')) + glob.glob(os.path.join(directory, '*.pt'))
-      if pickles:
-        raise UserError(
-            f'{directory} holds only pickle weights ({os.path.basename(pickles[0])}), which are never '
-            'loaded; re-save them as safetensors first, e.g. in Python with transformers: '
-            'AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True).')
       raise UserError(f'{directory} has neither {single_file} nor its .index.json.')
     self.entries = {}  # name -> (path, dtype, shape, start, end)
     for name in files:

@@ -1,0 +1,82 @@
+"""The tensors of a checkpoint directory: safetensors, or torch `.bin` files (what the official
+MonoFormer training script saves) read without unpickling arbitrary objects.
+
+`.bin` files go through torch's weights_only loader, which accepts tensors and plain
+containers only, memory-mapped so that a tensor is read when it is used. torch is needed
+for this path alone.
+"""
+
+import json
+import os
+import pickle
+
+import ml_dtypes
+import numpy as np
+
+from monoformer_jax.convert import safetensors_io
+from monoformer_jax.errors import UserError
+
+BIN_FILE = 'pytorch_model.bin'
+
+
+class TorchBinDir:
+  """The tensors of pytorch_model.bin, or of the shards its .index.json lists."""
+
+  def __init__(self, directory: str):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError(f'{directory} holds torch .bin weights; reading them needs torch '
+                      '(pip install torch), or re-save them as safetensors.') from None
+    index_path = os.path.join(directory, BIN_FILE + '.index.json')
+    if os.path.exists(index_path):
+      with open(index_path) as f:
+        names = sorted(set(json.load(f)['weight_map'].values()))
+    else:
+      names = [BIN_FILE]
+    self.tensors = {}
+    for name in names:
+      path = os.path.join(directory, name)
+      try:
+        try:
+          shard = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy format cannot be memory-mapped
+          if 'mmap' not in str(e):
+            raise
+          shard = torch.load(path, map_location='cpu', weights_only=True)
+      except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        first = (str(e).splitlines() or [''])[0][:160]
+        raise UserError(f'{path} cannot be read as tensors only (torch weights_only: {first}); '
+                        'objects other than tensors are never unpickled.') from None
+      if not isinstance(shard, dict):
+        raise UserError(f'{path} holds a {type(shard).__name__}; expected a state dict of tensors.')
+      self.tensors.update(shard)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.tensors
+
+  def keys(self) -> list[str]:
+    return list(self.tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.tensors[name].shape)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    import torch  # pylint: disable=g-import-not-at-top
+    tensor = self.tensors[name].detach()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bits through ml_dtypes
+      return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def open_weights(directory: str):
+  """The directory's tensors: safetensors when present, else torch .bin files."""
+  if not os.path.isdir(directory):
+    raise UserError(f'checkpoint directory {directory} does not exist.')
+  single = safetensors_io.SINGLE_FILE
+  if any(os.path.exists(os.path.join(directory, n)) for n in (single, single + '.index.json')):
+    return safetensors_io.SafetensorsDir(directory)
+  if any(os.path.exists(os.path.join(directory, n)) for n in (BIN_FILE, BIN_FILE + '.index.json')):
+    return TorchBinDir(directory)
+  raise UserError(f'{directory} has neither {single} nor {BIN_FILE} (nor their .index.json); '
+                  'expected the weights of a HF checkpoint.')
