@@ -33,6 +33,7 @@ from monoformer_jax.errors import UserError
 
 ITEMS = ('state', 'data', 'config')
 CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC-32}
+WEIGHTS_ONLY = 'weights_only'  # in the data item of a step holding parameters alone
 T = TypeVar('T')
 
 
@@ -62,9 +63,17 @@ class AsyncSaves(enum.Enum):
 
 
 @jax.jit
-def all_finite(tree) -> jax.Array:
-  """Whether every leaf of a pytree of float arrays is finite (one device reduction)."""
+def _all_finite_on_devices(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def all_finite(tree) -> bool:
+  """Whether every leaf of a pytree of float arrays is finite: one device reduction, or leaf by
+  leaf for host arrays (which are not copied to a device for it)."""
+  leaves = jax.tree.leaves(tree)
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return all(bool(np.isfinite(x).all()) for x in leaves)
+  return bool(jax.device_get(_all_finite_on_devices(tree)))
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -112,7 +121,17 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict[str, Any],
            config: ml_collections.ConfigDict) -> None:
     """Saves after the previous save has finished; refuses parameters that are not finite."""
-    if not bool(jax.device_get(all_finite((state.params, state.ema_params)))):
+    self._save(step, state, (state.params, state.ema_params), data_state, config)
+
+  def save_weights(self, step: int, params, config: ml_collections.ConfigDict) -> None:
+    """Saves parameters alone (host arrays, any dtype), as params and EMA params: what a
+    conversion writes. Training from it starts a fresh optimizer state."""
+    self._save(step, dict(step=np.int32(step), params=params, ema_params=params), params,
+               {WEIGHTS_ONLY: True}, config)
+
+  def _save(self, step: int, state, params, data_state: dict[str, Any],
+            config: ml_collections.ConfigDict) -> None:
+    if not all_finite(params):
       last = self.all_steps()
       raise UserError(f'the parameters at step {step} are not finite, so they were not saved; '
                       f'the last finite checkpoint is {f"step {last[0]}" if last else "none"} '
@@ -125,6 +144,14 @@ class Checkpointer:
     self.unsummed = step
     if not self.async_saves:
       self.wait()
+
+  def has_optimizer_state(self, step: int) -> bool:
+    """False for a step save_weights wrote (a step whose data cannot be read counts as a full
+    one, for the fallback to judge)."""
+    try:
+      return not self._restore(step, 'data', data=ocp.args.JsonRestore())['data'].get(WEIGHTS_ONLY)
+    except UserError:
+      return True
 
   def wait(self) -> None:
     """Waits for an asynchronous save to be complete on disk, then records its checksums."""

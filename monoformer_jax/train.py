@@ -41,6 +41,17 @@ def init_backbone(state, setup: workdir_lib.Setup, shardings):
                        opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params))
 
 
+def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
+  """A fresh train state on the parameters and EMA of a workdir a conversion wrote."""
+  reader = checkpoint.Checkpointer(workdir, create=False)  # restoring parts needs its own manager
+  step = reader.latest_step()
+  params, ema = (reader.restore_params(step, abstract.params, use_ema) for use_ema in (False, True))
+  reader.close()
+  return steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                          opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params),
+                          ema_params=ema)
+
+
 def _record_llm_source(init_from: str, workdir: str) -> None:
   """Keeps the converted LLM's description in the workdir, for `convert export-llama`."""
   if jax.process_index() == 0:
@@ -112,11 +123,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
                                                    config.seed, image_shape)}
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
-    if ckpt.all_steps():
+    if ckpt.all_steps() and not ckpt.has_optimizer_state(ckpt.all_steps()[0]):
+      start, state = 0, _from_weights(workdir, setup, abstract, shardings)
+    elif ckpt.all_steps():
       start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
       for kind, it in iterators.items():
-        if kind.value in data_state:  # converted checkpoints start their data afresh
-          it.set_state(data_state[kind.value])
+        it.set_state(data_state[kind.value])
     else:
       start = 0
       state = steps.init_state(model, tx, layout, jax.random.key(config.seed))

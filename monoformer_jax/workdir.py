@@ -120,7 +120,7 @@ def for_inference(workdir: str, use_ema: bool) -> Restored:
 
   step, (setup, params) = ckpt.newest_restorable(load)
   ckpt.close()
-  if not bool(jax.device_get(checkpoint.all_finite(params))):
+  if not checkpoint.all_finite(params):
     raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
                     f'{workdir} are not finite; no sample or text can come from them.')
   return Restored(setup, params, step)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import image_batches, text_batches, tiny_config
-from monoformer_jax import sharding, steps, train
+from monoformer_jax import checkpoint, sharding, steps, train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.metrics_log import METRICS_FILE
 from monoformer_jax.steps import StepKind
@@ -93,3 +93,21 @@ def test_unfinished_save_is_ignored(workdir):
   os.remove(os.path.join(partial, '_CHECKPOINT_METADATA'))
   train.train_and_evaluate(tiny_config(num_steps=4), workdir)
   assert [r['step'] for r in _rows(workdir)] == [1, 2, 3, 4]
+
+
+def test_training_starts_from_a_weights_only_checkpoint(workdir):
+  """What a conversion writes (parameters alone) trains with a fresh optimizer state."""
+  config = tiny_config(num_steps=2, checkpoint_every=2)
+  setup = workdir_lib.for_training(config, workdir)
+  setup.lock.close()
+  params = jax.device_get(steps.init_state(setup.model, setup.tx, setup.layout,
+                                           jax.random.key(5)).params)
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save_weights(0, params, config)
+  ckpt.close()
+  train.train_and_evaluate(config, workdir)
+  reader = checkpoint.Checkpointer(workdir, create=False)
+  assert reader.all_steps() == [2, 0] and reader.has_optimizer_state(2)
+  assert not reader.has_optimizer_state(0)
+  reader.close()
+  assert [r['step'] for r in _rows(workdir)] == [1, 2]

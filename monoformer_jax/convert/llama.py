@@ -91,8 +91,13 @@ def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   Arrays keep the checkpoint's dtype; the caller casts when it builds a model.
   """
   params = outer_from_hf(tensors, cfg, tie_embeddings)
-  params['decoder'] = {'layers': pretrained.stack_layers([layer_from_hf(tensors, cfg, i)
-                                               for i in range(cfg.depth)])}
+  first = layer_from_hf(tensors, cfg, 0)
+  # [L, ...] arrays filled block by block: one block of the source is held at a time.
+  stacked = jax.tree.map(lambda x: np.empty((cfg.depth,) + x.shape, x.dtype), first)
+  for i in range(cfg.depth):
+    layer = first if i == 0 else layer_from_hf(tensors, cfg, i)
+    jax.tree.map(lambda out, x: out.__setitem__(i, x), stacked, layer)  # noqa: B023
+  params['decoder'] = {'layers': stacked}
   return params
 
 

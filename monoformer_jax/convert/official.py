@@ -3,12 +3,14 @@
 The source is what `MonoFormerForCausalLM.save_pretrained` writes: LLaMA
 weights under `model.*` and `lm_head`, MonoFormer's modules (`t_embedder.mlp.{0,2}`,
 `x_embedder`, `t_projector.{0,2}`, `final_layer.linear`,
-`final_layer.adaLN_modulation.1`), a config.json with the MonoFormer fields, and
-the tokenizer with its added tokens (<PAD>, <image>, <|im_start|>, <|im_end|>).
+`final_layer.adaLN_modulation.1`), a config.json with the MonoFormer fields, in
+safetensors or torch .bin files; the official training script puts the EMA
+weights in `checkpoint-N/ema/` and the tokenizer beside them in `checkpoint-N/`.
 Layouts already agree with ours (patch features (c, i, j) in, (i, j, c) out;
 time token before the image; sin-cos grid order), so only Linear weights are
-transposed. The result is a workdir: tokenizer, special_tokens.json, and a
-step-0 checkpoint whose params and EMA params are the official weights.
+transposed. The result is a workdir: tokenizer, special_tokens.json, the source's
+config.json and dtype (for `export-official`), and a step-0 checkpoint whose params
+and EMA params are the official weights.
 """
 
 import json
@@ -33,7 +35,10 @@ _MODULES = {  # official Linear -> our Dense path
     'final_layer.linear': ('final_layer', 'linear'),
     'final_layer.adaLN_modulation.1': ('final_layer', 'adaLN_modulation'),
 }
-_OFFICIAL_TOKENS = {'im_start': '<|im_start|>', 'im_end': '<|im_end|>', 'pad': '<PAD>'}
+# The official added tokens, in the order its train.py adds them after the LLM's vocabulary.
+OFFICIAL_TOKENS = {'pad': '<PAD>', 'image': '<image>', 'im_start': '<|im_start|>',
+                   'im_end': '<|im_end|>'}
+SOURCE_FILE = 'official_source.json'  # in a converted workdir: {'config': config.json, 'dtype'}
 
 
 def check_supported(hf: dict, source: str) -> None:
@@ -60,21 +65,49 @@ def monoformer_params(tensors) -> dict:
   return params
 
 
-def special_ids(src: str) -> dict[str, int]:
-  """Ids of the official added tokens, from added_tokens.json or tokenizer.json."""
-  added = {}
-  path = os.path.join(src, 'added_tokens.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      added = json.load(f)
-  elif os.path.exists(os.path.join(src, 'tokenizer.json')):
-    with open(os.path.join(src, 'tokenizer.json')) as f:
-      added = {t['content']: t['id'] for t in json.load(f).get('added_tokens', [])}
-  missing = [t for t in _OFFICIAL_TOKENS.values() if t not in added]
-  if missing:
-    raise UserError(f'{src} names no id for {", ".join(missing)} (looked in added_tokens.json and '
-                    'tokenizer.json).')
-  return {ours: added[theirs] for ours, theirs in _OFFICIAL_TOKENS.items()}
+def locate(src: str, use_ema: bool) -> tuple[str, list[str]]:
+  """(the directory holding the weights, the directories to look for the tokenizer in): a
+  checkpoint's ema/ folder when use_ema and there is one; the tokenizer there, beside it in
+  src, or one level up."""
+  if not os.path.isdir(src):
+    raise UserError(f'checkpoint directory {src} does not exist.')
+  ema = os.path.join(src, 'ema')
+  weights = ema if use_ema and os.path.isfile(os.path.join(ema, 'config.json')) else src
+  search = [weights, src, os.path.dirname(os.path.abspath(src))]
+  return weights, list(dict.fromkeys(os.path.abspath(d) for d in search))
+
+
+def special_ids(hf: dict, search: list[str]) -> dict[str, int]:
+  """Ids of the official added tokens: from added_tokens.json or tokenizer.json in the search
+  directories, else derived from config.json's image_token_index (the official order)."""
+  for directory in search:
+    added = {}
+    if os.path.exists(os.path.join(directory, 'added_tokens.json')):
+      with open(os.path.join(directory, 'added_tokens.json')) as f:
+        added = json.load(f)
+    elif os.path.exists(os.path.join(directory, 'tokenizer.json')):
+      with open(os.path.join(directory, 'tokenizer.json')) as f:
+        added = {t['content']: t['id'] for t in json.load(f).get('added_tokens', [])}
+    if all(t in added for t in OFFICIAL_TOKENS.values()):
+      return {ours: added[theirs] for ours, theirs in OFFICIAL_TOKENS.items()}
+  image = hf.get('image_token_index')
+  if isinstance(image, int) and image >= 1 and image + 2 < hf['vocab_size']:
+    return dict(pad=image - 1, image=image, im_start=image + 1, im_end=image + 2)
+  raise UserError(f'no id for {", ".join(OFFICIAL_TOKENS.values())}: looked in added_tokens.json '
+                  f'and tokenizer.json in {", ".join(search)}, and for image_token_index in '
+                  'config.json; point --src at the checkpoint folder that holds the tokenizer.')
+
+
+def find_tokenizer(search: list[str], given: str) -> str:
+  if given:
+    if not os.path.isfile(given):
+      raise UserError(f'--tokenizer names {given}, which is not a file.')
+    return given
+  for directory in search:
+    if os.path.isfile(os.path.join(directory, MODEL_FILE)):
+      return os.path.join(directory, MODEL_FILE)
+  raise UserError(f'found no {MODEL_FILE} in {", ".join(search)}; pass --tokenizer=FILE with the '
+                  'LLM\'s sentencepiece model (the official checkpoints start from TinyLlama\'s).')
 
 
 def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
@@ -96,25 +129,26 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   return config
 
 
-def convert_official(src: str, dst: str, vae_dir: str) -> None:
-  hf = llama.read_hf_config(src)
-  source = os.path.join(src, 'config.json')
+def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
+                     tokenizer: str = '') -> None:
+  weights, search = locate(src, use_ema)
+  hf = llama.read_hf_config(weights)
+  source = os.path.join(weights, 'config.json')
   check_supported(hf, source)
   if vae_dir and not os.path.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
   cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
-  tensors = torch_bin.open_weights(src)
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), llama.backbone_from_hf(tensors, cfg, tie))
+  ids = special_ids(hf, search)
+  tokenizer = find_tokenizer(search, tokenizer)
+  tensors = torch_bin.open_weights(weights)
+  params = llama.backbone_from_hf(tensors, cfg, tie)  # the source's dtype; cast when restored
+  dtype = np.dtype(params['norm']['scale'].dtype).name
   params.update(monoformer_params(tensors))
-  ids = special_ids(src)
-  if not os.path.exists(os.path.join(src, MODEL_FILE)):
-    raise UserError(f'{src} has no {MODEL_FILE} (the sentencepiece model of the LLM).')
   config = workdir_config(hf, cfg, tie, os.path.abspath(vae_dir) if vae_dir else '')
 
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  layout = sharding.make_layout(config.mesh)
-  abstract, shardings = steps.abstract_state(model, tx, layout)
+  abstract, _ = steps.abstract_state(model, tx, sharding.make_layout(config.mesh))
   converted = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, want in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
     got = converted.get(path)
@@ -122,16 +156,14 @@ def convert_official(src: str, dst: str, vae_dir: str) -> None:
     if got is None:
       raise UserError(f'the official checkpoint gives nothing for parameter {name}.')
     if tuple(got.shape) != tuple(want.shape):
-      raise UserError(f'parameter {name} has shape {tuple(got.shape)} in {src}; the model '
+      raise UserError(f'parameter {name} has shape {tuple(got.shape)} in {weights}; the model '
                       f'config gives {tuple(want.shape)}.')
-  params = jax.device_put(params, shardings.params)
-  state = steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                           opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                           ema_params=params)
   with files.atomic_directory(dst) as tmp:
-    shutil.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+    shutil.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
     with open(os.path.join(tmp, SPECIALS_FILE), 'w') as f:
       json.dump(ids, f)
+    with open(os.path.join(tmp, SOURCE_FILE), 'w') as f:
+      json.dump(dict(config=hf, dtype=dtype), f, indent=1)
     ckpt = checkpoint.Checkpointer(tmp)
-    ckpt.save(0, state, {}, config)
+    ckpt.save_weights(0, params, config)
     ckpt.close()
