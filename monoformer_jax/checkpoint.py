@@ -62,18 +62,14 @@ class AsyncSaves(enum.Enum):
     return self == AsyncSaves.ON or (self == AsyncSaves.AUTO and jax.default_backend() != 'cpu')
 
 
-@jax.jit
-def _all_finite_on_devices(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+_finite = jax.jit(lambda x: jnp.isfinite(x).all())
 
 
 def all_finite(tree) -> bool:
-  """Whether every leaf of a pytree of float arrays is finite: one device reduction, or leaf by
-  leaf for host arrays (which are not copied to a device for it)."""
-  leaves = jax.tree.leaves(tree)
-  if all(isinstance(x, np.ndarray) for x in leaves):
-    return all(bool(np.isfinite(x).all()) for x in leaves)
-  return bool(jax.device_get(_all_finite_on_devices(tree)))
+  """Whether every leaf of a pytree of float arrays is finite, checked leaf by leaf where it
+  lives (so no more than one leaf's worth of flags exists at a time)."""
+  return all(bool(np.isfinite(x).all() if isinstance(x, np.ndarray) else _finite(x))
+             for x in jax.tree.leaves(tree))
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -88,14 +84,23 @@ class Checkpointer:
   """A CheckpointManager over WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, keep: int = 2, create: bool = True,
-               async_saves: bool = False):
+               async_saves: bool = False, bytes_in_flight_gb: Optional[float] = None):
+    """bytes_in_flight_gb, when given, bounds what a save copies and writes at once (what
+    conversions use, to stay near the size of what they convert)."""
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_saves,
                                            cleanup_tmp_directories=create)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # One PyTree handler for saving and for restoring all or part of the state.
+    state = (ocp.PyTreeCheckpointHandler(save_concurrent_gb=bytes_in_flight_gb,
+                                         save_device_host_concurrent_gb=bytes_in_flight_gb)
+             if bytes_in_flight_gb is not None else ocp.PyTreeCheckpointHandler())
+    handlers = dict(state=state, data=ocp.JsonCheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.async_saves = async_saves
     self.unsummed: Optional[int] = None  # the step saved last, until its checksums are recorded
+    self.full_steps: dict[int, bool] = {}  # step -> whether it holds the optimizer state
 
   def all_steps(self) -> list[int]:
     """The finished steps, newest first."""
@@ -124,10 +129,16 @@ class Checkpointer:
     self._save(step, state, (state.params, state.ema_params), data_state, config)
 
   def save_weights(self, step: int, params, config: ml_collections.ConfigDict) -> None:
-    """Saves parameters alone (host arrays, any dtype), as params and EMA params: what a
-    conversion writes. Training from it starts a fresh optimizer state."""
-    self._save(step, dict(step=np.int32(step), params=params, ema_params=params), params,
-               {WEIGHTS_ONLY: True}, config)
+    """Saves parameters alone (any dtype; the decoder's blocks apart, under decoder/layers/{i}):
+    what a conversion writes. They serve as the EMA too; training from them starts a fresh
+    optimizer state."""
+    layers = params['decoder']['layers']
+    if not all(k.isdigit() for k in layers):  # the model's stacked layout: split it
+      depth = len(jax.tree.leaves(layers)[0])
+      params = dict(params, decoder={'layers': {
+          str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(depth)}})
+    self._save(step, dict(step=np.int32(step), params=params), params, {WEIGHTS_ONLY: True},
+               config)
 
   def _save(self, step: int, state, params, data_state: dict[str, Any],
             config: ml_collections.ConfigDict) -> None:
@@ -137,7 +148,7 @@ class Checkpointer:
                       f'the last finite checkpoint is {f"step {last[0]}" if last else "none"} '
                       f'in {self.directory}.')
     self.wait()
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                               data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config.to_dict()))
     self._written(lambda: self.manager.save(step, args=args), step)
@@ -148,10 +159,13 @@ class Checkpointer:
   def has_optimizer_state(self, step: int) -> bool:
     """False for a step save_weights wrote (a step whose data cannot be read counts as a full
     one, for the fallback to judge)."""
-    try:
-      return not self._restore(step, 'data', data=ocp.args.JsonRestore())['data'].get(WEIGHTS_ONLY)
-    except UserError:
-      return True
+    if step not in self.full_steps:
+      try:
+        data = self._restore(step, 'data', data=ocp.args.JsonRestore())['data']
+        self.full_steps[step] = not data.get(WEIGHTS_ONLY)
+      except UserError:
+        return True
+    return self.full_steps[step]
 
   def wait(self) -> None:
     """Waits for an asynchronous save to be complete on disk, then records its checksums."""
@@ -189,19 +203,59 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
     """The state (placed as `abstract_state`'s shardings say) and the data states."""
     self._verify(step)
-    restored = self._restore(step, 'train state', state=ocp.args.StandardRestore(abstract_state),
-                             data=ocp.args.JsonRestore())
+    restored = self._restore(step, 'train state', state=ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract_state)), data=ocp.args.JsonRestore())
     return restored['state'], restored['data']
 
   def restore_params(self, step: int, abstract_params, use_ema: bool):
-    """Only the EMA or the raw parameters (as abstract_params' shardings say): inference never
-    reads the optimizer state, a third of a checkpoint or more."""
+    """Only the EMA or the raw parameters (as abstract_params' shapes, dtypes and shardings
+    say): inference never reads the optimizer state, a third of a checkpoint or more."""
     self._verify(step)
+    if not self.has_optimizer_state(step):  # saved by save_weights: read part by part
+      flat, tree = jax.tree_util.tree_flatten_with_path(abstract_params)
+      leaves = [jax.device_put(self.read_leaf(step, tuple(k.key for k in path), leaf.shape,
+                                              leaf.dtype, use_ema), leaf.sharding)
+                for path, leaf in flat]
+      return jax.tree.unflatten(tree, leaves)
     item = {'ema_params' if use_ema else 'params': abstract_params}
     restored = self._restore(step, 'parameters', state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
     return next(iter(restored['state'].values()))
+
+  def read_leaf(self, step: int, path: tuple[str, ...], shape: tuple[int, ...], dtype,
+                use_ema: bool) -> np.ndarray:
+    """One parameter as a host array of `dtype` (cast from whatever the step stored): what
+    streaming exports read, so that only one parameter is in memory at a time. A step
+    save_weights wrote holds one set of parameters, with the decoder's blocks apart."""
+    weights_only = not self.has_optimizer_state(step)
+    key = 'params' if weights_only or not use_ema else 'ema_params'
+    blocks = weights_only and path[:2] == ('decoder', 'layers')
+
+    def nest(keys, leaf):
+      for k in reversed(keys):
+        leaf = {k: leaf}
+      return leaf
+
+    if blocks:
+      part = jax.ShapeDtypeStruct(shape[1:], dtype)
+      item = {key: nest(path[:2], {str(i): nest(path[2:], part) for i in range(shape[0])})}
+    else:
+      item = {key: nest(path, jax.ShapeDtypeStruct(shape, dtype))}
+    restored = self._restore(step, 'parameters', state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))['state'][key]
+
+    def get(tree, keys):
+      for k in keys:
+        tree = tree[k]
+      return tree
+
+    if blocks:
+      layers = get(restored, path[:2])
+      return np.stack([np.asarray(get(layers[str(i)], path[2:])) for i in range(shape[0])])
+    return np.asarray(get(restored, path))
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     saved = self._restore(step, 'config', config=ocp.args.JsonRestore())

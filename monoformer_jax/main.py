@@ -60,6 +60,12 @@ _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must no
 _VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: the decoder for sample (default: '
                            'the config\'s model.vae), the encoder for extract_latents, the one '
                            'convert official records.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'convert official: the LLM\'s sentencepiece model, '
+                                 'for a checkpoint without tokenizer.model.')
+_SHAPE = flags.DEFINE_string('shape', 'tinyllama-1.1b', 'convert synthetic-llama: a named shape '
+                             'or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB.')
+_OFFICIAL = flags.DEFINE_bool('official', False, 'convert synthetic-llama: an official MonoFormer '
+                              'checkpoint around the LLaMA.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Multi-process: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process\'s index.')
@@ -186,7 +192,8 @@ def main(argv) -> None:
       bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value)
       return
     if command == 'convert':
-      convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value)
+      convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value,
+                           _TOKENIZER.value, _SHAPE.value, _OFFICIAL.value)
       return
     if not workdir:
       raise UserError('--workdir is required.')

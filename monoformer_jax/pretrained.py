@@ -13,7 +13,7 @@ Dimension letters: L layers.
 import copy
 import json
 import os
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import ml_collections
@@ -136,6 +136,65 @@ def load_llm(path: str) -> tuple[dict, BackboneConfig, bool]:
   blocks = params['decoder']['layers']
   params['decoder']['layers'] = stack_layers([blocks[str(i)] for i in range(cfg.depth)])
   return params, cfg, bool(meta['tie_embeddings'])
+
+
+def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[..., np.ndarray]]:
+  """(backbone config, tie_embeddings, stored dtype, param) of a converted LLM directory, where
+  param(*path) reads one parameter in our layout (a decoder parameter stacked over its blocks,
+  which the directory stores one by one), so that memory holds one parameter at a time."""
+  meta_path = os.path.join(path, MODEL_JSON)
+  if not os.path.isfile(meta_path):
+    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}).')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  cfg = config_from_json(meta['backbone'])
+  params_dir = os.path.join(os.path.abspath(path), PARAMS)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      stored = ckptr.metadata(params_dir)
+  except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
+  stored = getattr(stored, 'item_metadata', stored)  # orbax versions differ in the wrapping
+  stored = getattr(stored, 'tree', stored)
+  dtype = np.dtype(stored['norm']['scale'].dtype)
+
+  def restore(item):
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+
+  def param(*keys):
+    if keys[:2] != ('decoder', 'layers'):
+      node = stored
+      for key in keys:
+        node = node[key]
+      item = jax.ShapeDtypeStruct(node.shape, node.dtype)
+      for key in reversed(keys):
+        item = {key: item}
+      out = restore(item)
+      for key in keys:
+        out = out[key]
+      return np.asarray(out)
+    blocks = {}
+    for i in range(cfg.depth):
+      node = stored['decoder']['layers'][str(i)]
+      for key in keys[2:]:
+        node = node[key]
+      leaf = jax.ShapeDtypeStruct(node.shape, node.dtype)
+      for key in reversed(keys[2:]):
+        leaf = {key: leaf}
+      blocks[str(i)] = leaf
+    out = restore({'decoder': {'layers': blocks}})['decoder']['layers']
+    parts = []
+    for i in range(cfg.depth):
+      node = out[str(i)]
+      for key in keys[2:]:
+        node = node[key]
+      parts.append(np.asarray(node))
+    return np.stack(parts)
+
+  return cfg, bool(meta['tie_embeddings']), dtype, param
 
 
 def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:

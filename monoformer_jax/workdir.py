@@ -14,6 +14,7 @@ import os
 import socket
 from typing import Any, Optional, TextIO
 
+import flax.linen as nn
 import jax
 import ml_collections
 import optax
@@ -106,20 +107,33 @@ class Restored:
   step: int
 
 
-def for_inference(workdir: str, use_ema: bool) -> Restored:
+def param_shapes(model: MonoFormer) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every parameter's path and shape (nothing allocated)."""
+  abstract = jax.eval_shape(lambda k: model.init(k, *steps.example_inputs(model),
+                                                 method=model.init_all), jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract['params']))[0]
+  return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
-  parameters (which must be finite)."""
+  parameters (which must be finite); with params False, the setup and step alone."""
   ckpt = checkpoint.open_existing(workdir)
   tok = tokenizer_lib.Tokenizer(os.path.join(workdir, tokenizer_lib.MODEL_FILE))
 
   def load(step: int):
     config = ckpt.restore_config(step)
     setup = _setup(config, settings_lib.validate(config), tok)
+    if not params:
+      return setup, None
     abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
     return setup, ckpt.restore_params(step, abstract.params, use_ema)
 
-  step, (setup, params) = ckpt.newest_restorable(load)
+  step, (setup, restored) = ckpt.newest_restorable(load)
   ckpt.close()
+  if not params:
+    return Restored(setup, None, step)
+  params = restored
   if not checkpoint.all_finite(params):
     raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
                     f'{workdir} are not finite; no sample or text can come from them.')

@@ -19,6 +19,8 @@ CASES = {  # name: (heads, kv heads, tied, rope_theta, rope_scaling)
     'gqa_tied_theta': (4, 2, True, 500000.0, None),
     'gqa_llama3_scaling': (4, 1, False, 500000.0, LLAMA3),
     'linear_scaling': (4, 2, False, 10000.0, dict(rope_type='linear', factor=4.0)),
+    # NTK scaling grows the base past max_position_embeddings (16 here, 40 tokens long).
+    'dynamic_scaling': (4, 2, False, 10000.0, dict(rope_type='dynamic', factor=2.0)),
 }
 
 
@@ -28,7 +30,8 @@ def _models(heads, kv_heads, tied, theta, scaling):
       vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
       num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=theta,
       rope_scaling=scaling, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-      max_position_embeddings=128, attn_implementation='eager')
+      max_position_embeddings=16 if scaling and scaling['rope_type'] == 'dynamic' else 128,
+      attn_implementation='eager')
   hf = transformers.LlamaForCausalLM(hf_config).eval()
   with torch.no_grad():  # sharp attention and norms off 1, so a wrong RoPE or norm cannot pass
     for name, weight in hf.named_parameters():

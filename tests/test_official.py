@@ -1,16 +1,8 @@
-"""Official MonoFormer checkpoints: converted predictions equal the official forward.
-
-The reference is HF transformers' LlamaModel (the official backbone) driven
-exactly as MonoFormer's PyTorch code drives it: the sequence
-`BOS prompt <|im_start|> [time token] [image tokens] <|im_end|>` right-padded,
-positions counted over real tokens, image tokens attending to their whole span,
-and MonoFormer's modules (timestep embedder, time-token projector, patch
-embedder with the sin-cos grid, adaLN final layer, unpatchify) written out in
-torch from the official definitions.
-"""
+"""Official MonoFormer checkpoints: converted predictions equal the official forward
+(tests/official_reference.py), in both directions."""
 
 import json
-import math
+import os
 
 import numpy as np
 import pytest
@@ -20,84 +12,13 @@ from torch import nn
 
 from helpers import cli
 from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.convert import commands, safetensors_io
+from monoformer_jax.convert import commands, safetensors_io, torch_bin
 from monoformer_jax.diffusion import GuidanceChannels
 from monoformer_jax.layers import MaskType
 from monoformer_jax.errors import UserError
 
-D, P, C, LATENT = 32, 2, 4, 8  # width, patch, latent channels, latent size (image_size 64)
-PAD, IMAGE, IM_START, IM_END = 1024, 1025, 1026, 1027  # appended to a 1,024-piece tokenizer
-
-
-class OfficialExtras(nn.Module):
-  """MonoFormer's modules, named and initialized as the official MonoFormerForCausalLM."""
-
-  def __init__(self):
-    super().__init__()
-    self.t_embedder = nn.Module()
-    self.t_embedder.mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-    self.x_embedder = nn.Linear(P * P * C, D)
-    self.t_projector = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
-    self.final_layer = nn.Module()
-    self.final_layer.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-    self.final_layer.linear = nn.Linear(D, P * P * 2 * C)
-    self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-
-
-def timestep_embedding(t, dim=256, max_period=10000):
-  half = dim // 2
-  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-  args = t[:, None].float() * freqs[None]
-  return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def sincos_grid(dim, grid):
-  def one(d, pos):
-    omega = 1.0 / 10000**(np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-    out = np.einsum('m,d->md', pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)))
-  return torch.from_numpy(np.concatenate([one(dim // 2, g[0]), one(dim // 2, g[1])], 1)).float()
-
-
-def official_forward(llm, extras, input_ids, x_t, t):
-  """eps/sigma prediction [B, 2C, H, W] of the official model for one image per row."""
-  t_emb = extras.t_embedder.mlp(timestep_embedding(t))
-  t_tok = extras.t_projector(t_emb)
-  h = LATENT // P
-  patches = x_t.view(-1, C, h, P, h, P).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
-  x_emb = extras.x_embedder(patches) + sincos_grid(D, h)[None]
-  rows, spans = [], []
-  for b, ids in enumerate(input_ids):
-    ids = ids[ids != PAD]
-    at = int(torch.where(ids == IMAGE)[0])
-    embed = llm.model.embed_tokens
-    row = torch.cat([embed(ids[:at]), t_tok[b:b + 1], x_emb[b], embed(ids[at + 1:])])
-    rows.append(row)
-    spans.append((at + 1, at + 1 + h * h))
-  length = max(len(r) for r in rows)
-  batch = len(rows)
-  embeds = torch.zeros(batch, length, D)
-  valid = torch.zeros(batch, length, dtype=torch.bool)
-  positions = torch.zeros(batch, length, dtype=torch.long)
-  in_image = torch.zeros(batch, length, dtype=torch.bool)
-  for b, row in enumerate(rows):  # right padding, as the official collator
-    embeds[b, :len(row)] = row
-    valid[b, :len(row)] = True
-    positions[b, :len(row)] = torch.arange(len(row))
-    in_image[b, spans[b][0]:spans[b][1]] = True
-  causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-  allowed = (causal[None] | (in_image[:, :, None] & in_image[:, None, :])) & valid[:, None, :]
-  allowed |= torch.eye(length, dtype=torch.bool)[None]  # keep padded query rows finite
-  mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
-  hidden = llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-  shift, scale = extras.final_layer.adaLN_modulation(t_emb).chunk(2, dim=1)
-  out = []
-  for b in range(batch):
-    x = extras.final_layer.norm_final(hidden[b, spans[b][0]:spans[b][1]])
-    x = extras.final_layer.linear(x * (1 + scale[b]) + shift[b])
-    out.append(x.view(h, h, P, P, 2 * C).permute(4, 0, 2, 1, 3).flatten(3, 4).flatten(1, 2))
-  return torch.stack(out), llm.lm_head(hidden)
+from official_reference import (C, D, IM_END, IM_START, IMAGE, LATENT, P, PAD, OfficialExtras,
+                                official_forward)
 
 
 @pytest.fixture(scope='module')
@@ -201,3 +122,51 @@ def test_unsupported_official_variants_are_refused(official_dir, tmp_path):
                                       "'add_before_image_tokens'"):
     commands.run('official', str(other), str(tmp_path / 'out'), use_ema=True)
   assert not (tmp_path / 'out').exists()
+
+
+def _tensor_dict(directory):
+  tensors = torch_bin.open_weights(str(directory))
+  return {name: tensors[name] for name in tensors.keys()}
+
+
+def test_official_round_trip_gives_the_same_tensors(official_dir, tmp_path):
+  _, _, src = official_dir
+  commands.run('official', src, str(tmp_path / 'work'), use_ema=True)
+  commands.run('export-official', str(tmp_path / 'work'), str(tmp_path / 'back'), use_ema=True)
+  want, got = _tensor_dict(src), _tensor_dict(tmp_path / 'back')
+  assert sorted(want) == sorted(got)
+  for name, array in want.items():
+    assert got[name].dtype == array.dtype, name
+    np.testing.assert_array_equal(got[name], array, err_msg=name)
+  source = json.loads(open(f'{src}/config.json').read())
+  exported = json.loads((tmp_path / 'back' / 'config.json').read_text())
+  assert {k: exported.get(k) for k in source} == source
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'back')
+  assert [tok.convert_tokens_to_ids(t) for t in ('<PAD>', '<image>', '<|im_start|>', '<|im_end|>')
+          ] == [PAD, IMAGE, IM_START, IM_END]
+
+
+def test_official_training_layout_bin_weights_and_ema_folder(official_dir, tmp_path):
+  """checkpoint-N/ as the official train.py leaves it: .bin weights, the EMA in ema/, the
+  tokenizer beside (not in) ema/; config.json gives the ids through image_token_index."""
+  _, _, src = official_dir
+  raw = {k: torch.from_numpy(np.array(v)) for k, v in _tensor_dict(src).items()}
+  ema = {k: v * 0.5 for k, v in raw.items()}
+  checkpoint_dir = tmp_path / 'checkpoint-100'
+  (checkpoint_dir / 'ema').mkdir(parents=True)
+  for directory, state in ((checkpoint_dir, raw), (checkpoint_dir / 'ema', ema)):
+    torch.save(state, directory / 'pytorch_model.bin')
+    (directory / 'config.json').write_text(open(f'{src}/config.json').read())
+  (checkpoint_dir / 'tokenizer.model').write_bytes(open(f'{src}/tokenizer.model', 'rb').read())
+  for use_ema, weights in ((True, ema), (False, raw)):
+    work = tmp_path / f'work_{use_ema}'
+    commands.run('official', str(checkpoint_dir), str(work), use_ema=use_ema)
+    commands.run('export-official', str(work), str(tmp_path / f'back_{use_ema}'), use_ema=True)
+    got = _tensor_dict(tmp_path / f'back_{use_ema}')
+    for name in ('lm_head.weight', 'x_embedder.weight', 'model.layers.1.mlp.up_proj.weight'):
+      np.testing.assert_array_equal(got[name], weights[name].numpy())
+  os.remove(checkpoint_dir / 'tokenizer.model')
+  with pytest.raises(UserError, match=r'found no tokenizer.model in .*; pass --tokenizer=FILE'):
+    commands.run('official', str(checkpoint_dir), str(tmp_path / 'x'), use_ema=True)
+  commands.run('official', str(checkpoint_dir), str(tmp_path / 'y'), use_ema=True,
+               tokenizer=f'{src}/tokenizer.model')

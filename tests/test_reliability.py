@@ -51,7 +51,7 @@ def _saved_arrays(workdir):
   """The newest checkpoint's train state as saved (host arrays, no config needed)."""
   ckpt = checkpoint.Checkpointer(workdir, create=False)
   state = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
+      state=ocp.args.PyTreeRestore()))["state"]
   ckpt.close()
   return jax.tree.map(np.asarray, state)
 
@@ -270,7 +270,7 @@ def test_non_finite_params_are_never_saved_nor_sampled(trained, tmp_path):
                                       'last finite checkpoint is step 4'):
     ckpt.save(6, broken, {}, config)
   ckpt.manager.save(6, args=ocp.args.Composite(  # past the check, as an older version might have
-      state=ocp.args.StandardSave(broken), data=ocp.args.JsonSave({}),
+      state=ocp.args.PyTreeSave(broken), data=ocp.args.JsonSave({}),
       config=ocp.args.JsonSave(config.to_dict())))
   ckpt.close()
   with pytest.raises(UserError, match='parameters of checkpoint step 6 .* are not finite'):

@@ -2,9 +2,9 @@
 
 import os
 
-from monoformer_jax import pretrained
+from monoformer_jax import checkpoint, pretrained
 from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.convert import llama, official, synthetic, vae
+from monoformer_jax.convert import llama, official, official_export, synthetic, vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
@@ -13,10 +13,14 @@ KINDS = {
              'model.json, tokenizer.model)',
     'export-llama': 'converted directory or training workdir -> HF LlamaForCausalLM directory '
                     '(--ema=false for the raw params)',
-    'official': 'official MonoFormer checkpoint (+ --vae=converted VAE) -> workdir for `sample`',
+    'official': 'official MonoFormer checkpoint, safetensors or .bin, or its ema/ folder (--ema) '
+                '(+ --vae=converted VAE, --tokenizer=FILE if it has none) -> workdir',
+    'export-official': 'workdir -> the whole MonoFormer as the official code loads it (--ema=false '
+                       'for the raw params)',
     'vae': 'diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory',
-    'synthetic-llama': '--dst only: a random bf16 HF checkpoint of the TinyLlama-1.1B shape, to '
-                       'measure conversion',
+    'synthetic-llama': '--dst and --shape only: a random bf16 HF LLaMA of a named shape '
+                       '(tinyllama-1.1b, llama-3.2-1b) or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB; '
+                       'with --official, an official MonoFormer checkpoint around it',
 }
 BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
@@ -29,33 +33,41 @@ def usage() -> str:
 
 
 def export_llama(src: str, dst: str, use_ema: bool) -> None:
-  """The text half of a converted directory or a workdir as a HF checkpoint, the
-  config.json the backbone came from (when there is one) carried over."""
+  """The text half of a converted directory or a workdir as a HF checkpoint, read and written
+  one parameter at a time; the config.json the backbone came from (when there is one) carried
+  over."""
   source = pretrained.hf_source(src)
   tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
   if os.path.isfile(os.path.join(src, pretrained.MODEL_JSON)):
-    params, cfg, tie = pretrained.load_llm(src)
+    cfg, tie, dtype, param = pretrained.leaf_reader(src)
     max_positions, special = 2048, None
     if source is None:  # converted before the source's config was kept
       tok = Tokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None
       special = (tok.bos_id, tok.eos_id, tok.pad_id) if tok else (1, 2, 0)
-  else:
-    restored = workdir_lib.for_inference(src, use_ema)
-    setup = restored.setup
-    params = {k: v for k, v in restored.params.items() if k in BACKBONE_KEYS}
-    cfg, tie = setup.model.backbone, setup.model.tie_embeddings
-    max_positions = setup.config.model.context_length  # used when there is no source
-    special = (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id)
-  llama.export_llama(params, cfg, tie, dst, tokenizer_file, source, max_positions, special)
+    llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst,
+                       tokenizer_file, source, max_positions, special)
+    return
+  restored = workdir_lib.for_inference(src, use_ema, params=False)
+  setup = restored.setup
+  cfg, tie = setup.model.backbone, setup.model.tie_embeddings
+  dtype = official_export.stored_dtype(src)
+  ckpt = checkpoint.open_existing(src)
+  shapes = workdir_lib.param_shapes(setup.model)
+  param = lambda *path: ckpt.read_leaf(restored.step, path, shapes[path], dtype, use_ema)  # noqa: E731
+  llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst, tokenizer_file,
+                     source, setup.config.model.context_length,
+                     (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id))
+  ckpt.close()
 
 
-def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '') -> None:
+def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokenizer: str = '',
+        shape: str = 'tinyllama-1.1b', official_layout: bool = False) -> None:
   if kind not in KINDS:
     raise UserError(f'convert kind {kind!r} is unknown; expected one of {", ".join(KINDS)}.')
   if kind == 'synthetic-llama':
     if not dst:
       raise UserError('convert synthetic-llama needs --dst.')
-    size = synthetic.write_synthetic_llama(dst, 'tinyllama-1.1b')
+    size = synthetic.write_synthetic(dst, shape, official_layout)
     print(f'wrote {dst}: {size / 2**30:.2f} GiB of bf16 weights')
     return
   if not src or not dst:
@@ -65,7 +77,9 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '') -> None
   elif kind == 'vae':
     vae.convert_vae(src, dst)
   elif kind == 'official':
-    official.convert_official(src, dst, vae_dir)
+    official.convert_official(src, dst, vae_dir, use_ema, tokenizer)
+  elif kind == 'export-official':
+    official_export.export_official(src, dst, use_ema)
   else:
     export_llama(src, dst, use_ema)
   print(f'wrote {dst}')

@@ -9,7 +9,7 @@ written under DST.partial, then renamed, so a crash leaves no DST.
 import json
 import os
 import shutil
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from monoformer_jax.errors import UserError
 from monoformer_jax.layers import BackboneConfig
 from monoformer_jax.rope import RopeKind, RopeScaling
 
-_LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
+LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
     ('self_attn', 'q_proj'): 'self_attn.q_proj',
     ('self_attn', 'k_proj'): 'self_attn.k_proj',
     ('self_attn', 'v_proj'): 'self_attn.v_proj',
@@ -56,7 +56,7 @@ def _kernel(cfg: BackboneConfig, ours: tuple[str, str], weight: np.ndarray) -> n
   return weight.T
 
 
-def _hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
+def hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
   h, k, e, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width, cfg.mlp_dim
   return {'q_proj': (h * e, d), 'k_proj': (k * e, d), 'v_proj': (k * e, d), 'o_proj': (d, h * e),
           'gate_proj': (f, d), 'up_proj': (f, d), 'down_proj': (d, f)}[ours[1]]
@@ -65,8 +65,8 @@ def _hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
 def layer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig, i: int) -> dict:
   """Block i's params (our layout, without the layer axis) from HF tensors, stored dtype."""
   layer = {}
-  for ours, hf in _LINEARS.items():
-    weight = _get(tensors, f'model.layers.{i}.{hf}.weight', _hf_shape(cfg, ours))
+  for ours, hf in LINEARS.items():
+    weight = _get(tensors, f'model.layers.{i}.{hf}.weight', hf_shape(cfg, ours))
     layer.setdefault(ours[0], {})[ours[1]] = {'kernel': np.ascontiguousarray(_kernel(cfg, ours, weight))}
   for norm in ('input_layernorm', 'post_attention_layernorm'):
     layer[norm] = {'scale': _get(tensors, f'model.layers.{i}.{norm}.weight', (cfg.width,))}
@@ -101,17 +101,19 @@ def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   return params
 
 
+def kernel_to_hf(cfg: BackboneConfig, ours: tuple[str, str], kernel: np.ndarray) -> np.ndarray:
+  """One block's kernel in our layout -> HF's [out, in] weight."""
+  return np.ascontiguousarray(np.asarray(kernel).reshape(hf_shape(cfg, ours)[::-1]).T)
+
+
 def backbone_to_hf(params: Mapping, cfg: BackboneConfig, tie_embeddings: bool) -> dict[str, np.ndarray]:
   """The inverse of backbone_from_hf: HF tensor names -> [out, in] arrays."""
-  h, k, e, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
   layer = params['decoder']['layers']
   out = {'model.embed_tokens.weight': np.asarray(params['embed_tokens']['embedding'])}
   for i in range(cfg.depth):
-    for ours, hf in _LINEARS.items():
-      kernel = np.asarray(layer[ours[0]][ours[1]]['kernel'][i])
-      flat = {'q_proj': (d, h * e), 'k_proj': (d, k * e), 'v_proj': (d, k * e),
-              'o_proj': (h * e, d)}.get(ours[1], kernel.shape)
-      out[f'model.layers.{i}.{hf}.weight'] = np.ascontiguousarray(kernel.reshape(flat).T)
+    for ours, hf in LINEARS.items():
+      out[f'model.layers.{i}.{hf}.weight'] = kernel_to_hf(
+          cfg, ours, layer[ours[0]][ours[1]]['kernel'][i])
     for norm in ('input_layernorm', 'post_attention_layernorm'):
       out[f'model.layers.{i}.{norm}.weight'] = np.asarray(layer[norm]['scale'][i])
   out['model.norm.weight'] = np.asarray(params['norm']['scale'])
@@ -224,19 +226,62 @@ def convert_llama(src: str, dst: str) -> None:
       shutil.copy(os.path.join(src, pretrained.TOKENIZER), os.path.join(tmp, pretrained.TOKENIZER))
 
 
-def export_llama(params: dict, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
+def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
                  source: Optional[Mapping], max_positions: int,
                  special_ids: Optional[tuple[int, int, int]]) -> None:
-  """Backbone params -> a HF LlamaForCausalLM directory (config.json + model.safetensors);
-  the config as hf_config makes it, in the dtype of the params."""
-  tensors = backbone_to_hf(params, cfg, tie)
-  dtype = np.dtype(next(iter(tensors.values())).dtype)
+  """(name, LazyTensor) pairs of backbone_tensors -> a HF LlamaForCausalLM directory
+  (config.json + model.safetensors), written one tensor at a time."""
+  dtype = np.dtype(tensors[0][1].dtype)
   torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
       dtype, 'bfloat16')
   with files.atomic_directory(dst) as tmp:
-    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), list(tensors.items()),
-                         {'format': 'pt'})
+    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids), f, indent=1)
     if tokenizer_file and os.path.exists(tokenizer_file):
       shutil.copy(tokenizer_file, os.path.join(tmp, pretrained.TOKENIZER))
+
+
+def with_rows(matrix: np.ndarray, new_rows: Mapping[int, int]) -> np.ndarray:
+  """[V, D] -> [V', D]: rows appended, each a copy of a row or (-1) the mean row."""
+  if not new_rows:
+    return matrix
+  out = np.empty((max(new_rows) + 1, matrix.shape[1]), matrix.dtype)
+  out[:len(matrix)] = matrix
+  mean = matrix.astype(np.float32).mean(0).astype(matrix.dtype)
+  for row, source in new_rows.items():
+    out[row] = mean if source < 0 else matrix[source]
+  return out
+
+
+def backbone_tensors(cfg: BackboneConfig, tie: bool, param: Callable[..., np.ndarray],
+                     dtype: np.dtype, new_rows: Optional[Mapping[int, int]] = None) -> list:
+  """The backbone as (HF name, LazyTensor) pairs, read through param(*path) one parameter at
+  a time (decoder parameters stacked [L, ...]); vocabulary rows appended as with_rows says."""
+  new_rows, cache = new_rows or {}, {}
+  vocab, d = cfg.vocab_size + len(new_rows), cfg.width
+
+  def read(*path):  # the last parameter read is kept: the layers of a stack share it
+    if path not in cache:
+      cache.clear()
+      cache[path] = param(*path)
+    return cache[path]
+
+  def lazy(shape, make):
+    return safetensors_io.LazyTensor(shape, dtype, lambda: make().astype(dtype, copy=False))
+
+  out = [('model.embed_tokens.weight', lazy(
+      (vocab, d), lambda: with_rows(read('embed_tokens', 'embedding'), new_rows)))]
+  for ours, hf in LINEARS.items():
+    for i in range(cfg.depth):
+      out.append((f'model.layers.{i}.{hf}.weight', lazy(hf_shape(cfg, ours), lambda o=ours, i=i: (
+          kernel_to_hf(cfg, o, read('decoder', 'layers', *o, 'kernel')[i])))))
+  for norm in ('input_layernorm', 'post_attention_layernorm'):
+    for i in range(cfg.depth):
+      out.append((f'model.layers.{i}.{norm}.weight', lazy(
+          (d,), lambda n=norm, i=i: read('decoder', 'layers', n, 'scale')[i])))
+  out.append(('model.norm.weight', lazy((d,), lambda: read('norm', 'scale'))))
+  if not tie:
+    out.append(('lm_head.weight', lazy((vocab, d), lambda: with_rows(
+        np.ascontiguousarray(read('lm_head', 'kernel').T), new_rows))))
+  return out

@@ -26,7 +26,7 @@ from monoformer_jax.convert import llama, torch_bin
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
 
-_MODULES = {  # official Linear -> our Dense path
+MODULES = {  # official Linear -> our Dense path
     't_embedder.mlp.0': ('t_embedder', 'fc1'),
     't_embedder.mlp.2': ('t_embedder', 'fc2'),
     't_projector.0': ('t_projector', 'fc1'),
@@ -52,7 +52,7 @@ def check_supported(hf: dict, source: str) -> None:
 def monoformer_params(tensors) -> dict:
   """MonoFormer's own modules (float32) from the official tensors."""
   params = {}
-  for name, path in _MODULES.items():
+  for name, path in MODULES.items():
     for leaf, hf_leaf in (('kernel', 'weight'), ('bias', 'bias')):
       key = f'{name}.{hf_leaf}'
       if key not in tensors:
@@ -110,6 +110,17 @@ def find_tokenizer(search: list[str], given: str) -> str:
                   'LLM\'s sentencepiece model (the official checkpoints start from TinyLlama\'s).')
 
 
+def _device_backbone(tensors, cfg, tie: bool) -> dict:
+  """The backbone params as device arrays in the source's dtype, the decoder's blocks apart
+  (the save_weights layout): each tensor is moved as soon as it is read, so memory holds the
+  weights about once."""
+  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
+  params = put(llama.outer_from_hf(tensors, cfg, tie))
+  params['decoder'] = {'layers': {str(i): put(llama.layer_from_hf(tensors, cfg, i))
+                                  for i in range(cfg.depth)}}
+  return params
+
+
 def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   config = config_lib.base_config()
   m = config.model
@@ -141,7 +152,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   ids = special_ids(hf, search)
   tokenizer = find_tokenizer(search, tokenizer)
   tensors = torch_bin.open_weights(weights)
-  params = llama.backbone_from_hf(tensors, cfg, tie)  # the source's dtype; cast when restored
+  params = _device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name
   params.update(monoformer_params(tensors))
   config = workdir_config(hf, cfg, tie, os.path.abspath(vae_dir) if vae_dir else '')
@@ -151,6 +162,8 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   abstract, _ = steps.abstract_state(model, tx, sharding.make_layout(config.mesh))
   converted = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, want in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
+    if path[0].key == 'decoder':  # blocks apart: each checked against the config when read
+      continue
     got = converted.get(path)
     name = jax.tree_util.keystr(path)
     if got is None:
@@ -158,12 +171,16 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
     if tuple(got.shape) != tuple(want.shape):
       raise UserError(f'parameter {name} has shape {tuple(got.shape)} in {weights}; the model '
                       f'config gives {tuple(want.shape)}.')
+  # Bounding what Orbax copies at once to about the largest parameter keeps the conversion
+  # near the size of the checkpoint.
+  in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
+  del converted
   with files.atomic_directory(dst) as tmp:
     shutil.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
     with open(os.path.join(tmp, SPECIALS_FILE), 'w') as f:
       json.dump(ids, f)
     with open(os.path.join(tmp, SOURCE_FILE), 'w') as f:
       json.dump(dict(config=hf, dtype=dtype), f, indent=1)
-    ckpt = checkpoint.Checkpointer(tmp)
+    ckpt = checkpoint.Checkpointer(tmp, bytes_in_flight_gb=in_flight)
     ckpt.save_weights(0, params, config)
     ckpt.close()

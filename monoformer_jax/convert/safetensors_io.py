@@ -6,10 +6,11 @@ touches only its own bytes, so converting a checkpoint never holds more than
 the output and one input tensor.
 """
 
+import dataclasses
 import json
 import os
 import struct
-from typing import Iterable
+from typing import Callable, Iterable, Union
 
 import ml_dtypes
 import numpy as np
@@ -87,8 +88,21 @@ class SafetensorsDir:
     return data.reshape(shape)
 
 
-def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
-  """Writes (name, array) pairs to `path` atomically, one tensor at a time.
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A tensor made only when its bytes are written: shape and dtype known ahead."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  make: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def write(path: str, tensors: Iterable[tuple[str, Union[np.ndarray, LazyTensor]]],
+          metadata: dict[str, str]) -> None:
+  """Writes (name, array or LazyTensor) pairs to `path` atomically, one tensor at a time.
 
   The iterable is walked twice (header, then data), so pass a re-iterable
   sequence or a function-backed view, not a one-shot generator.
@@ -106,5 +120,8 @@ def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[s
   with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(raw)))
     f.write(raw)
-    for _, array in tensors:
-      f.write(np.ascontiguousarray(array).tobytes())
+    for name, array in tensors:
+      data = array.make() if isinstance(array, LazyTensor) else array
+      if tuple(data.shape) != tuple(array.shape) or np.dtype(data.dtype) != np.dtype(array.dtype):
+        raise ValueError(f'tensor {name} came out {data.dtype} {data.shape}, not as announced')
+      f.write(np.ascontiguousarray(data).tobytes())

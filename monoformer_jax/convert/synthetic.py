@@ -1,7 +1,8 @@
-"""A random HF LLaMA checkpoint of any size in the table, for measuring conversion.
+"""Random checkpoints of real shapes, for measuring conversion: a HF LLaMA, or (--official) an
+official MonoFormer checkpoint around one.
 
-Written tensor by tensor (names, shapes and dtype as transformers saves them),
-so a 1.1B-parameter checkpoint needs no model in memory to create.
+Written tensor by tensor in bf16 (names, shapes and dtype as transformers saves them), so a
+billion-parameter checkpoint needs no model in memory to create.
 """
 
 import json
@@ -11,16 +12,54 @@ import ml_dtypes
 import numpy as np
 
 from monoformer_jax import files
-from monoformer_jax import model as model_lib
-from monoformer_jax.convert import llama, safetensors_io
+from monoformer_jax.convert import llama, official, safetensors_io
+from monoformer_jax.convert.safetensors_io import LazyTensor
+from monoformer_jax.errors import UserError
 from monoformer_jax.layers import BackboneConfig
+from monoformer_jax.rope import RopeKind, RopeScaling
+
+# Named shapes: (BackboneConfig, tied embeddings, max_position_embeddings).
+SHAPES = {
+    'tinyllama-1.1b': (BackboneConfig(vocab_size=32000, width=2048, depth=22, num_heads=32,
+                                      num_kv_heads=4, mlp_dim=5632, norm_eps=1e-5), False, 2048),
+    'llama-3.2-1b': (BackboneConfig(vocab_size=128256, width=2048, depth=16, num_heads=32,
+                                    num_kv_heads=8, mlp_dim=8192, rope_theta=500000.0,
+                                    rope_scaling=RopeScaling(RopeKind.LLAMA3, 32.0, 1.0, 4.0, 8192),
+                                    norm_eps=1e-5), True, 131072),
+}
+PATCH, CHANNELS, LATENT = 2, 4, 32  # MonoFormer's modules for 256-pixel SD-VAE latents
 
 
-def write_synthetic_llama(dst: str, size: str, vocab_size: int = 32000) -> int:
-  """Writes DST/config.json + model.safetensors (bf16); returns the weights' bytes."""
-  cfg = BackboneConfig(vocab_size=vocab_size, **model_lib.SIZES[size])
-  h, k, e, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width, cfg.mlp_dim
-  shapes = {'model.embed_tokens.weight': (vocab_size, d)}
+def parse_shape(shape: str) -> tuple[BackboneConfig, bool, int]:
+  """A name of SHAPES, or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB (untied, 2,048 positions)."""
+  if shape in SHAPES:
+    return SHAPES[shape]
+  try:
+    width, depth, heads, kv_heads, mlp, vocab = (int(x) for x in shape.split(','))
+  except ValueError:
+    raise UserError(f'--shape is {shape!r}; expected one of {", ".join(SHAPES)} or '
+                    'WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB.') from None
+  return BackboneConfig(vocab_size=vocab, width=width, depth=depth, num_heads=heads,
+                        num_kv_heads=kv_heads, mlp_dim=mlp), False, 2048
+
+
+def _random(shape: tuple[int, ...], seed: int):
+  def make():
+    if len(shape) == 1:
+      return np.ones(shape, ml_dtypes.bfloat16)
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+  return LazyTensor(shape, np.dtype(ml_dtypes.bfloat16), make)
+
+
+def write_synthetic(dst: str, shape: str, with_monoformer: bool) -> int:
+  """Writes DST/config.json + model.safetensors (bf16); returns the weights' bytes. With
+  with_monoformer, also MonoFormer's modules, its config fields and the official token ids
+  (the last four vocabulary rows)."""
+  cfg, tie, positions = parse_shape(shape)
+  h, k, e, d, f, v = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width, cfg.mlp_dim,
+                      cfg.vocab_size)
+  shapes = {'model.embed_tokens.weight': (v, d)}
   for i in range(cfg.depth):
     p = f'model.layers.{i}.'
     shapes.update({p + 'self_attn.q_proj.weight': (h * e, d), p + 'self_attn.k_proj.weight': (k * e, d),
@@ -28,19 +67,26 @@ def write_synthetic_llama(dst: str, size: str, vocab_size: int = 32000) -> int:
                    p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
                    p + 'mlp.down_proj.weight': (d, f), p + 'input_layernorm.weight': (d,),
                    p + 'post_attention_layernorm.weight': (d,)})
-  shapes.update({'model.norm.weight': (d,), 'lm_head.weight': (vocab_size, d)})
-
-  class Lazy:
-    """(name, array) pairs made on demand, so only one tensor exists at a time."""
-
-    def __iter__(self):
-      rng = np.random.default_rng(0)
-      for name, shape in shapes.items():
-        array = rng.standard_normal(shape, np.float32) * 0.02 if len(shape) == 2 else np.ones(shape)
-        yield name, array.astype(ml_dtypes.bfloat16)
-
+  shapes['model.norm.weight'] = (d,)
+  if not tie:
+    shapes['lm_head.weight'] = (v, d)
+  config = llama.hf_config(cfg, tie, 'bfloat16', max_positions=positions, special_ids=(1, 2, 0))
+  if with_monoformer:
+    patch_in, patch_out = PATCH * PATCH * CHANNELS, PATCH * PATCH * 2 * CHANNELS
+    modules = {'t_embedder.mlp.0': (d, 256), 't_embedder.mlp.2': (d, d), 't_projector.0': (d, d),
+               't_projector.2': (d, d), 'x_embedder': (d, patch_in),
+               'final_layer.linear': (patch_out, d), 'final_layer.adaLN_modulation.1': (2 * d, d)}
+    assert set(modules) == set(official.MODULES)
+    for name, (out_features, in_features) in modules.items():
+      shapes.update({f'{name}.weight': (out_features, in_features), f'{name}.bias': (out_features,)})
+    config.update(architectures=['MonoFormerForCausalLM'], patch_size=PATCH,
+                  in_channels=CHANNELS, learn_sigma=True, image_size=LATENT * 8,
+                  use_pos_embed=True, decoder_t_embed='add_before_image_tokens',
+                  use_adaln_final_layer=True, add_pos_embed_each_layer=False,
+                  use_bi_attn_img_tokens=True, image_token_index=v - 3, pad_token_id=v - 4)
+  tensors = [(name, _random(s, i)) for i, (name, s) in enumerate(shapes.items())]
   with files.atomic_directory(dst) as tmp:
-    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), Lazy(), {'format': 'pt'})
+    safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f_out:
-      json.dump(llama.hf_config(cfg, False, 'bfloat16', special_ids=(1, 2, 0)), f_out, indent=1)
-  return 2 * sum(int(np.prod(s)) for s in shapes.values())
+      json.dump(config, f_out, indent=1)
+  return sum(t.nbytes for _, t in tensors)

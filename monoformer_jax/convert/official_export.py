@@ -1,0 +1,155 @@
+"""`convert export-official`: a workdir -> a directory the official code loads with
+`MonoFormerForCausalLM.from_pretrained` (and its tokenizer with `AutoTokenizer`).
+
+Weights: the LLaMA backbone and MonoFormer's modules under the official names, in
+safetensors shards with an index. They are read from the checkpoint one parameter at a
+time and written one tensor at a time, so memory holds about one stacked parameter.
+The official vocabulary has <PAD>, <image>, <|im_start|> and <|im_end|> above the LLM's
+pieces: a workdir converted from official keeps its ids and its source config.json and
+dtype (so official -> here -> official gives back the same tensors); a workdir trained
+here gets an <image> row, or four new rows copied from its own special tokens when those
+are pieces of its tokenizer.
+"""
+
+import json
+import os
+import shutil
+from typing import Callable
+
+import numpy as np
+
+from monoformer_jax import checkpoint, files
+from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.convert import llama, official, safetensors_io
+from monoformer_jax.convert.safetensors_io import LazyTensor
+from monoformer_jax.errors import UserError
+from monoformer_jax.layers import MaskType
+from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
+
+
+def _recorded(src: str) -> dict:
+  """What `convert official` recorded of a workdir's source ({} for a workdir trained here)."""
+  path = os.path.join(src, official.SOURCE_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def stored_dtype(src: str) -> np.dtype:
+  """The dtype exports write a workdir's parameters in: its official source's, else float32."""
+  return np.dtype(_recorded(src).get('dtype', 'float32'))
+
+
+def _official_ids(setup, src: str) -> tuple[dict[str, int], dict[int, int]]:
+  """({token: id} in the official names, {new row: row it copies}) for the exported vocabulary."""
+  tok, vocab = setup.tok, setup.model.backbone.vocab_size
+  ids = dict(pad=tok.pad_id, image=None, im_start=tok.im_start_id, im_end=tok.im_end_id)
+  specials = os.path.join(src, SPECIALS_FILE)
+  if os.path.exists(specials):
+    with open(specials) as f:
+      ids['image'] = json.load(f).get('image')
+  if all(i >= tok.num_pieces for i in ids.values() if i is not None):
+    new_rows = {}
+    if ids['image'] is None:
+      ids['image'], new_rows = vocab, {vocab: -1}  # -1: the mean row
+    return ids, new_rows
+  # Special tokens that are pieces of the tokenizer cannot carry the official names: give
+  # the four tokens new rows, in the official order, copying ours.
+  order = ('pad', 'image', 'im_start', 'im_end')
+  new_rows = {vocab + k: (-1 if name == 'image' else ids[name]) for k, name in enumerate(order)}
+  return {name: vocab + k for k, name in enumerate(order)}, new_rows
+
+
+def _tensors(setup, shapes, param: Callable, dtype: np.dtype, new_rows: dict[int, int]) -> list:
+  """(official name, LazyTensor) for every tensor: the backbone, then MonoFormer's modules."""
+  model = setup.model
+  out = llama.backbone_tensors(model.backbone, model.tie_embeddings, param, dtype, new_rows)
+  for name, path in official.MODULES.items():
+    shape = shapes[path + ('kernel',)]
+    out.append((f'{name}.weight', LazyTensor(
+        shape[::-1], dtype, lambda p=path: np.ascontiguousarray(param(*p, 'kernel').T))))
+    out.append((f'{name}.bias', LazyTensor((shape[1],), dtype, lambda p=path: param(*p, 'bias'))))
+  return out
+
+
+def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
+  """config.json: the source's (a workdir converted from official), else the LLaMA fields of
+  the backbone and the MonoFormer fields of the config."""
+  model, config = setup.model, setup.config
+  if model.image_mask == MaskType.BIDIRECTIONAL:
+    raise UserError('the official code has no fully bidirectional image mask; export-official '
+                    'needs model.image_mask \'hybrid\' or \'causal\'.')
+  tok = setup.tok
+  special = None if source is not None else (tok.bos_id, tok.eos_id, ids['pad'])
+  out = llama.hf_config(model.backbone, model.tie_embeddings, dtype, source,
+                        config.model.context_length, special)
+  img = model.image
+  out.update(architectures=['MonoFormerForCausalLM'], vocab_size=vocab,
+             image_token_index=ids['image'], patch_size=img.patch_size,
+             in_channels=img.channels, learn_sigma=img.learn_sigma, use_pos_embed=img.use_pos_embed,
+             image_size=img.height * 8,  # the official code decodes with the SD-VAE (factor 8)
+             decoder_t_embed='add_before_image_tokens', use_adaln_final_layer=True,
+             add_pos_embed_each_layer=False,
+             use_bi_attn_img_tokens=model.image_mask == MaskType.HYBRID)
+  if source is None:
+    out.update(tokenizer_max_length=config.data.prompt_len, tokenizer_padding_side='right',
+               use_flash_attn=False)
+  return out
+
+
+def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> None:
+  """tokenizer.model and the files HF's AutoTokenizer reads for the official added tokens."""
+  shutil.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+  added = {official.OFFICIAL_TOKENS[k]: i for k, i in ids.items()}
+  piece = tok.sp.id_to_piece
+  special = dict(bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
+                 unk_token=piece(tok.sp.unk_id()), pad_token=official.OFFICIAL_TOKENS['pad'])
+  decoder = {str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False,
+                          single_word=False) for t, i in added.items()}
+  for name, content in (('added_tokens.json', added), ('special_tokens_map.json', special),
+                        ('tokenizer_config.json', dict(
+                            special, tokenizer_class='LlamaTokenizer', add_bos_token=True,
+                            add_eos_token=False, model_max_length=context,
+                            added_tokens_decoder=decoder))):
+    with open(os.path.join(tmp, name), 'w') as f:
+      json.dump(content, f, indent=1)
+
+
+def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2**30) -> None:
+  """Writes dst (which must not exist) from the workdir src's newest restorable checkpoint."""
+  restored = workdir_lib.for_inference(src, use_ema, params=False)
+  setup, step = restored.setup, restored.step
+  source = _recorded(src).get('config')
+  dtype = stored_dtype(src)
+  ids, new_rows = _official_ids(setup, src)
+  ckpt = checkpoint.open_existing(src)
+  shapes = workdir_lib.param_shapes(setup.model)
+
+  def param(*path):
+    return ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)
+
+  tensors = _tensors(setup, shapes, param, dtype, new_rows)
+  shards, size = [[]], 0
+  for entry in tensors:
+    if shards[-1] and size + entry[1].nbytes > shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += entry[1].nbytes
+  vocab = setup.model.backbone.vocab_size + len(new_rows)
+  torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
+      dtype, 'bfloat16')
+  with files.atomic_directory(dst) as tmp:
+    weight_map = {}
+    for k, shard in enumerate(shards):
+      name = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
+      safetensors_io.write(os.path.join(tmp, name), shard, {'format': 'pt'})
+      weight_map.update({tensor: name for tensor, _ in shard})
+    with open(os.path.join(tmp, safetensors_io.SINGLE_FILE + '.index.json'), 'w') as f:
+      json.dump(dict(metadata=dict(total_size=sum(t.nbytes for _, t in tensors)),
+                     weight_map=weight_map), f, indent=1)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(_config(setup, source, ids, vocab, torch_dtype), f, indent=1)
+    _tokenizer(tmp, src, setup.tok, ids, setup.config.model.context_length)
+  ckpt.close()
