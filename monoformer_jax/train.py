@@ -112,17 +112,20 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   if config.model.vae and settings.image_source.pixels:
     encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution, image_shape)
   fresh = not os.path.exists(workdir)
+  ckpt = None
   try:
     setup = workdir_lib.for_training(config, workdir, settings, layout)
     tok, model, tx = setup.tok, setup.model, setup.tx
     abstract, shardings = steps.abstract_state(model, tx, layout)
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                   async_saves=settings.async_saves.enabled())
+    # The data is read before the checkpoint manager starts its background clean-up, which
+    # must not race the removal of a new workdir when a data file is bad.
     datasets = {
         StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
         StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
                                                    config.seed, image_shape)}
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                   async_saves=settings.async_saves.enabled())
     if ckpt.all_steps() and not ckpt.has_optimizer_state(ckpt.all_steps()[0]):
       start, state = 0, _from_weights(workdir, setup, abstract, shardings)
     elif ckpt.all_steps():
@@ -136,6 +139,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         state = init_backbone(state, setup, shardings)
         _record_llm_source(config.model.init_from, workdir)
   except BaseException:
+    if ckpt is not None:
+      ckpt.close()
     if fresh and jax.process_index() == 0:
       shutil.rmtree(workdir, ignore_errors=True)
     raise
