@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = 'auto'  # 'auto': on accelerators, not on CPU; 'on'; 'off'
   c.train.max_skipped_steps = 10  # consecutive non-finite steps (skipped) that stop the run
   c.train.eval_every = 0  # held-out losses every this many steps; 0 = never
+  c.train.fid_every = 0  # FID of train.fid_num samples every this many steps; 0 = never
+  c.train.fid_num = 10000  # samples per FID during training (FID-10K, the paper's ablations)
   c.train.profile_start = 10  # first step of the profiler trace (after compilation)
   c.train.profile_steps = 0  # steps traced into WORKDIR/plugins/profile; 0 = none
   c.train.eval_at_end = True
@@ -121,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.samples_per_class = 20
   c.eval.prompt_template = 'a handwritten digit {name}'  # one of data.templates
   c.eval.text_batches = 8
+  c.eval.inception = ''  # converted FID Inception (convert inception), for train.fid_every
+  c.eval.fid_ref = ''  # FID reference .npz: ADM images (arr_0) or statistics (mu, sigma)
+  c.eval.fid_batch = 256  # global batch of FID sampling and Inception features
 
   c.bench = ml_collections.ConfigDict()
   c.bench.repeats = 20  # timed runs per train step (the median is reported)

@@ -13,15 +13,15 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion, files, sampling
+from monoformer_jax import diffusion, digit_fd, files, sampling, steps
 from monoformer_jax.data import corpus, digits
-from monoformer_jax.steps import next_token_loss
 
 
 def digit_classifier(data: ml_collections.ConfigDict):
@@ -61,7 +61,7 @@ def heldout_text_loss(setup, params) -> float:
 
   @jax.jit
   def nll_sum(params, tokens):
-    mean, count = next_token_loss(model, params, tokens, jnp.ones(tokens.shape, bool),
+    mean, count = steps.next_token_loss(model, params, tokens, jnp.ones(tokens.shape, bool),
                                   config.train.loss_chunk)
     return mean * count, count
 
@@ -108,11 +108,32 @@ def heldout_losses(setup, params) -> dict[str, float]:
   return {'text': heldout_text_loss(setup, params), **heldout_diffusion_losses(setup, params)}
 
 
+def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, float]:
+  """The digit FD of the prompt-accuracy samples (eval.samples_per_class of each digit, in
+  order), per digit and overall, with its floor (as many held-out real digits) and ceiling
+  (as many samples of the untrained model, from the same key)."""
+  config = setup.config
+  n = config.eval.samples_per_class
+  names = digits.CLASS_NAMES
+  untrained = nn.unbox(jax.jit(steps.init_params, static_argnums=0)(setup.model,
+                                                                    jax.random.key(config.seed)))
+  prompts = [config.eval.prompt_template.format(name=name) for name in names for _ in range(n)]
+  noise_like = sampling.images_for_prompts(setup.model, untrained, setup.tok, prompts,
+                                           config.data.prompt_len, setup.settings.sampling, key)
+  labels = np.repeat(np.arange(len(names)), n)
+  anchors = {'fd': (images, labels), 'fd_floor': digit_fd.heldout_like(config.data, n),
+             'fd_ceiling': (noise_like, labels)}
+  return {f'{what}/{k}': v for what, (x, y) in anchors.items()
+          for k, v in digit_fd.distances(config.data, x, y).items()}
+
+
 def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
-  """Both metrics of a workdir.Setup's model, written to WORKDIR/eval.json; returns them and
-  the sample images."""
+  """The metrics of a workdir.Setup's model (prompt accuracy, digit FD with its floor and
+  ceiling, held-out perplexity), written to WORKDIR/eval.json; returns them and the sample
+  images."""
   key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30)
   metrics, images = prompt_accuracy(setup, params, key)
+  metrics.update(digit_distances(setup, images, key))
   metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
   metrics['step'] = step
   if jax.process_index() == 0:

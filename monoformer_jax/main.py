@@ -5,7 +5,8 @@ train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evalua
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
          (--fid_npz=FILE.npz: N class-conditional samples for the ADM FID evaluator)
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
-evaluate --workdir=DIR   prompt accuracy of samples and held-out perplexity
+evaluate --workdir=DIR   prompt accuracy, digit FD and held-out perplexity (the default);
+         --fid_ref=REF.npz --num=N: FID-N of the samples; --fid_npz=FILE: FID of a sample file
 bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
          step speed, MFU, sampler and decoder throughput, memory
 convert  KIND --src=DIR --dst=DIR   weight conversion (convert --help lists the kinds)
@@ -14,6 +15,7 @@ Inference commands read the config saved in the workdir's newest checkpoint. Mul
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
 """
 
+import json
 import os
 import sys
 
@@ -22,8 +24,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import (bench, extract_latents, fid_samples, files, guards, sampling, settings,
-                            vae)
+from monoformer_jax import (bench, config_lib, extract_latents, fid_eval, fid_samples, files,
+                            guards, sampling, settings, sharding, vae)
 from monoformer_jax import evaluate as evaluate_lib
 from monoformer_jax import train
 from monoformer_jax import workdir as workdir_lib
@@ -48,9 +50,18 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 i
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
 _FID_NPZ = flags.DEFINE_string('fid_npz', '', 'sample: write --num class-conditional samples, '
-                                'classes spread uniformly, to this ADM-format .npz instead.')
-_FID_BATCH = flags.DEFINE_integer('fid_batch', 256, 'sample --fid_npz: global batch (divisible by '
-                                  'the device and host counts).')
+                                'classes spread uniformly, to this ADM-format .npz instead; '
+                                'evaluate: the sample file whose FID to measure.')
+_FID_BATCH = flags.DEFINE_integer('fid_batch', 256, 'sample --fid_npz, evaluate --fid_ref: global '
+                                  'batch (divisible by the device and host counts).')
+_FID_REF = flags.DEFINE_string('fid_ref', '', 'evaluate: the FID reference .npz: ADM reference '
+                                'images (arr_0) or statistics (mu, sigma).')
+_INCEPTION = flags.DEFINE_string('inception', '', 'evaluate: the converted FID Inception '
+                                 '(default: the config\'s eval.inception).')
+_FID_STATS_OUT = flags.DEFINE_string('fid_stats_out', '', 'evaluate: also write the reference\'s '
+                                     'statistics (mu, sigma) here, a --fid_ref for later runs.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', '', 'evaluate --fid_ref, sample --fid_npz: '
+                                   'prompts, one per line, instead of the class prompts.')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
@@ -75,6 +86,26 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by 
 COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents')
 
 
+def _sampling(setup) -> tuple[sampling.ImageSampling, str]:
+  """The sampler the flags ask for (the config's where they are silent) and the VAE directory
+  that decodes its latents ('' for pixel models)."""
+  config = setup.config
+  spec = setup.settings.sampling.but(_SAMPLER.value, _STEPS.value, _CFG_SCALE.value)
+  if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
+    raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+  vae_dir = _VAE.value or config.model.vae
+  if vae_dir and not os.path.isdir(vae_dir):
+    raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
+                    'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
+  return spec, vae_dir
+
+
+def _fid_prompts(setup) -> list[str]:
+  if _PROMPT_FILE.value:
+    return fid_samples.file_prompts(_PROMPT_FILE.value)
+  return fid_samples.class_prompts(setup)
+
+
 def sample_command(workdir: str) -> None:
   if _NUM.value < 1:
     raise UserError(f'--num is {_NUM.value}; expected at least 1.')
@@ -84,18 +115,14 @@ def sample_command(workdir: str) -> None:
   setup, params = restored.setup, restored.params
   config, tok = setup.config, setup.tok
   tok.image_prompt(_PROMPT.value, config.data.prompt_len)  # rejects long prompts before any work
-  spec = setup.settings.sampling.but(_SAMPLER.value, _STEPS.value, _CFG_SCALE.value)
-  if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
-    raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
-  vae_dir = _VAE.value or config.model.vae
-  if vae_dir and not os.path.isdir(vae_dir):
-    raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
-                    'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
+  spec, vae_dir = _sampling(setup)
   if _FID_NPZ.value:
-    fid_samples.write(setup, params, _FID_NPZ.value, _NUM.value, _FID_BATCH.value, spec,
-                      jax.random.key(_SEED.value), vae_dir)
+    batches = fid_samples.sample_batches(setup, params, _fid_prompts(setup), _NUM.value,
+                                         _FID_BATCH.value, spec, jax.random.key(_SEED.value),
+                                         vae_dir)
+    fid_samples.write(batches, _FID_NPZ.value, _NUM.value)
     if jax.process_index() == 0:
-      print(f'wrote {_FID_NPZ.value}: {_NUM.value} samples, classes spread uniformly')
+      print(f'wrote {_FID_NPZ.value}: {_NUM.value} samples, prompts spread uniformly')
     return
   decode = vae.pixel_decoder(vae_dir, setup.layout) if vae_dir else None  # latent diffusion
   images = sampling.images_for_prompts(setup.model, params, tok, [_PROMPT.value] * _NUM.value,
@@ -138,7 +165,42 @@ def generate_command(workdir: str) -> None:
   print(tok.decode(tok.encode(_PROMPT.value) + np.asarray(out[0]).tolist()))
 
 
+def fid_command(workdir: str) -> None:
+  """evaluate with --fid_ref: FID-N of the workdir's samples, or of --fid_npz; with only
+  --fid_stats_out, the reference's statistics alone."""
+  restored = workdir_lib.for_inference(workdir, _EMA.value) if workdir else None
+  config = restored.setup.config if restored else config_lib.base_config()
+  layout = restored.setup.layout if restored else sharding.make_layout(config.mesh)
+  spec = fid_eval.FidSpec(_FID_REF.value, _INCEPTION.value or config.eval.inception,
+                          _FID_BATCH.value, _FID_STATS_OUT.value)
+  meter = fid_eval.FidMeter(spec, layout)
+  if _FID_NPZ.value:
+    result, what = meter.of_file(_FID_NPZ.value), _FID_NPZ.value
+  elif restored:
+    sampler, vae_dir = _sampling(restored.setup)
+    result = meter.of_model(restored.setup, restored.params, _NUM.value,
+                            _fid_prompts(restored.setup), sampler, jax.random.key(_SEED.value),
+                            vae_dir)
+    what = f'{workdir} (step {restored.step}, {sampler.steps} steps, cfg {sampler.guidance.scale})'
+    if jax.process_index() == 0:
+      files.write_text(os.path.join(workdir, f'fid{_NUM.value}.json'), json.dumps(
+          dict(result, step=restored.step, reference=_FID_REF.value, steps=sampler.steps,
+               cfg_scale=sampler.guidance.scale), indent=1))
+  else:
+    reference = meter.reference
+    if jax.process_index() == 0:
+      print(f'wrote {_FID_STATS_OUT.value}: the statistics of {reference.count} reference images')
+    return
+  if jax.process_index() == 0:
+    print(fid_eval.describe(result, what, _FID_REF.value))
+
+
 def evaluate_command(workdir: str) -> None:
+  if _FID_REF.value or _FID_NPZ.value or _FID_STATS_OUT.value:
+    fid_command(workdir)
+    return
+  if not workdir:
+    raise UserError('--workdir is required.')
   restored = workdir_lib.for_inference(workdir, _EMA.value)
   metrics, _ = evaluate_lib.evaluate(restored.setup, restored.params, workdir, restored.step)
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
@@ -195,7 +257,7 @@ def main(argv) -> None:
       convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value,
                            _TOKENIZER.value, _SHAPE.value, _OFFICIAL.value)
       return
-    if not workdir:
+    if not workdir and command != 'evaluate':
       raise UserError('--workdir is required.')
     if command == 'train':
       train.train_and_evaluate(_CONFIG.value, workdir)

@@ -87,6 +87,13 @@ class MetricsLog:
       print(f'step {step}  held out: ' + '  '.join(f'{k} {v:.4f}' for k, v in losses.items()),
             flush=True)
 
+  def write_fid(self, step: int, result: dict) -> None:
+    """FID-N during training (train.fid_every): a scalar and a metrics.jsonl row of kind 'fid'."""
+    self.writer.write_scalars(step, {f'fid/fid{result["num"]}': result['fid']})
+    self._append({'step': step, 'kind': 'fid', **result})
+    if self.leader:
+      print(f'step {step}  FID-{result["num"]} {result["fid"]:.4f}', flush=True)
+
   def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
     self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
     grid = sampling.image_grid(sampling.to_uint8(images), columns=len(images) // 10)

@@ -89,6 +89,7 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
   return prepare, denoise
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per model and spec, however often sampled
 def make_image_sampler(model: MonoFormer, spec: ImageSampling):
   """Returns jitted fn(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q], key)."""
   prepare, denoise = make_denoiser(model, spec)

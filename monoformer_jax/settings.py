@@ -38,13 +38,15 @@ _RANGES = (
         'model.norm_eps', 'model.context_length', 'diffusion.num_timesteps',
         'optim.learning_rate', 'optim.grad_clip', 'train.num_steps', 'train.log_every',
         'train.checkpoint_every', 'train.keep_checkpoints', 'train.max_skipped_steps',
-        'sample.steps', 'eval.samples_per_class', 'bench.repeats', 'bench.sample_repeats',
-        'bench.sample_images', 'bench.decode_batch', 'bench.decode_tokens')),
+        'sample.steps', 'eval.samples_per_class', 'eval.fid_batch', 'train.fid_num',
+        'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
+        'bench.decode_tokens')),
     (lambda v: v >= 0, 'zero or more', (
         'seed', 'optim.warmup_steps', 'optim.weight_decay', 'train.ar_weight',
         'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
-        'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.profile_start',
-        'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches', 'bench.warmup')),
+        'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
+        'train.profile_start', 'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches',
+        'bench.warmup')),
     (lambda v: 0 <= v < 1, 'a fraction in [0, 1)', (
         'data.cfg_dropout', 'optim.b1', 'optim.b2', 'train.ema_decay')),
     (lambda v: 0 < v < 1, 'a fraction in (0, 1)', ('data.heldout_fraction',)),
@@ -90,6 +92,12 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
                                   settings.text_source != TextSource.CORPUS):
     raise UserError('config key train.eval_every needs held-out data, which data.image_source '
                     '\'digits\' and data.text_source \'corpus\' have; set it to 0.')
+  if config.train.fid_every and image_source == ImageSource.T2I_JSONL:
+    raise UserError('config key train.fid_every samples the class prompts, which data.image_source '
+                    '\'t2i_jsonl\' lacks; set it to 0 and run evaluate --fid_ref --prompt_file.')
+  if config.train.fid_every and not (config.eval.inception and config.eval.fid_ref):
+    raise UserError('config key train.fid_every needs eval.inception (a converted Inception) and '
+                    'eval.fid_ref (the reference .npz); set them, or set train.fid_every to 0.')
   longest = max(config.data.text_seq_len, model.image.sequence(config.data.prompt_len).length)
   if longest > config.model.context_length:
     raise UserError(f'config key model.context_length ({config.model.context_length}) is shorter '
@@ -123,7 +131,9 @@ def check_inputs(config: ml_collections.ConfigDict, settings: Settings) -> None:
   UserError naming the first that does not)."""
   for key, value, is_there in (('data.text_file', config.data.text_file, os.path.isfile),
                                ('model.init_from', config.model.init_from, os.path.isdir),
-                               ('model.vae', config.model.vae, os.path.isdir)):
+                               ('model.vae', config.model.vae, os.path.isdir),
+                               ('eval.inception', config.eval.inception, os.path.isdir),
+                               ('eval.fid_ref', config.eval.fid_ref, os.path.isfile)):
     if value and not is_there(value):
       raise UserError(f'config key {key} names {value}, which does not exist.')
   if config.model.init_from:

@@ -91,8 +91,13 @@ def example_inputs(model: MonoFormer, batch: int = 1, length: int = 4):
           jnp.zeros((batch,), jnp.int32))
 
 
+def init_params(model: MonoFormer, key: jax.Array):
+  """The parameters a run starting from `key` begins with (logically boxed)."""
+  return model.init(key, *example_inputs(model), method=MonoFormer.init_all)['params']
+
+
 def _init_boxed(model: MonoFormer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  params = model.init(key, *example_inputs(model), method=MonoFormer.init_all)['params']
+  params = init_params(model, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 

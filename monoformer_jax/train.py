@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import checkpoint, evaluate, guards, pretrained, sharding, steps, vae
+from monoformer_jax import (checkpoint, evaluate, fid_eval, fid_samples, guards, pretrained,
+                            sharding, steps, vae)
 from monoformer_jax import settings as settings_lib
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.data import common, pipeline
@@ -160,6 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = _SaveClock(t.checkpoint_minutes)
   seed_key = jax.random.key(config.seed)
   input_wait = 0.0
+  fid_meter = None
+  if t.fid_every:  # the reference is encoded at the first FID
+    fid_meter = fid_eval.FidMeter(fid_eval.FidSpec(config.eval.fid_ref, config.eval.inception,
+                                                   config.eval.fid_batch), layout)
+  fid_key = jax.random.fold_in(seed_key, 2**30 + 1)
 
   def save(step: int) -> None:
     _stop_if_diverged(guard.flush(), ckpt, t.max_skipped_steps)
@@ -195,6 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(done)
         if t.eval_every and done % t.eval_every == 0:
           log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
+        if t.fid_every and done % t.fid_every == 0:
+          log.write_fid(done, _fid(setup, fid_meter, state, jax.random.fold_in(fid_key, done)))
         _profile(workdir, t, done, state)
   finally:
     notice.close()
@@ -208,6 +216,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.write_eval(t.num_steps, metrics, images)
   log.close()
   return metrics
+
+
+def _fid(setup: workdir_lib.Setup, meter: fid_eval.FidMeter, state, key: jax.Array) -> dict:
+  """FID-{train.fid_num} of the class-prompted samples of the params `sample` would use."""
+  config = setup.config
+  params = state.ema_params if config.sample.use_ema else state.params
+  return meter.of_model(setup, params, config.train.fid_num, fid_samples.class_prompts(setup),
+                        setup.settings.sampling, key, config.model.vae)
 
 
 def _stop_if_diverged(step, ckpt: checkpoint.Checkpointer, limit: int) -> None:

@@ -9,12 +9,15 @@ import shutil
 
 import pytest
 
+import fid_reference
 from helpers import tiny_config
 from monoformer_jax import tokenizer as tokenizer_lib
+from monoformer_jax import train
 from monoformer_jax.data import pipeline
 
 
 def pytest_configure(config):
+  fid_reference.make_torchvision_importable()  # before transformers or diffusers look for it
   config.addinivalue_line('markers', 'slow: takes more than a few seconds (left out by -m "not slow")')
   config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (and is slow)')
 
@@ -33,6 +36,15 @@ def tokenizer_file(tmp_path_factory):
   tokenizer_lib.for_workdir(str(workdir), '', config.data.tokenizer_vocab_size,
                             lambda: pipeline.tokenizer_texts(config.data))
   return os.path.join(workdir, 'tokenizer.model')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tokenizer_file):
+  """A workdir trained two steps of the tiny config, shared by a test file's tests."""
+  path = str(tmp_path_factory.mktemp('trained'))
+  os.link(tokenizer_file, os.path.join(path, 'tokenizer.model'))
+  train.train_and_evaluate(tiny_config(num_steps=2), path)
+  return path
 
 
 @pytest.fixture

@@ -94,6 +94,24 @@ def cli(*args, cwd=ROOT, env=None, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def launch_two(*args, env=None, timeout=600):
+  """Runs `python -m monoformer_jax ARGS` as two processes through launch/local_multiprocess.sh."""
+  return subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_and_two_processes(flags, out_flag: str, directory, devices_per_process: int):
+  """Runs the command once in one process and once in two, each writing --OUT_FLAG (one.npz,
+  two.npz in directory); returns both paths."""
+  env = dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS=str(devices_per_process))
+  paths = [os.path.join(directory, name) for name in ('one.npz', 'two.npz')]
+  one = cli(*flags, f'--{out_flag}={paths[0]}', env=env)
+  assert one.returncode == 0, one.stderr[-2000:]
+  two = launch_two(*flags, f'--{out_flag}={paths[1]}', env=env)
+  assert two.returncode == 0, two.stderr[-3000:]
+  return paths
+
+
 def error_line(result) -> str:
   """The one `error:` (or absl FATAL) line a failed command printed."""
   lines = [l for l in result.stderr.splitlines() if l.startswith(('error:', 'FATAL'))]

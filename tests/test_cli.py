@@ -2,23 +2,13 @@
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from helpers import ROOT, cli, error_line, tiny_config
-from monoformer_jax import train
+from helpers import cli, error_line, one_and_two_processes
 
 TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.num_steps=2']
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, tokenizer_file):
-  workdir = str(tmp_path_factory.mktemp('trained'))
-  os.link(tokenizer_file, os.path.join(workdir, 'tokenizer.model'))
-  train.train_and_evaluate(tiny_config(num_steps=2), workdir)
-  return workdir
 
 
 def _bad_inputs(tmp_path):
@@ -155,13 +145,7 @@ def test_fid_batch_must_split_over_devices(trained, tmp_path):
 def test_fid_npz_from_two_processes_matches_one(trained, tmp_path):
   """launch/local_multiprocess.sh: 2 processes x 2 devices write the file one process writes."""
   flags = ['sample', f'--workdir={trained}', '--num=10', '--fid_batch=8', '--steps=3']
-  env = dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2')
-  one = cli(*flags, f'--fid_npz={tmp_path / "one.npz"}', env=env)
-  assert one.returncode == 0, one.stderr[-2000:]
-  two = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', *flags,
-                        f'--fid_npz={tmp_path / "two.npz"}'], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, env=env)
-  assert two.returncode == 0, two.stderr[-3000:]
-  with np.load(tmp_path / 'one.npz') as a, np.load(tmp_path / 'two.npz') as b:
+  one, two = one_and_two_processes(flags, 'fid_npz', tmp_path, devices_per_process=2)
+  with np.load(one) as a, np.load(two) as b:
     assert a['arr_0'].shape == b['arr_0'].shape == (10, 8, 8, 3)
     assert np.abs(a['arr_0'].astype(int) - b['arr_0'].astype(int)).max() <= 1

@@ -15,9 +15,10 @@ STAGES = {
     'foundation': ['errors', 'files'],
     'config': ['config_lib'],
     'data': ['tokenizer', 'data.*'],
-    'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'sharding', 'diffusion'],
-    'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint'],
-    'train': ['workdir', 'evaluate', 'fid_samples', 'guards', 'metrics_log', 'train'],
+    'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'inception', 'sharding',
+              'diffusion'],
+    'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint', 'fid', 'digit_fd'],
+    'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)

@@ -4,7 +4,7 @@ import os
 
 from monoformer_jax import checkpoint, pretrained
 from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.convert import llama, official, official_export, synthetic, vae
+from monoformer_jax.convert import inception, llama, official, official_export, synthetic, vae
 from monoformer_jax.errors import UserError
 from monoformer_jax.tokenizer import Tokenizer
 
@@ -17,6 +17,8 @@ KINDS = {
                 '(+ --vae=converted VAE, --tokenizer=FILE if it has none) -> workdir',
     'export-official': 'workdir -> the whole MonoFormer as the official code loads it (--ema=false '
                        'for the raw params)',
+    'inception': 'the FID Inception weights file (pytorch-fid\'s pt_inception-2015-12-05-*.pth) '
+                 '-> converted Inception directory, for evaluate --fid_ref',
     'vae': 'diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory',
     'synthetic-llama': '--dst and --shape only: a random bf16 HF LLaMA of a named shape '
                        '(tinyllama-1.1b, llama-3.2-1b) or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB; '
@@ -76,6 +78,8 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokeniz
     llama.convert_llama(src, dst)
   elif kind == 'vae':
     vae.convert_vae(src, dst)
+  elif kind == 'inception':
+    inception.convert_inception(src, dst)
   elif kind == 'official':
     official.convert_official(src, dst, vae_dir, use_ema, tokenizer)
   elif kind == 'export-official':

@@ -19,15 +19,49 @@ from monoformer_jax.errors import UserError
 BIN_FILE = 'pytorch_model.bin'
 
 
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError('reading torch weight files needs torch (pip install torch).') from None
+  return torch
+
+
+def read_state_dict(path: str) -> dict:
+  """{name: tensor} of one torch file, through the weights_only loader (memory-mapped when
+  the file is in the zip format)."""
+  torch = _torch()
+  if not os.path.isfile(path):
+    raise UserError(f'{path} does not exist; expected a torch weights file.')
+  try:
+    try:
+      state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError as e:  # the legacy format cannot be memory-mapped
+      if 'mmap' not in str(e):
+        raise
+      state = torch.load(path, map_location='cpu', weights_only=True)
+  except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+    first = (str(e).splitlines() or [''])[0][:160]
+    raise UserError(f'{path} cannot be read as tensors only (torch weights_only: {first}); '
+                    'objects other than tensors are never unpickled.') from None
+  if not isinstance(state, dict):
+    raise UserError(f'{path} holds a {type(state).__name__}; expected a state dict of tensors.')
+  return state
+
+
+def to_numpy(tensor) -> np.ndarray:
+  """A torch tensor's values; bfloat16 keeps its bits through ml_dtypes (numpy has none)."""
+  torch = _torch()
+  tensor = tensor.detach()
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
 class TorchBinDir:
   """The tensors of pytorch_model.bin, or of the shards its .index.json lists."""
 
   def __init__(self, directory: str):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise UserError(f'{directory} holds torch .bin weights; reading them needs torch '
-                      '(pip install torch), or re-save them as safetensors.') from None
     index_path = os.path.join(directory, BIN_FILE + '.index.json')
     if os.path.exists(index_path):
       with open(index_path) as f:
@@ -36,21 +70,7 @@ class TorchBinDir:
       names = [BIN_FILE]
     self.tensors = {}
     for name in names:
-      path = os.path.join(directory, name)
-      try:
-        try:
-          shard = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy format cannot be memory-mapped
-          if 'mmap' not in str(e):
-            raise
-          shard = torch.load(path, map_location='cpu', weights_only=True)
-      except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        first = (str(e).splitlines() or [''])[0][:160]
-        raise UserError(f'{path} cannot be read as tensors only (torch weights_only: {first}); '
-                        'objects other than tensors are never unpickled.') from None
-      if not isinstance(shard, dict):
-        raise UserError(f'{path} holds a {type(shard).__name__}; expected a state dict of tensors.')
-      self.tensors.update(shard)
+      self.tensors.update(read_state_dict(os.path.join(directory, name)))
 
   def __contains__(self, name: str) -> bool:
     return name in self.tensors
@@ -62,11 +82,7 @@ class TorchBinDir:
     return tuple(self.tensors[name].shape)
 
   def __getitem__(self, name: str) -> np.ndarray:
-    import torch  # pylint: disable=g-import-not-at-top
-    tensor = self.tensors[name].detach()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bits through ml_dtypes
-      return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
+    return to_numpy(self.tensors[name])
 
 
 def open_weights(directory: str):

@@ -62,18 +62,18 @@ def params_from_diffusers(tensors) -> dict:
   return params
 
 
-def check_against(params: dict, abstract: dict, source: str) -> None:
+def check_against(params: dict, abstract: dict, source: str, model_name: str = 'the VAE') -> None:
   """Every parameter of the Flax model present with its shape, and nothing else."""
   want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   got = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   for name in sorted(set(want) - set(got)):
     raise UserError(f'{source} lacks the tensor for parameter {name}.')
   for name in sorted(set(got) - set(want)):
-    raise UserError(f'{source} has a tensor for {name}, which the VAE does not use.')
+    raise UserError(f'{source} has a tensor for {name}, which {model_name} does not use.')
   for name, shape in want.items():
     if tuple(got[name]) != tuple(shape):
-      raise UserError(f'parameter {name} has shape {tuple(got[name])} in {source}; the VAE '
-                      f'config gives {tuple(shape)}.')
+      raise UserError(f'parameter {name} has shape {tuple(got[name])} in {source}; '
+                      f'{model_name} expects {tuple(shape)}.')
 
 
 def convert_vae(src: str, dst: str) -> None:

@@ -33,6 +33,13 @@ def heldout(data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   return images[held], labels[held]
 
 
+def training(data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """The training digits: images [n, 8, 8, 1] and labels [n]."""
+  images, labels = load()
+  train_idx, _ = common.split(len(images), data.heldout_fraction)
+  return images[train_idx], labels[train_idx]
+
+
 def prompts(data: ml_collections.ConfigDict) -> list[str]:
   """Every templated prompt, for training the tokenizer."""
   return [t.format(name=name) for name in CLASS_NAMES for t in data.templates]
@@ -54,9 +61,8 @@ class PromptedDigit(grain.transforms.RandomMap):
 def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
              seed: int) -> grain.MapDataset:
   """Infinite shuffled prompted training digits (not yet batched)."""
-  images, labels = load()
-  train_idx, _ = common.split(len(images), data.heldout_fraction)
+  images, labels = training(data)
   table = tokenizer_lib.PromptTable.build(tok, CLASS_NAMES, data.templates, data.prompt_len)
-  transform = PromptedDigit(images[train_idx], labels[train_idx], table, data.cfg_dropout)
-  ds = grain.MapDataset.range(len(train_idx)).shuffle(seed=seed).repeat()
+  transform = PromptedDigit(images, labels, table, data.cfg_dropout)
+  ds = grain.MapDataset.range(len(images)).shuffle(seed=seed).repeat()
   return ds.random_map(transform, seed=seed)
