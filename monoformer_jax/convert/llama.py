@@ -20,6 +20,7 @@ from monoformer_jax.convert import safetensors_io, torch_bin
 from monoformer_jax.errors import UserError
 from monoformer_jax.layers import BackboneConfig
 from monoformer_jax.rope import RopeKind, RopeScaling
+from monoformer_jax.tokenizer import Tokenizer
 
 LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
     ('self_attn', 'q_proj'): 'self_attn.q_proj',
@@ -240,6 +241,27 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
       json.dump(hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids), f, indent=1)
     if tokenizer_file and os.path.exists(tokenizer_file):
       shutil.copy(tokenizer_file, os.path.join(tmp, pretrained.TOKENIZER))
+      write_tokenizer_config(tmp, Tokenizer(tokenizer_file), max_positions)
+
+
+def write_tokenizer_config(directory: str, tok: Tokenizer, context: int, extra_special=None,
+                           added_tokens_decoder=None, tokenizer_class: str = '') -> dict:
+  """special_tokens_map.json and tokenizer_config.json beside tokenizer.model, so HF's
+  AutoTokenizer adds BOS and not EOS, as LLaMA does (and lm-eval-harness then scores with
+  BOS). Without a tokenizer_class, HF reads the sentencepiece model as it is; 'LlamaTokenizer'
+  would re-read it as BPE, which a unigram model trained here is not."""
+  piece = tok.sp.id_to_piece
+  special = dict(bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
+                 unk_token=piece(tok.sp.unk_id()), **(extra_special or {}))
+  config = dict(special, add_bos_token=True, add_eos_token=False, model_max_length=context)
+  if tokenizer_class:
+    config['tokenizer_class'] = tokenizer_class
+  if added_tokens_decoder:
+    config['added_tokens_decoder'] = added_tokens_decoder
+  for name, content in (('special_tokens_map.json', special), ('tokenizer_config.json', config)):
+    with open(os.path.join(directory, name), 'w') as f:
+      json.dump(content, f, indent=1)
+  return special
 
 
 def with_rows(matrix: np.ndarray, new_rows: Mapping[int, int]) -> np.ndarray:

@@ -102,18 +102,12 @@ def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> No
   """tokenizer.model and the files HF's AutoTokenizer reads for the official added tokens."""
   shutil.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
   added = {official.OFFICIAL_TOKENS[k]: i for k, i in ids.items()}
-  piece = tok.sp.id_to_piece
-  special = dict(bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
-                 unk_token=piece(tok.sp.unk_id()), pad_token=official.OFFICIAL_TOKENS['pad'])
   decoder = {str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False,
                           single_word=False) for t, i in added.items()}
-  for name, content in (('added_tokens.json', added), ('special_tokens_map.json', special),
-                        ('tokenizer_config.json', dict(
-                            special, tokenizer_class='LlamaTokenizer', add_bos_token=True,
-                            add_eos_token=False, model_max_length=context,
-                            added_tokens_decoder=decoder))):
-    with open(os.path.join(tmp, name), 'w') as f:
-      json.dump(content, f, indent=1)
+  llama.write_tokenizer_config(tmp, tok, context, dict(pad_token=official.OFFICIAL_TOKENS['pad']),
+                               decoder, tokenizer_class='LlamaTokenizer')
+  with open(os.path.join(tmp, 'added_tokens.json'), 'w') as f:
+    json.dump(added, f, indent=1)
 
 
 def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2**30) -> None:
