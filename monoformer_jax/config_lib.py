@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.samples_per_class = 20
   c.eval.prompt_template = 'a handwritten digit {name}'  # one of data.templates
   c.eval.text_batches = 8
+  c.eval.text_questions = 200  # next-line multiple-choice questions from held-out text; 0 = none
   c.eval.inception = ''  # converted FID Inception (convert inception), for train.fid_every
   c.eval.fid_ref = ''  # FID reference .npz: ADM images (arr_0) or statistics (mu, sigma)
   c.eval.fid_batch = 256  # global batch of FID sampling and Inception features

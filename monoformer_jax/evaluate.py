@@ -3,7 +3,8 @@
 Image half: samples for every prompt "a handwritten digit {name}" are labelled
 by an independent classifier (an RBF SVM fitted only on the held-out real
 digits, which the generator never saw); we report how often the label is the
-prompted digit, per class and overall. Text half: perplexity of held-out text.
+prompted digit, per class and overall; the digit FD with its floor and ceiling.
+Text half: perplexity of held-out text, and next-line multiple-choice questions.
 During training (train.eval_every), `heldout_losses` gives the held-out text loss
 and the held-out diffusion loss of each quarter of the timesteps.
 Dimension letters: B batch, P prompt length, H/W/C image.
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion, digit_fd, files, sampling, steps
+from monoformer_jax import diffusion, digit_fd, files, mc, sampling, steps
 from monoformer_jax.data import corpus, digits
 
 
@@ -108,6 +109,20 @@ def heldout_losses(setup, params) -> dict[str, float]:
   return {'text': heldout_text_loss(setup, params), **heldout_diffusion_losses(setup, params)}
 
 
+def text_questions(setup, params) -> dict[str, float]:
+  """acc on eval.text_questions next-line questions from the held-out text (four choices:
+  chance is 25%), scored as lm-eval-harness scores multiple choice."""
+  config = setup.config
+  questions = corpus.next_line_questions(config.data, config.eval.text_questions)
+  items = [mc.Item.shared_context(context, choices, gold) for context, choices, gold in questions]
+  batch = jax.device_count() * max(1, 32 // jax.device_count())  # splits over every device
+  scores = mc.loglikelihoods(setup.model, params, setup.tok, items, batch,
+                             config.model.context_length, setup.layout)
+  result = mc.metrics(items, scores)
+  # Every choice has the same length, so acc_norm would equal acc.
+  return {'text_mc/acc': result['acc'], 'text_mc/chance': 0.25}
+
+
 def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, float]:
   """The digit FD of the prompt-accuracy samples (eval.samples_per_class of each digit, in
   order), per digit and overall, with its floor (as many held-out real digits) and ceiling
@@ -135,6 +150,8 @@ def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
   metrics, images = prompt_accuracy(setup, params, key)
   metrics.update(digit_distances(setup, images, key))
   metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
+  if setup.config.eval.text_questions:
+    metrics.update(text_questions(setup, params))
   metrics['step'] = step
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))

@@ -46,6 +46,7 @@ _RANGES = (
         'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
         'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
         'train.profile_start', 'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches',
+        'eval.text_questions',
         'bench.warmup')),
     (lambda v: 0 <= v < 1, 'a fraction in [0, 1)', (
         'data.cfg_dropout', 'optim.b1', 'optim.b2', 'train.ema_decay')),

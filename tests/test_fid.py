@@ -183,6 +183,8 @@ def test_digit_fd_ranks_real_digits_below_a_trained_model_below_noise(workdir):
   assert floor < 0.25 * trained_fd and trained_fd < 0.9 * ceiling
   for name in digits.CLASS_NAMES:
     assert metrics[f'fd_floor/{name}'] < metrics[f'fd_ceiling/{name}'], name
+  # The same evaluation scores the next-line questions of the held-out text (chance 25%).
+  assert metrics['text_mc/chance'] == 0.25 and metrics['text_mc/acc'] > 0.4, metrics
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from helpers import cli
+from helpers import cli, tiny_config
 from monoformer_jax import mc
+from monoformer_jax.data import corpus
 from monoformer_jax import workdir as workdir_lib
 
 _SHARED = '''task: local_shared
@@ -115,3 +116,12 @@ def test_scores_equal_lm_eval_harness(trained, tmp_path, monkeypatch):
       assert got[f'{metric}_stderr'] == pytest.approx(reported[f'{metric}_stderr,none'],
                                                       abs=1e-12), (task, metric)
   assert os.path.exists(hf_dir / 'tokenizer_config.json')
+
+
+def test_next_line_questions_differ_only_in_word_order():
+  questions = corpus.next_line_questions(tiny_config().data, 60)
+  assert len(questions) == 60 and len({q[2] for q in questions}) == 4  # the gold moves around
+  for context, choices, gold in questions:
+    assert context and len(set(choices)) == 4 and len({len(c) for c in choices}) == 1
+    assert all(sorted(c.split()) == sorted(choices[gold].split()) for c in choices)
+  assert corpus.next_line_questions(tiny_config().data, 60) == questions  # seeded

@@ -55,6 +55,35 @@ def chunks(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
   return pack([docs[i] for i in chosen], tok, data.text_seq_len)
 
 
+def next_line_questions(data: ml_collections.ConfigDict, count: int, choices: int = 4,
+                        seed: int = 0) -> list[tuple[str, list[str], int]]:
+  """(context, choices, gold) questions from the held-out documents: a line as the context,
+  and its true next line among choices - 1 orderings of that line's own words, in a seeded
+  order. Every choice has the same words, so only the order tells them apart."""
+  docs = documents(data)
+  _, held_idx = common.split(len(docs), data.heldout_fraction)
+  rng = np.random.default_rng(seed)
+  candidates = []
+  for i in held_idx:
+    lines = [l.strip() for l in docs[i].splitlines() if l.strip()]
+    candidates += [(a, b) for a, b in zip(lines, lines[1:]) if len(set(b.split())) >= 4]
+  questions = []
+  for k in rng.permutation(len(candidates))[:count]:
+    context, true_line = candidates[k]
+    words = true_line.split()
+    options = [' '.join(words)]  # single spaces, as the orderings have: the same length
+    while len(options) < choices:
+      shuffled = ' '.join(words[w] for w in rng.permutation(len(words)))
+      if shuffled not in options:
+        options.append(shuffled)
+    order = rng.permutation(choices)
+    questions.append((context, [options[o] for o in order], int(np.argmax(order == 0))))
+  if not questions:
+    raise UserError('the held-out text has no two consecutive lines to make next-line '
+                    'questions from (the second with four different words or more).')
+  return questions
+
+
 def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
              seed: int) -> grain.MapDataset:
   """Infinite shuffled {'tokens', 'valid', 'loss_mask'} training chunks (not yet batched)."""
