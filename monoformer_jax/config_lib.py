@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = 'auto'  # 'auto': on accelerators, not on CPU; 'on'; 'off'
   c.train.max_skipped_steps = 10  # consecutive non-finite steps (skipped) that stop the run
   c.train.eval_every = 0  # held-out losses every this many steps; 0 = never
+  c.train.text_eval_every = 0  # next-line questions (eval.text_questions) every this many steps
   c.train.fid_every = 0  # FID of train.fid_num samples every this many steps; 0 = never
   c.train.fid_num = 10000  # samples per FID during training (FID-10K, the paper's ablations)
   c.train.profile_start = 10  # first step of the profiler trace (after compilation)

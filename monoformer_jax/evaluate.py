@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion, digit_fd, files, mc, sampling, steps
+from monoformer_jax import diffusion, digit_fd, files, sampling, steps, text_tasks
 from monoformer_jax.data import corpus, digits
 
 
@@ -109,20 +109,6 @@ def heldout_losses(setup, params) -> dict[str, float]:
   return {'text': heldout_text_loss(setup, params), **heldout_diffusion_losses(setup, params)}
 
 
-def text_questions(setup, params) -> dict[str, float]:
-  """acc on eval.text_questions next-line questions from the held-out text (four choices:
-  chance is 25%), scored as lm-eval-harness scores multiple choice."""
-  config = setup.config
-  questions = corpus.next_line_questions(config.data, config.eval.text_questions)
-  items = [mc.Item.shared_context(context, choices, gold) for context, choices, gold in questions]
-  batch = jax.device_count() * max(1, 32 // jax.device_count())  # splits over every device
-  scores = mc.loglikelihoods(setup.model, params, setup.tok, items, batch,
-                             config.model.context_length, setup.layout)
-  result = mc.metrics(items, scores)
-  # Every choice has the same length, so acc_norm would equal acc.
-  return {'text_mc/acc': result['acc'], 'text_mc/chance': 0.25}
-
-
 def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, float]:
   """The digit FD of the prompt-accuracy samples (eval.samples_per_class of each digit, in
   order), per digit and overall, with its floor (as many held-out real digits) and ceiling
@@ -151,7 +137,8 @@ def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
   metrics.update(digit_distances(setup, images, key))
   metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
   if setup.config.eval.text_questions:
-    metrics.update(text_questions(setup, params))
+    metrics.update(text_tasks.metrics_of(text_tasks.score(setup, params, ['next_line'])))
+    metrics['next_line/chance'] = text_tasks.TASKS['next_line'].chance
   metrics['step'] = step
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))

@@ -6,7 +6,8 @@ sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.n
          (--fid_npz=FILE.npz: N class-conditional samples for the ADM FID evaluator)
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
 evaluate --workdir=DIR   prompt accuracy, digit FD and held-out perplexity (the default);
-         --fid_ref=REF.npz --num=N: FID-N of the samples; --fid_npz=FILE: FID of a sample file
+         --fid_ref=REF.npz --num=N: FID-N of the samples; --fid_npz=FILE: FID of a sample file;
+         --tasks=LIST [--limit=N]: text benchmarks scored as multiple choice
 bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
          step speed, MFU, sampler and decoder throughput, memory
 convert  KIND --src=DIR --dst=DIR   weight conversion (convert --help lists the kinds)
@@ -25,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import (bench, config_lib, extract_latents, fid_eval, fid_samples, files,
-                            guards, sampling, settings, sharding, vae)
+                            guards, sampling, settings, sharding, text_tasks, vae)
 from monoformer_jax import evaluate as evaluate_lib
 from monoformer_jax import train
 from monoformer_jax import workdir as workdir_lib
@@ -62,6 +63,10 @@ _FID_STATS_OUT = flags.DEFINE_string('fid_stats_out', '', 'evaluate: also write 
                                      'statistics (mu, sigma) here, a --fid_ref for later runs.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', '', 'evaluate --fid_ref, sample --fid_npz: '
                                    'prompts, one per line, instead of the class prompts.')
+_TASKS = flags.DEFINE_string('tasks', '', 'evaluate: text benchmarks to score as multiple choice, '
+                             'comma-separated (next_line).')
+_LIMIT = flags.DEFINE_integer('limit', 0, 'evaluate --tasks: at most this many items per task '
+                              '(0 = all).')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
@@ -195,12 +200,30 @@ def fid_command(workdir: str) -> None:
     print(fid_eval.describe(result, what, _FID_REF.value))
 
 
+def tasks_command(workdir: str) -> None:
+  """evaluate --tasks: the text benchmarks' table, also merged into WORKDIR/eval.json."""
+  names = text_tasks.parse(_TASKS.value)
+  if _LIMIT.value < 0:
+    raise UserError(f'--limit is {_LIMIT.value}; expected 0 (all items) or more.')
+  restored = workdir_lib.for_inference(workdir, _EMA.value)
+  rows = text_tasks.score(restored.setup, restored.params, names, _LIMIT.value)
+  if jax.process_index() == 0:
+    print(text_tasks.table(rows))
+    path = os.path.join(workdir, 'eval.json')
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved.update(text_tasks.metrics_of(rows), tasks=rows, tasks_step=restored.step)
+    files.write_text(path, json.dumps(saved, indent=1))
+
+
 def evaluate_command(workdir: str) -> None:
   if _FID_REF.value or _FID_NPZ.value or _FID_STATS_OUT.value:
     fid_command(workdir)
     return
   if not workdir:
     raise UserError('--workdir is required.')
+  if _TASKS.value:
+    tasks_command(workdir)
+    return
   restored = workdir_lib.for_inference(workdir, _EMA.value)
   metrics, _ = evaluate_lib.evaluate(restored.setup, restored.params, workdir, restored.step)
   print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))

@@ -87,6 +87,13 @@ class MetricsLog:
       print(f'step {step}  held out: ' + '  '.join(f'{k} {v:.4f}' for k, v in losses.items()),
             flush=True)
 
+  def write_rows(self, step: int, kind: str, values: dict[str, float]) -> None:
+    """Scores of one kind (text_tasks: '<task>/<metric>'): scalars and a metrics.jsonl row."""
+    self.writer.write_scalars(step, values)
+    self._append({'step': step, 'kind': kind, **values})
+    if self.leader:
+      print(f'step {step}  ' + '  '.join(f'{k} {v:.4f}' for k, v in values.items()), flush=True)
+
   def write_fid(self, step: int, result: dict) -> None:
     """FID-N during training (train.fid_every): a scalar and a metrics.jsonl row of kind 'fid'."""
     self.writer.write_scalars(step, {f'fid/fid{result["num"]}': result['fid']})

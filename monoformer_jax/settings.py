@@ -45,6 +45,7 @@ _RANGES = (
         'seed', 'optim.warmup_steps', 'optim.weight_decay', 'train.ar_weight',
         'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
         'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
+        'train.text_eval_every',
         'train.profile_start', 'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches',
         'eval.text_questions',
         'bench.warmup')),
@@ -93,6 +94,11 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
                                   settings.text_source != TextSource.CORPUS):
     raise UserError('config key train.eval_every needs held-out data, which data.image_source '
                     '\'digits\' and data.text_source \'corpus\' have; set it to 0.')
+  if config.train.text_eval_every and (settings.text_source != TextSource.CORPUS or
+                                      not config.eval.text_questions):
+    raise UserError('config key train.text_eval_every scores next-line questions from held-out '
+                    'text, which needs data.text_source \'corpus\' and eval.text_questions > 0; '
+                    'set it to 0.')
   if config.train.fid_every and image_source == ImageSource.T2I_JSONL:
     raise UserError('config key train.fid_every samples the class prompts, which data.image_source '
                     '\'t2i_jsonl\' lacks; set it to 0 and run evaluate --fid_ref --prompt_file.')

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import (checkpoint, evaluate, fid_eval, fid_samples, guards, pretrained,
-                            sharding, steps, vae)
+                            sharding, steps, text_tasks, vae)
 from monoformer_jax import settings as settings_lib
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.data import common, pipeline
@@ -201,6 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(done)
         if t.eval_every and done % t.eval_every == 0:
           log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
+        if t.text_eval_every and done % t.text_eval_every == 0:
+          rows = text_tasks.score(setup, state.params, ['next_line'])
+          log.write_rows(done, 'text_tasks', text_tasks.metrics_of(rows))
         if t.fid_every and done % t.fid_every == 0:
           log.write_fid(done, _fid(setup, fid_meter, state, jax.random.fold_in(fid_key, done)))
         _profile(workdir, t, done, state)

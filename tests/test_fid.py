@@ -184,7 +184,7 @@ def test_digit_fd_ranks_real_digits_below_a_trained_model_below_noise(workdir):
   for name in digits.CLASS_NAMES:
     assert metrics[f'fd_floor/{name}'] < metrics[f'fd_ceiling/{name}'], name
   # The same evaluation scores the next-line questions of the held-out text (chance 25%).
-  assert metrics['text_mc/chance'] == 0.25 and metrics['text_mc/acc'] > 0.4, metrics
+  assert metrics['next_line/chance'] == 0.25 and metrics['next_line/acc'] > 0.4, metrics
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ STAGES = {
               'diffusion'],
     'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint', 'fid', 'digit_fd',
               'mc'],
-    'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
+    'train': ['workdir', 'text_tasks', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from helpers import cli, tiny_config
-from monoformer_jax import mc
+from helpers import cli, error_line, launch_two, tiny_config
+from monoformer_jax import mc, train
 from monoformer_jax.data import corpus
 from monoformer_jax import workdir as workdir_lib
 
@@ -125,3 +125,31 @@ def test_next_line_questions_differ_only_in_word_order():
     assert context and len(set(choices)) == 4 and len({len(c) for c in choices}) == 1
     assert all(sorted(c.split()) == sorted(choices[gold].split()) for c in choices)
   assert corpus.next_line_questions(tiny_config().data, 60) == questions  # seeded
+
+
+@pytest.mark.multiprocess
+def test_tasks_from_two_processes_equal_one(trained):
+  """evaluate --tasks in one process with 4 devices and in two processes of 2: the same scores."""
+  flags = ['evaluate', f'--workdir={trained}', '--tasks=next_line', '--limit=24']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  one = cli(*flags, env=env)
+  assert one.returncode == 0 and 'next_line' in one.stdout, one.stderr[-2000:]
+  with open(os.path.join(trained, 'eval.json')) as f:
+    first = json.load(f)['tasks']
+  two = launch_two(*flags, env=dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2'))
+  assert two.returncode == 0, two.stderr[-3000:]
+  with open(os.path.join(trained, 'eval.json')) as f:
+    second = json.load(f)['tasks']
+  assert first == second and first[0]['items'] == 24
+  bad = cli('evaluate', f'--workdir={trained}', '--tasks=next_line,hellaswagg')
+  assert bad.returncode == 2 and 'hellaswagg' in error_line(bad)
+
+
+@pytest.mark.slow
+def test_text_scores_during_training(workdir):
+  config = tiny_config(num_steps=4, text_eval_every=2)
+  config.eval.text_questions = 16
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if '"text_tasks"' in line]
+  assert [r['step'] for r in rows] == [2, 4] and all(0 <= r['next_line/acc'] <= 1 for r in rows)
