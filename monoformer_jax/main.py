@@ -64,9 +64,12 @@ _FID_STATS_OUT = flags.DEFINE_string('fid_stats_out', '', 'evaluate: also write 
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', '', 'evaluate --fid_ref, sample --fid_npz: '
                                    'prompts, one per line, instead of the class prompts.')
 _TASKS = flags.DEFINE_string('tasks', '', 'evaluate: text benchmarks to score as multiple choice, '
-                             'comma-separated (next_line).')
+                             'comma-separated: next_line, hellaswag, openbookqa, winogrande, '
+                             'arc_easy, arc_challenge, boolq, piqa.')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'evaluate --tasks: at most this many items per task '
                               '(0 = all).')
+_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'evaluate --tasks: where the prepared '
+                                     'TFDS datasets are (default: the config\'s data.tfds_data_dir).')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
@@ -206,6 +209,8 @@ def tasks_command(workdir: str) -> None:
   if _LIMIT.value < 0:
     raise UserError(f'--limit is {_LIMIT.value}; expected 0 (all items) or more.')
   restored = workdir_lib.for_inference(workdir, _EMA.value)
+  if _TFDS_DATA_DIR.value:
+    restored.setup.config.data.tfds_data_dir = _TFDS_DATA_DIR.value
   rows = text_tasks.score(restored.setup, restored.params, names, _LIMIT.value)
   if jax.process_index() == 0:
     print(text_tasks.table(rows))

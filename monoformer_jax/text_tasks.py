@@ -1,5 +1,7 @@
 """Text benchmarks scored as multiple choice (mc.py): the task table that `evaluate --tasks`
-and train.text_eval_every read, each task a loader of items and its chance level.
+and train.text_eval_every read, each task a loader of items, its metrics (the first is the
+one averaged) and its chance level: the default's next-line questions and the seven
+commonsense benchmarks of the paper's text table (data/benchmarks.py, through TFDS).
 """
 
 import dataclasses
@@ -11,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from monoformer_jax import mc
-from monoformer_jax.data import corpus
+from monoformer_jax.data import benchmarks, corpus
 from monoformer_jax.errors import UserError
 
 
@@ -28,9 +30,18 @@ def _next_line(config: ml_collections.ConfigDict, limit: int) -> list[mc.Item]:
           for context, choices, gold in corpus.next_line_questions(config.data, count)]
 
 
+def _benchmark(name: str) -> Task:
+  bench = benchmarks.BENCHMARKS[name]
+
+  def items(config: ml_collections.ConfigDict, limit: int) -> list[mc.Item]:
+    return [mc.Item(*q) for q in benchmarks.questions(name, config.data, limit)]
+  return Task(items, bench.chance, bench.metrics)
+
+
 TASKS = {
     # The default's held-out text: every choice has the same length, so acc_norm equals acc.
     'next_line': Task(_next_line, chance=0.25, metrics=('acc',)),
+    **{name: _benchmark(name) for name in benchmarks.BENCHMARKS},
 }
 
 
@@ -60,7 +71,7 @@ def score(setup, params, names: list[str], limit: int = 0) -> list[dict]:
 
 
 def average(rows: list[dict]) -> float:
-  """The mean over tasks of each task's first metric (acc), as the papers' tables average."""
+  """The mean over tasks of each task's first metric, as the papers' tables average."""
   firsts = {r['task']: r['score'] for r in reversed(rows)}
   return float(np.mean(list(firsts.values())))
 

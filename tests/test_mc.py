@@ -3,6 +3,8 @@ a trained workdir, with local tasks (a shared context, and WinoGrande's partial 
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from helpers import cli, error_line, launch_two, tiny_config
 from monoformer_jax import mc, train
 from monoformer_jax.data import corpus
 from monoformer_jax import workdir as workdir_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 _SHARED = '''task: local_shared
 dataset_path: json
@@ -153,3 +157,14 @@ def test_text_scores_during_training(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if '"text_tasks"' in line]
   assert [r['step'] for r in rows] == [2, 4] and all(0 <= r['next_line/acc'] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_scores_under_an_fsdp_mesh_equal_one_device(trained):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  result = subprocess.run([sys.executable, os.path.join(HERE, 'mc_sharded_check.py'), trained],
+                          capture_output=True, text=True, env=env, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['items'] == 24 and report['max_abs_diff'] < 1e-4, report
+  assert report['acc'][0] == report['acc'][1]
