@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = 'auto'  # 'auto': on accelerators, not on CPU; 'on'; 'off'
   c.train.max_skipped_steps = 10  # consecutive non-finite steps (skipped) that stop the run
   c.train.eval_every = 0  # held-out losses every this many steps; 0 = never
-  c.train.text_eval_every = 0  # next-line questions (eval.text_questions) every this many steps
+  c.train.text_eval_every = 0  # eval.tasks scored every this many steps; 0 = never
   c.train.fid_every = 0  # FID of train.fid_num samples every this many steps; 0 = never
   c.train.fid_num = 10000  # samples per FID during training (FID-10K, the paper's ablations)
   c.train.profile_start = 10  # first step of the profiler trace (after compilation)
@@ -125,6 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.prompt_template = 'a handwritten digit {name}'  # one of data.templates
   c.eval.text_batches = 8
   c.eval.text_questions = 200  # next-line multiple-choice questions from held-out text; 0 = none
+  c.eval.tasks = 'next_line'  # what train.text_eval_every scores (comma-separated, see --tasks)
+  c.eval.task_limit = 0  # ... on each task's first this many items (a fixed subset); 0 = all
   c.eval.inception = ''  # converted FID Inception (convert inception), for train.fid_every
   c.eval.fid_ref = ''  # FID reference .npz: ADM images (arr_0) or statistics (mu, sigma)
   c.eval.fid_batch = 256  # global batch of FID sampling and Inception features

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from monoformer_jax import config_lib, pretrained
+from monoformer_jax import config_lib, pretrained, text_tasks
 from monoformer_jax import model as model_lib
 from monoformer_jax.checkpoint import AsyncSaves
 from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
@@ -45,7 +45,7 @@ _RANGES = (
         'seed', 'optim.warmup_steps', 'optim.weight_decay', 'train.ar_weight',
         'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
         'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
-        'train.text_eval_every',
+        'train.text_eval_every', 'eval.task_limit',
         'train.profile_start', 'train.profile_steps', 'sample.cfg_scale', 'eval.text_batches',
         'eval.text_questions',
         'bench.warmup')),
@@ -94,11 +94,12 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
                                   settings.text_source != TextSource.CORPUS):
     raise UserError('config key train.eval_every needs held-out data, which data.image_source '
                     '\'digits\' and data.text_source \'corpus\' have; set it to 0.')
-  if config.train.text_eval_every and (settings.text_source != TextSource.CORPUS or
-                                      not config.eval.text_questions):
-    raise UserError('config key train.text_eval_every scores next-line questions from held-out '
-                    'text, which needs data.text_source \'corpus\' and eval.text_questions > 0; '
-                    'set it to 0.')
+  if config.train.text_eval_every:
+    names = text_tasks.parse(config.eval.tasks, 'config key eval.tasks')
+    if 'next_line' in names and (settings.text_source != TextSource.CORPUS or
+                                 not config.eval.text_questions):
+      raise UserError('config key eval.tasks has next_line, which needs held-out text: '
+                      'data.text_source \'corpus\' and eval.text_questions > 0.')
   if config.train.fid_every and image_source == ImageSource.T2I_JSONL:
     raise UserError('config key train.fid_every samples the class prompts, which data.image_source '
                     '\'t2i_jsonl\' lacks; set it to 0 and run evaluate --fid_ref --prompt_file.')

@@ -45,11 +45,11 @@ TASKS = {
 }
 
 
-def parse(names: str) -> list[str]:
+def parse(names: str, what: str = '--tasks') -> list[str]:
   chosen = [n.strip() for n in names.split(',') if n.strip()]
   unknown = [n for n in chosen if n not in TASKS]
   if unknown or not chosen:
-    raise UserError(f'--tasks names {", ".join(unknown) or "nothing"}; expected a comma-separated '
+    raise UserError(f'{what} names {", ".join(unknown) or "nothing"}; expected a comma-separated '
                     f'list of {", ".join(TASKS)}.')
   return chosen
 

@@ -202,7 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if t.eval_every and done % t.eval_every == 0:
           log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
         if t.text_eval_every and done % t.text_eval_every == 0:
-          rows = text_tasks.score(setup, state.params, ['next_line'])
+          rows = text_tasks.score(setup, state.params, text_tasks.parse(config.eval.tasks),
+                                  config.eval.task_limit)
           log.write_rows(done, 'text_tasks', text_tasks.metrics_of(rows))
         if t.fid_every and done % t.fid_every == 0:
           log.write_fid(done, _fid(setup, fid_meter, state, jax.random.fold_in(fid_key, done)))

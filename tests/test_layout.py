@@ -18,8 +18,8 @@ STAGES = {
     'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'inception', 'sharding',
               'diffusion'],
     'steps': ['cross_entropy', 'steps', 'sampling', 'settings', 'checkpoint', 'fid', 'digit_fd',
-              'mc'],
-    'train': ['workdir', 'text_tasks', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
+              'mc', 'text_tasks'],
+    'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)

@@ -1,6 +1,7 @@
 """Multiple-choice scoring against lm-eval-harness: its HF backend on the export-llama output of
 a trained workdir, with local tasks (a shared context, and WinoGrande's partial contexts)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,116 +11,128 @@ import numpy as np
 import pytest
 
 from helpers import cli, error_line, launch_two, tiny_config
-from monoformer_jax import mc, train
+from monoformer_jax import mc, text_tasks, train
+from monoformer_jax.data import benchmarks
+from monoformer_jax.errors import UserError
 from monoformer_jax.data import corpus
 from monoformer_jax import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-_SHARED = '''task: local_shared
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{gold}}}}"
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-'''
-_PARTIAL = '''task: local_partial
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: !function partial.doc_to_text
-doc_to_target: !function partial.doc_to_target
-doc_to_choice: !function partial.doc_to_choice
-metric_list:
-  - metric: acc
-'''
-_PARTIAL_PY = '''def doc_to_text(doc):
-    return {"1": 0, "2": 1}[doc["answer"]]
+_WORDS = ('the cup table jar lid sun star gas ice steam rock water sky blue day flour bowl '
+          'woman dog opens pours stirs falls sings twists eats is was because then she he it').split()
+_TFDS_ARC_LABELS = ['A', 'B', 'C', 'D', 'E', '1', '2', '3', '4']
+_HARNESS_YAML = {'hellaswag': 'hellaswag/hellaswag.yaml', 'openbookqa': 'openbookqa/openbookqa.yaml',
+                 'winogrande': 'winogrande/default.yaml', 'arc_easy': 'arc/arc_easy.yaml',
+                 'arc_challenge': 'arc/arc_challenge.yaml',
+                 'boolq': 'super_glue/boolq/default.yaml', 'piqa': 'piqa/piqa.yaml'}
 
 
-def doc_to_target(doc):
-    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+def _doc(name: str, rng) -> tuple[dict, dict]:
+  """One random item of the task as the harness's HF dataset has it and as TFDS has it."""
+  say = lambda n: ' '.join(rng.choice(_WORDS, n))  # noqa: E731
+  if name == 'hellaswag':
+    ctx_a, ctx_b = say(6).capitalize() + '.', 'Then ' + say(2)  # ctx_b as .capitalize() leaves it
+    endings, label = [say(4) + '.' for _ in range(4)], int(rng.integers(4))
+    return (dict(ind=0, activity_label=say(2), ctx_a=ctx_a, ctx_b=ctx_b, ctx=f'{ctx_a} {ctx_b}',
+                 endings=endings, source_id='s', split='val', split_type='indomain',
+                 label=str(label)),
+            dict(activity_label=None, context=f'{ctx_a} {ctx_b}', endings=endings, label=label))
+  if name == 'openbookqa':
+    texts, gold = [say(2) for _ in range(4)], int(rng.integers(4))
+    return (dict(id='o', question_stem=say(5), choices=dict(text=texts, label=list('ABCD')),
+                 answerKey='ABCD'[gold]),
+            dict(question=dict(stem=None, **{f'choice_{k}': t for k, t in zip('ABCD', texts)}),
+                 answerKey=gold))
+  if name == 'winogrande':
+    options, answer = [say(2), say(2)], int(rng.integers(2))
+    sentence = f'{say(4)} _ {say(3)}.'
+    return (dict(sentence=sentence, option1=options[0], option2=options[1], answer=str(answer + 1)),
+            dict(sentence=sentence, option1=options[0], option2=options[1], label=answer))
+  if name.startswith('arc'):
+    n = int(rng.integers(3, 6))
+    labels = list('ABCDE')[:n] if rng.integers(2) else ['1', '2', '3', '4'][:min(n, 4)]
+    texts, gold = [say(2) for _ in labels], int(rng.integers(len(labels)))
+    return (dict(id='a', question=say(5) + '?', choices=dict(text=texts, label=labels),
+                 answerKey=labels[gold]),
+            dict(question=None, choices=dict(text=texts, label=[_TFDS_ARC_LABELS.index(l)
+                                                                for l in labels]),
+                 answerKey=_TFDS_ARC_LABELS.index(labels[gold])))
+  if name == 'boolq':
+    question, passage, label = say(4), say(9) + '.', int(rng.integers(2))
+    return (dict(question=question, passage=passage, idx=0, label=label),
+            dict(question=question, passage=passage, label=label))
+  goal, sols, label = say(4), [say(4) + '.', say(4) + '.'], int(rng.integers(2))
+  return (dict(goal=goal, sol1=sols[0], sol2=sols[1], label=label),
+          dict(goal=goal, sol1=sols[0], sol2=sols[1], label=label))
 
 
-def doc_to_choice(doc):
-    cut = doc["sentence"].index("_")
-    return [doc["sentence"][:cut] + option for option in (doc["option1"], doc["option2"])]
-'''
-
-
-def _shared_docs(rng):
-  words = ['the module', 'a string', 'an integer', 'the keyword', 'a list of names', 'none']
-  return [dict(question=f'What does {w} return when called with {v}?',
-               choices=[str(c) for c in rng.permutation(words)[:4]], gold=int(rng.integers(4)))
-          for v, w in zip(rng.integers(0, 99, 14), rng.choice(words, 14))]
-
-
-def _partial_docs(rng):
-  names = ['the function', 'the class', 'the object', 'the parser']
-  return [dict(sentence=f'When {a} raised an error, _ had to handle it before {v} calls.',
-               option1=a, option2=b, answer=str(1 + int(rng.integers(2))))
-          for v, (a, b) in zip(rng.integers(2, 9, 10), [rng.choice(names, 2, replace=False)
-                                                      for _ in range(10)])]
-
-
-def _ours(doc, partial: bool) -> mc.Item:
-  if not partial:
-    return mc.Item.shared_context(f'Question: {doc["question"]}\nAnswer:', doc['choices'],
-                                  doc['gold'])
-  cut = doc['sentence'].index('_')
-  contexts = tuple(doc['sentence'][:cut] + o for o in (doc['option1'], doc['option2']))
-  target = ' ' + doc['sentence'][cut + 1:].strip()
-  return mc.Item(contexts, (target, target), contexts, {'1': 0, '2': 1}[doc['answer']])
+def _fill(tfds_doc: dict, hf_doc: dict) -> dict:
+  """The TFDS fields left None are the HF ones of the same name (question, stem, label)."""
+  out = {}
+  for key, value in tfds_doc.items():
+    if isinstance(value, dict):
+      out[key] = _fill(value, hf_doc)
+    elif value is None:
+      out[key] = {'stem': hf_doc.get('question_stem')}.get(key, hf_doc.get(key))
+    else:
+      out[key] = value
+  return out
 
 
 @pytest.mark.slow
-def test_scores_equal_lm_eval_harness(trained, tmp_path, monkeypatch):
+def test_every_benchmark_scores_as_lm_eval_harness(trained, tmp_path, monkeypatch):
+  """Each task's items written in the harness's format (its own task config, read from local
+  files) and in TFDS's: per-item log-likelihoods equal to 1e-4, the same choices and scores."""
   monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   import lm_eval  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   hf_dir = tmp_path / 'hf'
   result = cli('convert', 'export-llama', f'--src={trained}', f'--dst={hf_dir}')
   assert result.returncode == 0, result.stderr[-2000:]
+  harness_tasks = os.path.join(os.path.dirname(lm_eval.__file__), 'tasks')
   rng = np.random.default_rng(0)
-  docs = {'local_shared': _shared_docs(rng), 'local_partial': _partial_docs(rng)}
-  for task, text in (('local_shared', _SHARED), ('local_partial', _PARTIAL)):
-    data = tmp_path / f'{task}.jsonl'
-    data.write_text(''.join(json.dumps(d) + '\n' for d in docs[task]))
-    (tmp_path / f'{task}.yaml').write_text(text.format(data=data))
-  (tmp_path / 'partial.py').write_text(_PARTIAL_PY)
+  docs = {name: [_doc(name, rng) for _ in range(24)] for name in benchmarks.BENCHMARKS}
+  for name, pairs in docs.items():
+    split = benchmarks.BENCHMARKS[name].split
+    data = tmp_path / f'{name}.jsonl'
+    data.write_text(''.join(json.dumps(hf) + '\n' for hf, _ in pairs))
+    (tmp_path / f'local_{name}.yaml').write_text(
+        f'include: {harness_tasks}/{_HARNESS_YAML[name]}\ntask: local_{name}\ntag: []\n'
+        f'dataset_path: json\ndataset_name: null\n'
+        f'dataset_kwargs:\n  data_files:\n    {split}: {data}\ntraining_split: null\n'
+        f'validation_split: {split if split == "validation" else "null"}\n'
+        f'test_split: {split if split == "test" else "null"}\n')
   theirs = lm_eval.simple_evaluate(
-      model='hf', model_args=f'pretrained={hf_dir},dtype=float32', tasks=list(docs),
-      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, batch_size=8,
-      device='cpu')
+      model='hf', model_args=f'pretrained={hf_dir},dtype=float32',
+      tasks=[f'local_{n}' for n in docs], task_manager=TaskManager(include_path=str(tmp_path)),
+      log_samples=True, batch_size=16, device='cpu')
 
   restored = workdir_lib.for_inference(trained, use_ema=True)
   setup = restored.setup
-  for task, task_docs in docs.items():
-    items = [_ours(d, task == 'local_partial') for d in task_docs]
-    ours = mc.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=8,
+  for name, pairs in docs.items():
+    examples = [_fill(t, hf) for hf, t in pairs]
+    dataset = functools.reduce(lambda a, b: a.concatenate(b),
+                               [tf.data.Dataset.from_tensors(e) for e in examples])
+    with tfds.testing.mock_data(as_dataset_fn=lambda *args, dataset=dataset, **kwargs: dataset,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+      items = text_tasks.TASKS[name].items(setup.config, 0)
+    ours = mc.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=16,
                              max_length=setup.config.model.context_length, layout=setup.layout)
-    samples = sorted(theirs['samples'][task], key=lambda s: s['doc_id'])
+    samples = sorted(theirs['samples'][f'local_{name}'], key=lambda s: s['doc_id'])
+    assert len(samples) == len(ours) == 24
     for mine, sample in zip(ours, samples):
       want = np.array([r[0] for r in sample['filtered_resps']])
-      np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-4)
-      assert np.argmax(mine) == np.argmax(want)
-    got, reported = mc.metrics(items, ours), theirs['results'][task]
-    for metric in ('acc', 'acc_norm') if task == 'local_shared' else ('acc',):
-      assert got[metric] == pytest.approx(reported[f'{metric},none'], abs=1e-12), (task, metric)
+      np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-4, err_msg=name)
+      assert np.argmax(mine) == np.argmax(want), name
+    got, reported = mc.metrics(items, ours), theirs['results'][f'local_{name}']
+    for metric in benchmarks.BENCHMARKS[name].metrics:
+      assert got[metric] == pytest.approx(reported[f'{metric},none'], abs=1e-12), (name, metric)
       assert got[f'{metric}_stderr'] == pytest.approx(reported[f'{metric}_stderr,none'],
-                                                      abs=1e-12), (task, metric)
-  assert os.path.exists(hf_dir / 'tokenizer_config.json')
+                                                      abs=1e-12), (name, metric)
 
 
 def test_next_line_questions_differ_only_in_word_order():
@@ -157,6 +170,9 @@ def test_text_scores_during_training(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f if '"text_tasks"' in line]
   assert [r['step'] for r in rows] == [2, 4] and all(0 <= r['next_line/acc'] <= 1 for r in rows)
+  config.eval.tasks = 'next_line,hellaswagg'
+  with pytest.raises(UserError, match='eval.tasks names hellaswagg'):
+    train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.slow
