@@ -48,17 +48,24 @@ def _stats(x: np.ndarray) -> fid.Stats:
   return stats.result()
 
 
+@functools.lru_cache(maxsize=4)
+def _reference(heldout_fraction: float) -> tuple[list[fid.Stats], fid.Stats]:
+  """The training digits' statistics, per digit and overall (computed once per split)."""
+  data = ml_collections.ConfigDict({'heldout_fraction': heldout_fraction})
+  images, labels = digits.training(data)
+  x = features(data, images)
+  return [_stats(x[labels == i]) for i in range(len(digits.CLASS_NAMES))], _stats(x)
+
+
 def distances(data: ml_collections.ConfigDict, images: np.ndarray,
               labels: np.ndarray) -> dict[str, float]:
   """FD of images [N, 8, 8, 1] (label[i] the digit image i should show) to the training
   digits: {'<name>': per-digit FD (digits with 2 images or more), ..., 'overall': FD of all}."""
-  train_images, train_labels = digits.training(data)
-  reference = features(data, train_images)
+  per_digit, overall = _reference(float(data.heldout_fraction))
   got = features(data, images)
-  result = {name: fid.frechet_distance(_stats(got[labels == i]),
-                                       _stats(reference[train_labels == i]))
+  result = {name: fid.frechet_distance(_stats(got[labels == i]), per_digit[i])
             for i, name in enumerate(digits.CLASS_NAMES) if (labels == i).sum() > 1}
-  result['overall'] = fid.frechet_distance(_stats(got), _stats(reference))
+  result['overall'] = fid.frechet_distance(_stats(got), overall)
   return result
 
 

@@ -123,14 +123,19 @@ def _npz_keys(path: str, flag: str) -> list[str]:
     raise UserError(f'{flag} file {path} is not an .npz archive.') from None
 
 
+def check_global_batch(global_batch: int, layout: sharding.Layout) -> None:
+  """--fid_batch splits evenly over every device of every host."""
+  devices, hosts = layout.mesh.size, jax.process_count()
+  if global_batch < 1 or global_batch % devices or global_batch % hosts:
+    raise UserError(f'--fid_batch is {global_batch}; expected a positive multiple of the '
+                    f'{devices} devices and {hosts} hosts.')
+
+
 class Encoder:
   """Streams uint8 images through an Inception split over the layout's devices."""
 
   def __init__(self, features: FeatureFn, layout: sharding.Layout, global_batch: int):
-    devices, hosts = layout.mesh.size, jax.process_count()
-    if global_batch < 1 or global_batch % devices or global_batch % hosts:
-      raise UserError(f'--fid_batch is {global_batch}; expected a positive multiple of the '
-                      f'{devices} devices and {hosts} hosts.')
+    check_global_batch(global_batch, layout)
     self.features, self.layout, self.batch = features, layout, global_batch
 
   def add(self, stats: StreamingStats, images: np.ndarray) -> None:

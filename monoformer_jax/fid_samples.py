@@ -44,22 +44,15 @@ def file_prompts(path: str) -> list[str]:
   return prompts
 
 
-def _check(num: int, global_batch: int, layout: sharding.Layout) -> None:
-  devices = layout.mesh.size
-  if global_batch < 1 or global_batch % devices or global_batch % jax.process_count():
-    raise UserError(f'--fid_batch is {global_batch}; expected a positive multiple of the '
-                    f'{devices} devices and {jax.process_count()} hosts.')
-  if num < 1:
-    raise UserError(f'--num is {num}; expected at least 1.')
-
-
 def sample_batches(setup, params, prompts: list[str], num: int, global_batch: int,
                    spec: sampling.ImageSampling, key: jax.Array,
                    vae_dir: str) -> Iterator[np.ndarray]:
   """uint8 RGB batches [<= B, H, W, 3] of num samples, each whole on every process; latents
   are decoded by the VAE in vae_dir ('' for pixel models)."""
   config, tok, model, layout = setup.config, setup.tok, setup.model, setup.layout
-  _check(num, global_batch, layout)
+  fid.check_global_batch(global_batch, layout)
+  if num < 1:
+    raise UserError(f'--num is {num}; expected at least 1.')
   table = [tok.image_prompt(p, config.data.prompt_len) for p in prompts]
   null = tok.image_prompt('', config.data.prompt_len)
   sampler = sampling.make_image_sampler(model, spec)

@@ -10,7 +10,6 @@ Dimension letters: B batch, H/W image, C channels, F features (2,048).
 """
 
 import enum
-import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import pretrained
-from monoformer_jax.errors import UserError
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -177,9 +175,6 @@ def feature_fn(path: str, shardings: Sequence = ()):
   """Jitted fn(images [B, H, W, 3] in [0, 1]) -> features [B, F] of the converted Inception in
   `path`; with (replicated, rows) shardings, the weights are copied to every device and the
   batch stays split over them."""
-  if not os.path.isdir(path):
-    raise UserError(f'the Inception directory {path} does not exist; create it with '
-                    '`python -m monoformer_jax convert inception` from the FID Inception weights.')
   variables = load(path)
   model = InceptionV3()
   if shardings:

@@ -215,7 +215,10 @@ def tasks_command(workdir: str) -> None:
   if jax.process_index() == 0:
     print(text_tasks.table(rows))
     path = os.path.join(workdir, 'eval.json')
-    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        saved = json.load(f)
     saved.update(text_tasks.metrics_of(rows), tasks=rows, tasks_step=restored.step)
     files.write_text(path, json.dumps(saved, indent=1))
 

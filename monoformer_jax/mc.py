@@ -13,6 +13,7 @@ Dimension letters: R requests, B batch, L length.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -59,6 +60,7 @@ def encode_request(tok: Tokenizer, context: str, continuation: str,
   return whole[-(max_length + 1):], target
 
 
+@functools.lru_cache(maxsize=4)  # compiled once per model, however often a run scores
 def _score_fn(model: MonoFormer):
   @jax.jit
   def score(params, tokens, valid, target):

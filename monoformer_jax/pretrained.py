@@ -95,12 +95,7 @@ def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if not path:
     raise UserError('config key model.size is \'auto\', which takes the shape of model.init_from; '
                     'set model.init_from to a converted LLM directory.')
-  meta_path = os.path.join(path, MODEL_JSON)
-  if not os.path.isfile(meta_path):
-    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}); create one '
-                    'with `python -m monoformer_jax convert llama`.')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   cfg = config_from_json(meta['backbone'])
   tok = tokenizer_lib.Tokenizer(os.path.join(path, TOKENIZER))
   resolved = copy.deepcopy(config)
@@ -113,14 +108,19 @@ def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return resolved
 
 
-def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
-  """(the JSON description, params as host arrays) of a directory `convert KIND` wrote."""
+def read_meta(path: str, meta_file: str = MODEL_JSON, kind: str = 'llama') -> dict:
+  """The JSON description of a directory `convert KIND` wrote."""
   meta_path = os.path.join(path, meta_file)
   if not os.path.isfile(meta_path):
     raise UserError(f'{path} is not a converted {kind} directory (no {meta_file}); create one '
                     f'with `python -m monoformer_jax convert {kind}`.')
   with open(meta_path) as f:
-    meta = json.load(f)
+    return json.load(f)
+
+
+def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
+  """(the JSON description, params as host arrays) of a directory `convert KIND` wrote."""
+  meta = read_meta(path, meta_file, kind)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS))
@@ -142,11 +142,7 @@ def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[...
   """(backbone config, tie_embeddings, stored dtype, param) of a converted LLM directory, where
   param(*path) reads one parameter in our layout (a decoder parameter stacked over its blocks,
   which the directory stores one by one), so that memory holds one parameter at a time."""
-  meta_path = os.path.join(path, MODEL_JSON)
-  if not os.path.isfile(meta_path):
-    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}).')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   cfg = config_from_json(meta['backbone'])
   params_dir = os.path.join(os.path.abspath(path), PARAMS)
   try:
@@ -200,12 +196,7 @@ def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[...
 def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
   """The converted LLM at `path` fits the model: shape, rope, norm and tying agree, and the
   model's vocabulary holds the LLM's. Reads model.json only, so it costs nothing."""
-  meta_path = os.path.join(path, MODEL_JSON)
-  if not os.path.isfile(meta_path):
-    raise UserError(f'{path} is not a converted llama directory (no {MODEL_JSON}); create one '
-                    'with `python -m monoformer_jax convert llama`.')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   cfg = config_from_json(meta['backbone'])
   # These settings leave no trace in the parameter shapes, so they are compared here.
   for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'head_dim', 'rope_theta',

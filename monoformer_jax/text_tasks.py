@@ -8,7 +8,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -57,7 +56,8 @@ def parse(names: str, what: str = '--tasks') -> list[str]:
 def score(setup, params, names: list[str], limit: int = 0) -> list[dict]:
   """One row per task and metric: {'task', 'metric', 'score', 'stderr', 'items', 'chance'}."""
   config = setup.config
-  batch = jax.device_count() * max(1, 32 // jax.device_count())  # splits over every device
+  devices = setup.layout.mesh.size
+  batch = devices * max(1, 32 // devices)  # splits over every device of the mesh
   rows = []
   for name in names:
     task = TASKS[name]

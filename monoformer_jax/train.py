@@ -30,6 +30,13 @@ from monoformer_jax.metrics_log import MetricsLog
 from monoformer_jax.steps import StepKind
 
 
+def _fresh_state(params, ema_params, setup: workdir_lib.Setup, shardings) -> steps.TrainState:
+  """Step 0 on the given parameters and EMA, with a new optimizer state."""
+  opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params)
+  return steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                          opt_state=opt_state, ema_params=ema_params)
+
+
 def init_backbone(state, setup: workdir_lib.Setup, shardings):
   """The fresh state with params, EMA and optimizer state started from the converted LLM
   of model.init_from."""
@@ -37,9 +44,8 @@ def init_backbone(state, setup: workdir_lib.Setup, shardings):
   grafted = pretrained.graft_backbone(jax.device_get(state.params), setup.config.model.init_from,
                                       model.backbone, model.tie_embeddings)
   # Two transfers: params and EMA must not share buffers, since the steps donate both.
-  params = jax.device_put(grafted, shardings.params)
-  return state.replace(params=params, ema_params=jax.device_put(grafted, shardings.ema_params),
-                       opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params))
+  return _fresh_state(jax.device_put(grafted, shardings.params),
+                      jax.device_put(grafted, shardings.ema_params), setup, shardings)
 
 
 def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
@@ -48,9 +54,7 @@ def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
   step = reader.latest_step()
   params, ema = (reader.restore_params(step, abstract.params, use_ema) for use_ema in (False, True))
   reader.close()
-  return steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          opt_state=jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params),
-                          ema_params=ema)
+  return _fresh_state(params, ema, setup, shardings)
 
 
 def _record_llm_source(init_from: str, workdir: str) -> None:
