@@ -9,6 +9,7 @@ and values) and divided by the matmul peak measured in the same run.
 """
 
 import dataclasses
+import enum
 import json
 import os
 import platform
@@ -21,10 +22,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from monoformer_jax import bench_torch, files, sampling, settings, sharding, steps
+from monoformer_jax import bench_torch, config_lib, files, sampling, settings, sharding, steps
 from monoformer_jax.diffusion import Sampler
+from monoformer_jax.errors import UserError
 from monoformer_jax.model import MonoFormer
 from monoformer_jax.steps import StepKind
+
+
+class Part(enum.Enum):
+  """What `bench.parts` may name: each train step kind, the image sampler, text decoding."""
+  AR = 'ar'
+  DIFFUSION = 'diffusion'
+  SAMPLING = 'sampling'
+  DECODE = 'decode'
+
+
+def parts_of(bench: ml_collections.ConfigDict) -> tuple[Part, ...]:
+  """bench.parts parsed; decode batches checked too (both are only read here)."""
+  if isinstance(bench.parts, str) or not bench.parts:
+    raise UserError(f'config key bench.parts is {bench.parts!r}; expected a non-empty tuple of '
+                    + ', '.join(repr(p.value) for p in Part) + '.')
+  batches = bench.decode_batches
+  if (isinstance(batches, (str, int)) or not batches
+      or not all(isinstance(b, int) and b > 0 for b in batches)):
+    raise UserError(f'config key bench.decode_batches is {batches!r}; expected a non-empty tuple '
+                    'of positive integers.')
+  return tuple(config_lib.choice(Part, p, 'bench.parts') for p in bench.parts)
 
 
 def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.random.Generator) -> dict:
@@ -116,8 +139,9 @@ def _program_bytes(compiled) -> int | None:
              - mem.alias_size_in_bytes)
 
 
-def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_steps: dict):
-  """{kind: timings, throughput, FLOPs and MFU} for both step kinds; and the final state.
+def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_steps: dict,
+                kinds: tuple[StepKind, ...]):
+  """{kind: timings, throughput, FLOPs and MFU} for the step kinds asked for; the final state.
 
   torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours.
   """
@@ -126,7 +150,8 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), layout, shardings)
   rng = np.random.default_rng(0)
   results = {}
-  for kind, fn in fns.items():
+  for kind in kinds:
+    fn = fns[kind]
     batch = sharding.global_batch(random_batch(config, kind, rng), layout)
     key = jax.random.key(0)
     start = time.perf_counter()
@@ -158,9 +183,9 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
 
 def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: float,
                   repeats: int) -> dict:
-  """Images/s of DDPM with CFG (scale 1.5 if spec has none): the compiled loop, without the
-  prefix cache, and a Python loop calling a jitted single denoising step (timed in turn, so
-  drift hits all alike)."""
+  """Images/s of DDPM with CFG (scale 1.5 if spec has none): the compiled loop and, with
+  bench.sampler_baselines, the same without the prefix cache and a Python loop calling a
+  jitted single denoising step (timed in turn, so drift hits all alike)."""
   num = config.bench.sample_images
   spec = spec.but(Sampler.DDPM, cfg_scale=1.5 if spec.guidance.scale == 1.0 else None)
   rng = np.random.default_rng(1)
@@ -172,26 +197,16 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
   args = (params, prompt, valid, prompt, null_valid, suffix, jax.random.key(0))
   result = dict(images=num, steps=spec.steps, cfg_scale=spec.guidance.scale)
   runs = {}
-  no_cache = dataclasses.replace(spec, cache_prefix=False)
-  for name, sampler_spec in (('compiled', spec), ('compiled_no_prefix_cache', no_cache)):
+  variants = [('compiled', spec)]
+  if config.bench.sampler_baselines:
+    variants.append(('compiled_no_prefix_cache', dataclasses.replace(spec, cache_prefix=False)))
+  for name, sampler_spec in variants:
     start = time.perf_counter()
     compiled = sampling.make_image_sampler(model, sampler_spec).lower(*args).compile()
     result[f'{name}_compile_s'] = time.perf_counter() - start
     runs[name] = lambda compiled=compiled: compiled(*args).block_until_ready()
-
-  prepare, denoise = sampling.make_denoiser(model, spec)
-  prepare, denoise = jax.jit(prepare), jax.jit(denoise)
-  context = prepare(*args[:-1])
-  img = model.image
-  x0 = jax.random.normal(jax.random.key(1), (num, img.height, img.width, img.channels))
-
-  def python_loop():
-    x = x0
-    for i in range(spec.steps):
-      x = denoise(params, context, x, i, args[-1])
-    x.block_until_ready()
-
-  runs['python_loop'] = python_loop
+  if config.bench.sampler_baselines:
+    runs['python_loop'] = _python_loop_sampler(model, spec, args, num)
   for name, seconds in interleaved_medians(runs, repeats, 1).items():
     result[f'{name}_images_per_s'] = num / seconds
   # With the prefix cached, each step computes the image part against the whole sequence.
@@ -201,15 +216,35 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
                                      length - config.data.prompt_len, length)
   result['model_flops_per_run'] = flops
   result['mfu'] = flops * result['compiled_images_per_s'] / num / peak
-  result['speedup_vs_python_loop'] = (result['compiled_images_per_s']
-                                      / result['python_loop_images_per_s'])
+  if config.bench.sampler_baselines:
+    result['speedup_vs_python_loop'] = (result['compiled_images_per_s']
+                                        / result['python_loop_images_per_s'])
   return result
 
 
-def bench_decode(config, model, params, repeats: int) -> dict:
-  """Tokens/s of sampling bench.decode_tokens new tokens with the KV cache and by recomputation."""
+def _python_loop_sampler(model, spec: sampling.ImageSampling, args: tuple, num: int):
+  """A blocking callable: the sampler as a Python loop over a jitted denoising step."""
+  params, key = args[0], args[-1]
+  prepare, denoise = sampling.make_denoiser(model, spec)
+  prepare, denoise = jax.jit(prepare), jax.jit(denoise)
+  context = prepare(*args[:-1])
+  img = model.image
+  x0 = jax.random.normal(jax.random.key(1), (num, img.height, img.width, img.channels))
+
+  def python_loop():
+    x = x0
+    for i in range(spec.steps):
+      x = denoise(params, context, x, i, key)
+    x.block_until_ready()
+
+  return python_loop
+
+
+def bench_decode(config, model, params, batch: int, repeats: int) -> dict:
+  """Tokens/s of sampling bench.decode_tokens new tokens for `batch` prompts, with the KV cache
+  and by recomputation."""
   rng = np.random.default_rng(2)
-  batch, new_tokens = config.bench.decode_batch, config.bench.decode_tokens
+  new_tokens = config.bench.decode_tokens
   prompt = jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, config.data.prompt_len),
                                     np.int32))
   result = dict(batch=batch, prompt_tokens=prompt.shape[1], new_tokens=new_tokens)
@@ -251,27 +286,37 @@ def memory() -> dict:
 def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> dict:
   """The whole report as a dict (see `run`)."""
   typed = settings.validate(config)
+  parts = parts_of(config.bench)
   model = typed.model
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)
   state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
   peak = matmul_peak(jnp.dtype(config.model.dtype), config.bench.repeats)
-  report = dict(machine=machine(), config=dict(size=config.model.size, dtype=config.model.dtype,
-                                               layer_loop=config.model.layer_loop,
-                                               remat=config.model.remat,
-                                               loss_chunk=config.train.loss_chunk),
+  m, d = config.model, config.data
+  report = dict(machine=machine(),
+                config=dict(size=m.size, dtype=m.dtype, param_dtype=m.param_dtype,
+                            attention=m.attention, layer_loop=m.layer_loop, remat=m.remat,
+                            loss_chunk=config.train.loss_chunk, vocab_size=m.vocab_size,
+                            text_batch=[d.text_batch_size, d.text_seq_len],
+                            image_batch=[d.image_batch_size,
+                                         sequence_length(config, model, StepKind.DIFFUSION)]),
                 matmul_peak=peak)
   torch_steps = {}
   if compare_torch:
     torch_steps, report['torch'] = bench_torch.make_steps(config, model.backbone)
+  kinds = tuple(StepKind(p.value) for p in parts if p.value in {k.value for k in StepKind})
   with sharding.activate(layout):
     report['steps'], state = bench_steps(config, model, tx, layout, shardings, state,
-                                         peak['flops_per_s'], torch_steps)
+                                         peak['flops_per_s'], torch_steps, kinds)
+    report['memory_after_steps'] = memory()
     params = state.params
-    report['sampling'] = bench_sampler(config, model, typed.sampling, params,
-                                       peak['flops_per_s'], config.bench.sample_repeats)
-    report['decode'] = bench_decode(config, model, params, config.bench.sample_repeats)
+    if Part.SAMPLING in parts:
+      report['sampling'] = bench_sampler(config, model, typed.sampling, params,
+                                         peak['flops_per_s'], config.bench.sample_repeats)
+    if Part.DECODE in parts:
+      report['decode'] = [bench_decode(config, model, params, batch, config.bench.sample_repeats)
+                          for batch in config.bench.decode_batches]
   report['memory'] = dict(memory(), includes_torch_models=compare_torch)
   return report
 
@@ -287,15 +332,18 @@ def print_table(report: dict) -> None:
              else f'{"-":>9s} {"-":>9s}')
     print(f'{kind:10s} {r["median_ms"]:10.1f} {r["tokens_per_s"]:10.0f} '
           f'{r["flops_per_s"] / 1e9:9.1f} {r["mfu"]:6.1%} {r["compile_s"]:10.1f} {torch}')
-  s = report['sampling']
-  print(f'sampling {s["images"]} images, DDPM {s["steps"]} steps, CFG {s["cfg_scale"]}: '
-        f'{s["compiled_images_per_s"]:.2f} images/s compiled, '
-        f'{s["compiled_no_prefix_cache_images_per_s"]:.2f} without the prefix cache, '
-        f'{s["python_loop_images_per_s"]:.2f} in a Python loop '
-        f'({s["speedup_vs_python_loop"]:.2f}x); MFU {s["mfu"]:.1%}')
-  d = report['decode']
-  print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} tokens/s '
-        f'with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing ({d["speedup"]:.1f}x)')
+  s = report.get('sampling')
+  if s:
+    baselines = (f'{s["compiled_no_prefix_cache_images_per_s"]:.2f} without the prefix cache, '
+                 f'{s["python_loop_images_per_s"]:.2f} in a Python loop '
+                 f'({s["speedup_vs_python_loop"]:.2f}x); ' if 'python_loop_images_per_s' in s
+                 else '')
+    print(f'sampling {s["images"]} images, DDPM {s["steps"]} steps, CFG {s["cfg_scale"]}: '
+          f'{s["compiled_images_per_s"]:.2f} images/s compiled, {baselines}MFU {s["mfu"]:.1%}')
+  for d in report.get('decode', []):
+    print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} '
+          f'tokens/s with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing '
+          f'({d["speedup"]:.1f}x)')
   mem = report['memory']
   device = (f'{mem["device_peak_bytes"] / 2**30:.2f} GiB' if mem['device_peak_bytes'] is not None
             else 'not reported by this backend')

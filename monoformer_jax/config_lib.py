@@ -136,7 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.bench.warmup = 3
   c.bench.sample_repeats = 5  # timed runs of the sampler and of decoding
   c.bench.sample_images = 16  # DDPM with CFG, sample.steps steps
-  c.bench.decode_batch = 1
+  # Also time the sampler without the prefix cache and as a Python loop (two more full runs).
+  c.bench.sampler_baselines = True
+  c.bench.parts = ('ar', 'diffusion', 'sampling', 'decode')  # what is measured (bench.Part)
+  c.bench.decode_batches = (1,)  # decoding is timed at each of these batch sizes
   c.bench.decode_tokens = 256
 
   c.mesh = ml_collections.ConfigDict()

@@ -159,6 +159,18 @@ class Projection(nn.Module):
     return out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
 
 
+def cudnn_fits(q: Array, k: Array) -> bool:
+  """Whether cuDNN's fused attention takes these [B, T, H, E] inputs with a mask.
+
+  Elsewhere the XLA path runs, so a GPU config stays runnable (and testable) on CPU, and odd
+  lengths (one decoded token) need no special case: cuDNN wants 16-bit inputs, E a multiple
+  of 8 up to 128, and even T and S when a mask (a bias to it) is differentiated.
+  """
+  return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+          and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+
+
 class Attention(nn.Module):
   cfg: BackboneConfig
 
@@ -183,9 +195,7 @@ class Attention(nn.Module):
     if isinstance(mask, splash.KernelMask):
       out = splash.attention(q, k, v, mask)
     else:  # [B, T, H, E]
-      # cuDNN where there is one; a GPU config stays runnable (and testable) on CPU.
-      gpu = jax.default_backend() == 'gpu'
-      impl = 'cudnn' if cfg.attention == AttentionImpl.CUDNN and gpu else 'xla'
+      impl = 'cudnn' if cfg.attention == AttentionImpl.CUDNN and cudnn_fits(q, k) else 'xla'
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = dense((cfg.width,), ('heads', 'head_dim', 'embed'), 'o_proj', in_dims=2)(out)
     return out, cache

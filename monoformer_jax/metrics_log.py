@@ -37,16 +37,39 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
+class _NoTensorBoard:
+  """Stands in for clu's writer where TensorFlow is not installed (e.g. a bare GPU image)."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+  def close(self):
+    pass
+
+
+def _tensorboard_writer(workdir: str, leader: bool):
+  # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if leader:
+      print(f'warning: no TensorBoard events ({e}); metrics.jsonl and the progress line are '
+            'still written.', file=sys.stderr, flush=True)
+    return _NoTensorBoard()
+  return metric_writers.create_default_writer(workdir, just_logging=not leader,
+                                              asynchronous=False)
+
+
 class MetricsLog:
   """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
 
   def __init__(self, workdir: str, start_step: int, num_steps: int):
-    # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.leader = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.leader,
-                                                       asynchronous=False)
+    self.writer = _tensorboard_writer(workdir, self.leader)
     self.num_steps = num_steps
     self.last = (start_step, time.monotonic())
     if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo

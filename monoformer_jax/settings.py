@@ -39,7 +39,7 @@ _RANGES = (
         'optim.learning_rate', 'optim.grad_clip', 'train.num_steps', 'train.log_every',
         'train.checkpoint_every', 'train.keep_checkpoints', 'train.max_skipped_steps',
         'sample.steps', 'eval.samples_per_class', 'eval.fid_batch', 'train.fid_num',
-        'bench.repeats', 'bench.sample_repeats', 'bench.sample_images', 'bench.decode_batch',
+        'bench.repeats', 'bench.sample_repeats', 'bench.sample_images',
         'bench.decode_tokens')),
     (lambda v: v >= 0, 'zero or more', (
         'seed', 'optim.warmup_steps', 'optim.weight_decay', 'train.ar_weight',

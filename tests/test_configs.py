@@ -5,15 +5,18 @@ import glob
 import json
 import importlib.util
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from helpers import ROOT, tiny_config
 from monoformer_jax import bench, config_lib, pretrained, settings, sharding, steps
 from monoformer_jax import model as model_lib
+from monoformer_jax.errors import UserError
 from monoformer_jax.steps import StepKind
 
 # Every runnable config (common.py holds shared pieces, not a config).
@@ -112,6 +115,7 @@ def test_bench_report_has_every_field(tmp_path):
   config.bench.repeats = 5
   config.bench.sample_images = 2
   config.bench.decode_tokens = 16
+  config.bench.decode_batches = (1, 2)
   out = tmp_path / 'bench.json'
   report = bench.run(config, str(out), compare_torch=True)
   assert json.loads(out.read_text()) == report
@@ -124,8 +128,34 @@ def test_bench_report_has_every_field(tmp_path):
   for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop'):
     assert s[f'{name}_images_per_s'] > 0
   assert 0 < s['mfu'] and s['model_flops_per_run'] > 0
-  assert report['decode']['cached_tokens_per_s'] > 0 and report['decode']['recompute_tokens_per_s'] > 0
+  assert [d['batch'] for d in report['decode']] == [1, 2]
+  for d in report['decode']:
+    assert d['cached_tokens_per_s'] > 0 and d['recompute_tokens_per_s'] > 0
   assert report['memory']['host_peak_bytes'] > 2**20
+
+
+def test_bench_measures_only_the_parts_asked_for():
+  config = tiny_config()
+  config.bench.repeats, config.bench.warmup = 1, 0
+  config.bench.parts = ('diffusion', 'sampling')
+  config.bench.sample_images, config.bench.sampler_baselines = 1, False
+  config.sample.steps = 2
+  report = bench.measure(config)
+  assert set(report['steps']) == {'diffusion'} and 'decode' not in report
+  assert report['sampling']['compiled_images_per_s'] > 0
+  assert 'python_loop_images_per_s' not in report['sampling']
+  bench.print_table(report)
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('parts', ('ar', 'sampler'), "bench.parts is 'sampler'"),
+    ('parts', 'ar', "expected a non-empty tuple of 'ar'"),
+    ('decode_batches', (1, 0), 'bench.decode_batches is (1, 0); expected a non-empty tuple'),
+])
+def test_bench_refuses_bad_parts_and_batches(key, value, expected):
+  section = dict(tiny_config().bench) | {key: value}  # a plain dict: any type may come in
+  with pytest.raises(UserError, match=re.escape(expected)):
+    bench.parts_of(ml_collections.ConfigDict(section))
 
 
 @pytest.mark.parametrize('kind', list(StepKind))
