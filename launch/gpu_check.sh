@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The README's GPU figures in one go, on one NVIDIA GPU:
-#   bash launch/gpu_check.sh OUT_DIR [SECONDS]
+#   bash launch/gpu_check.sh OUT_DIR [SECONDS] [--no-digits]
 # 1. bench at the TinyLlama-1.1B shape (configs/bench_1b.py): both train steps, the 250-step
 #    guided sampler at batch 32, KV-cached decoding at batch 1 and 32 (falls back to XLA
 #    attention if cuDNN's is refused);
-# 2. the default main job (configs/digits.py) timed, with its evaluation;
+# 2. unless --no-digits, the default main job (configs/digits.py) timed, with its evaluation;
 # 3. while time is left, the steps again under other remat policies, batches, GEMM emitters
 #    and layer loops.
 # Each part has its own time limit inside SECONDS (default 420) and writes into OUT_DIR:
@@ -14,6 +14,7 @@
 set -u
 out=${1:?usage: launch/gpu_check.sh OUT_DIR [SECONDS]}
 budget=${2:-420}
+digits=${3:-}
 mkdir -p "$out"
 log="$out/log.txt"
 deadline=$((SECONDS + budget))
@@ -56,7 +57,7 @@ if ! part bench_1b 240 "${bench[@]}" --bench_out="$out/bench_1b.json"; then
 fi
 
 rm -rf /tmp/digits
-if part digits 200 python3 -m monoformer_jax train --config=configs/digits.py --workdir=/tmp/digits
+if [[ $digits != --no-digits ]] && part digits 200 python3 -m monoformer_jax train --config=configs/digits.py --workdir=/tmp/digits
 then
   cp /tmp/digits/eval.json "$out/digits_eval.json"
   cp /tmp/digits/metrics.jsonl "$out/digits_metrics.jsonl"
@@ -73,8 +74,9 @@ print(json.dumps(r))" "/tmp/$name.json" "$name" "$xla_flags" $overrides >> "$out
 done <<'EOF'
 remat_none - --config.model.remat=none --config.bench.parts=('diffusion','ar')
 batch64 - --config.data.image_batch_size=64 --config.bench.parts=('diffusion',)
-cublas_gemm --xla_gpu_enable_triton_gemm=false --config.bench.parts=('diffusion',)
 remat_full - --config.model.remat=full --config.bench.parts=('diffusion','ar')
+loss_chunk_2048 - --config.train.loss_chunk=2048 --config.bench.parts=('ar',)
+cublas_gemm --xla_gpu_enable_triton_gemm=false --config.bench.parts=('diffusion',)
 unrolled - --config.model.layer_loop=unrolled --config.bench.parts=('diffusion',)
 EOF
 echo "== done in ${SECONDS}s" | tee -a "$log"
