@@ -37,6 +37,9 @@ def paper_config(platform: str) -> ml_collections.ConfigDict:
   c.train.num_steps, c.train.ema_decay = 500_000, 0.9999
   c.train.lm_loss_weight, c.train.diffusion_loss_weight = 0.01, 1.0
   c.train.log_every, c.train.checkpoint_every, c.train.eval_at_end = 100, 50_000, False
+  # 2,048-token cross-entropy chunks (0.26 GB of fp32 logits): the 8 x 2,048 text step took
+  # 329.8 ms against 341.1 with 512 on one H200 (README, Performance).
+  c.train.loss_chunk = 2048
   c.sample.sampler, c.sample.steps = 'ddpm', 250
   c.mesh.data, c.mesh.fsdp = preset['data'], preset['fsdp']
   return c

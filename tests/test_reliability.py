@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import ROOT, cli, error_line, tiny_config
-from monoformer_jax import checkpoint, settings, sharding, steps, train
+from monoformer_jax import checkpoint, metrics_log, settings, sharding, steps, train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.errors import UserError
 from monoformer_jax.metrics_log import METRICS_FILE
@@ -336,3 +336,21 @@ def test_heldout_losses_and_a_profile(workdir):
   traces = [f for _, _, names in os.walk(os.path.join(workdir, 'plugins', 'profile'))
             for f in names if f.endswith('.xplane.pb')]
   assert traces
+
+
+@pytest.mark.parametrize('has_tensorflow', [True, False])
+def test_metrics_are_written_with_and_without_tensorflow(tmp_path, monkeypatch, capsys,
+                                                         has_tensorflow):
+  """A machine without TensorFlow (a bare GPU image) still gets metrics.jsonl and the progress
+  line; only the TensorBoard events are skipped, with one warning."""
+  if not has_tensorflow:
+    monkeypatch.setitem(sys.modules, 'clu', None)  # as if not installed
+  log = metrics_log.MetricsLog(str(tmp_path), start_step=0, num_steps=2)
+  log.write(1, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, input_wait_s=0.0, skipped_steps=0)
+  log.close()
+  assert [(r['step'], r['loss']) for r in _rows(str(tmp_path))] == [(1, 2.5)]
+  out, err = capsys.readouterr()
+  assert 'step 1/2' in out
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert bool(events) == has_tensorflow
+  assert err.count('warning: no TensorBoard events') == (0 if has_tensorflow else 1)
