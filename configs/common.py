@@ -32,6 +32,9 @@ def paper_config(platform: str) -> ml_collections.ConfigDict:
   m.remat, m.attention = preset['remat'], preset['attention']
   c.data.image_source, c.data.image_resolution = 'latents', 256
   c.data.tokenizer_vocab_size = 32000  # TinyLlama's; <im_start>, <im_end>, padding appended
+  # As the official training reads its data: no flips (its stored latents are unflipped too),
+  # chat as the last exchange without a template, every token learned.
+  c.data.random_flip, c.data.chat_format = False, 'official'
   c.data.image_batch_size = c.data.text_batch_size = 256  # global
   c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip = 1e-4, 0.0, 2.0
   c.train.num_steps, c.train.ema_decay = 500_000, 0.9999

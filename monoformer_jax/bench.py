@@ -33,6 +33,7 @@ class Part(enum.Enum):
   """What `bench.parts` may name: each train step kind, the image sampler, text decoding."""
   AR = 'ar'
   DIFFUSION = 'diffusion'
+  JOINT = 'joint'  # one text and one image batch per update (train.objective 'joint')
   SAMPLING = 'sampling'
   DECODE = 'decode'
 
@@ -53,6 +54,9 @@ def parts_of(bench: ml_collections.ConfigDict) -> tuple[Part, ...]:
 def random_batch(config: ml_collections.ConfigDict, kind: StepKind, rng: np.random.Generator) -> dict:
   """A batch of the config's shapes for one step kind."""
   d, m = config.data, config.model
+  if kind == StepKind.JOINT:
+    return dict(text=random_batch(config, StepKind.AR, rng),
+                image=random_batch(config, StepKind.DIFFUSION, rng))
   if kind == StepKind.AR:
     tokens = rng.integers(0, m.vocab_size, (d.text_batch_size, d.text_seq_len), np.int32)
     return dict(tokens=tokens, valid=np.ones(tokens.shape, bool), loss_mask=np.ones(tokens.shape, bool))
@@ -69,6 +73,8 @@ def sequence_length(config: ml_collections.ConfigDict, model: MonoFormer, kind: 
 
 
 def tokens_per_step(config: ml_collections.ConfigDict, model: MonoFormer, kind: StepKind) -> int:
+  if kind == StepKind.JOINT:
+    return sum(tokens_per_step(config, model, k) for k in (StepKind.AR, StepKind.DIFFUSION))
   batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
   return batch * sequence_length(config, model, kind)
 
@@ -96,6 +102,8 @@ def forward_flops(model: MonoFormer, params, kind: StepKind, batch: int, q_len: 
 def step_flops(config: ml_collections.ConfigDict, model: MonoFormer, params,
                kind: StepKind) -> float:
   """Model FLOPs of one train step: the forward pass and a backward pass of twice its cost."""
+  if kind == StepKind.JOINT:
+    return sum(step_flops(config, model, params, k) for k in (StepKind.AR, StepKind.DIFFUSION))
   batch = config.data.text_batch_size if kind == StepKind.AR else config.data.image_batch_size
   length = sequence_length(config, model, kind)
   return 3 * forward_flops(model, params, kind, batch, length, length)
@@ -155,7 +163,11 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   """
   repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 2), layout, shardings)
+  step_config = steps.StepConfig.from_config(config, 2)
+  fns = {}
+  for joint in (False, True):  # whatever train.objective says, both kinds can be timed
+    fns |= steps.jit_steps(model, tx, dataclasses.replace(step_config, joint=joint), layout,
+                           shardings)
   rng = np.random.default_rng(0)
   results = {}
   for kind in kinds:

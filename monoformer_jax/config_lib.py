@@ -23,12 +23,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_source = 'digits'
   c.data.text_source = 'corpus'
   c.data.chat_files = ''  # chat_jsonl: a glob of JSONL files
+  # 'template': every turn, '### Human:'/'### Assistant:', assistant tokens learned; 'official':
+  # the official training's reading (last exchange, no template, every token learned)
+  c.data.chat_format = 'template'
   c.data.t2i_files = ''  # t2i_jsonl: a glob of JSONL files
   c.data.skip_bad_records = False  # skip (and count) unusable JSONL lines and images
   c.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)
   c.data.imagenet_manual_dir = ''  # the ILSVRC2012 tars, to prepare imagenet2012 once
   c.data.image_resolution = 256  # ImageNet pixels per side after the center crop
-  c.data.random_flip = True  # ImageNet: horizontal flips
+  c.data.random_flip = True  # ImageNet and text-to-image pixels: horizontal flips (official: none)
   c.data.latents_dir = ''  # latents source: the output of `extract_latents`
   c.data.latents_source = 'imagenet'  # what extract_latents encodes: 'imagenet' or 't2i_jsonl'
   c.data.latents_shard_size = 10000  # extract_latents: records per ArrayRecord shard
@@ -93,8 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1000
+  # 'alternate': each step is `ar` or `diffusion`, by the seeded schedule of the two weights
+  # below; 'joint' (the official code): each update sees a text and an image batch.
+  c.train.objective = 'alternate'
   c.train.ar_weight = 1.0  # how often a step is an AR step ...
   c.train.diffusion_weight = 1.0  # ... or a diffusion step
+  c.train.prompt_lm_loss = False  # cross-entropy on image samples' prompts, <im_start> included
+  c.train.grad_accum = 1  # microbatches per update (each batch size must divide by it)
   c.train.lm_loss_weight = 0.01
   c.train.diffusion_loss_weight = 1.0
   c.train.ema_decay = 0.9999

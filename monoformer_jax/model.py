@@ -92,7 +92,8 @@ ZERO_BIAS = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
 @flax.struct.dataclass
 class ModelOutput:
   logits: Optional[Array] = None  # [B, S, V] float32, text passes only
-  hidden: Optional[Array] = None  # [B, S, D] final-norm output, text passes with return_hidden
+  hidden: Optional[Array] = None  # [B, S, D] final-norm output with return_hidden (image
+  # passes: the S prefix tokens only)
   image: Optional[Array] = None  # [B, H, W, C_out] float32, image passes only
   cache: Optional[KVCache] = None
 
@@ -212,7 +213,8 @@ class MonoFormer(nn.Module):
     with return_hidden, the final-norm states instead (for a chunked loss).
 
     Image pass: tokens [B, P] prefix, image x_t [B, H, W, C], t [B], suffix [B, Q];
-    returns the prediction at the image tokens, unpatchified. With a cache that
+    returns the prediction at the image tokens, unpatchified (with return_hidden, also the
+    prefix's final-norm states). With a cache that
     already holds the prefix (a text pass over it), tokens may be [B, 0]: only the
     image part is computed, attending to the cached prefix; the cache is not updated.
     """
@@ -263,7 +265,8 @@ class MonoFormer(nn.Module):
     if image is not None:
       out = self.final_layer(x[:, layout.image_start:layout.image_end], t_emb)
       out = unpatchify(out, img.patch_size, img.height, img.width)
-      return ModelOutput(image=out.astype(jnp.float32))
+      prefix = x[:, :tokens.shape[1]] if return_hidden else None  # the prompt's states
+      return ModelOutput(image=out.astype(jnp.float32), hidden=prefix)
 
     new_cache = None
     if cache is not None:

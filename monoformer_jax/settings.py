@@ -13,8 +13,10 @@ import ml_collections
 from monoformer_jax import config_lib, pretrained, text_tasks
 from monoformer_jax import model as model_lib
 from monoformer_jax.checkpoint import AsyncSaves
+from monoformer_jax.data.chat import ChatFormat
 from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
 from monoformer_jax.errors import UserError
+from monoformer_jax.objective import Objective
 from monoformer_jax.sampling import ImageSampling
 
 
@@ -38,7 +40,7 @@ _RANGES = (
         'model.norm_eps', 'model.context_length', 'diffusion.num_timesteps',
         'optim.learning_rate', 'optim.grad_clip', 'train.num_steps', 'train.log_every',
         'train.checkpoint_every', 'train.keep_checkpoints', 'train.max_skipped_steps',
-        'sample.steps', 'eval.samples_per_class', 'eval.fid_batch', 'train.fid_num',
+        'sample.steps', 'eval.samples_per_class', 'train.grad_accum', 'eval.fid_batch', 'train.fid_num',
         'bench.repeats', 'bench.sample_repeats', 'bench.sample_images',
         'bench.decode_tokens')),
     (lambda v: v >= 0, 'zero or more', (
@@ -125,6 +127,12 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.train.ar_weight + config.train.diffusion_weight <= 0:
     raise UserError('config keys train.ar_weight and train.diffusion_weight must have a '
                     'positive sum.')
+  config_lib.choice(Objective, config.train.objective, 'train.objective')
+  config_lib.choice(ChatFormat, config.data.chat_format, 'data.chat_format')
+  for key in ('image_batch_size', 'text_batch_size'):
+    if config.data[key] % config.train.grad_accum:
+      raise UserError(f'config key data.{key} ({config.data[key]}) is not divisible by '
+                      f'train.grad_accum ({config.train.grad_accum}), the microbatches per update.')
   for template in config.data.templates:
     if '{name}' not in template:
       raise UserError(f'config key data.templates has {template!r}; every template needs {{name}}.')

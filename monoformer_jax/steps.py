@@ -1,8 +1,9 @@
-"""Train state, the two pure step kinds, and their construction under a mesh.
+"""Train state, the pure step kinds, and their construction under a mesh.
 
 An `ar` step takes next-token cross-entropy on text under the causal mask; a
 `diffusion` step takes the IDDPM hybrid loss on noised images under the image
-mask. Each is a pure function of (state, batch, key); keys come from
+mask; a `joint` step both, in one update (objective.py says what each minimizes).
+Each is a pure function of (state, batch, key); keys come from
 fold_in(seed key, step), so a resumed run replays the same randomness. A step
 whose loss or gradient norm is not finite leaves the state as it was (metric
 `skipped` is 1); state.step counts the updates applied.
@@ -22,14 +23,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from monoformer_jax import cross_entropy, diffusion, sharding
-from monoformer_jax.layers import MaskType
+from monoformer_jax import objective, sharding
 from monoformer_jax.model import MonoFormer
 
 
 class StepKind(enum.Enum):
   AR = 'ar'
   DIFFUSION = 'diffusion'
+  JOINT = 'joint'  # train.objective 'joint': a text batch and an image batch in one update
 
 
 @flax.struct.dataclass
@@ -43,24 +44,31 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """What the step functions need from the config (hashable: static under jit)."""
-  lm_loss_weight: float
-  diffusion_loss_weight: float
+  loss: objective.LossConfig
   ema_decay: float
-  num_timesteps: int
-  im_end_id: int
-  loss_chunk: int = 0  # tokens per cross-entropy chunk; 0 = the whole batch at once
   learning_rate: Callable[[jax.Array], jax.Array] = optax.constant_schedule(0.0)  # for the logs
+  joint: bool = False  # train.objective is 'joint'
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
-    return cls(config.train.lm_loss_weight,
-               config.train.diffusion_loss_weight, config.train.ema_decay,
-               config.diffusion.num_timesteps, im_end_id, config.train.loss_chunk,
-               learning_rate(config.optim, config.train.num_steps))
+    t = config.train
+    loss = objective.LossConfig(t.lm_loss_weight, t.diffusion_loss_weight,
+                                config.diffusion.num_timesteps, im_end_id, t.loss_chunk,
+                                t.prompt_lm_loss, t.grad_accum)
+    return cls(loss, t.ema_decay, learning_rate(config.optim, t.num_steps),
+               objective.Objective(t.objective) == objective.Objective.JOINT)
+
+  @property
+  def kinds(self) -> tuple[StepKind, ...]:
+    return (StepKind.JOINT,) if self.joint else (StepKind.AR, StepKind.DIFFUSION)
 
 
-def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float) -> StepKind:
-  """The seeded mixture schedule: the kind of step `step`, a pure function of (seed, step)."""
+def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float,
+              joint: bool = False) -> StepKind:
+  """The kind of step `step`: always `joint` under that objective, else the seeded mixture
+  schedule's pick, a pure function of (seed, step)."""
+  if joint:
+    return StepKind.JOINT
   u = np.random.default_rng([seed, step]).random()
   return StepKind.AR if u < ar_weight / (ar_weight + diffusion_weight) else StepKind.DIFFUSION
 
@@ -144,59 +152,47 @@ def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Arr
   Only tokens where loss_mask [B, S] is set are predicted (default: every valid one).
   The logits are made `chunk` tokens at a time (0 = all at once); see cross_entropy.
   """
-  hidden = model.apply({'params': params}, tokens, valid, mask_type=MaskType.CAUSAL,
-                       return_hidden=True).hidden  # [B, S, D]
-  # Position s predicts token s + 1; the last position predicts nothing (weight 0).
-  labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   learn = valid if loss_mask is None else valid & loss_mask
-  weights = jnp.concatenate([learn[:, 1:] & valid[:, :-1], jnp.zeros_like(valid[:, :1])], axis=1)
-  weights = weights.reshape(-1).astype(jnp.float32)
-  head_name = 'embed_tokens' if model.tie_embeddings else 'lm_head'
-  head = lambda head_params, h: model.apply({'params': {head_name: head_params}}, h,  # noqa: E731
-                                            method=MonoFormer.logits)
-  chunk = chunk if 0 < chunk < tokens.size else tokens.size
-  total = cross_entropy.weighted_cross_entropy(head, params[head_name],
-                                               hidden.reshape(tokens.size, -1),
-                                               labels.reshape(-1), weights, chunk)
-  count = weights.sum()
-  return total / jnp.maximum(count, 1.0), count
+  text = dict(tokens=tokens, valid=valid, weights=objective.next_token_weights(valid, learn))
+  count = text['weights'].sum()
+  return objective.text_pass(model, params, text, chunk) / jnp.maximum(count, 1.0), count
+
+
+def _update(state: TrainState, inputs: dict, *, model: MonoFormer, tx, cfg: StepConfig):
+  """The state after one update on inputs {'text'?, 'image'?}; metrics: the objective's
+  terms (means over the batch), grad_norm, skipped, learning_rate."""
+  fn = objective.loss_fn(model, cfg.loss, objective.counts_of(inputs, cfg.loss))
+  (value, terms), grads = objective.value_and_grad(fn, state.params, inputs, cfg.loss.grad_accum)
+  state, metrics = _apply_gradients(state, grads, value, tx, cfg)
+  return state, dict(terms, **metrics), value
 
 
 def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
             tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
   """One language-model step on batch {'tokens', 'valid', 'loss_mask'} (each [B, S])."""
   del key  # no randomness in the text step
-
-  def loss_fn(params):
-    loss, _ = next_token_loss(model, params, batch['tokens'], batch['valid'], cfg.loss_chunk,
-                              batch['loss_mask'])
-    return loss * cfg.lm_loss_weight, loss
-
-  (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, metrics = _apply_gradients(state, grads, loss, tx, cfg)
-  return state, dict(metrics, loss=loss)
+  state, metrics, _ = _update(state, dict(text=objective.text_inputs(batch)), model=model, tx=tx,
+                              cfg=cfg)
+  return state, dict(metrics, loss=metrics.pop('ce'))
 
 
 def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
                    tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
-  """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]}."""
-  schedule = diffusion.make_schedule(cfg.num_timesteps)
-  x0 = batch['image']
-  t_key, noise_key = jax.random.split(key)
-  t = jax.random.randint(t_key, x0.shape[:1], 0, cfg.num_timesteps)
-  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  xt = diffusion.q_sample(schedule, x0, t, noise)
-  suffix = jnp.full(x0.shape[:1] + (1,), cfg.im_end_id, jnp.int32)
+  """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]};
+  metric `loss` is the diffusion loss (and `ce` the prompts' with train.prompt_lm_loss)."""
+  inputs = dict(image=objective.image_inputs(batch, key, cfg.loss))
+  state, metrics, _ = _update(state, inputs, model=model, tx=tx, cfg=cfg)
+  return state, metrics
 
-  def loss_fn(params):
-    out = model.apply({'params': params}, batch['tokens'], batch['valid'],
-                      mask_type=model.image_mask, image=xt, t=t, suffix=suffix).image
-    terms = jax.tree.map(jnp.mean, diffusion.training_loss(schedule, out, x0, xt, t, noise))
-    return terms['loss'] * cfg.diffusion_loss_weight, terms
 
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, metrics = _apply_gradients(state, grads, terms['loss'], tx, cfg)
-  return state, dict(terms, **metrics)
+def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+               tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
+  """One update on batch {'text': an `ar` batch, 'image': a `diffusion` batch}, as the
+  official code: metric `loss` is the weighted sum, `diffusion` and `ce` its two terms."""
+  inputs = dict(text=objective.text_inputs(batch['text']),
+                image=objective.image_inputs(batch['image'], key, cfg.loss))
+  state, metrics, value = _update(state, inputs, model=model, tx=tx, cfg=cfg)
+  return state, dict(metrics, diffusion=metrics.pop('loss'), loss=value)
 
 
 def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
@@ -205,8 +201,9 @@ def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
   batch_sharding = sharding.batch_sharding(layout)
   replicated = sharding.replicated(layout)
   steps = {}
-  for kind, fn in ((StepKind.AR, ar_step), (StepKind.DIFFUSION, diffusion_step)):
-    steps[kind] = jax.jit(functools.partial(fn, model=model, tx=tx, cfg=cfg),
+  fns = {StepKind.AR: ar_step, StepKind.DIFFUSION: diffusion_step, StepKind.JOINT: joint_step}
+  for kind in cfg.kinds:
+    steps[kind] = jax.jit(functools.partial(fns[kind], model=model, tx=tx, cfg=cfg),
                           in_shardings=(state_shardings, batch_sharding, replicated),
                           out_shardings=(state_shardings, replicated), donate_argnums=0)
   return steps

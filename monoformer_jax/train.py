@@ -2,7 +2,7 @@
 
 Resumes from the newest checkpoint in the workdir that restores (train state,
 both data-iterator states), alternates `ar` and `diffusion` steps by the seeded
-mixture schedule, logs to TensorBoard and WORKDIR/metrics.jsonl, and evaluates
+mixture schedule (or takes `joint` steps on both streams, train.objective), logs to TensorBoard and WORKDIR/metrics.jsonl, and evaluates
 at the end. Checkpoints come every train.checkpoint_every steps, every
 train.checkpoint_minutes, at the end, and at a preemption notice, after which the
 run stops with guards.Preempted. Steps that are not finite are skipped;
@@ -163,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = MetricsLog(workdir, run.start, t.num_steps)
   notice, guard = guards.PreemptionNotice(), guards.SkipGuard(t.max_skipped_steps)
   clock = _SaveClock(t.checkpoint_minutes)
+  joint = StepKind.JOINT in run.step_fns
   seed_key = jax.random.key(config.seed)
   input_wait = 0.0
   fid_meter = None
@@ -179,17 +180,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     with sharding.activate(layout):
       for step in range(run.start, t.num_steps):
-        kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight)
+        kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight, joint)
         # Steps are dispatched asynchronously, so the next batch is read and sent while
         # the device still runs this one; what the loop waits here is the input's cost.
         wait_start = time.perf_counter()
-        batch = next(iterators[kind])
-        batch.pop('label', None)
-        batch = sharding.global_batch(batch, layout)
+        batch = _next_batch(iterators, kind, layout)
         input_wait += time.perf_counter() - wait_start
         step_key = jax.random.fold_in(seed_key, step)
-        if run.encode is not None and kind == StepKind.DIFFUSION:
-          batch['image'] = run.encode(batch['image'], jax.random.fold_in(step_key, 1))
+        images = batch['image'] if kind == StepKind.JOINT else batch
+        if run.encode is not None and kind != StepKind.AR:
+          images['image'] = run.encode(images['image'], jax.random.fold_in(step_key, 1))
         state, metrics = run.step_fns[kind](state, batch, step_key)
         done = step + 1
         _stop_if_diverged(guard.push(done, metrics['skipped']), ckpt, t.max_skipped_steps)
@@ -224,6 +224,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.write_eval(t.num_steps, metrics, images)
   log.close()
   return metrics
+
+
+def _next_batch(iterators: dict, kind: StepKind, layout: sharding.Layout) -> dict:
+  """The next global batch of a step kind; a joint step's is {'text': ..., 'image': ...}."""
+  if kind == StepKind.JOINT:
+    return dict(text=_next_batch(iterators, StepKind.AR, layout),
+                image=_next_batch(iterators, StepKind.DIFFUSION, layout))
+  batch = next(iterators[kind])
+  batch.pop('label', None)
+  return sharding.global_batch(batch, layout)
 
 
 def _fid(setup: workdir_lib.Setup, meter: fid_eval.FidMeter, state, key: jax.Array) -> dict:

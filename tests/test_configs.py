@@ -64,14 +64,21 @@ def test_config_loads(path, tmp_path):
   assert shapes['params']['embed_tokens']['embedding'].value.shape[0] == config.model.vocab_size
 
 
-REAL = [(path, platform) for path in CONFIGS for platform in getattr(_load(path), 'PLATFORMS', {})]
+REAL = [(path, platform, 'alternate') for path in CONFIGS
+        for platform in getattr(_load(path), 'PLATFORMS', {})]
+# The official objective with its variants, on the config that trains both kinds.
+REAL.append((os.path.join(ROOT, 'configs', 't2i_chat.py'), 'h100x8', 'joint'))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('path, platform', REAL, ids=lambda x: os.path.basename(str(x)))
-def test_real_config_steps_compile_at_full_size(path, platform, tmp_path):
-  """Each step kind the config trains lowers and compiles with abstract full-size inputs."""
+@pytest.mark.parametrize('path, platform, objective', REAL,
+                         ids=lambda x: os.path.basename(str(x)))
+def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_path):
+  """Each step kind the config trains lowers and compiles with abstract full-size inputs;
+  'joint' also with two microbatches and the prompts' cross-entropy."""
   config = _with_stand_in_paths(_load(path).get_config(platform), tmp_path)
+  if objective == 'joint':
+    config.train.objective, config.train.grad_accum, config.train.prompt_lm_loss = 'joint', 2, True
   model = settings.validate(config).model
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
@@ -87,20 +94,23 @@ def test_real_config_steps_compile_at_full_size(path, platform, tmp_path):
           valid=((d.image_batch_size, d.prompt_len), bool),
           image=((d.image_batch_size, *m.image_size, m.image_channels), jnp.float32)),
   }
+  batches[steps.StepKind.JOINT] = dict(text=batches[steps.StepKind.AR],
+                                       image=batches[steps.StepKind.DIFFUSION])
   weights = {steps.StepKind.AR: config.train.ar_weight,
-             steps.StepKind.DIFFUSION: config.train.diffusion_weight}
+             steps.StepKind.DIFFUSION: config.train.diffusion_weight, steps.StepKind.JOINT: 1.0}
   key = jax.eval_shape(lambda: jax.random.key(0))
   compiled = 0
   with sharding.activate(layout):
     for kind, fn in fns.items():
       if weights[kind] == 0:
         continue
-      batch = {k: jax.ShapeDtypeStruct(*v) for k, v in batches[kind].items()}
+      batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(*v), batches[kind],
+                           is_leaf=lambda v: isinstance(v, tuple))
       memory = fn.lower(abstract, batch, key).compile().memory_analysis()
       # The whole state is an argument: 1.1B parameters with AdamW moments and EMA in fp32.
       assert memory.argument_size_in_bytes > 16 * 1.0e9
       compiled += 1
-  assert compiled
+  assert compiled == (1 if objective == 'joint' else 2 - (0 in weights.values()))
 
 
 def test_unknown_key_is_refused():
@@ -158,7 +168,7 @@ def test_bench_refuses_bad_parts_and_batches(key, value, expected):
     bench.parts_of(ml_collections.ConfigDict(section))
 
 
-@pytest.mark.parametrize('kind', list(StepKind))
+@pytest.mark.parametrize('kind', [StepKind.AR, StepKind.DIFFUSION])
 def test_model_flops_agree_with_xla_cost_analysis(kind):
   """bench's analytic forward FLOPs against XLA's own count of the compiled forward pass.
 

@@ -122,3 +122,10 @@ def test_missing_prompt_and_unreadable_image(tmp_path, tok):
 def test_no_matching_files(tmp_path):
   with pytest.raises(UserError, match=r'data.t2i_files .* matches no file'):
     jsonl.files(str(tmp_path / '*.jsonl'), 'data.t2i_files')
+
+
+def test_official_chat_format_is_the_last_exchange_untemplated_every_token_learned(tok):
+  tokens, valid, mask = chat.chat_tokens(CHATS[0]['messages'], tok, 96, chat.ChatFormat.OFFICIAL)
+  ids = [tok.bos_id] + tok.encode('And a tuple?') + tok.encode('An immutable one.') + [tok.eos_id]
+  assert tokens[:len(ids)].tolist() == ids and (tokens[len(ids):] == tok.pad_id).all()
+  assert valid.sum() == len(ids) and (mask == valid).all()

@@ -1,29 +1,54 @@
 """Chat conversations (UltraChat style) for `ar` steps, from data.chat_files.
 
-Tokenized with the official template (`BOS ### Human: ...` for the user,
-`### Assistant: ... EOS` for the assistant), right-padded or truncated to
-data.text_seq_len; only assistant tokens are predicted.
+Two formats (data.chat_format), right-padded or truncated to data.text_seq_len:
+- template: every turn, in the template of the official chat script
+  (`BOS ### Human: ...` for the user, `### Assistant: ... EOS` for the assistant); only
+  assistant tokens are predicted;
+- official: what the official training reads (its configs set use_chat_template=False, so
+  train_on_source holds): the last user turn and the assistant turn after it, untemplated,
+  `BOS user assistant EOS`, every token predicted.
 Dimension letters: S text length.
 """
+
+import enum
 
 import grain
 import ml_collections
 import numpy as np
 
+from monoformer_jax import config_lib
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax.data import jsonl
 
 
-def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int):
+class ChatFormat(enum.Enum):
+  TEMPLATE = 'template'
+  OFFICIAL = 'official'
+
+
+def _last_exchange(messages: list[dict]) -> list[dict]:
+  """The last assistant message and the last user message before it (the official reader
+  keeps only these of a conversation)."""
+  answer = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
+  asked = [i for i, m in enumerate(messages[:answer]) if m['role'] == 'user']
+  return [messages[i] for i in asked[-1:] + [answer]]
+
+
+def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int,
+                chat_format: ChatFormat = ChatFormat.TEMPLATE):
   """tokens [S] int32 (right-padded, truncated), valid [S] bool, loss_mask [S] bool."""
   ids, learn = [], []
-  for m in messages:
-    if m['role'] == 'user':
+  official = chat_format == ChatFormat.OFFICIAL
+  for m in _last_exchange(messages) if official else messages:
+    if official:
+      piece = ([tok.bos_id] + tok.encode(m['content']) if m['role'] == 'user'
+               else tok.encode(m['content']) + [tok.eos_id])
+    elif m['role'] == 'user':
       piece = [tok.bos_id] + tok.encode('### Human: ' + m['content'].strip())
     else:
       piece = tok.encode('### Assistant: ' + m['content']) + [tok.eos_id]
     ids += piece
-    learn += [m['role'] == 'assistant'] * len(piece)
+    learn += [official or m['role'] == 'assistant'] * len(piece)
   n = min(len(ids), length)
   tokens = np.full(length, tok.pad_id, np.int32)
   tokens[:n] = ids[:n]
@@ -39,9 +64,10 @@ def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
   records = jsonl.read(jsonl.files(data.chat_files, 'data.chat_files'), jsonl.RecordKind.CHAT,
                        data.skip_bad_records)
   messages = [r['messages'] for r in records]
+  chat_format = config_lib.choice(ChatFormat, data.chat_format, 'data.chat_format')
 
   def tokenize(index):
-    tokens, valid, loss_mask = chat_tokens(messages[index], tok, data.text_seq_len)
+    tokens, valid, loss_mask = chat_tokens(messages[index], tok, data.text_seq_len, chat_format)
     return dict(tokens=tokens, valid=valid, loss_mask=loss_mask)
 
   return grain.MapDataset.range(len(messages)).shuffle(seed=seed + 1).repeat().map(tokenize)
