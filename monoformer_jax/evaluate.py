@@ -5,6 +5,8 @@ by an independent classifier (an RBF SVM fitted only on the held-out real
 digits, which the generator never saw); we report how often the label is the
 prompted digit, per class and overall; the digit FD with its floor and ceiling.
 Text half: perplexity of held-out text, and next-line multiple-choice questions.
+With train.prompt_lm_loss, `drawn_digits`: whether bare prompts start an image by
+themselves in mixed-modal generation, and whether it is the prompted digit.
 During training (train.eval_every), `heldout_losses` gives the held-out text loss
 and the held-out diffusion loss of each quarter of the timesteps.
 Dimension letters: B batch, P prompt length, H/W/C image.
@@ -21,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion, digit_fd, files, sampling, steps, text_tasks
+from monoformer_jax import diffusion, digit_fd, files, mixed_modal, sampling, steps, text_tasks
 from monoformer_jax.data import corpus, digits
 
 
@@ -128,6 +130,29 @@ def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, floa
           for k, v in digit_fd.distances(config.data, x, y).items()}
 
 
+def drawn_digits(setup, params, key: jax.Array, per_class: int) -> dict[str, float]:
+  """Mixed-modal generation from the bare prompts ("a handwritten digit seven", no
+  <im_start>): the fraction of rows that start an image by themselves within 8 tokens
+  (and as their first token), and how often those images show the prompted digit."""
+  config, tok = setup.config, setup.tok
+  names = digits.CLASS_NAMES
+  encoded = [tok.text_prompt(config.eval.prompt_template.format(name=name), config.data.prompt_len)
+             for name in names for _ in range(per_class)]
+  rows = mixed_modal.generate(
+      setup.model, params, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded]),
+      key, tok=tok, spec=setup.settings.sampling, max_images=1,
+      decoding=mixed_modal.Decoding(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0))
+  wanted = np.repeat(np.arange(len(names)), per_class)
+  started = np.array([bool(r.images) for r in rows])
+  first = np.array([r.tokens[:1] == [tok.im_start_id] for r in rows])
+  result = {'drawn/started': float(started.mean()), 'drawn/started_first': float(first.mean())}
+  if started.any():
+    images = np.stack([r.images[0] for r in rows if r.images])
+    predicted = digit_classifier(config.data).predict(_features(images))
+    result['drawn/accuracy'] = float(np.mean(predicted == wanted[started]))
+  return result
+
+
 def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
   """The metrics of a workdir.Setup's model (prompt accuracy, digit FD with its floor and
   ceiling, held-out perplexity), written to WORKDIR/eval.json; returns them and the sample
@@ -139,6 +164,9 @@ def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
   if setup.config.eval.text_questions:
     metrics.update(text_tasks.metrics_of(text_tasks.score(setup, params, ['next_line'])))
     metrics['next_line/chance'] = text_tasks.TASKS['next_line'].chance
+  if setup.config.train.prompt_lm_loss:  # the model learned to start images by itself
+    metrics.update(drawn_digits(setup, params, jax.random.fold_in(key, 1),
+                                setup.config.eval.samples_per_class))
   metrics['step'] = step
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))

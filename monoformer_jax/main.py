@@ -5,6 +5,7 @@ train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evalua
 sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
          (--fid_npz=FILE.npz: N class-conditional samples for the ADM FID evaluator)
 generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
+         --out=DIR [--num=N --max_images=K]: text with the images the model starts itself
 evaluate --workdir=DIR   prompt accuracy, digit FD and held-out perplexity (the default);
          --fid_ref=REF.npz --num=N: FID-N of the samples; --fid_npz=FILE: FID of a sample file;
          --tasks=LIST [--limit=N]: text benchmarks scored as multiple choice
@@ -26,12 +27,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import (bench, config_lib, extract_latents, fid_eval, fid_samples, files,
-                            guards, sampling, settings, sharding, text_tasks, vae)
+                            guards, mixed_modal, sampling, settings, sharding, text_tasks, vae)
 from monoformer_jax import evaluate as evaluate_lib
 from monoformer_jax import train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.diffusion import Sampler
+from monoformer_jax.layers import MaskType
 from monoformer_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train and bench).',
@@ -47,6 +49,7 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
+_MAX_IMAGES = flags.DEFINE_integer('max_images', 1, 'generate --out: images per row at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass; 1 keeps all.')
@@ -156,14 +159,13 @@ def generate_command(workdir: str) -> None:
     raise UserError(f'--max_tokens is {_MAX_TOKENS.value}; expected at least 1.')
   if not 0.0 < _TOP_P.value <= 1.0 or _TOP_K.value < 0 or _TEMPERATURE.value < 0:
     raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
+  if flags.FLAGS['out'].present:
+    return mixed_command(workdir)
   restored = workdir_lib.for_inference(workdir, _EMA.value)
   setup = restored.setup
   tok, model = setup.tok, setup.model
   tokens, valid = tok.text_prompt(_PROMPT.value, setup.config.data.text_seq_len)
-  context = setup.config.model.context_length
-  if valid.sum() + _MAX_TOKENS.value > context:
-    raise UserError(f'--max_tokens {_MAX_TOKENS.value} after a prompt of {valid.sum()} tokens '
-                    f'passes the model\'s context of {context} tokens (model.context_length).')
+  _check_context(setup, int(valid.sum()) + _MAX_TOKENS.value)
   out = sampling.generate(model, restored.params, tokens[None], valid[None],
                           jax.random.key(_SEED.value), max_tokens=_MAX_TOKENS.value,
                           temperature=_TEMPERATURE.value,
@@ -171,6 +173,52 @@ def generate_command(workdir: str) -> None:
                           eos_id=tok.eos_id, pad_id=tok.pad_id)
   # Decode prompt and continuation together so the piece boundary keeps its space.
   print(tok.decode(tok.encode(_PROMPT.value) + np.asarray(out[0]).tolist()))
+
+
+def _check_context(setup, tokens: int) -> None:
+  context = setup.config.model.context_length
+  if tokens > context:
+    raise UserError(f'--max_tokens {_MAX_TOKENS.value} with the prompt (and --max_images images) '
+                    f'comes to {tokens} tokens, past the model\'s context of {context} tokens '
+                    '(model.context_length).')
+
+
+def mixed_command(workdir: str) -> None:
+  """generate --out=DIR: text and the images the model starts by itself (mixed_modal), as
+  DIR/generation.json, DIR/<row>_<k>.png, and the text printed with image placeholders."""
+  if _NUM.value < 1 or _MAX_IMAGES.value < 0:
+    raise UserError(f'--num is {_NUM.value} and --max_images {_MAX_IMAGES.value}; expected at '
+                    'least 1 and 0.')
+  restored = workdir_lib.for_inference(workdir, _EMA.value)
+  setup = restored.setup
+  tok, model = setup.tok, setup.model
+  if model.image_mask == MaskType.BIDIRECTIONAL:
+    raise UserError('generate --out needs a model whose prompt does not attend to its image '
+                    '(model.image_mask \'hybrid\' or \'causal\'); this one is bidirectional.')
+  spec, vae_dir = _sampling(setup)
+  tokens, valid = tok.text_prompt(_PROMPT.value, setup.config.data.text_seq_len)
+  _check_context(setup, int(valid.sum()) + _MAX_TOKENS.value
+                 + _MAX_IMAGES.value * (model.image.num_patches + 1))
+  decoding = mixed_modal.Decoding(_MAX_TOKENS.value, _TEMPERATURE.value,
+                                  min(_TOP_K.value, model.backbone.vocab_size), _TOP_P.value)
+  rows = mixed_modal.generate(model, restored.params, np.repeat(tokens[None], _NUM.value, 0),
+                              np.repeat(valid[None], _NUM.value, 0), jax.random.key(_SEED.value),
+                              tok=tok, spec=spec, decoding=decoding, max_images=_MAX_IMAGES.value)
+  decode = vae.pixel_decoder(vae_dir, setup.layout) if vae_dir else None  # latent diffusion
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(_OUT.value, exist_ok=True)
+  record = []
+  for r, row in enumerate(rows):
+    names = [f'{r}_{k}.png' for k in range(len(row.images))]
+    for name, image in zip(names, row.images):
+      pixels = sampling.to_uint8(decode(image[None]) if decode else image[None])
+      grid = sampling.image_grid(pixels, columns=1)
+      with files.atomic_file(os.path.join(_OUT.value, name)) as tmp:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format='PNG')
+    text = mixed_modal.describe(row, tok, names)
+    record.append(dict(prompt=_PROMPT.value, text=text, tokens=row.tokens, images=names))
+    print(f'{r}: {_PROMPT.value} {text}')
+  files.write_text(os.path.join(_OUT.value, 'generation.json'), json.dumps(record, indent=1))
 
 
 def fid_command(workdir: str) -> None:

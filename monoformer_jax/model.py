@@ -216,7 +216,8 @@ class MonoFormer(nn.Module):
     returns the prediction at the image tokens, unpatchified (with return_hidden, also the
     prefix's final-norm states). With a cache that
     already holds the prefix (a text pass over it), tokens may be [B, 0]: only the
-    image part is computed, attending to the cached prefix; the cache is not updated.
+    image part is computed, attending to the cached prefix; the returned cache holds it too
+    (the time token, the image tokens and the suffix after the prefix).
     """
     cfg, img = self.backbone, self.image
     embeds = self.embed_tokens(tokens)
@@ -261,17 +262,17 @@ class MonoFormer(nn.Module):
     x = nn.with_logical_constraint(embeds, ('batch', 'length', 'embed'))
     x, kv = self.decoder(x, positions, mask, index, kv)
     x = self.norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=kv[0], v=kv[1], valid=kv_valid, index=index + valid.shape[1],
+                          next_position=cache.next_position + valid.sum(axis=1).astype(jnp.int32))
 
     if image is not None:
       out = self.final_layer(x[:, layout.image_start:layout.image_end], t_emb)
       out = unpatchify(out, img.patch_size, img.height, img.width)
       prefix = x[:, :tokens.shape[1]] if return_hidden else None  # the prompt's states
-      return ModelOutput(image=out.astype(jnp.float32), hidden=prefix)
+      return ModelOutput(image=out.astype(jnp.float32), hidden=prefix, cache=new_cache)
 
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(k=kv[0], v=kv[1], valid=kv_valid, index=index + valid.shape[1],
-                          next_position=cache.next_position + valid.sum(axis=1).astype(jnp.int32))
     if return_hidden:
       return ModelOutput(hidden=x, cache=new_cache)
     return ModelOutput(logits=self.logits(x), cache=new_cache)

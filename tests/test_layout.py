@@ -17,7 +17,7 @@ STAGES = {
     'data': ['tokenizer', 'data.*'],
     'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'inception', 'sharding',
               'diffusion'],
-    'steps': ['cross_entropy', 'objective', 'steps', 'sampling', 'settings', 'checkpoint', 'fid', 'digit_fd',
+    'steps': ['cross_entropy', 'objective', 'steps', 'sampling', 'mixed_modal', 'settings', 'checkpoint', 'fid', 'digit_fd',
               'mc', 'text_tasks'],
     'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
     'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
