@@ -13,6 +13,7 @@ bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
          step speed, MFU, sampler and decoder throughput, memory
 convert  KIND --src=DIR --dst=DIR   weight conversion (convert --help lists the kinds)
 extract_latents --config=configs/imagenet256.py --vae=DIR --dst=DIR   SD-VAE latent shards
+study    --workdir=DIR [--seeds=3]   the paper's ablations in miniature (configs/ablations.py)
 Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
 """
@@ -29,7 +30,7 @@ from ml_collections import config_flags
 from monoformer_jax import (bench, config_lib, extract_latents, fid_eval, fid_samples, files,
                             guards, mixed_modal, sampling, settings, sharding, text_tasks, vae)
 from monoformer_jax import evaluate as evaluate_lib
-from monoformer_jax import train
+from monoformer_jax import study, train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.diffusion import Sampler
@@ -49,6 +50,7 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'study: seeds per variant.')
 _MAX_IMAGES = flags.DEFINE_integer('max_images', 1, 'generate --out: images per row at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
@@ -94,7 +96,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by itself (TPU pod '
                                'slices, SLURM) and join it.')
 
-COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents')
+COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents',
+            'study')
 
 
 def _sampling(setup) -> tuple[sampling.ImageSampling, str]:
@@ -340,6 +343,11 @@ def main(argv) -> None:
       raise UserError('--workdir is required.')
     if command == 'train':
       train.train_and_evaluate(_CONFIG.value, workdir)
+    elif command == 'study':
+      if _SEEDS.value < 1:
+        raise UserError(f'--seeds is {_SEEDS.value}; expected at least 1.')
+      summary = study.run_study(workdir, _SEEDS.value)
+      print(study.markdown(summary, _SEEDS.value), end='')
     elif command == 'sample':
       sample_command(workdir)
     elif command == 'generate':

@@ -147,11 +147,14 @@ def test_bench_report_has_every_field(tmp_path):
 def test_bench_measures_only_the_parts_asked_for():
   config = tiny_config()
   config.bench.repeats, config.bench.warmup = 1, 0
-  config.bench.parts = ('diffusion', 'sampling')
+  config.bench.parts = ('joint', 'sampling')  # the joint step whatever train.objective says
   config.bench.sample_images, config.bench.sampler_baselines = 1, False
   config.sample.steps = 2
   report = bench.measure(config)
-  assert set(report['steps']) == {'diffusion'} and 'decode' not in report
+  assert set(report['steps']) == {'joint'} and 'decode' not in report
+  joint, model = report['steps']['joint'], settings.validate(config).model
+  tokens = sum(bench.tokens_per_step(config, model, k) for k in (StepKind.AR, StepKind.DIFFUSION))
+  assert joint['tokens_per_s'] * joint['median_ms'] / 1e3 == pytest.approx(tokens)
   assert report['sampling']['compiled_images_per_s'] > 0
   assert 'python_loop_images_per_s' not in report['sampling']
   bench.print_table(report)

@@ -20,7 +20,7 @@ STAGES = {
     'steps': ['cross_entropy', 'objective', 'steps', 'sampling', 'mixed_modal', 'settings', 'checkpoint', 'fid', 'digit_fd',
               'mc', 'text_tasks'],
     'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
-    'main': ['main', '__main__', '__init__', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
+    'main': ['main', '__main__', '__init__', 'study', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)
 
