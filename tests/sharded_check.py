@@ -25,13 +25,20 @@ MESHES = {
     'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
     'fsdp8': dict(data=1, fsdp=8, tensor=1),
     'tensor4': dict(data=2, fsdp=1, tensor=4),
+    # The official objective: joint steps of two microbatches with the prompts' cross-entropy.
+    'data2_fsdp4_joint': dict(data=2, fsdp=4, tensor=1, joint=True),
 }
 
 
 def make_config(mesh: dict):
+  mesh = dict(mesh)
+  joint = mesh.pop('joint', False)
   config = tiny_config()
   config.model.size = 'tiny-mha' if mesh['tensor'] > 2 else 'tiny'
   config.data.text_batch_size = 8
+  if joint:
+    config.train.objective, config.train.grad_accum, config.train.prompt_lm_loss = 'joint', 2, True
+    config.data.text_batch_size = config.data.image_batch_size = 16
   config.mesh.update(mesh)
   return config
 
@@ -50,9 +57,14 @@ def run(config, workdir, devices, num_steps=3, state=None):
   losses = []
   with sharding.activate(layout):
     for step in range(num_steps * 2):
-      kind = (StepKind.AR, StepKind.DIFFUSION)[step % 2]
-      batch = next(iters[kind])
-      batch.pop('label', None)
+      if StepKind.JOINT in fns:
+        kind, batch = StepKind.JOINT, dict(text=next(iters[StepKind.AR]),
+                                           image=next(iters[StepKind.DIFFUSION]))
+        batch['image'].pop('label', None)
+      else:
+        kind = (StepKind.AR, StepKind.DIFFUSION)[step % 2]
+        batch = next(iters[kind])
+        batch.pop('label', None)
       state, metrics = fns[kind](state, sharding.global_batch(batch, layout),
                                  jax.random.fold_in(jax.random.key(1), step))
       losses.append(float(metrics['loss']))
@@ -77,11 +89,12 @@ def compare(workdir):
   report, references = {}, {}
   for name, mesh in MESHES.items():
     config = make_config(mesh)
-    if config.model.size not in references:  # one 1-device run per model size
-      one = make_config(dict(data=1, fsdp=1, tensor=1))
+    kind = (config.model.size, config.train.objective)
+    if kind not in references:  # one 1-device run per model size and objective
+      one = make_config(dict(data=1, fsdp=1, tensor=1, joint=mesh.get('joint', False)))
       one.model.size = config.model.size
-      references[config.model.size] = run(one, workdir, devices[:1])[:2]
-    ref_state, ref_losses = references[config.model.size]
+      references[kind] = run(one, workdir, devices[:1])[:2]
+    ref_state, ref_losses = references[kind]
     state, losses, _, _, _ = run(config, workdir, devices)
     embed = state.params['embed_tokens']['embedding']
     q = state.params['decoder']['layers']['self_attn']['q_proj']['kernel']

@@ -40,7 +40,8 @@ def workdir_factory(tmp_path_factory, tokenizer_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh', ['data8', 'data2_fsdp4', 'data2_fsdp2_tensor2', 'fsdp8', 'tensor4'])
+@pytest.mark.parametrize('mesh', ['data8', 'data2_fsdp4', 'data2_fsdp2_tensor2', 'fsdp8', 'tensor4',
+                                  'data2_fsdp4_joint'])
 def test_mesh_matches_one_device(report, mesh):
   r = report['meshes'][mesh]
   assert r['loss'] <= 1e-5 and r['params'][0] <= 1e-5 and r['ema'][0] <= 1e-5, r
