@@ -56,8 +56,9 @@ def run(config, workdir, devices, num_steps=3, state=None):
   iters = {StepKind.AR: text_batches(config, tok), StepKind.DIFFUSION: image_batches(config, tok)}
   losses = []
   with sharding.activate(layout):
-    for step in range(num_steps * 2):
-      if StepKind.JOINT in fns:
+    joint = StepKind.JOINT in fns
+    for step in range(num_steps if joint else num_steps * 2):  # a joint step does both kinds
+      if joint:
         kind, batch = StepKind.JOINT, dict(text=next(iters[StepKind.AR]),
                                            image=next(iters[StepKind.DIFFUSION]))
         batch['image'].pop('label', None)

@@ -45,8 +45,18 @@ def setting(tmp_path_factory, tokenizer_file):
   return config, setup.tok, setup.model, params, batches
 
 
+_RUNS = {}  # tests that share a step variant share its result (and its compilation)
+
+
 def _run(setting, kind, **overrides):
   """(params after one update, metrics) of one step of `kind` with the loss overrides."""
+  key = (id(setting), kind, tuple(sorted(overrides.items())))
+  if key not in _RUNS:
+    _RUNS[key] = _uncached_run(setting, kind, **overrides)
+  return _RUNS[key]
+
+
+def _uncached_run(setting, kind, **overrides):
   config, tok, model, params, batches = setting
   cfg = steps.StepConfig.from_config(config, tok.im_end_id)
   cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **overrides))
