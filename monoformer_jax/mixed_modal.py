@@ -87,8 +87,8 @@ def text_phase(model: MonoFormer, params, state: State, key: jax.Array, *, decod
     token = jnp.where(live, token, specials.pad)
     cache, logits = _step(model, params, s.cache, token, live)
     rows = jnp.arange(token.shape[0])
-    tokens = s.tokens.at[rows, jnp.minimum(s.count, s.tokens.shape[1] - 1)].set(
-        jnp.where(live, token, s.tokens[rows, jnp.minimum(s.count, s.tokens.shape[1] - 1)]))
+    slot = jnp.minimum(s.count, s.tokens.shape[1] - 1)  # rows that stopped may sit at the end
+    tokens = s.tokens.at[rows, slot].set(jnp.where(live, token, s.tokens[rows, slot]))
     count = s.count + live
     stop = live & ((token == specials.eos) | (count >= decoding.max_tokens))
     return State(cache=cache, logits=logits, tokens=tokens, count=count, done=s.done | stop,
