@@ -306,6 +306,8 @@ def memory() -> dict:
 def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> dict:
   """The whole report as a dict (see `run`)."""
   typed = settings.validate(config)
+  if compare_torch:
+    bench_torch.modules()  # a missing torch stops the command now, not after the JAX side's setup
   parts = parts_of(config.bench)
   model = typed.model
   tx = steps.make_optimizer(config.optim, config.train.num_steps)

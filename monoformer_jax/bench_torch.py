@@ -7,6 +7,8 @@ loss. Both clip gradients to the config's norm, take an AdamW step and update
 an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
 """
 
+import importlib
+
 import ml_collections
 import numpy as np
 
@@ -14,14 +16,45 @@ from monoformer_jax.layers import BackboneConfig
 from monoformer_jax.model import ImageSequence
 from monoformer_jax.errors import UserError
 
+_TORCHVISION_OPS = []  # the op declarations stay registered while this module lives
 
-def available() -> bool:
+
+def make_torchvision_importable() -> None:
+  """Lets torchvision's pure-Python parts import where its C++ ops do not load.
+
+  The torchvision wheel pinned for the CPU torch is built against the CUDA torch: its ops
+  library fails to load (silently), and its import then stops while registering fake kernels
+  for two of those ops (`operator torchvision::nms does not exist`). transformers imports
+  torchvision whenever it is installed, so LlamaForCausalLM fails with it. Declaring the two
+  op schemas lets the import finish; nothing here calls them. The tests use this too.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
   try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module('torchvision')
   except ImportError:
-    return False
-  return True
+    return  # not installed: nothing imports it
+  except RuntimeError:
+    lib = torch.library.Library('torchvision', 'DEF')
+    for op in ('nms', 'qnms'):
+      lib.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+    _TORCHVISION_OPS.append(lib)
+    importlib.import_module('torchvision')
+
+
+def modules():
+  """(torch, transformers) with LlamaForCausalLM loaded, or a UserError that says what to
+  install, before the bench spends minutes on the JAX side."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    make_torchvision_importable()
+    import transformers  # pylint: disable=g-import-not-at-top
+    transformers.LlamaForCausalLM  # pylint: disable=pointless-statement  # imported lazily
+  except (ImportError, RuntimeError) as e:
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+    raise UserError(f'--compare_torch needs torch and transformers, which did not import '
+                    f'({reason}); install them with pip install -r requirements-test.txt.'
+                    ) from None
+  return torch, transformers
 
 
 def _llama_config(config: ml_collections.ConfigDict, cfg: BackboneConfig):
@@ -80,11 +113,7 @@ def _hybrid_mask(layout: ImageSequence):
 
 def make_steps(config: ml_collections.ConfigDict, cfg: BackboneConfig) -> tuple[dict, dict]:
   """({'ar': step, 'diffusion': step}, versions and threads): each step a blocking callable."""
-  if not available():
-    raise UserError('--compare_torch needs torch and transformers (pip install -r '
-                    'requirements-test.txt).')
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  torch, transformers = modules()
   torch.manual_seed(config.seed)
   rng = np.random.default_rng(0)
   d, m, o = config.data, config.model, config.optim

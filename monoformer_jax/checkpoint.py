@@ -16,6 +16,7 @@ import concurrent.futures
 import enum
 import errno
 import json
+import logging
 import os
 import sys
 import zlib
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from monoformer_jax import config_lib
@@ -72,12 +74,50 @@ def all_finite(tree) -> bool:
              for x in jax.tree.leaves(tree))
 
 
-def _disk_full(error: BaseException) -> bool:
+def disk_full(error: BaseException) -> bool:
+  """Whether an error, or one that caused it, is a full disk: an OSError from Python, or
+  tensorstore's RESOURCE_EXHAUSTED (a ValueError that carries only the OS error's text)."""
   while error is not None:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
       return True
+    if "os_error_code='28'" in str(error) or 'No space left on device' in str(error):
+      return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class _RaisedByTheWaiter(logging.Filter):
+  """Drops the error logs of Orbax's background save threads and of their asyncio tasks: the
+  thread that waits for the save raises the same error, which is reported once (a full disk
+  as one sentence)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    path = record.pathname.replace(os.sep, '/')
+    if 'orbax/checkpoint/' in path and path.endswith('/futures/future.py'):
+      return False
+    return not (record.name == 'asyncio' and 'orbax/checkpoint/' in record.getMessage())
+
+
+def quiet_save_threads() -> None:
+  """Keeps a failed save's aftermath off the terminal, once its error is reported: Orbax's
+  logs of it (_RaisedByTheWaiter), and the writes still in flight when Orbax closed the
+  save's event loop, which tensorstore completes into the closed loop ('Event loop is
+  closed', printed through sys.unraisablehook, one per array)."""
+  loggers = (absl_logging.get_absl_logger(), logging.getLogger('asyncio'))
+  if any(isinstance(f, _RaisedByTheWaiter) for f in loggers[0].filters):
+    return
+  for logger in loggers:
+    logger.addFilter(_RaisedByTheWaiter())
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -114,7 +154,7 @@ class Checkpointer:
     try:
       action()
     except Exception as e:  # pylint: disable=broad-except
-      if not _disk_full(e):
+      if not disk_full(e):
         raise
       finished = [s for s in self.all_steps() if s != step]
       last = f'step {finished[0]}' if finished else 'none'
@@ -282,8 +322,12 @@ class Checkpointer:
                     + (f'; the newest: {failures[0]}' if failures else '.'))
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    """Waits for the last save, then stops the manager's threads, also when the save failed:
+    threads left running print tracebacks as the interpreter exits."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def open_existing(workdir: str) -> Checkpointer:

@@ -6,6 +6,7 @@ The string-valued choices are parsed into their owners' enums by `choice`, once,
 in `settings.validate`.
 """
 
+import difflib
 import enum
 from typing import Any, TypeVar
 
@@ -199,3 +200,25 @@ def config_from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
     else:
       config[section] = values
   return config
+
+
+def _key_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  paths = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    paths += _key_paths(value, path + '.') if isinstance(value, ml_collections.ConfigDict) else [path]
+  return paths
+
+
+def unknown_overrides(argv: list[str]) -> str:
+  """A sentence for the first `--config.KEY=` override whose key is not in the schema, with
+  the likely intended key ('' when every override names a key)."""
+  known = _key_paths(base_config())
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f'; did you mean {close[0]}?' if close else '.'
+        return f'config key {key} (--config.{key}) does not exist{hint}'
+  return ''

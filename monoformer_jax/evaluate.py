@@ -15,6 +15,7 @@ Dimension letters: B batch, P prompt length, H/W/C image.
 import json
 import math
 import os
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -23,7 +24,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion, digit_fd, files, mixed_modal, sampling, steps, text_tasks
+from monoformer_jax import (diffusion, digit_fd, files, mixed_modal, progress, sampling, steps,
+                            text_tasks)
 from monoformer_jax.data import corpus, digits
 
 
@@ -39,14 +41,17 @@ def _features(images: np.ndarray) -> np.ndarray:
   return np.clip((np.asarray(images) + 1.0) * 8.0, 0.0, 16.0).reshape(len(images), -1)
 
 
-def prompt_accuracy(setup, params, key: jax.Array) -> tuple[dict[str, float], np.ndarray]:
+def prompt_accuracy(setup, params, key: jax.Array,
+                    spec: sampling.ImageSampling) -> tuple[dict[str, float], np.ndarray]:
   """Fraction of samples classified as the prompted digit, per digit name and overall."""
   config = setup.config
   n = config.eval.samples_per_class
   names = digits.CLASS_NAMES
   prompts = [config.eval.prompt_template.format(name=name) for name in names for _ in range(n)]
-  images = sampling.images_for_prompts(setup.model, params, setup.tok, prompts,
-                                       config.data.prompt_len, setup.settings.sampling, key)
+  with progress.phase(f'eval: sampling {len(prompts)} digits ({spec.sampler.value}, '
+                      f'{spec.steps} steps)'):
+    images = sampling.images_for_prompts(setup.model, params, setup.tok, prompts,
+                                         config.data.prompt_len, spec, key)
   predicted = digit_classifier(config.data).predict(_features(images))
   wanted = np.repeat(np.arange(len(names)), n)
   result = {f'accuracy/{name}': float(np.mean(predicted[wanted == i] == i))
@@ -111,7 +116,8 @@ def heldout_losses(setup, params) -> dict[str, float]:
   return {'text': heldout_text_loss(setup, params), **heldout_diffusion_losses(setup, params)}
 
 
-def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, float]:
+def digit_distances(setup, images: np.ndarray, key: jax.Array,
+                    spec: sampling.ImageSampling) -> dict[str, float]:
   """The digit FD of the prompt-accuracy samples (eval.samples_per_class of each digit, in
   order), per digit and overall, with its floor (as many held-out real digits) and ceiling
   (as many samples of the untrained model, from the same key)."""
@@ -121,16 +127,18 @@ def digit_distances(setup, images: np.ndarray, key: jax.Array) -> dict[str, floa
   untrained = nn.unbox(jax.jit(steps.init_params, static_argnums=0)(setup.model,
                                                                     jax.random.key(config.seed)))
   prompts = [config.eval.prompt_template.format(name=name) for name in names for _ in range(n)]
-  noise_like = sampling.images_for_prompts(setup.model, untrained, setup.tok, prompts,
-                                           config.data.prompt_len, setup.settings.sampling, key)
-  labels = np.repeat(np.arange(len(names)), n)
-  anchors = {'fd': (images, labels), 'fd_floor': digit_fd.heldout_like(config.data, n),
-             'fd_ceiling': (noise_like, labels)}
-  return {f'{what}/{k}': v for what, (x, y) in anchors.items()
-          for k, v in digit_fd.distances(config.data, x, y).items()}
+  with progress.phase('eval: digit FD with its floor and ceiling'):
+    noise_like = sampling.images_for_prompts(setup.model, untrained, setup.tok, prompts,
+                                             config.data.prompt_len, spec, key)
+    labels = np.repeat(np.arange(len(names)), n)
+    anchors = {'fd': (images, labels), 'fd_floor': digit_fd.heldout_like(config.data, n),
+               'fd_ceiling': (noise_like, labels)}
+    return {f'{what}/{k}': v for what, (x, y) in anchors.items()
+            for k, v in digit_fd.distances(config.data, x, y).items()}
 
 
-def drawn_digits(setup, params, key: jax.Array, per_class: int) -> dict[str, float]:
+def drawn_digits(setup, params, key: jax.Array, per_class: int,
+                 spec: sampling.ImageSampling) -> dict[str, float]:
   """Mixed-modal generation from the bare prompts ("a handwritten digit seven", no
   <im_start>): the fraction of rows that start an image by themselves within 8 tokens
   (and as their first token), and how often those images show the prompted digit."""
@@ -138,10 +146,11 @@ def drawn_digits(setup, params, key: jax.Array, per_class: int) -> dict[str, flo
   names = digits.CLASS_NAMES
   encoded = [tok.text_prompt(config.eval.prompt_template.format(name=name), config.data.prompt_len)
              for name in names for _ in range(per_class)]
-  rows = mixed_modal.generate(
-      setup.model, params, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded]),
-      key, tok=tok, spec=setup.settings.sampling, max_images=1,
-      decoding=mixed_modal.Decoding(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0))
+  with progress.phase(f'eval: mixed-modal generation from {len(encoded)} bare prompts'):
+    rows = mixed_modal.generate(
+        setup.model, params, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded]),
+        key, tok=tok, spec=spec, max_images=1,
+        decoding=mixed_modal.Decoding(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0))
   wanted = np.repeat(np.arange(len(names)), per_class)
   started = np.array([bool(r.images) for r in rows])
   first = np.array([r.tokens[:1] == [tok.im_start_id] for r in rows])
@@ -153,21 +162,73 @@ def drawn_digits(setup, params, key: jax.Array, per_class: int) -> dict[str, flo
   return result
 
 
-def evaluate(setup, params, workdir: str, step: int) -> tuple[dict, np.ndarray]:
+def evaluate(setup, params, workdir: str, step: int,
+             spec: Optional[sampling.ImageSampling] = None) -> tuple[dict, np.ndarray]:
   """The metrics of a workdir.Setup's model (prompt accuracy, digit FD with its floor and
-  ceiling, held-out perplexity), written to WORKDIR/eval.json; returns them and the sample
-  images."""
+  ceiling, held-out perplexity), merged into WORKDIR/eval.json; returns them and the sample
+  images. Samples come from `spec` (default: the config's sampler)."""
+  spec = spec or setup.settings.sampling
   key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30)
-  metrics, images = prompt_accuracy(setup, params, key)
-  metrics.update(digit_distances(setup, images, key))
-  metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
+  metrics, images = prompt_accuracy(setup, params, key, spec)
+  metrics.update(digit_distances(setup, images, key, spec))
+  with progress.phase('eval: held-out perplexity'):
+    metrics['text/perplexity'] = math.exp(heldout_text_loss(setup, params))
   if setup.config.eval.text_questions:
     metrics.update(text_tasks.metrics_of(text_tasks.score(setup, params, ['next_line'])))
     metrics['next_line/chance'] = text_tasks.TASKS['next_line'].chance
   if setup.config.train.prompt_lm_loss:  # the model learned to start images by itself
     metrics.update(drawn_digits(setup, params, jax.random.fold_in(key, 1),
-                                setup.config.eval.samples_per_class))
-  metrics['step'] = step
-  if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, 'eval.json'), json.dumps(metrics, indent=1))
+                                setup.config.eval.samples_per_class, spec))
+  # eval.json says which sampler its figures come from.
+  metrics.update(step=step, sampler=spec.sampler.value, sampler_steps=spec.steps,
+                 cfg_scale=spec.guidance.scale)
+  merge_saved(workdir, metrics)
   return metrics, images
+
+
+EVAL_FILE = 'eval.json'
+
+
+def saved_metrics(workdir: str) -> dict:
+  """WORKDIR/eval.json, or {} where there is none (or it cannot be read)."""
+  try:
+    with open(os.path.join(workdir, EVAL_FILE), encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return saved if isinstance(saved, dict) else {}
+
+
+def merge_saved(workdir: str, metrics: dict) -> None:
+  """Updates WORKDIR/eval.json with `metrics`, keeping what other evaluations wrote there
+  (the task table of `evaluate --tasks`, FID figures); process 0 writes."""
+  if jax.process_index() == 0:
+    saved = saved_metrics(workdir)
+    saved.update(metrics)
+    files.write_text(os.path.join(workdir, EVAL_FILE), json.dumps(saved, indent=1))
+
+
+def table(metrics: dict) -> str:
+  """The metrics as a readable table: a row per group ('accuracy', 'fd', ...) with its overall
+  value and, where it has them, one column per digit; a row for every other metric."""
+  groups: dict[str, dict[str, float]] = {}
+  for name, value in metrics.items():
+    group, _, key = name.rpartition('/')
+    if isinstance(value, float) or isinstance(value, int):
+      groups.setdefault(group, {})[key] = value
+  per_digit = [g for g, values in groups.items() if set(values) & set(digits.CLASS_NAMES)]
+  lines = []
+  if per_digit:
+    columns = ['overall'] + list(digits.CLASS_NAMES)
+    lines.append(f'{"":<12}' + ''.join(f'{c:>9}' for c in columns))
+    for g in per_digit:
+      lines.append(f'{g:<12}' + ''.join(
+          f'{groups[g][c]:9.4g}' if c in groups[g] else f'{"":>9}' for c in columns))
+  for g, values in groups.items():
+    if g in per_digit:
+      continue
+    for key, value in values.items():
+      name = f'{g}/{key}' if g else key
+      lines.append(f'{name:<28}{value:>12.6g}' if isinstance(value, float)
+                   else f'{name:<28}{value:>12}')
+  return '\n'.join(lines)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import jax
 
-from monoformer_jax import fid, fid_samples, sampling, sharding
+from monoformer_jax import fid, fid_samples, progress, sampling, sharding
 from monoformer_jax.errors import UserError
 
 
@@ -46,7 +46,8 @@ class FidMeter:
   @property
   def reference(self) -> fid.Stats:
     if self._reference is None:
-      self._reference = self.encoder.npz_stats(self.spec.reference, '--fid_ref')
+      with progress.phase(f'fid: the reference statistics of {self.spec.reference}'):
+        self._reference = self.encoder.npz_stats(self.spec.reference, '--fid_ref')
       if self.spec.stats_out:
         fid.write_stats(self.spec.stats_out, self._reference)
     return self._reference
@@ -54,7 +55,8 @@ class FidMeter:
   def of_file(self, path: str) -> dict:
     """{'fid', 'num'} of an .npz sample file (arr_0 images, or mu/sigma statistics)."""
     reference = self.reference
-    stats = self.encoder.npz_stats(path, '--fid_npz')
+    with progress.phase(f'fid: the statistics of {path}'):
+      stats = self.encoder.npz_stats(path, '--fid_npz')
     return {'fid': fid.frechet_distance(stats, reference), 'num': stats.count}
 
   def of_model(self, setup, params, num: int, prompts: list[str], spec: sampling.ImageSampling,
@@ -63,7 +65,9 @@ class FidMeter:
     reference = self.reference
     batches = fid_samples.sample_batches(setup, params, prompts, num, self.spec.batch, spec, key,
                                          vae_dir)
-    stats = self.encoder.stats_of(batches)
+    with progress.phase(f'fid: sampling and encoding {num} images ({spec.sampler.value}, '
+                        f'{spec.steps} steps)', num, 'images') as p:
+      stats = self.encoder.stats_of(progress.counted(batches, p))
     return {'fid': fid.frechet_distance(stats, reference), 'num': stats.count}
 
 

@@ -1,20 +1,6 @@
-"""Command line: python -m monoformer_jax COMMAND [FLAGS]
-
-
-train    --config=configs/digits.py --workdir=DIR   trains (resuming) and evaluates
-sample   --workdir=DIR --prompt=... --num=N --out=FILE.png   image grid + FILE.npz
-         (--fid_npz=FILE.npz: N class-conditional samples for the ADM FID evaluator)
-generate --workdir=DIR --prompt=... --max_tokens=N   text continuation
-         --out=DIR [--num=N --max_images=K]: text with the images the model starts itself
-evaluate --workdir=DIR   prompt accuracy, digit FD and held-out perplexity (the default);
-         --fid_ref=REF.npz --num=N: FID-N of the samples; --fid_npz=FILE: FID of a sample file;
-         --tasks=LIST [--limit=N]: text benchmarks scored as multiple choice
-bench    --config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]
-         step speed, MFU, sampler and decoder throughput, memory
-convert  KIND --src=DIR --dst=DIR   weight conversion (convert --help lists the kinds)
-extract_latents --config=configs/imagenet256.py --vae=DIR --dst=DIR   SD-VAE latent shards
-study    --workdir=DIR [--seeds=3]   the paper's ablations in miniature (configs/ablations.py)
-Inference commands read the config saved in the workdir's newest checkpoint. Multi-host runs add
+"""Command line: python -m monoformer_jax COMMAND [FLAGS]; the commands, what each does and
+the flags each reads are in usage.py (`--help`, `COMMAND --help`). Inference commands read the
+config saved in the workdir's newest checkpoint. Multi-host runs add
 --coordinator_address/--num_processes/--process_id, or --multihost (see launch/).
 """
 
@@ -27,12 +13,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import (bench, config_lib, extract_latents, fid_eval, fid_samples, files,
-                            guards, mixed_modal, sampling, settings, sharding, text_tasks, vae)
+from monoformer_jax import (bench, checkpoint, config_lib, extract_latents, fid_eval, fid_samples, files,
+                            guards, mixed_modal, progress, sampling, settings, sharding, text_tasks, vae)
 from monoformer_jax import evaluate as evaluate_lib
-from monoformer_jax import study, train
+from monoformer_jax import study, train, usage
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands as convert_commands
+from monoformer_jax.data import benchmarks
 from monoformer_jax.diffusion import Sampler
 from monoformer_jax.layers import MaskType
 from monoformer_jax.errors import UserError
@@ -70,11 +57,12 @@ _PROMPT_FILE = flags.DEFINE_string('prompt_file', '', 'evaluate --fid_ref, sampl
                                    'prompts, one per line, instead of the class prompts.')
 _TASKS = flags.DEFINE_string('tasks', '', 'evaluate: text benchmarks to score as multiple choice, '
                              'comma-separated: next_line, hellaswag, openbookqa, winogrande, '
-                             'arc_easy, arc_challenge, boolq, piqa.')
+                             'arc_easy, arc_challenge, boolq, piqa; prepare: those to download.')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'evaluate --tasks: at most this many items per task '
                               '(0 = all).')
-_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'evaluate --tasks: where the prepared '
-                                     'TFDS datasets are (default: the config\'s data.tfds_data_dir).')
+_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'prepare, evaluate --tasks: the TFDS '
+                                     'data_dir of the benchmarks (default: evaluate reads the '
+                                     'config\'s data.tfds_data_dir, prepare TFDS\'s own).')
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
@@ -96,8 +84,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process: this process
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by itself (TPU pod '
                                'slices, SLURM) and join it.')
 
-COMMANDS = ('train', 'sample', 'generate', 'evaluate', 'bench', 'convert', 'extract_latents',
-            'study')
 
 
 def _sampling(setup) -> tuple[sampling.ImageSampling, str]:
@@ -111,6 +97,10 @@ def _sampling(setup) -> tuple[sampling.ImageSampling, str]:
   if vae_dir and not os.path.isdir(vae_dir):
     raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
                     'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
+  if not vae_dir and settings.draws_latents(config, setup.settings):
+    raise UserError(f'this model draws {config.model.image_channels}-channel VAE latents and its '
+                    'config names no VAE (model.vae); pass --vae=DIR with the converted VAE '
+                    '(`convert vae`) that turns them into pictures.')
   return spec, vae_dir
 
 
@@ -134,7 +124,9 @@ def sample_command(workdir: str) -> None:
     batches = fid_samples.sample_batches(setup, params, _fid_prompts(setup), _NUM.value,
                                          _FID_BATCH.value, spec, jax.random.key(_SEED.value),
                                          vae_dir)
-    fid_samples.write(batches, _FID_NPZ.value, _NUM.value)
+    with progress.phase(f'sampling {_NUM.value} images ({spec.sampler.value}, {spec.steps} '
+                        'steps)', _NUM.value, 'images') as p:
+      fid_samples.write(progress.counted(batches, p), _FID_NPZ.value, _NUM.value)
     if jax.process_index() == 0:
       print(f'wrote {_FID_NPZ.value}: {_NUM.value} samples, prompts spread uniformly')
     return
@@ -192,6 +184,9 @@ def mixed_command(workdir: str) -> None:
   if _NUM.value < 1 or _MAX_IMAGES.value < 0:
     raise UserError(f'--num is {_NUM.value} and --max_images {_MAX_IMAGES.value}; expected at '
                     'least 1 and 0.')
+  if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+    raise UserError(f'--out {_OUT.value} is a file; generate --out expects a directory (new or '
+                    'existing) for generation.json and the pictures.')
   restored = workdir_lib.for_inference(workdir, _EMA.value)
   setup = restored.setup
   tok, model = setup.tok, setup.model
@@ -265,13 +260,8 @@ def tasks_command(workdir: str) -> None:
   rows = text_tasks.score(restored.setup, restored.params, names, _LIMIT.value)
   if jax.process_index() == 0:
     print(text_tasks.table(rows))
-    path = os.path.join(workdir, 'eval.json')
-    saved = {}
-    if os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
-    saved.update(text_tasks.metrics_of(rows), tasks=rows, tasks_step=restored.step)
-    files.write_text(path, json.dumps(saved, indent=1))
+  evaluate_lib.merge_saved(workdir, dict(text_tasks.metrics_of(rows), tasks=rows,
+                                         tasks_step=restored.step))
 
 
 def evaluate_command(workdir: str) -> None:
@@ -284,8 +274,19 @@ def evaluate_command(workdir: str) -> None:
     tasks_command(workdir)
     return
   restored = workdir_lib.for_inference(workdir, _EMA.value)
-  metrics, _ = evaluate_lib.evaluate(restored.setup, restored.params, workdir, restored.step)
-  print('  '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
+  spec, _ = _sampling(restored.setup)
+  metrics, _ = evaluate_lib.evaluate(restored.setup, restored.params, workdir, restored.step, spec)
+  if jax.process_index() == 0:
+    print(f'{workdir}, step {restored.step} ({spec.sampler.value}, {spec.steps} steps, cfg '
+          f'{spec.guidance.scale}; also in {evaluate_lib.EVAL_FILE}):')
+    print(evaluate_lib.table(metrics))
+
+
+def prepare_command() -> None:
+  """prepare --tasks: the benchmarks' TFDS datasets, downloaded and prepared once."""
+  names = [n.strip() for n in _TASKS.value.split(',') if n.strip()]
+  for name, directory in benchmarks.prepare(names, _TFDS_DATA_DIR.value).items():
+    print(f'{name}: prepared in {directory}')
 
 
 def extract_latents_command(config) -> None:
@@ -319,21 +320,27 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main(argv) -> None:
-  if len(argv) < 2 or argv[1] not in COMMANDS or len(argv) != (3 if argv[1] == 'convert' else 2):
-    _fail(f'error: expected one command out of {", ".join(COMMANDS)} (convert takes a kind: '
-          f'{", ".join(convert_commands.KINDS)}); got {" ".join(argv[1:]) or "none"}.')
+  problem = usage.command_line_error(argv, convert_commands.KINDS)
+  if problem:
+    _fail(f'error: {problem}')
   command, workdir = argv[1], _WORKDIR.value
   if not flags.FLAGS['verbosity'].present:  # library INFO logs drown the progress lines
     logging.set_verbosity(logging.WARNING)
+  checkpoint.quiet_save_threads()
   try:
+    usage.check_flags(command, flags.FLAGS)
     init_distributed()
     if command in ('train', 'bench', 'extract_latents') and _CONFIG.value is None:
       raise UserError(f'{command} needs --config=configs/FILE.py.')
+    config = _CONFIG.value
     if command == 'extract_latents':
-      extract_latents_command(_CONFIG.value)
+      extract_latents_command(config)
       return
     if command == 'bench':
-      bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value)
+      bench.run(config, _BENCH_OUT.value, _COMPARE_TORCH.value)
+      return
+    if command == 'prepare':
+      prepare_command()
       return
     if command == 'convert':
       convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value,
@@ -342,7 +349,7 @@ def main(argv) -> None:
     if not workdir and command != 'evaluate':
       raise UserError('--workdir is required.')
     if command == 'train':
-      train.train_and_evaluate(_CONFIG.value, workdir)
+      train.train_and_evaluate(config, workdir)
     elif command == 'study':
       if _SEEDS.value < 1:
         raise UserError(f'--seeds is {_SEEDS.value}; expected at least 1.')
@@ -358,23 +365,36 @@ def main(argv) -> None:
     _fail(f'error: {e}')
   except guards.Preempted as e:
     _fail(str(e), guards.PREEMPTED_EXIT_CODE)
+  except KeyboardInterrupt:  # a second Ctrl-C in training, or one anywhere else
+    _fail('interrupted: stopped at once; nothing more was saved.', guards.INTERRUPTED_EXIT_CODE)
   except OSError as e:  # a full disk, a file that cannot be written or read
     _fail(f'error: {e.strerror or e}: {e.filename or "(no file named)"}.')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with config errors (a key the config lacks, a bad value) as one sentence;
-  `convert --help` lists the conversion kinds."""
-  if argv[1:2] == ['convert'] and {'--help', '-h', '-?', '--helpshort'} & set(argv):
-    print(convert_commands.usage())
+  `COMMAND --help` lists that command's flags, `--help` alone the commands."""
+  command = argv[1] if len(argv) > 1 else ''
+  if {'--help', '-h', '-?', '--helpshort', '--helpfull'} & set(argv):
+    if command in usage.COMMANDS:
+      extra = convert_commands.usage() if command == 'convert' else ''
+      print(usage.command_help(command, flags.FLAGS, extra))
+    else:
+      print(usage.overview())
     sys.exit(0)
+  problem = usage.config_file_problem(argv) or config_lib.unknown_overrides(argv)
+  if problem:
+    _fail(f'error: {problem}')
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # an unknown flag, a value of the wrong type
-    _fail(f'error: {" ".join(str(e).split())}.')
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    _fail(f'error: {usage.flag_error(str(e), command)}')
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file runs at parsing: anything it raises (a syntax error, no get_config)
+    # is the file's fault.
     detail = ' '.join(str(e).replace('\\n', ' ').replace("\\", '').replace("'", '').split())
-    _fail(f'error: the config (file or --config.* override) is invalid: {detail}')
+    _fail(f'error: the config (file or --config.* override) is invalid: {type(e).__name__}: '
+          f'{detail}.')
 
 
 def run() -> None:

@@ -2,9 +2,14 @@
 
 An item has one request per choice, a (context, continuation) pair of strings. Each request is
 tokenized as the harness's HF backend tokenizes for a causal LM: trailing spaces of the context
-move to the continuation; the context and the whole are each encoded with BOS, and the
-continuation is the whole's tokens after the context's; a request longer than the model's
-context keeps its last tokens. Its score is the summed log-probability of the continuation.
+move to the continuation; the context and the whole are each encoded with BOS, the
+continuation is the whole's tokens after the context's, and the model reads the context's own
+tokens followed by those (not the whole's tokens: they differ where a continuation starts
+inside a word, as with an empty target delimiter); a request longer than the model's context
+keeps its last tokens. Its score is the summed log-probability of the continuation. A
+continuation that adds no token is an error, as in the harness. Known difference: text that
+spells a special piece ('<s>', '</s>') is plain text here, where HF's tokenizer reads the
+special token.
 `acc` is how often the highest score is the gold choice, `acc_norm` the same with each score
 divided by its choice's length in characters; both with the standard error of a mean.
 Requests are scored in batches right-padded to a multiple of 32 tokens, split over the
@@ -15,7 +20,7 @@ Dimension letters: R requests, B batch, L length.
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import sharding
+from monoformer_jax.errors import UserError
 from monoformer_jax.layers import MaskType
 from monoformer_jax.model import MonoFormer
 from monoformer_jax.tokenizer import Tokenizer
@@ -47,17 +53,24 @@ class Item:
                gold)
 
 
-def encode_request(tok: Tokenizer, context: str, continuation: str,
-                   max_length: int) -> tuple[list[int], int]:
+def encode_request(tok: Tokenizer, context: str, continuation: str, max_length: int,
+                   name: str = 'a request') -> tuple[list[int], int]:
   """(tokens of context + continuation, how many of the last ones are the continuation),
-  cut to the last max_length + 1 tokens as the harness does (the last is never an input)."""
+  cut to the last max_length + 1 tokens as the harness does (the last is never an input).
+  `name` says which request an error is about."""
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
   context_ids = [tok.bos_id] + tok.encode(context)
-  whole = [tok.bos_id] + tok.encode(context + continuation)
-  target = len(whole) - len(context_ids)
-  return whole[-(max_length + 1):], target
+  target = ([tok.bos_id] + tok.encode(context + continuation))[len(context_ids):]
+  if not target:
+    raise UserError(f'{name} (continuation {continuation!r} after {context[-40:]!r}) adds no '
+                    'token to its context; expected a continuation of at least one token, as '
+                    'lm-eval-harness requires.')
+  if len(target) > max_length:
+    raise UserError(f'{name} has a continuation of {len(target)} tokens; expected at most the '
+                    f'model\'s context of {max_length}.')
+  return (context_ids + target)[-(max_length + 1):], len(target)
 
 
 @functools.lru_cache(maxsize=4)  # compiled once per model, however often a run scores
@@ -73,11 +86,14 @@ def _score_fn(model: MonoFormer):
 
 
 def loglikelihoods(model: MonoFormer, params, tok: Tokenizer, items: Sequence[Item],
-                   batch: int, max_length: int, layout: sharding.Layout) -> list[np.ndarray]:
+                   batch: int, max_length: int, layout: sharding.Layout,
+                   scored: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
   """The score of every choice of every item (one float64 array per item), for requests of
-  at most max_length input tokens (the model's context)."""
-  requests = [encode_request(tok, c, x, max_length)
-              for item in items for c, x in zip(item.contexts, item.continuations)]
+  at most max_length input tokens (the model's context); scored(n) hears of each batch of n
+  requests done. Errors name a request as choice j of item i, both counted from 0."""
+  requests = [encode_request(tok, c, x, max_length, f'choice {j} of item {i}')
+              for i, item in enumerate(items)
+              for j, (c, x) in enumerate(zip(item.contexts, item.continuations))]
   score = _score_fn(model)
   hosts = jax.process_count()
   scores = []
@@ -98,6 +114,7 @@ def loglikelihoods(model: MonoFormer, params, tok: Tokenizer, items: Sequence[It
       out = multihost_utils.process_allgather(score(params, g['tokens'], g['valid'], g['target']),
                                               tiled=True)
       scores.extend(np.asarray(out, np.float64)[:len(chunk)])
+      scored(len(chunk))
   result, at = [], 0
   for item in items:
     result.append(np.asarray(scores[at:at + len(item.contexts)]))

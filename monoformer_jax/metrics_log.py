@@ -5,10 +5,12 @@ metrics.jsonl survives crashes: a resumed run drops the rows it will redo and an
 crash or a full disk left torn (with a warning), and rewrites the file atomically.
 """
 
+import contextlib
 import json
 import os
 import sys
 import time
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -35,6 +37,12 @@ def read_rows(path: str) -> list[dict]:
     print(f'warning: {path}: dropped {torn} unreadable line(s), e.g. one torn by a crash.',
           file=sys.stderr, flush=True)
   return rows
+
+
+def _minutes(seconds: float) -> str:
+  if seconds >= 3600:
+    return f'{seconds / 3600:.1f} h'
+  return f'{seconds / 60:.1f} min'
 
 
 class _NoTensorBoard:
@@ -64,7 +72,11 @@ def _tensorboard_writer(workdir: str, leader: bool):
 
 
 class MetricsLog:
-  """TensorBoard scalars/images, one JSON line per logged step, and a progress line."""
+  """TensorBoard scalars/images, one JSON line per logged step, and a progress line.
+
+  Speed and ETA are steady-state figures: the time a step kind's first call spends compiling
+  and the time periodic evaluations take are left out of them.
+  """
 
   def __init__(self, workdir: str, start_step: int, num_steps: int):
     self.leader = jax.process_index() == 0
@@ -72,25 +84,54 @@ class MetricsLog:
     self.writer = _tensorboard_writer(workdir, self.leader)
     self.num_steps = num_steps
     self.last = (start_step, time.monotonic())
+    self.input_wait_s = 0.0  # since the last write: waiting for input
+    self.paused_s = 0.0  # since the last write: compiling or evaluating, not training
+    self.compiled: dict[str, float] = {}  # step kind -> seconds its first call took
+    self.compiled_now: list[str] = []  # the kinds compiled since the last write
     if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo
       rows = [r for r in read_rows(self.path) if r['step'] <= start_step]
       files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+  @contextlib.contextmanager
+  def pause(self) -> Iterator[None]:
+    """Time spent in the block is not training time."""
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self.paused_s += time.monotonic() - start
+
+  @contextlib.contextmanager
+  def compiling(self, kind: str) -> Iterator[None]:
+    """Wraps every call of a step function; the first of each kind is paused time."""
+    if kind in self.compiled:
+      yield
+      return
+    start = time.monotonic()
+    with self.pause():
+      yield
+    self.compiled[kind] = time.monotonic() - start
+    self.compiled_now.append(kind)
 
   def _append(self, row: dict) -> None:
     if self.leader:
       with open(self.path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(row) + '\n')
 
-  def write(self, step: int, kind: str, metrics: dict, input_wait_s: float,
-            skipped_steps: int) -> None:
+  def write(self, step: int, kind: str, metrics: dict, skipped_steps: int) -> None:
     """Logs one step's metrics (already on the host), the steps skipped so far as not
-    finite, and the share of the wall time since the last write spent waiting for input."""
+    finite, the steady-state speed and the share of the wall time since the last write
+    spent waiting for input."""
     scalars = {k: float(v) for k, v in metrics.items()}
     now = time.monotonic()
     elapsed = max(now - self.last[1], 1e-9)
-    rate = (step - self.last[0]) / elapsed
-    input_wait = input_wait_s / elapsed
-    self.last = (step, now)
+    rate = (step - self.last[0]) / max(elapsed - self.paused_s, 1e-9)
+    input_wait = self.input_wait_s / elapsed
+    compile_note = ''
+    if self.compiled_now:
+      compile_note = '  compiled ' + ', '.join(f'{k} in {self.compiled[k]:.0f} s'
+                                               for k in self.compiled_now)
+    self.last, self.input_wait_s, self.paused_s, self.compiled_now = (step, now), 0.0, 0.0, []
     extra = {'skipped_steps': skipped_steps, 'steps_per_sec': rate,
              'input_wait_fraction': input_wait}
     self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()} | extra)
@@ -100,7 +141,7 @@ class MetricsLog:
       skipped = f'  skipped {skipped_steps}' if skipped_steps else ''
       print(f'step {step}/{self.num_steps}  {kind:9s} loss {scalars["loss"]:.4f}  '
             f'lr {scalars["learning_rate"]:.3g}{skipped}  {rate:.1f} steps/s  '
-            f'input wait {input_wait:.1%}  ETA {eta / 60:.1f} min', flush=True)
+            f'input wait {input_wait:.1%}  ETA {_minutes(eta)}{compile_note}', flush=True)
 
   def write_heldout(self, step: int, losses: dict[str, float]) -> None:
     """Held-out losses (train.eval_every), as scalars and a metrics.jsonl row of kind 'heldout'."""
@@ -124,12 +165,14 @@ class MetricsLog:
     if self.leader:
       print(f'step {step}  FID-{result["num"]} {result["fid"]:.4f}', flush=True)
 
-  def write_eval(self, step: int, metrics: dict, images: np.ndarray) -> None:
-    self.writer.write_scalars(step, {k: v for k, v in metrics.items() if k != 'step'})
+  def write_eval(self, step: int, metrics: dict, images: np.ndarray, table: str) -> None:
+    """The end-of-run evaluation: its numeric metrics, a grid of its samples, and its table."""
+    self.writer.write_scalars(step, {k: v for k, v in metrics.items()
+                                     if isinstance(v, float) and k != 'cfg_scale'})
     grid = sampling.image_grid(sampling.to_uint8(images), columns=len(images) // 10)
     self.writer.write_images(step, {'samples': grid[None]})
     if self.leader:
-      print('eval: ' + '  '.join(f'{k} {v:.4g}' for k, v in metrics.items()), flush=True)
+      print(f'eval at step {step}:\n{table}', flush=True)
 
   def close(self) -> None:
     self.writer.close()

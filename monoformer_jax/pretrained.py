@@ -97,7 +97,7 @@ def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                     'set model.init_from to a converted LLM directory.')
   meta = read_meta(path)
   cfg = config_from_json(meta['backbone'])
-  tok = tokenizer_lib.Tokenizer(os.path.join(path, TOKENIZER))
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.llm_model_file(path))
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
     describe(resolved.model, cfg, bool(meta['tie_embeddings']))

@@ -158,3 +158,10 @@ def check_inputs(config: ml_collections.ConfigDict, settings: Settings) -> None:
   if settings.image_source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
     raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
                     'directory; expected the output of `extract_latents`.')
+
+
+def draws_latents(config: ml_collections.ConfigDict, settings: Settings) -> bool:
+  """Whether the model's images are VAE latents (a converted official model, a latents or
+  VAE-encoded source), which only the VAE turns into pictures."""
+  return (bool(config.model.vae) or settings.image_source == ImageSource.LATENTS
+          or config.model.image_channels not in (1, 3))

@@ -11,7 +11,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from monoformer_jax import mc
+from monoformer_jax import mc, progress
 from monoformer_jax.data import benchmarks, corpus
 from monoformer_jax.errors import UserError
 
@@ -62,8 +62,10 @@ def score(setup, params, names: list[str], limit: int = 0) -> list[dict]:
   for name in names:
     task = TASKS[name]
     items = task.items(config, limit)
-    scores = mc.loglikelihoods(setup.model, params, setup.tok, items, batch,
-                               config.model.context_length, setup.layout)
+    requests = sum(len(item.contexts) for item in items)
+    with progress.phase(f'{name}: scoring {len(items)} questions', requests, 'requests') as p:
+      scores = mc.loglikelihoods(setup.model, params, setup.tok, items, batch,
+                                 config.model.context_length, setup.layout, p.advance)
     result = mc.metrics(items, scores)
     rows += [dict(task=name, metric=m, score=result[m], stderr=result[f'{m}_stderr'],
                   items=result['items'], chance=task.chance) for m in task.metrics]

@@ -140,12 +140,20 @@ def for_workdir(workdir: str, init_from: str, vocab_size: int,
   return _make(path, init_from, vocab_size, texts)
 
 
+def llm_model_file(init_from: str) -> str:
+  """The sentencepiece model of the converted LLM directory init_from. `convert llama` copies
+  one only when its source has one (synthetic checkpoints have none), so a missing one is
+  named with what to copy, rather than as a workdir tokenizer that training would create."""
+  source = os.path.join(init_from, MODEL_FILE)
+  if not os.path.exists(source):
+    raise UserError(f'{init_from} (config key model.init_from) has no {MODEL_FILE}; copy the '
+                    f'LLM\'s sentencepiece {MODEL_FILE} into it before training.')
+  return source
+
+
 def _make(path: str, init_from: str, vocab_size: int, texts: Callable[[], list[str]]) -> Tokenizer:
   if init_from:
-    source = os.path.join(init_from, MODEL_FILE)
-    if not os.path.exists(source):
-      raise UserError(f'{init_from} has no {MODEL_FILE}; copy the LLM\'s sentencepiece model '
-                      'there.')
+    source = llm_model_file(init_from)
     with files.atomic_file(path) as tmp:
       shutil.copy(source, tmp)
     return Tokenizer(path)

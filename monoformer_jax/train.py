@@ -12,8 +12,9 @@ train.max_skipped_steps of them in a row stop the run.
 import dataclasses
 import os
 import shutil
+import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -134,9 +135,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     if ckpt.all_steps() and not ckpt.has_optimizer_state(ckpt.all_steps()[0]):
       start, state = 0, _from_weights(workdir, setup, abstract, shardings)
     elif ckpt.all_steps():
+      workdir_lib.check_same_shape(ckpt, config, model)
       start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
       for kind, it in iterators.items():
         it.set_state(data_state[kind.value])
+      if jax.process_index() == 0:
+        print(f'resuming from checkpoint step {start} in {ckpt.directory}', flush=True)
     else:
       start = 0
       state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
@@ -160,22 +164,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup, ckpt, iterators, state = run.setup, run.ckpt, run.iterators, run.state
   config = setup.config
   layout, t = setup.layout, config.train
+  finished = _finished_eval(workdir, run.start, t)
+  if finished is not None:
+    ckpt.close()
+    return finished
   log = MetricsLog(workdir, run.start, t.num_steps)
   notice, guard = guards.PreemptionNotice(), guards.SkipGuard(t.max_skipped_steps)
   clock = _SaveClock(t.checkpoint_minutes)
   joint = StepKind.JOINT in run.step_fns
   seed_key = jax.random.key(config.seed)
-  input_wait = 0.0
-  fid_meter = None
-  if t.fid_every:  # the reference is encoded at the first FID
-    fid_meter = fid_eval.FidMeter(fid_eval.FidSpec(config.eval.fid_ref, config.eval.inception,
-                                                   config.eval.fid_batch), layout)
-  fid_key = jax.random.fold_in(seed_key, 2**30 + 1)
+  periodic = _PeriodicEvals(setup, log)
+  held = False  # a save is due but held back while steps of some kind are being skipped
 
-  def save(step: int) -> None:
-    _stop_if_diverged(guard.flush(), ckpt, t.max_skipped_steps)
+  def save(step: int) -> bool:
+    """Saves the state at `step`, unless steps are being skipped (then returns False)."""
+    _stop_if_diverged(guard.flush(), ckpt)
+    if guard.streak and step != t.num_steps:
+      return False
+    if guard.streak and jax.process_index() == 0:  # the end: shorter than the limit, kept
+      print(f'warning: the last {guard.streak[1]} {guard.streak[0]} step(s) were not finite '
+            'and were skipped.', file=sys.stderr, flush=True)
     ckpt.save(step, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
     clock.saved()
+    return True
 
   try:
     with sharding.activate(layout):
@@ -185,32 +196,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # the device still runs this one; what the loop waits here is the input's cost.
         wait_start = time.perf_counter()
         batch = _next_batch(iterators, kind, layout)
-        input_wait += time.perf_counter() - wait_start
+        log.input_wait_s += time.perf_counter() - wait_start
         step_key = jax.random.fold_in(seed_key, step)
         images = batch['image'] if kind == StepKind.JOINT else batch
         if run.encode is not None and kind != StepKind.AR:
           images['image'] = run.encode(images['image'], jax.random.fold_in(step_key, 1))
-        state, metrics = run.step_fns[kind](state, batch, step_key)
+        with log.compiling(kind.value):  # a step kind's first call compiles it, synchronously
+          state, metrics = run.step_fns[kind](state, batch, step_key)
         done = step + 1
-        _stop_if_diverged(guard.push(done, metrics['skipped']), ckpt, t.max_skipped_steps)
+        _stop_if_diverged(guard.push(done, kind.value, metrics['skipped']), ckpt)
         logged = done % t.log_every == 0 or done == t.num_steps
         if logged:
-          _stop_if_diverged(guard.flush(), ckpt, t.max_skipped_steps)
-          log.write(done, kind.value, jax.device_get(metrics), input_wait, guard.total)
-          input_wait = 0.0
+          _stop_if_diverged(guard.flush(), ckpt)
+          log.write(done, kind.value, jax.device_get(metrics), guard.total)
         if notice.reached(done):
-          save(done)
-          raise guards.Preempted(done, ckpt.directory)
-        if done % t.checkpoint_every == 0 or done == t.num_steps or (logged and clock.due()):
-          save(done)
-        if t.eval_every and done % t.eval_every == 0:
-          log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
-        if t.text_eval_every and done % t.text_eval_every == 0:
-          rows = text_tasks.score(setup, state.params, text_tasks.parse(config.eval.tasks),
-                                  config.eval.task_limit)
-          log.write_rows(done, 'text_tasks', text_tasks.metrics_of(rows))
-        if t.fid_every and done % t.fid_every == 0:
-          log.write_fid(done, _fid(setup, fid_meter, state, jax.random.fold_in(fid_key, done)))
+          if save(done):
+            raise guards.Preempted(done, ckpt.directory)
+          raise guards.Preempted(ckpt.latest_step(), ckpt.directory, held=_describe(guard))
+        if held or done % t.checkpoint_every == 0 or done == t.num_steps or (
+            logged and clock.due()):
+          held = not save(done)
+        periodic.after(done, state)
         _profile(workdir, t, done, state)
   finally:
     notice.close()
@@ -221,9 +227,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = state.ema_params if config.sample.use_ema else state.params
     with sharding.activate(layout):
       metrics, images = evaluate.evaluate(setup, params, workdir, t.num_steps)
-    log.write_eval(t.num_steps, metrics, images)
+    log.write_eval(t.num_steps, metrics, images, evaluate.table(metrics))
   log.close()
   return metrics
+
+
+def _finished_eval(workdir: str, start: int, t: ml_collections.ConfigDict) -> Optional[dict]:
+  """The saved metrics when the workdir is already trained to train.num_steps and evaluated
+  there (a rerun then says so instead of evaluating again); else None."""
+  if start < t.num_steps or not t.eval_at_end:
+    return None
+  metrics = evaluate.saved_metrics(workdir)
+  if metrics.get('step') != t.num_steps:
+    return None
+  if jax.process_index() == 0:
+    print(f'{workdir} is trained to step {t.num_steps} and evaluated (eval.json); nothing to do. '
+          'Raise --config.train.num_steps to train further, or run `evaluate` to evaluate again.',
+          flush=True)
+  return metrics
+
+
+class _PeriodicEvals:
+  """What train.eval_every, text_eval_every and fid_every ask for after a step."""
+
+  def __init__(self, setup: workdir_lib.Setup, log: MetricsLog):
+    self.setup, self.log = setup, log
+    t = setup.config.train
+    self.fid_meter = None
+    if t.fid_every:  # the reference is encoded at the first FID
+      config = setup.config
+      self.fid_meter = fid_eval.FidMeter(fid_eval.FidSpec(
+          config.eval.fid_ref, config.eval.inception, config.eval.fid_batch), setup.layout)
+    self.fid_key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30 + 1)
+
+  def after(self, done: int, state) -> None:
+    setup, log = self.setup, self.log
+    config, t = setup.config, setup.config.train
+    if t.eval_every and done % t.eval_every == 0:
+      with log.pause():
+        log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
+    if t.text_eval_every and done % t.text_eval_every == 0:
+      with log.pause():
+        rows = text_tasks.score(setup, state.params, text_tasks.parse(config.eval.tasks),
+                                config.eval.task_limit)
+      log.write_rows(done, 'text_tasks', text_tasks.metrics_of(rows))
+    if t.fid_every and done % t.fid_every == 0:
+      with log.pause():
+        result = _fid(setup, self.fid_meter, state, jax.random.fold_in(self.fid_key, done))
+      log.write_fid(done, result)
 
 
 def _next_batch(iterators: dict, kind: StepKind, layout: sharding.Layout) -> dict:
@@ -244,11 +295,19 @@ def _fid(setup: workdir_lib.Setup, meter: fid_eval.FidMeter, state, key: jax.Arr
                         setup.settings.sampling, key, config.model.vae)
 
 
-def _stop_if_diverged(step, ckpt: checkpoint.Checkpointer, limit: int) -> None:
-  if step is not None:
+def _describe(guard: guards.SkipGuard) -> str:
+  kind, count = guard.streak
+  return f'the last {count} {kind} step(s) were not finite'
+
+
+def _stop_if_diverged(diverged: Optional[guards.Diverged], ckpt: checkpoint.Checkpointer) -> None:
+  """Stops the run when the guard saw train.max_skipped_steps steps of one kind skipped in a
+  row. No save was taken during that streak, so the newest checkpoint predates it."""
+  if diverged is not None:
     last = ckpt.all_steps()
-    raise UserError(f'the loss or the gradients were not finite at {limit} steps in a row up to '
-                    f'step {step} (train.max_skipped_steps); those steps were skipped and the run '
-                    'stopped; a lower optim.learning_rate may help. The last checkpoint, whose '
-                    f'parameters are finite, is {f"step {last[0]}" if last else "none"} in '
-                    f'{ckpt.directory}.')
+    raise UserError(f'the loss or the gradients were not finite at {diverged.count} '
+                    f'{diverged.kind} steps in a row up to step {diverged.step} '
+                    '(train.max_skipped_steps), so the run stopped; a lower '
+                    'optim.learning_rate may help. The last good checkpoint is '
+                    f'{f"step {last[0]}" if last else "none"} in {ckpt.directory}; no checkpoint '
+                    'was written during those steps.')

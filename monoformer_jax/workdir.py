@@ -115,6 +115,27 @@ def param_shapes(model: MonoFormer) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
 
 
+def check_same_shape(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
+                     model: MonoFormer) -> None:
+  """Refuses a config whose model differs in shape from the one the workdir's newest
+  checkpoint holds, naming the keys that differ: the checkpoints are sound, so falling back
+  to older ones (or to a fresh model) would be wrong. A config that cannot be read is left
+  to the restore's own fallback."""
+  step = ckpt.latest_step()
+  try:
+    saved = ckpt.restore_config(step)
+    saved_model = settings_lib.validate(saved).model
+  except UserError:
+    return
+  if param_shapes(saved_model) == param_shapes(model):
+    return
+  differ = [f'model.{k} is {saved.model[k]!r} there and {config.model[k]!r} here'
+            for k in config.model.keys() if saved.model[k] != config.model[k]]
+  raise UserError(f'the checkpoints in {ckpt.directory} hold a model of another shape than this '
+                  f'config asks for ({"; ".join(differ) or "the model keys differ"}); resume with '
+                  'the saved values (drop those overrides) or choose another --workdir.')
+
+
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
   parameters (which must be finite); with params False, the setup and step alone."""
@@ -129,8 +150,10 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
     abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
     return setup, ckpt.restore_params(step, abstract.params, use_ema)
 
-  step, (setup, restored) = ckpt.newest_restorable(load)
-  ckpt.close()
+  try:
+    step, (setup, restored) = ckpt.newest_restorable(load)
+  finally:  # an open manager's threads outlive an error exit and print tracebacks
+    ckpt.close()
   if not params:
     return Restored(setup, None, step)
   params = restored

@@ -9,15 +9,15 @@ import shutil
 
 import pytest
 
-import fid_reference
 from helpers import tiny_config
+from monoformer_jax import bench_torch
 from monoformer_jax import tokenizer as tokenizer_lib
 from monoformer_jax import train
 from monoformer_jax.data import pipeline
 
 
 def pytest_configure(config):
-  fid_reference.make_torchvision_importable()  # before transformers or diffusers look for it
+  bench_torch.make_torchvision_importable()  # before transformers or diffusers look for it
   config.addinivalue_line('markers', 'slow: takes more than a few seconds (left out by -m "not slow")')
   config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (and is slow)')
 

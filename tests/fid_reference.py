@@ -1,32 +1,14 @@
 """pytorch-fid's FID InceptionV3 with random weights, written as the published weights file is
 (a torch zip of the state dict), for tests that must not download anything.
 
-The torchvision build that matches the tests' CPU torch ships C++ ops compiled against the
-CUDA torch; they fail to load, and torchvision's import then stops while registering fake
-kernels for two of them, which also breaks transformers and diffusers (they import torchvision
-when it is installed). `make_torchvision_importable` declares those two op schemas when that
-happens, so the pure-Python parts import; no reference code is replaced.
+pytorch-fid imports torchvision, whose C++ ops may not load with the tests' CPU torch;
+bench_torch.make_torchvision_importable (also what `bench --compare_torch` uses) lets it import.
 """
-
-import importlib
 
 import numpy as np
 import torch
 
-_LIBRARIES = []  # the op declarations stay registered while this module lives
-
-
-def make_torchvision_importable() -> None:
-  try:
-    importlib.import_module('torchvision')
-  except ImportError:
-    return  # not installed: nothing imports it
-  except RuntimeError:
-    lib = torch.library.Library('torchvision', 'DEF')
-    for op in ('nms', 'qnms'):
-      lib.define(f'{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-    _LIBRARIES.append(lib)
-    importlib.import_module('torchvision')
+from monoformer_jax.bench_torch import make_torchvision_importable
 
 
 def import_pytorch_fid():

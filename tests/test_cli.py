@@ -95,9 +95,28 @@ def test_sample_generate_evaluate(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith('The')
 
+  result = cli('evaluate', f'--workdir={trained}', '--tasks=next_line', '--limit=8')
+  assert result.returncode == 0, result.stderr[-2000:]
   result = cli('evaluate', f'--workdir={trained}')
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'accuracy/overall' in result.stdout and 'text/perplexity' in result.stdout
+  table = result.stdout.splitlines()
+  header = next(i for i, line in enumerate(table) if line.split()[:2] == ['overall', 'zero'])
+  assert table[header + 1].split()[0] == 'accuracy' and len(table[header + 1].split()) == 12
+  assert any(line.split()[0] == 'text/perplexity' for line in table[header:])
+  for phase in ('eval: sampling 10 digits (ddpm, 5 steps) ...', 'eval: held-out perplexity ...',
+                'next_line: scoring 200 questions ...'):
+    assert phase in result.stdout
+  with open(os.path.join(trained, 'eval.json')) as f:
+    default = json.load(f)
+  assert default['tasks'][0]['items'] == 8  # evaluate --tasks' table, kept by the merge
+  # The sampler flags are honoured, and eval.json says which sampler its figures come from.
+  result = cli('evaluate', f'--workdir={trained}', '--sampler=ddim', '--steps=3', '--cfg_scale=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'eval: sampling 10 digits (ddim, 3 steps) ...' in result.stdout
+  with open(os.path.join(trained, 'eval.json')) as f:
+    flagged = json.load(f)
+  assert (flagged['sampler'], flagged['sampler_steps'], flagged['cfg_scale']) == ('ddim', 3, 1.0)
+  assert flagged['fd/overall'] != default['fd/overall'] and 'tasks' in flagged
 
 
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):

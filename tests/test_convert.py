@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -115,6 +116,39 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   with pytest.raises(UserError, match=r'parameter decoder/layers/mlp/up_proj/kernel has shape '
                                       r'\(2, 32, 64\) in .*model config gives \(2, 32, 80\)'):
     pretrained.graft_backbone(params, conv, model.backbone, False)
+
+
+def test_export_gives_the_tokenizer_the_source_context(llm_dir, tmp_path):
+  """export-llama of a converted directory: the tokenizer's model_max_length is the source's
+  max_position_embeddings (256), as HF reads both back, not a default of 2048."""
+  conv, out = tmp_path / 'conv', tmp_path / 'out'
+  commands.run('llama', llm_dir, str(conv), use_ema=True)
+  commands.run('export-llama', str(conv), str(out), use_ema=True)
+  want = transformers.AutoConfig.from_pretrained(llm_dir).max_position_embeddings
+  assert want == 256
+  assert transformers.AutoConfig.from_pretrained(out).max_position_embeddings == want
+  assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == want
+
+
+def test_a_converted_llm_without_a_tokenizer_says_what_to_copy(tmp_path, capsys):
+  """convert llama of a checkpoint without tokenizer.model warns in one line; training from
+  the result (model.size 'auto' or a named size) says to copy one in, not to train once."""
+  src, conv = tmp_path / 'hf', tmp_path / 'conv'
+  hf_model().save_pretrained(src, safe_serialization=True)
+  capsys.readouterr()
+  commands.run('llama', str(src), str(conv), use_ema=True)
+  warnings = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+  assert len(warnings) == 1 and warnings[0] == (
+      f"warning: {src} has no tokenizer.model, so neither has {conv}; copy the LLM's "
+      f'sentencepiece tokenizer.model into {conv} before training from it.')
+  for size in ('auto', 'tiny'):
+    config = tiny_config(num_steps=1)
+    config.model.init_from, config.model.size = str(conv), size
+    config.model.vocab_size, config.data.tokenizer_vocab_size = VOCAB + 5, VOCAB
+    with pytest.raises(UserError, match=rf"^{re.escape(str(conv))} \(config key model.init_from\) "
+                                        r"has no tokenizer\.model; copy the LLM's sentencepiece "
+                                        r'tokenizer\.model into it before training\.$'):
+      train.train_and_evaluate(config, str(tmp_path / f'work_{size}'))
 
 
 def test_tokenizer_of_an_llm_gets_appended_specials(llm_dir):

@@ -12,7 +12,7 @@ from helpers import ROOT
 PACKAGE = os.path.join(ROOT, 'monoformer_jax')
 # Each module's place in the flow; a module may import only modules at its place or before.
 STAGES = {
-    'foundation': ['errors', 'files'],
+    'foundation': ['errors', 'files', 'progress'],
     'config': ['config_lib'],
     'data': ['tokenizer', 'data.*'],
     'model': ['rope', 'layers', 'splash', 'model', 'vae', 'pretrained', 'inception', 'sharding',
@@ -20,7 +20,7 @@ STAGES = {
     'steps': ['cross_entropy', 'objective', 'steps', 'sampling', 'mixed_modal', 'settings', 'checkpoint', 'fid', 'digit_fd',
               'mc', 'text_tasks'],
     'train': ['workdir', 'evaluate', 'fid_samples', 'fid_eval', 'guards', 'metrics_log', 'train'],
-    'main': ['main', '__main__', '__init__', 'study', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
+    'main': ['main', 'usage', '__main__', '__init__', 'study', 'bench', 'bench_torch', 'extract_latents', 'convert.*'],
 }
 ORDER = list(STAGES)
 

@@ -135,6 +135,58 @@ def test_every_benchmark_scores_as_lm_eval_harness(trained, tmp_path, monkeypatc
                                                       abs=1e-12), (name, metric)
 
 
+def _inside_a_word(rng, lm) -> tuple[str, tuple[str, str]]:
+  """A context that stops inside a word and two continuations that finish the sentence from
+  there (an empty target delimiter); each adds a token to the context as the harness splits."""
+  while True:
+    words = list(rng.choice([w for w in _WORDS if len(w) > 2], 7))
+    k = int(rng.integers(1, 6))
+    cut = int(rng.integers(1, len(words[k])))
+    context = ' '.join(words[:k] + [words[k][:cut]])
+    endings = (words[k][cut:] + ' ' + ' '.join(words[k + 1:]) + '.',
+               words[k][cut:] + ' ' + ' '.join(rng.choice(_WORDS, 3)) + '.')
+    if all(lm._encode_pair(context, e)[1] for e in endings):  # pylint: disable=protected-access
+      return context, endings
+
+
+@pytest.mark.slow
+def test_continuations_inside_a_word_score_as_lm_eval_harness(trained, tmp_path):
+  """An empty target delimiter: each request has the tokens the harness's HF backend feeds
+  (the context encoded alone, then the whole text's tokens past it) and its log-likelihood;
+  a continuation that adds no token is refused by name, where the harness stops."""
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / 'hf'
+  result = cli('convert', 'export-llama', f'--src={trained}', f'--dst={hf_dir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lm = HFLM(pretrained=str(hf_dir), dtype='float32', device='cpu', batch_size=8)
+  restored = workdir_lib.for_inference(trained, use_ema=True)
+  setup, rng = restored.setup, np.random.default_rng(5)
+  items = [mc.Item.shared_context(*_inside_a_word(rng, lm), gold=0, delimiter='')
+           for _ in range(12)]
+  requests = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
+  split_matters, encode_pair = 0, lm._encode_pair  # pylint: disable=protected-access
+  for context, continuation in requests:
+    context_enc, continuation_enc = encode_pair(context, continuation)
+    ids, n = mc.encode_request(setup.tok, context, continuation, 256)
+    assert (ids[:len(ids) - n], ids[len(ids) - n:]) == (context_enc, continuation_enc)
+    split_matters += context_enc + continuation_enc != lm.tok_encode(context + continuation)
+  assert split_matters >= 3, split_matters  # the whole text's tokens would differ
+  theirs = lm.loglikelihood([Instance('loglikelihood', {}, r, i) for i, r in enumerate(requests)])
+  ours = np.concatenate(mc.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=8,
+                                          max_length=256, layout=setup.layout))
+  np.testing.assert_allclose(ours, [ll for ll, _ in theirs], rtol=1e-4, atol=1e-4)
+
+  context, ending = 'The cup is on the ta', 'ble'  # the whole has no more tokens than the context
+  assert not encode_pair(context, ending)[1]
+  with pytest.raises(AssertionError):
+    lm.loglikelihood([Instance('loglikelihood', {}, (context, ending), 0)])
+  bad = items[:1] + [mc.Item.shared_context(context, ['ble is blue', 'ble'], 0, delimiter='')]
+  with pytest.raises(UserError, match=r"^choice 1 of item 1 .*'ble'.* adds no token"):
+    mc.loglikelihoods(setup.model, restored.params, setup.tok, bad, batch=8, max_length=256,
+                      layout=setup.layout)
+
+
 def test_next_line_questions_differ_only_in_word_order():
   questions = corpus.next_line_questions(tiny_config().data, 60)
   assert len(questions) == 60 and len({q[2] for q in questions}) == 4  # the gold moves around

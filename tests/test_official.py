@@ -3,9 +3,11 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import transformers
 from torch import nn
@@ -121,6 +123,28 @@ def test_unsupported_official_variants_are_refused(official_dir, tmp_path):
   with pytest.raises(UserError, match="decoder_t_embed = 'add_at_each_layer'; only "
                                       "'add_before_image_tokens'"):
     commands.run('official', str(other), str(tmp_path / 'out'), use_ema=True)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_tokenizer_reaching_the_special_ids_is_refused(official_dir, tokenizer_file, tmp_path):
+  """A checkpoint whose added tokens sit at 1020-1023 with a 1,024-piece tokenizer: refused by
+  name (export-official would otherwise give the four tokens other ids and another vocab_size)."""
+  _, _, src = official_dir
+  import shutil  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'low_ids'
+  shutil.copytree(src, other)
+  (other / 'added_tokens.json').write_text(json.dumps(
+      {'<PAD>': 1020, '<image>': 1021, '<|im_start|>': 1022, '<|im_end|>': 1023}))
+  config = json.loads((other / 'config.json').read_text())
+  (other / 'config.json').write_text(json.dumps(dict(config, image_token_index=1021)))
+  pieces = spm.SentencePieceProcessor(model_file=tokenizer_file).get_piece_size()
+  assert pieces == 1024
+  with pytest.raises(UserError, match=rf'^tokenizer {re.escape(tokenizer_file)} has {pieces} '
+                                      r'pieces, which collide with the official special token ids '
+                                      r"1020, 1021, 1022, 1023; expected the LLM's own tokenizer, "
+                                      r'with no more pieces than the first special id, 1020\.$'):
+    commands.run('official', str(other), str(tmp_path / 'out'), use_ema=True,
+                  tokenizer=tokenizer_file)
   assert not (tmp_path / 'out').exists()
 
 

@@ -346,7 +346,7 @@ def test_metrics_are_written_with_and_without_tensorflow(tmp_path, monkeypatch, 
   if not has_tensorflow:
     monkeypatch.setitem(sys.modules, 'clu', None)  # as if not installed
   log = metrics_log.MetricsLog(str(tmp_path), start_step=0, num_steps=2)
-  log.write(1, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, input_wait_s=0.0, skipped_steps=0)
+  log.write(1, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, skipped_steps=0)
   log.close()
   assert [(r['step'], r['loss']) for r in _rows(str(tmp_path))] == [(1, 2.5)]
   out, err = capsys.readouterr()

@@ -42,7 +42,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
   if os.path.isfile(os.path.join(src, pretrained.MODEL_JSON)):
     cfg, tie, dtype, param = pretrained.leaf_reader(src)
-    max_positions, special = 2048, None
+    max_positions, special = 2048, None  # the context counts only without a source config
     if source is None:  # converted before the source's config was kept
       tok = Tokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None
       special = (tok.bos_id, tok.eos_id, tok.pad_id) if tok else (1, 2, 0)

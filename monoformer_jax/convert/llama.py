@@ -9,6 +9,7 @@ written under DST.partial, then renamed, so a crash leaves no DST.
 import json
 import os
 import shutil
+import sys
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -225,23 +226,32 @@ def convert_llama(src: str, dst: str) -> None:
                  'hf_config': source, 'source': os.path.abspath(src)}, f, indent=1)
     if os.path.exists(os.path.join(src, pretrained.TOKENIZER)):
       shutil.copy(os.path.join(src, pretrained.TOKENIZER), os.path.join(tmp, pretrained.TOKENIZER))
+  if not os.path.exists(os.path.join(dst, pretrained.TOKENIZER)):
+    # Synthetic checkpoints have none, and training from dst needs one: say so now.
+    print(f'warning: {src} has no {pretrained.TOKENIZER}, so neither has {dst}; copy the LLM\'s '
+          f'sentencepiece {pretrained.TOKENIZER} into {dst} before training from it.',
+          file=sys.stderr, flush=True)
 
 
 def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
                  source: Optional[Mapping], max_positions: int,
                  special_ids: Optional[tuple[int, int, int]]) -> None:
   """(name, LazyTensor) pairs of backbone_tensors -> a HF LlamaForCausalLM directory
-  (config.json + model.safetensors), written one tensor at a time."""
+  (config.json + model.safetensors), written one tensor at a time. The tokenizer's
+  model_max_length is config.json's max_position_embeddings (the source's, when there is one;
+  else max_positions), so the two never disagree."""
   dtype = np.dtype(tensors[0][1].dtype)
   torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
       dtype, 'bfloat16')
   with files.atomic_directory(dst) as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
+    config = hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids), f, indent=1)
+      json.dump(config, f, indent=1)
     if tokenizer_file and os.path.exists(tokenizer_file):
       shutil.copy(tokenizer_file, os.path.join(tmp, pretrained.TOKENIZER))
-      write_tokenizer_config(tmp, Tokenizer(tokenizer_file), max_positions)
+      write_tokenizer_config(tmp, Tokenizer(tokenizer_file),
+                             config.get('max_position_embeddings', max_positions))
 
 
 def write_tokenizer_config(directory: str, tok: Tokenizer, context: int, extra_special=None,

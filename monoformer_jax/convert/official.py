@@ -24,7 +24,7 @@ from monoformer_jax import checkpoint, config_lib, files, pretrained, sharding, 
 from monoformer_jax import model as model_lib
 from monoformer_jax.convert import llama, torch_bin
 from monoformer_jax.errors import UserError
-from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
+from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
 
 MODULES = {  # official Linear -> our Dense path
     't_embedder.mlp.0': ('t_embedder', 'fc1'),
@@ -110,6 +110,19 @@ def find_tokenizer(search: list[str], given: str) -> str:
                   'LLM\'s sentencepiece model (the official checkpoints start from TinyLlama\'s).')
 
 
+def check_tokenizer(path: str, ids: dict[str, int]) -> None:
+  """The tokenizer's pieces end below the official added tokens: a piece at one of their ids
+  would make that token text, and `export-official` would then give the four tokens new ids
+  and another vocabulary size than the checkpoint's."""
+  pieces = Tokenizer(path).num_pieces
+  taken = sorted(i for i in ids.values() if i < pieces)
+  if taken:
+    raise UserError(f'tokenizer {path} has {pieces} pieces, which collide with the official '
+                    f'special token ids {", ".join(map(str, taken))}; expected the LLM\'s own '
+                    f'tokenizer, with no more pieces than the first special id, '
+                    f'{min(ids.values())}.')
+
+
 def _device_backbone(tensors, cfg, tie: bool) -> dict:
   """The backbone params as device arrays in the source's dtype, the decoder's blocks apart
   (the save_weights layout): each tensor is moved as soon as it is read, so memory holds the
@@ -151,6 +164,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
   ids = special_ids(hf, search)
   tokenizer = find_tokenizer(search, tokenizer)
+  check_tokenizer(tokenizer, ids)
   tensors = torch_bin.open_weights(weights)
   params = _device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name

@@ -143,7 +143,9 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
     with open(os.path.join(tmp, safetensors_io.SINGLE_FILE + '.index.json'), 'w') as f:
       json.dump(dict(metadata=dict(total_size=sum(t.nbytes for _, t in tensors)),
                      weight_map=weight_map), f, indent=1)
+    config = _config(setup, source, ids, vocab, torch_dtype)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(_config(setup, source, ids, vocab, torch_dtype), f, indent=1)
-    _tokenizer(tmp, src, setup.tok, ids, setup.config.model.context_length)
+      json.dump(config, f, indent=1)
+    _tokenizer(tmp, src, setup.tok, ids, config.get('max_position_embeddings',
+                                                    setup.config.model.context_length))
   ckpt.close()

@@ -3,8 +3,8 @@ tensorflow-datasets and turned into multiple-choice questions with lm-eval-harne
 
 Each question is (contexts, continuations, choices, gold) as mc.Item takes it. The split is
 the one the harness evaluates: test where it has one with labels (ARC, OpenBookQA), else
-validation. The datasets are prepared by the user (`tfds build` or a TFDS data_dir holding
-them); nothing is downloaded here.
+validation. `prepare` (the `prepare` command) downloads and prepares the datasets once through
+TFDS's Python builders; `questions` only reads a prepared data_dir and never downloads.
 
 Known difference: TFDS keeps HellaSwag's context as one string, where the harness builds it as
 ctx_a + ' ' + ctx_b.capitalize(); here the context's sentences are used as TFDS gives them.
@@ -12,7 +12,7 @@ ctx_a + ' ' + ctx_b.capitalize(); here the context's sentences are used as TFDS 
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -94,6 +94,42 @@ BENCHMARKS = {
 }
 
 
+def _unknown(names) -> None:
+  unknown = [n for n in names if n not in BENCHMARKS]
+  if unknown or not names:
+    raise UserError(f'--tasks names {", ".join(unknown) or "nothing"} to prepare; expected a '
+                    f'comma-separated list of {", ".join(BENCHMARKS)}.')
+
+
+def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
+  """Downloads and prepares each named benchmark's TFDS dataset in data_dir ('' = TFDS's
+  default); already prepared ones are left as they are. Returns {name: dataset directory}.
+
+  This is TFDS's Python route (builder.download_and_prepare): the `tfds build` command
+  would need apache-beam for its own imports, which none of these builders use.
+  """
+  import requests  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+  _unknown(names)
+  where = data_dir or 'the default TFDS data_dir'
+  prepared = {}
+  for name in names:
+    tfds_name = BENCHMARKS[name].tfds_name
+    builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+    try:
+      builder.download_and_prepare()
+    except (requests.RequestException, tfds.download.DownloadError,
+            download_manager.NonMatchingChecksumError) as e:
+      reason = ' '.join(f'{type(e).__name__}: {e}'.split())
+      raise UserError(f'downloading the files of the TFDS dataset {tfds_name} into {where} failed '
+                      f'({reason}); prepare needs network access to them: retry later, or prepare '
+                      'on a machine that has it, copy its data_dir here and pass '
+                      '--tfds_data_dir=DIR.') from None
+    prepared[name] = str(builder.data_dir)
+  return prepared
+
+
 def questions(name: str, data: ml_collections.ConfigDict, limit: int = 0) -> list[Question]:
   """The benchmark's questions in TFDS order (the first `limit`, 0 = all)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -104,7 +140,9 @@ def questions(name: str, data: ml_collections.ConfigDict, limit: int = 0) -> lis
     examples = builder.as_dataset(split=split)
   except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError):
     where = data.tfds_data_dir or 'the default TFDS data_dir'
+    flag = f' --tfds_data_dir={data.tfds_data_dir}' if data.tfds_data_dir else ''
     raise UserError(f'the TFDS dataset {bench.tfds_name} is not prepared in {where}; run '
-                    f'`tfds build {bench.tfds_name}` (or set config key data.tfds_data_dir to '
-                    'where it is).') from None
+                    f'`python -m monoformer_jax prepare --tasks={name}{flag}`, or pass '
+                    '--tfds_data_dir=DIR where it is prepared (config key data.tfds_data_dir '
+                    'for training\'s text_eval_every).') from None
   return [bench.question(ex) for ex in tfds.as_numpy(examples)]
