@@ -13,8 +13,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from monoformer_jax import (bench, checkpoint, config_lib, extract_latents, fid_eval, fid_samples, files,
-                            guards, mixed_modal, progress, sampling, settings, sharding, text_tasks, vae)
+from monoformer_jax import (bench, checkpoint, config_lib, extract_latents, fid_eval, fid_samples,
+                            files, guards, mixed_modal, progress, sampling, settings, sharding,
+                            text_tasks, vae)
 from monoformer_jax import evaluate as evaluate_lib
 from monoformer_jax import study, train, usage
 from monoformer_jax import workdir as workdir_lib

@@ -203,7 +203,8 @@ def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
                 'rope_scaling', 'norm_eps'):
     got, want = getattr(cfg, field), getattr(model_cfg, field)
     if got != want:
-      raise UserError(f'{path} has {field} = {got}, but the model config gives {want}.')
+      raise UserError(f'{path} has {field} = {got}, but the model config gives {want}; set '
+                      '--config.model.size=auto to take the shape from the converted LLM.')
   if model_cfg.vocab_size < cfg.vocab_size:
     raise UserError(f'{path} has {cfg.vocab_size} vocabulary rows; config key model.vocab_size '
                     f'is only {model_cfg.vocab_size}.')

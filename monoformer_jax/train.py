@@ -135,7 +135,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     if ckpt.all_steps() and not ckpt.has_optimizer_state(ckpt.all_steps()[0]):
       start, state = 0, _from_weights(workdir, setup, abstract, shardings)
     elif ckpt.all_steps():
-      workdir_lib.check_same_shape(ckpt, config, model)
+      workdir_lib.check_same_state(ckpt, config, layout)
       start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
       for kind, it in iterators.items():
         it.set_state(data_state[kind.value])

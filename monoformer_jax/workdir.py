@@ -115,25 +115,50 @@ def param_shapes(model: MonoFormer) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def check_same_shape(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
-                     model: MonoFormer) -> None:
-  """Refuses a config whose model differs in shape from the one the workdir's newest
-  checkpoint holds, naming the keys that differ: the checkpoints are sound, so falling back
-  to older ones (or to a fresh model) would be wrong. A config that cannot be read is left
-  to the restore's own fallback."""
-  step = ckpt.latest_step()
+def _state_shapes(config: ml_collections.ConfigDict,
+                  layout: sharding.Layout) -> dict[str, tuple[int, ...]]:
+  """Every leaf of the train state a config makes (parameters, EMA, optimizer state): its
+  path and shape, nothing allocated."""
+  model = settings_lib.validate(config).model
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  flat = jax.tree_util.tree_flatten_with_path(steps.abstract_state(model, tx, layout)[0])[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
+                     layout: sharding.Layout) -> None:
+  """Refuses a config whose train state differs in shape from the one the workdir's newest
+  checkpoint holds (another model size, another optimizer schedule), naming the keys that
+  make the difference: the checkpoints are sound, so falling back to older ones would be
+  wrong. A saved config that cannot be read is left to the restore's own fallback."""
   try:
-    saved = ckpt.restore_config(step)
-    saved_model = settings_lib.validate(saved).model
+    saved = ckpt.restore_config(ckpt.latest_step())
+    saved_shapes = _state_shapes(saved, layout)
   except UserError:
     return
-  if param_shapes(saved_model) == param_shapes(model):
+  if saved_shapes == _state_shapes(config, layout):
     return
-  differ = [f'model.{k} is {saved.model[k]!r} there and {config.model[k]!r} here'
-            for k in config.model.keys() if saved.model[k] != config.model[k]]
-  raise UserError(f'the checkpoints in {ckpt.directory} hold a model of another shape than this '
-                  f'config asks for ({"; ".join(differ) or "the model keys differ"}); resume with '
-                  'the saved values (drop those overrides) or choose another --workdir.')
+
+  def plain(value):
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+  differ = [f'{section}.{k}' for section in ('model', 'optim') for k in config[section].keys()
+            if plain(saved[section][k]) != plain(config[section][k])]
+
+  def changes_shapes(key: str) -> bool:
+    section, name = key.split('.')
+    trial = ml_collections.ConfigDict(saved.to_dict())
+    trial[section][name] = config[section][name]
+    try:
+      return _state_shapes(trial, layout) != saved_shapes
+    except UserError:
+      return True
+  named = [k for k in differ if changes_shapes(k)] or differ
+  keys = '; '.join(f'{k} is {plain(saved[k.split(".")[0]][k.split(".")[1]])!r} there and '
+                   f'{plain(config[k.split(".")[0]][k.split(".")[1]])!r} here' for k in named)
+  raise UserError(f'the checkpoints in {ckpt.directory} hold a train state of another shape than '
+                  f'this config makes ({keys or "the saved config differs"}); resume with the '
+                  'saved values (drop those overrides) or choose another --workdir.')
 
 
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:

@@ -29,7 +29,20 @@ def _bad_inputs(tmp_path):
       # Found only once the workdir exists (the datasets need its tokenizer): it is removed.
       (train + ['--config.data.text_source=chat_jsonl',
                 f'--config.data.chat_files={tmp_path / "chat.jsonl"}'], 'chat.jsonl, line 1'),
-      (train + ['--config.train.num_stesp=3'], 'num_stesp'),  # an unknown config key
+      (train + ['--config.train.num_stesp=3'],  # an unknown config key
+       'config key train.num_stesp (--config.train.num_stesp) does not exist; did you mean '
+       'train.num_steps?'),
+      (['train', '--config=configs/digitz.py', '--workdir={new}'],
+       '--config file configs/digitz.py does not exist'),
+      (['sample', '--workdir={trained}', '--nums=3'], '--nums is not a flag of `sample`; did you '
+                                                      'mean --num?'),
+      (['evaluate', '--workdir={trained}', '--prompt=x'], '--prompt is not a flag of `evaluate`'),
+      (['convert', f'--src={tmp_path}'], 'convert takes one kind out of llama,'),
+      (['generate', '--workdir={trained}', f'--out={tmp_path / "a_file"}'],
+       'is a file; generate --out expects a directory'),
+      # Resuming with another model size: the saved shape is named, no fallback is tried.
+      (['train', *TINY, '--workdir={trained}', '--config.model.size=digits'],
+       "model.size is 'tiny' there and 'digits' here"),
       (train + ['--config.data.text_file=/no/such/corpus.txt'], '/no/such/corpus.txt'),
       (train + ['--config.train.num_steps=abc'], 'num_steps'),  # a value of the wrong type
       (train + ['--bogus=1'], 'bogus'),  # an unknown flag
@@ -62,6 +75,20 @@ def test_every_bad_input_is_one_sentence(trained, tmp_path):
     assert result.returncode == 2 and len(errors) == 1, (args, result.stderr[-2000:])
     assert named in errors[0] and 'Traceback' not in result.stderr, (args, errors[0])
     assert not new.exists(), args
+
+
+def test_each_command_lists_its_own_flags():
+  result = cli('sample', '--help')
+  assert result.returncode == 0 and result.stdout.startswith('python -m monoformer_jax sample ')
+  flags = [line.split(':')[0].strip() for line in result.stdout.splitlines()
+           if line.startswith('  --')]
+  assert {'--num', '--prompt', '--steps', '--sampler', '--vae'} <= set(flags)
+  assert '--max_tokens' not in flags and '--config' not in flags
+  result = cli('convert', '--help')
+  assert result.returncode == 0 and 'synthetic-llama' in result.stdout and '--src' in result.stdout
+  result = cli('--help')
+  assert result.returncode == 0 and all(f'  {c} ' in result.stdout
+                                        for c in ('train', 'evaluate', 'prepare', 'study'))
 
 
 def test_sample_without_checkpoint(tmp_path):
@@ -117,6 +144,13 @@ def test_sample_generate_evaluate(trained, tmp_path):
     flagged = json.load(f)
   assert (flagged['sampler'], flagged['sampler_steps'], flagged['cfg_scale']) == ('ddim', 3, 1.0)
   assert flagged['fd/overall'] != default['fd/overall'] and 'tasks' in flagged
+  # train on a workdir trained and evaluated to its num_steps does not evaluate again (the
+  # fixture's optimizer has no schedule, which the digits config adds).
+  result = cli('train', *TINY, '--config.optim.cosine_decay=false', '--config.optim.warmup_steps=0',
+               f'--workdir={trained}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'is trained to step 2 and evaluated (eval.json); nothing to do' in result.stdout
+  assert 'eval:' not in result.stdout
 
 
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):

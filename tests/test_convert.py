@@ -107,7 +107,8 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   config.unlock()
   config.model.size = 'digits'
   fresh_workdir = str(tmp_path / 'never_created')
-  with pytest.raises(UserError, match=r'conv has width = 32, but the model config gives 128'):
+  with pytest.raises(UserError, match=r'conv has width = 32, but the model config gives 128; set '
+                                      r'--config.model.size=auto to take the shape'):
     train.train_and_evaluate(config, fresh_workdir)
   assert not os.path.exists(fresh_workdir)
   # A parameter whose shape differs is named, with both shapes.

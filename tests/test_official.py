@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from helpers import cli
+from helpers import cli, error_line
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.convert import commands, safetensors_io, torch_bin
 from monoformer_jax.diffusion import GuidanceChannels
@@ -168,6 +168,13 @@ def test_official_round_trip_gives_the_same_tensors(official_dir, tmp_path):
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'back')
   assert [tok.convert_tokens_to_ids(t) for t in ('<PAD>', '<image>', '<|im_start|>', '<|im_end|>')
           ] == [PAD, IMAGE, IM_START, IM_END]
+  # Converted without --vae, the workdir's samples are latents: no picture of them is written.
+  out = tmp_path / 'latents.png'
+  result = cli('sample', f'--workdir={tmp_path / "work"}', '--prompt=goldfish', '--num=1',
+               '--steps=2', f'--out={out}')
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert f'draws {C}-channel VAE latents' in error_line(result) and '--vae=DIR' in error_line(result)
+  assert not out.exists() and not (tmp_path / 'latents.npz').exists()
 
 
 def test_official_training_layout_bin_weights_and_ema_folder(official_dir, tmp_path):

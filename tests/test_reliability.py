@@ -1,7 +1,6 @@
 """What a long run may rely on: preemption saves, the divergence guard, checkpoint fallback,
 async saves, one run per workdir, and logs that survive crashes."""
 
-import errno
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import ROOT, cli, error_line, tiny_config
-from monoformer_jax import checkpoint, metrics_log, settings, sharding, steps, train
+from monoformer_jax import checkpoint, guards, metrics_log, settings, sharding, steps, train
 from monoformer_jax import workdir as workdir_lib
 from monoformer_jax.errors import UserError
 from monoformer_jax.metrics_log import METRICS_FILE
@@ -74,24 +73,50 @@ def _start(args, env=None):
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _stop_with(signum, workdir, flags, rows):
+  """Starts `train`, sends signum once `rows` steps are logged; (the step it saved, stdout,
+  stderr)."""
+  run = _start([sys.executable, '-m', 'monoformer_jax', 'train', *flags, f'--workdir={workdir}'])
+  _wait_for_rows(workdir, rows, run)
+  run.send_signal(signum)
+  out, err = run.communicate(timeout=300)
+  assert run.returncode == 75, err[-3000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  step = int(err.split('preempted: checkpoint step ')[1].split()[0])
+  assert max(map(int, os.listdir(os.path.join(workdir, 'checkpoints')))) == step
+  return step, out, err
+
+
 @pytest.mark.slow
-def test_sigterm_saves_and_a_restart_matches_the_uninterrupted_run(tmp_path):
+def test_ctrl_c_and_sigterm_save_and_a_restart_matches_the_uninterrupted_run(tmp_path):
   flags = [*TINY, '--config.train.num_steps=200', '--config.train.checkpoint_every=1000']
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
   assert cli('train', *flags, f'--workdir={straight}').returncode == 0
-  run = _start([sys.executable, '-m', 'monoformer_jax', 'train', *flags, f'--workdir={stopped}'])
-  _wait_for_rows(stopped, 10, run)
-  run.send_signal(signal.SIGTERM)
-  _, err = run.communicate(timeout=300)
-  assert run.returncode == 75, err[-3000:]
-  step = int(err.split('preempted: checkpoint step ')[1].split()[0])
-  assert 10 <= step < 200 and os.listdir(os.path.join(stopped, 'checkpoints')) == [str(step)]
+  first, _, err = _stop_with(signal.SIGINT, stopped, flags, 10)
+  assert 10 <= first < 200 and 'interrupted: saving at the end of this step' in err
+  second, out, _ = _stop_with(signal.SIGTERM, stopped, flags, first + 10)
+  assert f'resuming from checkpoint step {first}' in out and first < second < 200
   result = cli('train', *flags, f'--workdir={stopped}')
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from checkpoint step {second}' in result.stdout
   assert _rows(stopped) == _rows(straight)
   a, b = _saved_arrays(straight), _saved_arrays(stopped)
   assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(b)) > 20
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  """The first SIGINT asks for a save at the step boundary; the second raises at once."""
+  notice = guards.PreemptionNotice()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert notice.reached(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs at the next bytecode; never this long
+  finally:
+    notice.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.multiprocess
@@ -165,6 +190,26 @@ def test_consecutive_non_finite_steps_stop_the_run(workdir, monkeypatch):
   assert ckpt.all_steps() == [4, 2]
   ckpt.close()
   assert bool(checkpoint.all_finite(_final_state(workdir, config)[1].params))
+
+
+@pytest.mark.slow
+def test_a_diverged_alternating_run_stops_and_keeps_the_good_checkpoint(workdir):
+  """A real blow-up (learning rate 1e4 after 10 good steps): every diffusion step overflows
+  while the ar steps between them stay finite (the model predicts uniformly), so a streak
+  over all steps never reaches the limit; the streak of each kind does, no checkpoint is
+  written during it, and the good one survives keep_checkpoints=2."""
+  train.train_and_evaluate(tiny_config(num_steps=10, checkpoint_every=5), workdir)
+  config = tiny_config(num_steps=60, checkpoint_every=4)
+  config.optim.learning_rate, config.optim.warmup_steps = 1e4, 0
+  with pytest.raises(UserError, match=r'not finite at 10 diffusion steps in a row up to step '
+                                      r'\d+ .* The last good checkpoint is step 10 in '):
+    train.train_and_evaluate(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  assert ckpt.all_steps() == [10, 5]
+  ckpt.close()
+  after = [r for r in _rows(workdir) if r['step'] > 10]
+  assert any(r['kind'] == 'ar' and not r['skipped'] for r in after[:-1])
+  assert sum(r['skipped'] for r in after) >= 9  # the 10th is the step the error names
 
 
 def test_the_step_itself_leaves_the_state_alone_on_nan(workdir):
@@ -277,21 +322,51 @@ def test_non_finite_params_are_never_saved_nor_sampled(trained, tmp_path):
     workdir_lib.for_inference(workdir, use_ema=False)
 
 
+_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=64m tmpfs "$DISK"
+mkdir "$DISK/w" && cp "$TOKENIZER" "$DISK/w/tokenizer.model"
+python -m monoformer_jax train $FLAGS --workdir="$DISK/w" --config.train.num_steps=5 || exit 1
+# Room for half a checkpoint more: the next save runs out of space.
+used=$(df --output=used -k "$DISK" | tail -1)
+step=$(du -sk "$DISK/w/checkpoints/5" | cut -f1)
+mount -o remount,size=$((used + step / 2))k "$DISK"
+python -m monoformer_jax train $FLAGS --workdir="$DISK/w" > "$OUT/full.out" 2> "$OUT/full.err"
+echo $? > "$OUT/full.rc"
+ls "$DISK/w/checkpoints" > "$OUT/full.ls"
+mount -o remount,size=64m "$DISK"  # space returns
+python -m monoformer_jax train $FLAGS --workdir="$DISK/w" > "$OUT/resumed.out" 2> "$OUT/resumed.err"
+echo $? > "$OUT/resumed.rc"
+ls "$DISK/w/checkpoints" > "$OUT/resumed.ls"
+"""
+
+
 @pytest.mark.slow
-def test_a_full_disk_is_one_sentence(trained, tmp_path, monkeypatch):
-  workdir = _copy(trained, tmp_path)
-  config = tiny_config(num_steps=4, checkpoint_every=2)
-  _, state = _final_state(workdir, config)
-  ckpt = checkpoint.Checkpointer(workdir)
-
-  def full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
-
-  monkeypatch.setattr(ckpt.manager, 'save', full)
-  with pytest.raises(UserError, match=r'is full; checkpoint step 5 was not written. The last '
-                                      r'finished checkpoint is step 4'):
-    ckpt.save(5, state, {}, config)
-  ckpt.close()
+def test_a_real_full_disk_is_one_sentence_and_the_run_resumes(tmp_path, tokenizer_file):
+  """On a real filesystem that fills up (a tmpfs in a private mount namespace) the save fails
+  inside tensorstore's writers: one `error:` line, exit 2, nothing else on stderr; once
+  space returns the same command resumes from the last finished checkpoint."""
+  disk, out = tmp_path / 'disk', tmp_path / 'out'
+  disk.mkdir()
+  out.mkdir()
+  flags = ' '.join([*TINY, '--config.train.log_every=5', '--config.train.num_steps=20',
+                    '--config.train.checkpoint_every=5', '--config.train.keep_checkpoints=3'])
+  env = dict(os.environ, PYTHONPATH=ROOT, DISK=str(disk), OUT=str(out), TOKENIZER=tokenizer_file,
+             FLAGS=flags)
+  # A user and mount namespace of its own: no privilege needed, nothing left mounted after.
+  done = subprocess.run(['unshare', '--map-root-user', '--mount', 'sh', '-c', _FULL_DISK],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0 and (out / 'resumed.rc').exists(), done.stderr[-3000:]
+  read = lambda name: (out / name).read_text()  # noqa: E731
+  err = [line for line in read('full.err').splitlines()
+         if not line.startswith(('WARNING: All log messages', 'I0000'))]  # TensorFlow's start
+  assert read('full.rc').strip() == '2', read('full.err')[-3000:]
+  assert len(err) == 1 and err[0].startswith('error: the disk holding '), err[:20]
+  assert 'is full; checkpoint step 10 was not written. The last finished checkpoint is step 5' in err[0]
+  assert read('full.ls').split() == ['10.orbax-checkpoint-tmp', '5']
+  assert read('resumed.rc').strip() == '0', read('resumed.err')[-3000:]
+  assert 'resuming from checkpoint step 5' in read('resumed.out')
+  assert read('resumed.ls').split() == ['10', '15', '20']
 
 
 @pytest.mark.slow
@@ -354,3 +429,25 @@ def test_metrics_are_written_with_and_without_tensorflow(tmp_path, monkeypatch, 
   events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
   assert bool(events) == has_tensorflow
   assert err.count('warning: no TensorBoard events') == (0 if has_tensorflow else 1)
+
+
+def test_speed_and_eta_leave_compilation_out(tmp_path, capsys):
+  """A step kind's first call (its compilation, here a real second of waiting) is not
+  counted in steps/s and the ETA, and the progress line says how long it took."""
+  log = metrics_log.MetricsLog(str(tmp_path), start_step=0, num_steps=10_000)
+  for i in range(10):
+    with log.compiling('ar'):
+      if i == 0:
+        time.sleep(1.0)
+  log.write(10, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, skipped_steps=0)
+  with log.compiling('ar'):
+    pass
+  log.write(11, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, skipped_steps=0)
+  log.close()
+  with open(tmp_path / METRICS_FILE) as f:
+    rates = [json.loads(line)['steps_per_sec'] for line in f]
+  assert rates[0] > 50  # with the second in it, 10 steps would be under 10 steps/s
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].endswith('compiled ar in 1 s') and 'compiled' not in lines[1]
+  eta_minutes = float(lines[0].split('ETA ')[1].split(' min')[0])
+  assert eta_minutes < 10_000 / 50 / 60  # counting the second: over 16 minutes
