@@ -8,11 +8,11 @@ image tokens) behind 18 prompt tokens. Batches are random; nothing is read.
   python -m monoformer_jax bench --config=configs/bench.py --compare_torch
 """
 
-from monoformer_jax import config_lib
+from monoformer_jax.config import schema
 
 
 def get_config():
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.model.size = 'bench'
   config.model.vocab_size = 8192
   config.model.image_size = (32, 32)

@@ -5,7 +5,8 @@ Not a runnable config itself; imagenet256.py and t2i_chat.py start from `paper_c
 
 import ml_collections
 
-from monoformer_jax import config_lib
+from monoformer_jax.config import schema
+
 
 # Mesh and kernels of the paper-scale configs. 1.1B parameters in fp32 with AdamW moments and
 # EMA are 1.1e9 x 16 bytes = 18 GB of state: fully sharded over every device (fsdp = all) with
@@ -23,7 +24,7 @@ def paper_config(platform: str) -> ml_collections.ConfigDict:
   if platform not in PLATFORMS:
     raise ValueError(f'platform {platform!r}; expected one of {sorted(PLATFORMS)}')
   preset = PLATFORMS[platform]
-  c = config_lib.base_config()
+  c = schema.base_config()
   m = c.model
   m.size, m.vocab_size, m.norm_eps, m.rope_theta = 'tinyllama-1.1b', 32003, 1e-5, 10000.0
   m.init_from, m.vae = 'checkpoints/tinyllama-1.1b-chat', 'checkpoints/sd-vae-ft-mse'

@@ -7,11 +7,11 @@ Runs on a laptop CPU in minutes with nothing downloaded:
       --prompt="a handwritten digit seven" --num=16 --out=seven.png
 """
 
-from monoformer_jax import config_lib
+from monoformer_jax.config import schema
 
 
 def get_config():
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.seed = 0
   config.model.size = 'digits'
   config.model.vocab_size = 1024

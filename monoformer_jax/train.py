@@ -21,14 +21,15 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import (checkpoint, evaluate, fid_eval, fid_samples, guards, pretrained,
-                            sharding, steps, text_tasks, vae)
-from monoformer_jax import settings as settings_lib
-from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.base import sharding
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
-from monoformer_jax.errors import UserError
-from monoformer_jax.metrics_log import MetricsLog
-from monoformer_jax.steps import StepKind
+from monoformer_jax.evaluation import default_eval, fid_eval, fid_samples, text_tasks
+from monoformer_jax.nn import converted, vae
+from monoformer_jax.run import backbone, settings as settings_lib, workdir as workdir_lib
+from monoformer_jax.training import checkpoint, guards, steps
+from monoformer_jax.training.metrics_log import MetricsLog
+from monoformer_jax.training.steps import StepKind
 
 
 def _fresh_state(params, ema_params, setup: workdir_lib.Setup, shardings) -> steps.TrainState:
@@ -42,8 +43,8 @@ def init_backbone(state, setup: workdir_lib.Setup, shardings):
   """The fresh state with params, EMA and optimizer state started from the converted LLM
   of model.init_from."""
   model = setup.model
-  grafted = pretrained.graft_backbone(jax.device_get(state.params), setup.config.model.init_from,
-                                      model.backbone, model.tie_embeddings)
+  grafted = backbone.graft_backbone(jax.device_get(state.params), setup.config.model.init_from,
+                                     model.backbone, model.tie_embeddings)
   # Two transfers: params and EMA must not share buffers, since the steps donate both.
   return _fresh_state(jax.device_put(grafted, shardings.params),
                       jax.device_put(grafted, shardings.ema_params), setup, shardings)
@@ -61,8 +62,8 @@ def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
 def _record_llm_source(init_from: str, workdir: str) -> None:
   """Keeps the converted LLM's description in the workdir, for `convert export-llama`."""
   if jax.process_index() == 0:
-    shutil.copy(os.path.join(init_from, pretrained.MODEL_JSON),
-                os.path.join(workdir, pretrained.SOURCE_JSON))
+    shutil.copy(os.path.join(init_from, converted.MODEL_JSON),
+               os.path.join(workdir, converted.SOURCE_JSON))
 
 
 class _SaveClock:
@@ -109,7 +110,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   """Checks every input, then creates the workdir and restores or initializes the run. A new
   workdir is removed again if anything fails before the first step. Model size 'auto' is
   resolved here, so the saved config names the shape."""
-  config = pretrained.resolve_auto(config)
+  config = backbone.resolve_auto(config)
   settings = settings_lib.validate(config)
   settings_lib.check_inputs(config, settings)
   layout = sharding.make_layout(config.mesh)
@@ -226,8 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if t.eval_at_end:
     params = state.ema_params if config.sample.use_ema else state.params
     with sharding.activate(layout):
-      metrics, images = evaluate.evaluate(setup, params, workdir, t.num_steps)
-    log.write_eval(t.num_steps, metrics, images, evaluate.table(metrics))
+      metrics, images = default_eval.evaluate(setup, params, workdir, t.num_steps)
+    log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))
   log.close()
   return metrics
 
@@ -237,7 +238,7 @@ def _finished_eval(workdir: str, start: int, t: ml_collections.ConfigDict) -> Op
   there (a rerun then says so instead of evaluating again); else None."""
   if start < t.num_steps or not t.eval_at_end:
     return None
-  metrics = evaluate.saved_metrics(workdir)
+  metrics = default_eval.saved_metrics(workdir)
   if metrics.get('step') != t.num_steps:
     return None
   if jax.process_index() == 0:
@@ -265,7 +266,7 @@ class _PeriodicEvals:
     config, t = setup.config, setup.config.train
     if t.eval_every and done % t.eval_every == 0:
       with log.pause():
-        log.write_heldout(done, evaluate.heldout_losses(setup, state.params))
+        log.write_heldout(done, default_eval.heldout_losses(setup, state.params))
     if t.text_eval_every and done % t.text_eval_every == 0:
       with log.pause():
         rows = text_tasks.score(setup, state.params, text_tasks.parse(config.eval.tasks),

@@ -8,7 +8,8 @@ import re
 
 from absl import flags
 
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+
 
 ENTRY = 'python -m monoformer_jax'
 _MULTIHOST = ('coordinator_address', 'num_processes', 'process_id', 'multihost')

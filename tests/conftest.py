@@ -8,12 +8,11 @@ import os
 import shutil
 
 import pytest
-
 from helpers import tiny_config
-from monoformer_jax import bench_torch
-from monoformer_jax import tokenizer as tokenizer_lib
+
 from monoformer_jax import train
-from monoformer_jax.data import pipeline
+from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
+from monoformer_jax.tools import bench_torch
 
 
 def pytest_configure(config):

@@ -8,7 +8,7 @@ bench_torch.make_torchvision_importable (also what `bench --compare_torch` uses)
 import numpy as np
 import torch
 
-from monoformer_jax.bench_torch import make_torchvision_importable
+from monoformer_jax.tools.bench_torch import make_torchvision_importable
 
 
 def import_pytorch_fid():

@@ -11,15 +11,18 @@ import jax
 import numpy as np
 from PIL import Image
 
-from monoformer_jax import config_lib, settings, steps
+from monoformer_jax.config import schema
 from monoformer_jax.data import common, pipeline
+from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import settings
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**train_overrides):
   """The embedded default shrunk to seconds: tiny model, small batches."""
-  config = config_lib.base_config()
+  config = schema.base_config()
   config.model.size = 'tiny'
   config.data.image_batch_size = 8
   config.data.text_batch_size = 4
@@ -61,7 +64,7 @@ def signal_params(model, key=0, noise=0.1, qk_gain=3.0, length=4):
   1 but not at it; q and k kernels are multiplied by qk_gain so that attention is
   far from uniform (a missing RoPE or a wrong mask changes the output).
   """
-  init = jax.jit(lambda k: model.init(k, *steps.example_inputs(model, 1, length),
+  init = jax.jit(lambda k: model.init(k, *model_lib.example_inputs(model, 1, length),
                                       method=model.init_all)['params'])
   params = nn.unbox(init(jax.random.key(key)))
   leaves, tree = jax.tree.flatten_with_path(params)

@@ -9,16 +9,19 @@ import sys
 import jax
 import numpy as np
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from monoformer_jax import mc, sharding, steps, text_tasks  # pylint: disable=wrong-import-position
-from monoformer_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from monoformer_jax.base import sharding
+from monoformer_jax.evaluation import multiple_choice, text_tasks
+from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 
 def main(workdir: str) -> None:
   restored = workdir_lib.for_inference(workdir, use_ema=True)
   setup, params = restored.setup, jax.device_get(restored.params)
   items = text_tasks.TASKS['next_line'].items(setup.config, 24)
-  boxed = jax.eval_shape(functools.partial(steps.init_params, setup.model), jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(model_lib.init_params, setup.model), jax.random.key(0))
   scores = {}
   for name, mesh, devices in (('one', dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                               ('fsdp8', dict(data=1, fsdp=8, tensor=1), None)):
@@ -26,11 +29,11 @@ def main(workdir: str) -> None:
     config.update(mesh)
     layout = sharding.make_layout(config, devices)
     placed = jax.device_put(params, sharding.logical_shardings(boxed, layout))
-    scores[name] = mc.loglikelihoods(setup.model, placed, setup.tok, items, 8,
-                                     setup.config.model.context_length, layout)
+    scores[name] = multiple_choice.loglikelihoods(setup.model, placed, setup.tok, items, 8,
+                                                  setup.config.model.context_length, layout)
   diff = max(float(np.abs(a - b).max()) for a, b in zip(scores['one'], scores['fsdp8']))
-  print(json.dumps(dict(max_abs_diff=diff, acc=[mc.metrics(items, s)['acc'] for s in scores.values()],
-                        items=len(items))))
+  print(json.dumps(dict(max_abs_diff=diff, acc=[multiple_choice.metrics(items, s)['acc'] for s in scores.values()],
+                                     items=len(items))))
 
 
 if __name__ == '__main__':

@@ -12,12 +12,17 @@ import sys
 import jax
 import numpy as np
 
+
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import image_batches, signal_params, text_batches, tiny_config  # pylint: disable=wrong-import-position
-from monoformer_jax import checkpoint, sharding, steps  # pylint: disable=wrong-import-position
-from monoformer_jax import model as model_lib  # pylint: disable=wrong-import-position
-from monoformer_jax.steps import StepKind  # pylint: disable=wrong-import-position
-from monoformer_jax.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
+from helpers import (image_batches, signal_params,  # pylint: disable=wrong-import-position
+                     text_batches, tiny_config)
+
+from monoformer_jax.base import sharding
+from monoformer_jax.data.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
+from monoformer_jax.nn import model as model_lib  # pylint: disable=wrong-import-position
+from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-import-position
+from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
+
 
 MESHES = {
     'data8': dict(data=8, fsdp=1, tensor=1),
@@ -115,7 +120,8 @@ def compare(workdir):
 
 def samplers_under_mesh(workdir):
   """The image sampler and KV-cached decoding with params sharded over fsdp 8 vs 1 device."""
-  from monoformer_jax import diffusion, sampling  # pylint: disable=g-import-not-at-top
+  from monoformer_jax import diffusion
+  from monoformer_jax.generation import sampling  # pylint: disable=g-import-not-at-top
   out = {}
   for name, devices, mesh in (('fsdp8', jax.devices(), MESHES['fsdp8']),
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):

@@ -12,11 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import signal_params, tiny_config  # pylint: disable=wrong-import-position
-from monoformer_jax import sharding  # pylint: disable=wrong-import-position
-from monoformer_jax.layers import AttentionImpl, BackboneConfig, MaskType  # pylint: disable=wrong-import-position
-from monoformer_jax.model import ImageConfig, MonoFormer  # pylint: disable=wrong-import-position
+
+from monoformer_jax.base import sharding  # pylint: disable=wrong-import-position
+from monoformer_jax.nn.layers import (AttentionImpl,  # pylint: disable=wrong-import-position
+                                      BackboneConfig, MaskType)
+from monoformer_jax.nn.model import ImageConfig, MonoFormer  # pylint: disable=wrong-import-position
+
 
 # 110 prompt tokens + time token + 16 patches + <im_end> = 128: one splash tile.
 XLA = MonoFormer(BackboneConfig(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2,

@@ -10,13 +10,14 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
-
 from helpers import tiny_config
-from monoformer_jax import train
-from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.convert import commands, torch_bin
-from monoformer_jax.layers import MaskType
 from official_reference import OfficialExtras, official_forward
+
+from monoformer_jax import train
+from monoformer_jax.convert import commands, torch_bin
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.run import workdir as workdir_lib
+
 
 VOCAB, WIDTH = 300, 48
 LLAMA3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -4,20 +4,21 @@ own builders from files in each dataset's published layout (only the network fet
 
 import json
 import os
-from unittest import mock
 import zipfile
+from unittest import mock
 
-from etils import epath
 import numpy as np
 import promise
 import pytest
 import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
-
+from etils import epath
 from helpers import tiny_config
-from monoformer_jax.data import benchmarks
-from monoformer_jax.errors import UserError
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.evaluation import benchmarks
+
 
 EXAMPLES = {
     'hellaswag': dict(activity_label='Baking cookies', context='A woman pours flour [title] into a bowl.',

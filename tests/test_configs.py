@@ -2,8 +2,8 @@
 
 import dataclasses
 import glob
-import json
 import importlib.util
+import json
 import os
 import re
 
@@ -12,12 +12,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
-
 from helpers import ROOT, tiny_config
-from monoformer_jax import bench, config_lib, pretrained, settings, sharding, steps
-from monoformer_jax import model as model_lib
-from monoformer_jax.errors import UserError
-from monoformer_jax.steps import StepKind
+
+from monoformer_jax.base import sharding
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.config import schema
+from monoformer_jax.nn import converted, model as model_lib
+from monoformer_jax.run import settings
+from monoformer_jax.tools import bench
+from monoformer_jax.training import steps
+from monoformer_jax.training.steps import StepKind
+
 
 # Every runnable config (common.py holds shared pieces, not a config).
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -45,8 +50,8 @@ def _with_stand_in_paths(config, tmp_path):
   if config.model.init_from:
     backbone = dataclasses.replace(model_lib.build(config.model).backbone,
                                    vocab_size=config.data.tokenizer_vocab_size)
-    (tmp_path / 'init_from' / pretrained.MODEL_JSON).write_text(json.dumps(dict(
-        backbone=pretrained.config_to_json(backbone), tie_embeddings=config.model.tie_embeddings)))
+    (tmp_path / 'init_from' / converted.MODEL_JSON).write_text(json.dumps(dict(
+        backbone=converted.config_to_json(backbone), tie_embeddings=config.model.tie_embeddings)))
   return config
 
 
@@ -59,7 +64,7 @@ def test_config_loads(path, tmp_path):
   settings.check_inputs(config, typed)
   assert 'python -m monoformer_jax' in open(path).read()
   model = typed.model
-  shapes = jax.eval_shape(lambda k: model.init(k, *steps.example_inputs(model),
+  shapes = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
                                                method=model.init_all), jax.random.key(0))
   assert shapes['params']['embed_tokens']['embedding'].value.shape[0] == config.model.vocab_size
 
@@ -114,7 +119,7 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
 
 
 def test_unknown_key_is_refused():
-  config = config_lib.base_config()
+  config = schema.base_config()
   with pytest.raises(AttributeError):
     config.train.num_stesp = 3
 
@@ -186,7 +191,7 @@ def test_model_flops_agree_with_xla_cost_analysis(kind):
   config.model.image_size, config.model.image_channels = (32, 32), 4  # 256 patches
   model = settings.validate(config).model
   params = nn.unbox(jax.eval_shape(lambda: model.init(
-      jax.random.key(0), *steps.example_inputs(model), method=model.init_all))['params'])
+      jax.random.key(0), *model_lib.example_inputs(model), method=model.init_all))['params'])
   length = bench.sequence_length(config, model, kind)
   if kind == StepKind.AR:
     batch = 4

@@ -10,15 +10,18 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
-
 from helpers import tiny_config
-from monoformer_jax import pretrained, steps, train
-from monoformer_jax import workdir as workdir_lib
+
+from monoformer_jax import train
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands, safetensors_io
-from monoformer_jax.errors import UserError
-from monoformer_jax.layers import MaskType
-from monoformer_jax.model import SIZES
-from monoformer_jax.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.nn import converted
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.nn.model import SIZES
+from monoformer_jax.run import backbone, workdir as workdir_lib
+from monoformer_jax.training import steps
+
 
 TINY = SIZES['tiny']
 VOCAB = 300
@@ -116,7 +119,7 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   params['decoder']['layers']['mlp']['up_proj']['kernel'] = np.zeros((2, 32, 80), np.float32)
   with pytest.raises(UserError, match=r'parameter decoder/layers/mlp/up_proj/kernel has shape '
                                       r'\(2, 32, 64\) in .*model config gives \(2, 32, 80\)'):
-    pretrained.graft_backbone(params, conv, model.backbone, False)
+    backbone.graft_backbone(params, conv, model.backbone, False)
 
 
 def test_export_gives_the_tokenizer_the_source_context(llm_dir, tmp_path):
@@ -225,8 +228,8 @@ def test_torch_bin_weights_are_read_as_tensors_only(tmp_path):
   torch.save(model.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
   for name in ('bin', 'st'):
     commands.run('llama', str(tmp_path / name), str(tmp_path / f'conv_{name}'), use_ema=True)
-  a = pretrained.load_llm(str(tmp_path / 'conv_bin'))[0]
-  b = pretrained.load_llm(str(tmp_path / 'conv_st'))[0]
+  a = converted.load_llm(str(tmp_path / 'conv_bin'))[0]
+  b = converted.load_llm(str(tmp_path / 'conv_st'))[0]
   assert jax.tree.leaves(a)[0].dtype == jax.numpy.bfloat16
   jax.tree.map(np.testing.assert_array_equal, a, b)
 

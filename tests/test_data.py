@@ -2,10 +2,10 @@
 
 import jax
 import numpy as np
-
 from helpers import image_batches, text_batches, tiny_config
+
 from monoformer_jax.data import common, corpus, digits
-from monoformer_jax.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import Tokenizer
 
 
 def test_image_batches(workdir):

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import signal_params
-from monoformer_jax import steps
-from monoformer_jax.layers import BackboneConfig, LayerLoop, MaskType, Remat
-from monoformer_jax.model import ImageConfig, MonoFormer
+
+from monoformer_jax.nn.layers import BackboneConfig, LayerLoop, MaskType, Remat
+from monoformer_jax.nn.model import ImageConfig, MonoFormer
+from monoformer_jax.training import objective
+
 
 MODEL = MonoFormer(BackboneConfig(vocab_size=50, width=32, depth=3, num_heads=4, num_kv_heads=2,
                                   mlp_dim=48), ImageConfig(patch_size=2, height=4, width=4,
@@ -39,8 +40,8 @@ def test_chunked_cross_entropy_matches_whole_batch_logits(chunk, tied):
   params = signal_params(model)
   want, want_grads = jax.value_and_grad(lambda p: _reference_loss(p, model))(params)
   (got, count), got_grads = jax.value_and_grad(
-      lambda p: steps.next_token_loss(model, p, TOKENS, VALID, chunk), has_aux=True)(params)
-  assert steps.next_token_loss(model, params, TOKENS, VALID, chunk)[0] == pytest.approx(got)
+      lambda p: objective.next_token_loss(model, p, TOKENS, VALID, chunk), has_aux=True)(params)
+  assert objective.next_token_loss(model, params, TOKENS, VALID, chunk)[0] == pytest.approx(got)
   assert count == 3 * 10 - 4  # the padded row loses 3 predictions from padding and 1 at its start
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
@@ -53,7 +54,7 @@ def test_chunked_cross_entropy_matches_whole_batch_logits(chunk, tied):
 def test_layer_loop_and_remat_leave_loss_and_gradients_alone(loop, remat):
   params = signal_params(MODEL)
   other = MODEL.clone(backbone=dataclasses.replace(MODEL.backbone, layer_loop=loop, remat=remat))
-  loss = lambda model, p: steps.next_token_loss(model, p, TOKENS, VALID, 0)[0]  # noqa: E731
+  loss = lambda model, p: objective.next_token_loss(model, p, TOKENS, VALID, 0)[0]  # noqa: E731
   want, want_grads = jax.value_and_grad(lambda p: loss(MODEL, p))(params)
   got, got_grads = jax.value_and_grad(lambda p: loss(other, p))(params)
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -67,6 +68,6 @@ def test_loss_mask_keeps_only_marked_targets():
   logits = MODEL.apply({'params': params}, TOKENS, VALID, mask_type=MaskType.CAUSAL).logits
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], TOKENS[:, 1:])
   weights = (VALID[:, 1:] & VALID[:, :-1] & mask[:, 1:]).astype(jnp.float32)
-  loss, count = steps.next_token_loss(MODEL, params, TOKENS, VALID, 7, mask)
+  loss, count = objective.next_token_loss(MODEL, params, TOKENS, VALID, 7, mask)
   assert count == weights.sum() > 0
   np.testing.assert_allclose(loss, (ce * weights).sum() / weights.sum(), rtol=1e-6)

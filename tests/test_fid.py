@@ -4,16 +4,19 @@ the distance; the CLI end to end; statistics from two processes; the digit FD's 
 import json
 import os
 
+import fid_reference
 import numpy as np
 import pytest
-
-import fid_reference
 from helpers import cli, error_line, one_and_two_processes, tiny_config
-from monoformer_jax import (config_lib, digit_fd, fid, fid_eval, fid_samples, inception,
-                            sharding, train)
+
+from monoformer_jax import train
+from monoformer_jax.base import sharding
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.config import schema
 from monoformer_jax.convert import inception as convert_inception
 from monoformer_jax.data import digits
-from monoformer_jax.errors import UserError
+from monoformer_jax.evaluation import digit_fd, fid, fid_eval, fid_samples
+from monoformer_jax.nn import inception
 
 
 @pytest.fixture(scope='module')
@@ -166,7 +169,7 @@ def test_bad_fid_inputs_are_named(weights, tmp_path):
   np.savez(tmp_path / 'floats.npz', arr_0=np.zeros((3, 8, 8, 3), np.float32))
   np.savez(tmp_path / 'other.npz', x=np.zeros(3))
   (tmp_path / 'text.npz').write_text('not a zip')
-  layout = sharding.make_layout(config_lib.base_config().mesh)
+  layout = sharding.make_layout(schema.base_config().mesh)
   encoder = fid_samples.encoder(weights[1], layout, 4)
   for path, named in ((tmp_path / 'none.npz', 'does not exist'), (tmp_path / 'text.npz', 'not an .npz'),
                       (tmp_path / 'floats.npz', 'expected uint8 images'),

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-
 from helpers import image_batches, tiny_config
-from monoformer_jax import settings
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import common, imagenet
-from monoformer_jax.errors import UserError
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import common, imagenet, tokenizer as tokenizer_lib
+from monoformer_jax.run import settings
 
 
 def imagenet_config(tmp_path, resolution=16):

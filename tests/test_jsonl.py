@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from helpers import image_batches, text_batches, tiny_config
 from PIL import Image
 
-from helpers import image_batches, text_batches, tiny_config
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import chat, jsonl, t2i
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import chat, jsonl, t2i, tokenizer as tokenizer_lib
 from monoformer_jax.data.jsonl import RecordKind
-from monoformer_jax.errors import UserError
+
 
 CHATS = [
     {'messages': [{'role': 'user', 'content': ' What is a list? '},

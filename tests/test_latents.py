@@ -10,16 +10,16 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
-
 from helpers import ROOT, image_batches, picture_jsonl, tiny_config
-from monoformer_jax import extract_latents, train
-from monoformer_jax import tokenizer as tokenizer_lib
+
+from monoformer_jax import train
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands
-from monoformer_jax.data import common, imagenet, latents
+from monoformer_jax.data import common, imagenet, latents, tokenizer as tokenizer_lib
 from monoformer_jax.data.pipeline import LatentsSource
-from monoformer_jax.errors import UserError
-from monoformer_jax.metrics_log import METRICS_FILE
-from monoformer_jax.vae import LATENT_SCALE
+from monoformer_jax.nn.vae import LATENT_SCALE
+from monoformer_jax.tools import extract_latents
+from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
 @pytest.fixture(scope='module')

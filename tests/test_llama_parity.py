@@ -9,8 +9,9 @@ import torch
 import transformers
 
 from monoformer_jax.convert import llama
-from monoformer_jax.layers import MaskType
-from monoformer_jax.model import ImageConfig, MonoFormer
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.nn.model import ImageConfig, MonoFormer
+
 
 LLAMA3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=16)

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import signal_params
-from monoformer_jax.layers import BackboneConfig, MaskType, attention_mask
-from monoformer_jax.model import ImageConfig, MonoFormer
+
+from monoformer_jax.nn.layers import BackboneConfig, MaskType, attention_mask
+from monoformer_jax.nn.model import ImageConfig, MonoFormer
+
 
 P, H = 5, 4  # prompt tokens; image 4x4, patch 2 -> 4 image tokens
 

@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import cli, signal_params, tiny_config
-from monoformer_jax import mixed_modal, sampling, settings
-from monoformer_jax import tokenizer as tokenizer_lib
+
+from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Guidance, Sampler
-from monoformer_jax.layers import KVCache, MaskType
+from monoformer_jax.generation import mixed_modal, sampling
+from monoformer_jax.nn.layers import KVCache, MaskType
+from monoformer_jax.run import settings
+
 
 PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
 

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import image_batches, signal_params, text_batches, tiny_config
-from monoformer_jax import objective, steps
-from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.layers import MaskType
-from monoformer_jax.steps import StepKind
+
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.run import workdir as workdir_lib
+from monoformer_jax.training import objective, steps
+from monoformer_jax.training.steps import StepKind
+
 
 TX = optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(0.5))
 STEPS = {StepKind.AR: steps.ar_step, StepKind.DIFFUSION: steps.diffusion_step,

@@ -10,17 +10,16 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
+from helpers import cli, error_line
+from official_reference import (IM_END, IM_START, IMAGE, LATENT, PAD, C, D, OfficialExtras, P,
+                                official_forward)
 from torch import nn
 
-from helpers import cli, error_line
-from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands, safetensors_io, torch_bin
 from monoformer_jax.diffusion import GuidanceChannels
-from monoformer_jax.layers import MaskType
-from monoformer_jax.errors import UserError
-
-from official_reference import (C, D, IM_END, IM_START, IMAGE, LATENT, P, PAD, OfficialExtras,
-                                official_forward)
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.run import workdir as workdir_lib
 
 
 @pytest.fixture(scope='module')

@@ -14,12 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from helpers import ROOT, cli, error_line, tiny_config
-from monoformer_jax import checkpoint, guards, metrics_log, settings, sharding, steps, train
-from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.errors import UserError
-from monoformer_jax.metrics_log import METRICS_FILE
+
+from monoformer_jax import train
+from monoformer_jax.base import sharding
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.run import settings, workdir as workdir_lib
+from monoformer_jax.training import checkpoint, guards, metrics_log, steps
+from monoformer_jax.training.metrics_log import METRICS_FILE
+
 
 TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.log_every=1',
         '--config.train.eval_at_end=false', '--config.data.image_batch_size=8',

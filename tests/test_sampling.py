@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import signal_params
-from monoformer_jax import diffusion, sampling
+
+from monoformer_jax import diffusion
 from monoformer_jax.diffusion import Sampler
-from monoformer_jax.layers import BackboneConfig, KVCache, MaskType
-from monoformer_jax.model import ImageConfig, MonoFormer
+from monoformer_jax.generation import sampling
+from monoformer_jax.nn.layers import BackboneConfig, KVCache, MaskType
+from monoformer_jax.nn.model import ImageConfig, MonoFormer
+
 
 MODEL = MonoFormer(BackboneConfig(vocab_size=40, width=32, depth=2, num_heads=4, num_kv_heads=2,
                                   mlp_dim=48), ImageConfig(patch_size=2, height=4, width=4,

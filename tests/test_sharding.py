@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import tiny_config
-from monoformer_jax import sharding
+
+from monoformer_jax.base import sharding
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -7,12 +7,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from helpers import image_batches, text_batches, tiny_config
-from monoformer_jax import checkpoint, sharding, steps, train
-from monoformer_jax import workdir as workdir_lib
-from monoformer_jax.metrics_log import METRICS_FILE
-from monoformer_jax.steps import StepKind
+
+from monoformer_jax import train
+from monoformer_jax.base import sharding
+from monoformer_jax.run import workdir as workdir_lib
+from monoformer_jax.training import checkpoint, steps
+from monoformer_jax.training.metrics_log import METRICS_FILE
+from monoformer_jax.training.steps import StepKind
 
 
 def _setup(workdir):

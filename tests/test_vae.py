@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands
-from monoformer_jax.errors import UserError
-from monoformer_jax.vae import LATENT_SCALE, load_vae
+from monoformer_jax.nn.vae import LATENT_SCALE, load_vae
 
 
 @pytest.fixture(scope='module')

@@ -10,12 +10,14 @@ import sentencepiece as spm
 import torch
 import transformers
 from diffusers import AutoencoderKL as DiffusersVAE
-
 from helpers import cli, error_line, picture_jsonl, tiny_config
-from monoformer_jax import extract_latents, train
+
+from monoformer_jax import train
 from monoformer_jax.convert import commands
 from monoformer_jax.data.pipeline import LatentsSource
-from monoformer_jax.model import SIZES
+from monoformer_jax.nn.model import SIZES
+from monoformer_jax.tools import extract_latents
+
 
 VOCAB = 300
 

@@ -2,11 +2,13 @@
 
 import os
 
-from monoformer_jax import checkpoint, pretrained
-from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import inception, llama, official, official_export, synthetic, vae
-from monoformer_jax.errors import UserError
-from monoformer_jax.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.nn import converted
+from monoformer_jax.run import workdir as workdir_lib
+from monoformer_jax.training import checkpoint
+
 
 KINDS = {
     'llama': 'HF LlamaForCausalLM directory (safetensors) -> converted directory (Orbax params, '
@@ -38,10 +40,10 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   """The text half of a converted directory or a workdir as a HF checkpoint, read and written
   one parameter at a time; the config.json the backbone came from (when there is one) carried
   over."""
-  source = pretrained.hf_source(src)
-  tokenizer_file = os.path.join(src, pretrained.TOKENIZER)
-  if os.path.isfile(os.path.join(src, pretrained.MODEL_JSON)):
-    cfg, tie, dtype, param = pretrained.leaf_reader(src)
+  source = converted.hf_source(src)
+  tokenizer_file = os.path.join(src, converted.TOKENIZER)
+  if os.path.isfile(os.path.join(src, converted.MODEL_JSON)):
+    cfg, tie, dtype, param = converted.leaf_reader(src)
     max_positions, special = 2048, None  # the context counts only without a source config
     if source is None:  # converted before the source's config was kept
       tok = Tokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None

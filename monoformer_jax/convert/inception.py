@@ -14,9 +14,11 @@ import os
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax import files, inception, pretrained
+from monoformer_jax.base import files
 from monoformer_jax.convert import torch_bin
 from monoformer_jax.convert.vae import check_against
+from monoformer_jax.nn import converted, inception
+
 
 _STATS = {'running_mean': 'mean', 'running_var': 'var'}
 _PARAMS = {'weight': 'scale', 'bias': 'bias'}
@@ -53,7 +55,7 @@ def convert_inception(src: str, dst: str) -> None:
     digest = hashlib.file_digest(f, 'sha256').hexdigest()
   with files.atomic_directory(dst) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, pretrained.PARAMS), variables)
+      ckptr.save(os.path.join(tmp, converted.PARAMS), variables)
     with open(os.path.join(tmp, inception.INCEPTION_JSON), 'w') as f:
       json.dump({'source': os.path.basename(src), 'sha256': digest,
                  'features': inception.FEATURES}, f, indent=1)

@@ -1,4 +1,4 @@
-"""HF LLaMA checkpoints <-> converted directories (see pretrained.py) and backbone params.
+"""HF LLaMA checkpoints <-> converted directories (see converted.py) and backbone params.
 
 HF stores Linear weights as [out, in]; ours are [in, ...out axes] with the L
 layers stacked on a leading axis (nn.scan). Heads are contiguous blocks of the
@@ -16,12 +16,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax import files, pretrained
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import safetensors_io, torch_bin
-from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig
-from monoformer_jax.rope import RopeKind, RopeScaling
-from monoformer_jax.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.nn import converted
+from monoformer_jax.nn.layers import BackboneConfig
+from monoformer_jax.nn.rope import RopeKind, RopeScaling
+
 
 LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
     ('self_attn', 'q_proj'): 'self_attn.q_proj',
@@ -220,17 +222,17 @@ def convert_llama(src: str, dst: str) -> None:
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
   with files.atomic_directory(dst) as tmp:
     with ocp.Checkpointer(handler) as ckptr:
-      ckptr.save(os.path.join(tmp, pretrained.PARAMS), args=ocp.args.PyTreeSave(params))
-    with open(os.path.join(tmp, pretrained.MODEL_JSON), 'w') as f:
-      json.dump({'backbone': pretrained.config_to_json(cfg), 'tie_embeddings': tie,
-                 'hf_config': source, 'source': os.path.abspath(src)}, f, indent=1)
-    if os.path.exists(os.path.join(src, pretrained.TOKENIZER)):
-      shutil.copy(os.path.join(src, pretrained.TOKENIZER), os.path.join(tmp, pretrained.TOKENIZER))
-  if not os.path.exists(os.path.join(dst, pretrained.TOKENIZER)):
+      ckptr.save(os.path.join(tmp, converted.PARAMS), args=ocp.args.PyTreeSave(params))
+    with open(os.path.join(tmp, converted.MODEL_JSON), 'w') as f:
+      json.dump({'backbone': converted.config_to_json(cfg), 'tie_embeddings': tie,
+                'hf_config': source, 'source': os.path.abspath(src)}, f, indent=1)
+    if os.path.exists(os.path.join(src, converted.TOKENIZER)):
+      shutil.copy(os.path.join(src, converted.TOKENIZER), os.path.join(tmp, converted.TOKENIZER))
+  if not os.path.exists(os.path.join(dst, converted.TOKENIZER)):
     # Synthetic checkpoints have none, and training from dst needs one: say so now.
-    print(f'warning: {src} has no {pretrained.TOKENIZER}, so neither has {dst}; copy the LLM\'s '
-          f'sentencepiece {pretrained.TOKENIZER} into {dst} before training from it.',
-          file=sys.stderr, flush=True)
+    print(f'warning: {src} has no {converted.TOKENIZER}, so neither has {dst}; copy the LLM\'s '
+         f'sentencepiece {converted.TOKENIZER} into {dst} before training from it.',
+         file=sys.stderr, flush=True)
 
 
 def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
@@ -249,7 +251,7 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(config, f, indent=1)
     if tokenizer_file and os.path.exists(tokenizer_file):
-      shutil.copy(tokenizer_file, os.path.join(tmp, pretrained.TOKENIZER))
+      shutil.copy(tokenizer_file, os.path.join(tmp, converted.TOKENIZER))
       write_tokenizer_config(tmp, Tokenizer(tokenizer_file),
                              config.get('max_position_embeddings', max_positions))
 

@@ -20,11 +20,15 @@ import shutil
 import jax
 import numpy as np
 
-from monoformer_jax import checkpoint, config_lib, files, pretrained, sharding, steps
-from monoformer_jax import model as model_lib
+from monoformer_jax.base import files, sharding
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.config import schema
 from monoformer_jax.convert import llama, torch_bin
-from monoformer_jax.errors import UserError
-from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
+from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
+from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import backbone
+from monoformer_jax.training import checkpoint, steps
+
 
 MODULES = {  # official Linear -> our Dense path
     't_embedder.mlp.0': ('t_embedder', 'fc1'),
@@ -135,9 +139,9 @@ def _device_backbone(tensors, cfg, tie: bool) -> dict:
 
 
 def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
-  config = config_lib.base_config()
+  config = schema.base_config()
   m = config.model
-  pretrained.describe(m, cfg, tie)
+  backbone.describe(m, cfg, tie)
   m.vocab_size = cfg.vocab_size
   m.patch_size, m.image_channels = hf['patch_size'], hf['in_channels']
   latent = hf['image_size'] // 8  # SD-VAE downsamples by 8

@@ -18,13 +18,14 @@ from typing import Callable
 
 import numpy as np
 
-from monoformer_jax import checkpoint, files
-from monoformer_jax import workdir as workdir_lib
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import llama, official, safetensors_io
 from monoformer_jax.convert.safetensors_io import LazyTensor
-from monoformer_jax.errors import UserError
-from monoformer_jax.layers import MaskType
-from monoformer_jax.tokenizer import MODEL_FILE, SPECIALS_FILE
+from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.run import workdir as workdir_lib
+from monoformer_jax.training import checkpoint
 
 
 def _recorded(src: str) -> dict:

@@ -15,8 +15,9 @@ from typing import Callable, Iterable, Union
 import ml_dtypes
 import numpy as np
 
-from monoformer_jax import files
-from monoformer_jax.errors import UserError
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+
 
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,

@@ -11,12 +11,13 @@ import os
 import ml_dtypes
 import numpy as np
 
-from monoformer_jax import files
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import llama, official, safetensors_io
 from monoformer_jax.convert.safetensors_io import LazyTensor
-from monoformer_jax.errors import UserError
-from monoformer_jax.layers import BackboneConfig
-from monoformer_jax.rope import RopeKind, RopeScaling
+from monoformer_jax.nn.layers import BackboneConfig
+from monoformer_jax.nn.rope import RopeKind, RopeScaling
+
 
 # Named shapes: (BackboneConfig, tied embeddings, max_position_embeddings).
 SHAPES = {

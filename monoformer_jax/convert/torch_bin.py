@@ -13,8 +13,9 @@ import pickle
 import ml_dtypes
 import numpy as np
 
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import safetensors_io
-from monoformer_jax.errors import UserError
+
 
 BIN_FILE = 'pytorch_model.bin'
 

@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax import files, pretrained
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import safetensors_io
-from monoformer_jax.errors import UserError
-from monoformer_jax.vae import VAE_JSON, AutoencoderKL, VAEConfig
+from monoformer_jax.nn import converted
+from monoformer_jax.nn.vae import VAE_JSON, AutoencoderKL, VAEConfig
+
 
 _DIFFUSERS_FILE = 'diffusion_pytorch_model.safetensors'
 
@@ -90,6 +92,6 @@ def convert_vae(src: str, dst: str) -> None:
   check_against(params, abstract, weights)
   with files.atomic_directory(dst) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, pretrained.PARAMS), params)
+      ckptr.save(os.path.join(tmp, converted.PARAMS), params)
     with open(os.path.join(tmp, VAE_JSON), 'w') as f:
       json.dump(dict(cfg.__dict__), f, indent=1)

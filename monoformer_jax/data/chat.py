@@ -16,9 +16,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax import config_lib
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import jsonl
+from monoformer_jax.config import schema
+from monoformer_jax.data import jsonl, tokenizer as tokenizer_lib
 
 
 class ChatFormat(enum.Enum):
@@ -64,7 +63,7 @@ def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
   records = jsonl.read(jsonl.files(data.chat_files, 'data.chat_files'), jsonl.RecordKind.CHAT,
                        data.skip_bad_records)
   messages = [r['messages'] for r in records]
-  chat_format = config_lib.choice(ChatFormat, data.chat_format, 'data.chat_format')
+  chat_format = schema.choice(ChatFormat, data.chat_format, 'data.chat_format')
 
   def tokenize(index):
     tokens, valid, loss_mask = chat_tokens(messages[index], tok, data.text_seq_len, chat_format)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+
 
 _SPLIT_SEED = 20240924  # fixed: the held-out split never depends on the run's seed
 

@@ -12,9 +12,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import common
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import common, tokenizer as tokenizer_lib
 
 
 def documents(data: ml_collections.ConfigDict) -> list[str]:

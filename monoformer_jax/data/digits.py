@@ -12,8 +12,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import common
+from monoformer_jax.data import common, tokenizer as tokenizer_lib
+
 
 CLASS_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 

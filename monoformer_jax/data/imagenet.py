@@ -15,9 +15,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import common
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import common, tokenizer as tokenizer_lib
+
 
 CLASSES_FILE = os.path.join(os.path.dirname(__file__), 'imagenet_classes.tsv')
 # The official ImageNet templates ("an photo" is the official spelling).

@@ -12,7 +12,7 @@ from typing import Any
 
 from absl import logging
 
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
 
 
 class RecordKind(enum.Enum):

@@ -18,9 +18,9 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import imagenet
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import imagenet, tokenizer as tokenizer_lib
+
 
 INFO_FILE = 'latents.json'
 

@@ -11,8 +11,8 @@ import enum
 import grain
 import ml_collections
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import chat, common, corpus, digits, imagenet, latents, t2i
+from monoformer_jax.data import (chat, common, corpus, digits, imagenet, latents, t2i,
+                                 tokenizer as tokenizer_lib)
 
 
 class ImageSource(enum.Enum):

@@ -16,9 +16,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from monoformer_jax import tokenizer as tokenizer_lib
-from monoformer_jax.data import common, jsonl
-from monoformer_jax.errors import UserError
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import common, jsonl, tokenizer as tokenizer_lib
 
 
 def records(data: ml_collections.ConfigDict) -> list[dict]:

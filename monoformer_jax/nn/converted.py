@@ -1,0 +1,153 @@
+"""Reading the directories `convert` wrote: their JSON description and params, and a converted
+LLM's backbone config, read whole or one parameter at a time.
+
+A converted LLM directory holds
+  params/          Orbax checkpoint of the backbone params (the source's dtype), with
+                   the blocks stored one by one under decoder/layers/{0..L-1}
+  model.json       {'backbone': the BackboneConfig, 'tie_embeddings', 'hf_config': the
+                   source's config.json, 'source'}
+  tokenizer.model  the source's sentencepiece model, when it has one
+Dimension letters: L layers.
+"""
+
+import json
+import os
+from typing import Callable, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.nn.layers import BackboneConfig
+from monoformer_jax.nn.rope import RopeKind, RopeScaling
+
+
+PARAMS, MODEL_JSON, TOKENIZER = 'params', 'model.json', 'tokenizer.model'
+SOURCE_JSON = 'llm_source.json'  # a workdir's copy of the model.json its backbone started from
+
+
+def hf_source(directory: str) -> Optional[dict]:
+  """The HF config.json a converted directory, or a workdir trained from one, came from."""
+  for name in (MODEL_JSON, SOURCE_JSON):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f).get('hf_config')
+  return None
+
+
+def stack_layers(layers: list[dict]) -> dict:
+  """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
+
+  Fills preallocated arrays block by block, so the peak is the result plus the
+  inputs, never a second copy of the whole stack.
+  """
+  def stack(*leaves):
+    out = np.empty((len(leaves),) + leaves[0].shape, leaves[0].dtype)
+    for i, leaf in enumerate(leaves):
+      out[i] = leaf
+    return out
+  return jax.tree.map(stack, *layers)
+
+
+def config_to_json(cfg: BackboneConfig) -> dict:
+  r = cfg.rope_scaling
+  return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+              num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
+              norm_eps=cfg.norm_eps, head_width=cfg.head_width,
+              rope_scaling=None if r is None else dict(
+                  kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
+                  high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))
+
+
+def config_from_json(d: Mapping) -> BackboneConfig:
+  d = dict(d)
+  r = d.pop('rope_scaling')
+  scaling = None if r is None else RopeScaling(**dict(r, kind=RopeKind(r['kind'])))
+  return BackboneConfig(rope_scaling=scaling, **d)
+
+
+def read_meta(path: str, meta_file: str = MODEL_JSON, kind: str = 'llama') -> dict:
+  """The JSON description of a directory `convert KIND` wrote."""
+  meta_path = os.path.join(path, meta_file)
+  if not os.path.isfile(meta_path):
+    raise UserError(f'{path} is not a converted {kind} directory (no {meta_file}); create one '
+                    f'with `python -m monoformer_jax convert {kind}`.')
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
+  """(the JSON description, params as host arrays) of a directory `convert KIND` wrote."""
+  meta = read_meta(path, meta_file, kind)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS))
+  except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
+  return meta, jax.tree.map(np.asarray, params)
+
+
+def load_llm(path: str) -> tuple[dict, BackboneConfig, bool]:
+  """(params as host arrays, backbone config, tie_embeddings) of a converted LLM directory."""
+  meta, params = read_converted(path, MODEL_JSON, 'llama')
+  cfg = config_from_json(meta['backbone'])
+  blocks = params['decoder']['layers']
+  params['decoder']['layers'] = stack_layers([blocks[str(i)] for i in range(cfg.depth)])
+  return params, cfg, bool(meta['tie_embeddings'])
+
+
+def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[..., np.ndarray]]:
+  """(backbone config, tie_embeddings, stored dtype, param) of a converted LLM directory, where
+  param(*path) reads one parameter in our layout (a decoder parameter stacked over its blocks,
+  which the directory stores one by one), so that memory holds one parameter at a time."""
+  meta = read_meta(path)
+  cfg = config_from_json(meta['backbone'])
+  params_dir = os.path.join(os.path.abspath(path), PARAMS)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      stored = ckptr.metadata(params_dir)
+  except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
+  stored = getattr(stored, 'item_metadata', stored)  # orbax versions differ in the wrapping
+  stored = getattr(stored, 'tree', stored)
+  dtype = np.dtype(stored['norm']['scale'].dtype)
+
+  def restore(item):
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+
+  def param(*keys):
+    if keys[:2] != ('decoder', 'layers'):
+      node = stored
+      for key in keys:
+        node = node[key]
+      item = jax.ShapeDtypeStruct(node.shape, node.dtype)
+      for key in reversed(keys):
+        item = {key: item}
+      out = restore(item)
+      for key in keys:
+        out = out[key]
+      return np.asarray(out)
+    blocks = {}
+    for i in range(cfg.depth):
+      node = stored['decoder']['layers'][str(i)]
+      for key in keys[2:]:
+        node = node[key]
+      leaf = jax.ShapeDtypeStruct(node.shape, node.dtype)
+      for key in reversed(keys[2:]):
+        leaf = {key: leaf}
+      blocks[str(i)] = leaf
+    out = restore({'decoder': {'layers': blocks}})['decoder']['layers']
+    parts = []
+    for i in range(cfg.depth):
+      node = out[str(i)]
+      for key in keys[2:]:
+        node = node[key]
+      parts.append(np.asarray(node))
+    return np.stack(parts)
+
+  return cfg, bool(meta['tie_embeddings']), dtype, param

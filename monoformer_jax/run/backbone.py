@@ -1,0 +1,108 @@
+"""Starting from a converted LLM: the config's model section described from it (model.size
+'auto'), the check that it fits a model, and its weights grafted into a fresh MonoFormer
+(MonoFormer's own parameters keep their initialization).
+"""
+
+import copy
+
+import jax
+import ml_collections
+import numpy as np
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import tokenizer as tokenizer_lib
+from monoformer_jax.nn import converted
+from monoformer_jax.nn.layers import BackboneConfig
+
+
+def describe(model: ml_collections.ConfigDict, cfg: BackboneConfig, tie: bool) -> None:
+  """Writes a backbone's shape, rope and norm settings into a config's model section
+  (size 'custom')."""
+  model.size = 'custom'
+  model.width, model.depth, model.mlp_dim = cfg.width, cfg.depth, cfg.mlp_dim
+  model.num_heads, model.num_kv_heads, model.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  model.rope_theta, model.norm_eps, model.tie_embeddings = cfg.rope_theta, cfg.norm_eps, tie
+  r = cfg.rope_scaling
+  model.rope_scaling.kind = 'none' if r is None else r.kind.value
+  if r is not None:
+    model.rope_scaling.factor, model.rope_scaling.original_max_position = r.factor, r.original_max_position
+    model.rope_scaling.low_freq_factor = r.low_freq_factor
+    model.rope_scaling.high_freq_factor = r.high_freq_factor
+
+
+def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config, or with model.size 'auto' a copy whose model section describes the converted
+  LLM of model.init_from: shape, rope, norm, tying, its context, and a vocabulary with room for
+  the special tokens its tokenizer gets appended."""
+  if config.model.size != 'auto':
+    return config
+  path = config.model.init_from
+  if not path:
+    raise UserError('config key model.size is \'auto\', which takes the shape of model.init_from; '
+                    'set model.init_from to a converted LLM directory.')
+  meta = converted.read_meta(path)
+  cfg = converted.config_from_json(meta['backbone'])
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.llm_model_file(path))
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    describe(resolved.model, cfg, bool(meta['tie_embeddings']))
+    resolved.model.vocab_size = max(cfg.vocab_size, tok.vocab_size)
+    resolved.data.tokenizer_vocab_size = tok.num_pieces
+    resolved.model.context_length = (meta.get('hf_config') or {}).get(
+        'max_position_embeddings', config.model.context_length)
+  return resolved
+
+
+def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
+  """The converted LLM at `path` fits the model: shape, rope, norm and tying agree, and the
+  model's vocabulary holds the LLM's. Reads model.json only, so it costs nothing."""
+  meta = converted.read_meta(path)
+  cfg = converted.config_from_json(meta['backbone'])
+  # These settings leave no trace in the parameter shapes, so they are compared here.
+  for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'head_dim', 'rope_theta',
+                'rope_scaling', 'norm_eps'):
+    got, want = getattr(cfg, field), getattr(model_cfg, field)
+    if got != want:
+      raise UserError(f'{path} has {field} = {got}, but the model config gives {want}; set '
+                      '--config.model.size=auto to take the shape from the converted LLM.')
+  if model_cfg.vocab_size < cfg.vocab_size:
+    raise UserError(f'{path} has {cfg.vocab_size} vocabulary rows; config key model.vocab_size '
+                    f'is only {model_cfg.vocab_size}.')
+  if bool(meta['tie_embeddings']) != tie:
+    raise UserError(f'{path} has tie_embeddings = {bool(meta["tie_embeddings"])}; config key '
+                    f'model.tie_embeddings is {tie}.')
+
+
+def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
+  """`params` with the backbone replaced by the converted LLM at `path` (host arrays).
+
+  Shapes are checked leaf by leaf; vocabulary rows beyond the LLM's (the special
+  tokens and any padding) are set to the mean of its rows. MonoFormer's own
+  parameters keep their initialization.
+  """
+  check_compatible(path, model_cfg, tie)
+  pretrained, cfg, _ = converted.load_llm(path)
+  extra = model_cfg.vocab_size - cfg.vocab_size
+
+  def extend(rows: np.ndarray, axis: int) -> np.ndarray:
+    mean = rows.astype(np.float32).mean(axis=axis, keepdims=True)
+    return np.concatenate([rows.astype(np.float32), np.repeat(mean, extra, axis=axis)], axis=axis)
+
+  pretrained['embed_tokens']['embedding'] = extend(pretrained['embed_tokens']['embedding'], 0)
+  if 'lm_head' in pretrained:
+    pretrained['lm_head']['kernel'] = extend(pretrained['lm_head']['kernel'], 1)
+
+  flat_target = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  merged = dict(params)
+  for key, subtree in pretrained.items():
+    for leaf_path, value in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+      full = (jax.tree_util.DictKey(key),) + tuple(leaf_path)
+      name = '/'.join(str(getattr(p, 'key', p)) for p in full)
+      target = flat_target.get(full)
+      if target is None:
+        raise UserError(f'parameter {name} of {path} has no counterpart in the model.')
+      if tuple(target.shape) != tuple(value.shape):
+        raise UserError(f'parameter {name} has shape {tuple(value.shape)} in {path}, but the model '
+                        f'config gives {tuple(target.shape)}.')
+    merged[key] = jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, params[key])
+  return merged

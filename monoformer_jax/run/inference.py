@@ -1,0 +1,154 @@
+"""What `sample` and `generate` do with a workdir: its newest restorable checkpoint loaded for
+inference, then pictures or text written (process 0 writes; every host computes).
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from monoformer_jax.base import images as images_lib, progress
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.diffusion import Sampler
+from monoformer_jax.evaluation import fid_samples
+from monoformer_jax.generation import mixed_modal, sampling
+from monoformer_jax.nn import vae
+from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.run import settings, workdir as workdir_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingChoice:
+  """What the command line says of sampling; None keeps the config's value. `vae` is a
+  converted VAE directory ('' = the config's model.vae)."""
+  sampler: Optional[Sampler] = None
+  steps: Optional[int] = None
+  cfg_scale: Optional[float] = None
+  vae: str = ''
+
+  def resolve(self, setup: workdir_lib.Setup) -> tuple[sampling.ImageSampling, str]:
+    """The sampling spec and the VAE directory that decodes its latents ('' for pixels)."""
+    config = setup.config
+    spec = setup.settings.sampling.but(self.sampler, self.steps, self.cfg_scale)
+    if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
+      raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+    vae_dir = self.vae or config.model.vae
+    if vae_dir and not os.path.isdir(vae_dir):
+      raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
+                      'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
+    if not vae_dir and settings.draws_latents(config, setup.settings):
+      raise UserError(f'this model draws {config.model.image_channels}-channel VAE latents and '
+                      'its config names no VAE (model.vae); pass --vae=DIR with the converted '
+                      'VAE (`convert vae`) that turns them into pictures.')
+    return spec, vae_dir
+
+
+def _decoder(vae_dir: str, setup: workdir_lib.Setup):
+  return vae.pixel_decoder(vae_dir, setup.layout) if vae_dir else None  # latent diffusion
+
+
+def sample(workdir: str, prompt: str, num: int, out: str, choice: SamplingChoice, seed: int,
+           use_ema: bool) -> None:
+  """OUT.png, a grid of `num` samples of the prompt, and OUT.npz with their uint8 images."""
+  if num < 1:
+    raise UserError(f'--num is {num}; expected at least 1.')
+  if not out.endswith('.png'):
+    raise UserError(f'--out is {out}; expected a .png path.')
+  restored = workdir_lib.for_inference(workdir, use_ema)
+  setup = restored.setup
+  setup.tok.image_prompt(prompt, setup.config.data.prompt_len)  # rejects long prompts first
+  spec, vae_dir = choice.resolve(setup)
+  decode = _decoder(vae_dir, setup)
+  images = sampling.images_for_prompts(setup.model, restored.params, setup.tok, [prompt] * num,
+                                       setup.config.data.prompt_len, spec, jax.random.key(seed))
+  images = images_lib.to_uint8(decode(images) if decode is not None else images)
+  npz = out[:-len('.png')] + '.npz'
+  if jax.process_index() != 0:  # every host sampled the same images; one writes them
+    return
+  images_lib.write_npz(npz, images=images)
+  images_lib.write_png(out, images, columns=int(np.ceil(np.sqrt(len(images)))))
+  print(f'wrote {out} and {npz}: {len(images)} images of {images.shape[1:]}')
+
+
+def prompts(setup: workdir_lib.Setup, prompt_file: str) -> list[str]:
+  """The lines of prompt_file, else the class prompts of the workdir's source."""
+  return fid_samples.file_prompts(prompt_file) if prompt_file else fid_samples.class_prompts(setup)
+
+
+def sample_fid(workdir: str, npz: str, num: int, batch: int, prompt_file: str,
+               choice: SamplingChoice, seed: int, use_ema: bool) -> None:
+  """`num` samples, prompts spread uniformly, as an ADM-format .npz for FID evaluators."""
+  if num < 1:
+    raise UserError(f'--num is {num}; expected at least 1.')
+  restored = workdir_lib.for_inference(workdir, use_ema)
+  setup = restored.setup
+  spec, vae_dir = choice.resolve(setup)
+  batches = fid_samples.sample_batches(setup, restored.params, prompts(setup, prompt_file), num,
+                                       batch, spec, jax.random.key(seed), vae_dir)
+  with progress.phase(f'sampling {num} images ({spec.sampler.value}, {spec.steps} steps)', num,
+                      'images') as p:
+    fid_samples.write(progress.counted(batches, p), npz, num)
+  if jax.process_index() == 0:
+    print(f'wrote {npz}: {num} samples, prompts spread uniformly')
+
+
+def _check_context(setup: workdir_lib.Setup, tokens: int, max_tokens: int) -> None:
+  context = setup.config.model.context_length
+  if tokens > context:
+    raise UserError(f'--max_tokens {max_tokens} with the prompt (and --max_images images) comes '
+                    f'to {tokens} tokens, past the model\'s context of {context} tokens '
+                    '(model.context_length).')
+
+
+def _check_decoding(decoding: mixed_modal.Decoding) -> None:
+  if decoding.max_tokens < 1:
+    raise UserError(f'--max_tokens is {decoding.max_tokens}; expected at least 1.')
+  if not 0.0 < decoding.top_p <= 1.0 or decoding.top_k < 0 or decoding.temperature < 0:
+    raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
+
+
+def generate(workdir: str, prompt: str, decoding: mixed_modal.Decoding, seed: int,
+             use_ema: bool) -> str:
+  """The prompt and its continuation, decoded with the KV cache."""
+  _check_decoding(decoding)
+  restored = workdir_lib.for_inference(workdir, use_ema)
+  setup = restored.setup
+  tok, model = setup.tok, setup.model
+  tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
+  _check_context(setup, int(valid.sum()) + decoding.max_tokens, decoding.max_tokens)
+  out = sampling.generate(model, restored.params, tokens[None], valid[None], jax.random.key(seed),
+                          max_tokens=decoding.max_tokens, temperature=decoding.temperature,
+                          top_k=min(decoding.top_k, model.backbone.vocab_size),
+                          top_p=decoding.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  # Decode prompt and continuation together so the piece boundary keeps its space.
+  return tok.decode(tok.encode(prompt) + np.asarray(out[0]).tolist())
+
+
+def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: int,
+                   decoding: mixed_modal.Decoding, choice: SamplingChoice, seed: int,
+                   use_ema: bool) -> list[str]:
+  """generate --out=DIR: `num` rows of text with the images the model starts by itself, as
+  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders."""
+  _check_decoding(decoding)
+  if num < 1 or max_images < 0:
+    raise UserError(f'--num is {num} and --max_images {max_images}; expected at least 1 and 0.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f'--out {out} is a file; generate --out expects a directory (new or '
+                    'existing) for generation.json and the pictures.')
+  restored = workdir_lib.for_inference(workdir, use_ema)
+  setup = restored.setup
+  tok, model = setup.tok, setup.model
+  if model.image_mask == MaskType.BIDIRECTIONAL:
+    raise UserError('generate --out needs a model whose prompt does not attend to its image '
+                    '(model.image_mask \'hybrid\' or \'causal\'); this one is bidirectional.')
+  spec, vae_dir = choice.resolve(setup)
+  tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
+  _check_context(setup, int(valid.sum()) + decoding.max_tokens
+                 + max_images * (model.image.num_patches + 1), decoding.max_tokens)
+  decoding = dataclasses.replace(decoding, top_k=min(decoding.top_k, model.backbone.vocab_size))
+  rows = mixed_modal.generate(model, restored.params, np.repeat(tokens[None], num, 0),
+                              np.repeat(valid[None], num, 0), jax.random.key(seed), tok=tok,
+                              spec=spec, decoding=decoding, max_images=max_images)
+  return mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))

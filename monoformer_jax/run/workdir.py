@@ -1,0 +1,191 @@
+"""Opening a workdir: what training sets up in it, and what inference reads back.
+
+Inference needs nothing but the workdir (and the VAE where latents are decoded
+to pixels): the config comes from the newest checkpoint that restores and is
+only validated, never checked against the training inputs it names, which may
+be gone. Training holds the workdir's lock while it runs, so a second `train`
+on the same workdir is refused; the kernel drops the lock with the process, so a
+killed run leaves nothing stuck.
+"""
+
+import dataclasses
+import fcntl
+import os
+import socket
+from typing import Any, Optional, TextIO
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from monoformer_jax.base import sharding
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
+from monoformer_jax.nn import model as model_lib
+from monoformer_jax.nn.model import MonoFormer
+from monoformer_jax.run import settings as settings_lib
+from monoformer_jax.training import checkpoint, steps
+
+
+LOCK_FILE = 'train.lock'
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every command builds from a config."""
+  config: ml_collections.ConfigDict
+  settings: settings_lib.Settings
+  tok: tokenizer_lib.Tokenizer
+  tx: optax.GradientTransformation
+  layout: sharding.Layout
+  lock: Optional[TextIO] = None  # training: the open, locked WORKDIR/train.lock
+
+  @property
+  def model(self) -> MonoFormer:
+    return self.settings.model
+
+
+def _setup(config, settings, tok, layout=None, lock=None) -> Setup:
+  if tok.vocab_size > config.model.vocab_size:
+    raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} pieces; config key '
+                    f'model.vocab_size is only {config.model.vocab_size}.')
+  return Setup(config, settings, tok, steps.make_optimizer(config.optim, config.train.num_steps),
+               layout or sharding.make_layout(config.mesh), lock)
+
+
+def _lock(workdir: str) -> Optional[TextIO]:
+  """Process 0's exclusive lock on the workdir (other processes share process 0's run)."""
+  if jax.process_index() != 0:
+    return None
+  handle = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'another process'
+    handle.close()
+    raise UserError(f'workdir {workdir} is in use by another `train` ({holder}); wait for it to '
+                    'end or choose another --workdir.') from None
+  handle.truncate(0)
+  handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+  handle.flush()
+  return handle
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir is a directory this process can write, or can be created as one."""
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(os.path.abspath(existing))
+  if not os.path.isdir(existing):
+    raise UserError(f'--workdir {workdir} is a file (or lies under {existing}, a file); expected '
+                    'a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir {workdir} is not writable here ({existing} refuses writes).')
+
+
+def for_training(config: ml_collections.ConfigDict, workdir: str,
+                 settings: Optional[settings_lib.Settings] = None,
+                 layout: Optional[sharding.Layout] = None) -> Setup:
+  """Checks the config, its inputs and the workdir; then creates the workdir, takes its lock
+  and makes its tokenizer. Nothing is created until the checks pass."""
+  if settings is None:
+    settings = settings_lib.validate(config)
+    settings_lib.check_inputs(config, settings)
+  check_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock(workdir)
+  tok = tokenizer_lib.for_workdir(workdir, config.model.init_from,
+                                  config.data.tokenizer_vocab_size,
+                                  lambda: pipeline.tokenizer_texts(config.data))
+  return _setup(config, settings, tok, layout, lock)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A workdir's newest restorable checkpoint, ready for inference."""
+  setup: Setup
+  params: Any  # the EMA or the raw parameters, placed on setup.layout's mesh
+  step: int
+
+
+def param_shapes(model: MonoFormer) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every parameter's path and shape (nothing allocated)."""
+  abstract = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
+                                                 method=model.init_all), jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract['params']))[0]
+  return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _state_shapes(config: ml_collections.ConfigDict,
+                  layout: sharding.Layout) -> dict[str, tuple[int, ...]]:
+  """Every leaf of the train state a config makes (parameters, EMA, optimizer state): its
+  path and shape, nothing allocated."""
+  model = settings_lib.validate(config).model
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  flat = jax.tree_util.tree_flatten_with_path(steps.abstract_state(model, tx, layout)[0])[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict,
+                     layout: sharding.Layout) -> None:
+  """Refuses a config whose train state differs in shape from the one the workdir's newest
+  checkpoint holds (another model size, another optimizer schedule), naming the keys that
+  make the difference: the checkpoints are sound, so falling back to older ones would be
+  wrong. A saved config that cannot be read is left to the restore's own fallback."""
+  try:
+    saved = ckpt.restore_config(ckpt.latest_step())
+    saved_shapes = _state_shapes(saved, layout)
+  except UserError:
+    return
+  if saved_shapes == _state_shapes(config, layout):
+    return
+
+  def plain(value):
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+  differ = [f'{section}.{k}' for section in ('model', 'optim') for k in config[section].keys()
+            if plain(saved[section][k]) != plain(config[section][k])]
+
+  def changes_shapes(key: str) -> bool:
+    section, name = key.split('.')
+    trial = ml_collections.ConfigDict(saved.to_dict())
+    trial[section][name] = config[section][name]
+    try:
+      return _state_shapes(trial, layout) != saved_shapes
+    except UserError:
+      return True
+  named = [k for k in differ if changes_shapes(k)] or differ
+  keys = '; '.join(f'{k} is {plain(saved[k.split(".")[0]][k.split(".")[1]])!r} there and '
+                   f'{plain(config[k.split(".")[0]][k.split(".")[1]])!r} here' for k in named)
+  raise UserError(f'the checkpoints in {ckpt.directory} hold a train state of another shape than '
+                  f'this config makes ({keys or "the saved config differs"}); resume with the '
+                  'saved values (drop those overrides) or choose another --workdir.')
+
+
+def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
+  """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
+  parameters (which must be finite); with params False, the setup and step alone."""
+  ckpt = checkpoint.open_existing(workdir)
+  tok = tokenizer_lib.Tokenizer(os.path.join(workdir, tokenizer_lib.MODEL_FILE))
+
+  def load(step: int):
+    config = ckpt.restore_config(step)
+    setup = _setup(config, settings_lib.validate(config), tok)
+    if not params:
+      return setup, None
+    abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
+    return setup, ckpt.restore_params(step, abstract.params, use_ema)
+
+  try:
+    step, (setup, restored) = ckpt.newest_restorable(load)
+  finally:  # an open manager's threads outlive an error exit and print tracebacks
+    ckpt.close()
+  if not params:
+    return Restored(setup, None, step)
+  params = restored
+  if not checkpoint.all_finite(params):
+    raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
+                    f'{workdir} are not finite; no sample or text can come from them.')
+  return Restored(setup, params, step)

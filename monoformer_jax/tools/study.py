@@ -1,0 +1,139 @@
+"""`study`: the paper's ablations in miniature (configs/ablations.py), every variant for several
+seeds, evaluated, and tabulated as OUT/study.json (the source) and OUT/study.md.
+
+The pretrained backbone goes the way a user's LLM does: a text-only run, `convert
+export-llama` to a HF LLaMA directory, `convert llama` back, then `model.init_from`. Every run
+shares the pretrain run's tokenizer, so only the initialization differs between scratch and
+init. A finished run (its eval.json present) is not run again, so a stopped study resumes.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+
+from monoformer_jax import train
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.convert import commands as convert_commands
+
+
+# What each finding compares and which way the paper found it to go.
+FINDINGS = (
+    dict(name='(a) LLM initialization helps image generation', better='init', worse='scratch',
+         metric='fd/overall', lower_is_better=True),
+    dict(name='(b) LLM initialization keeps text ability', better='init', worse='scratch',
+         metric='next_line/acc', lower_is_better=False),
+    dict(name='(b) ... held-out perplexity', better='init', worse='scratch',
+         metric='text/perplexity', lower_is_better=True),
+    dict(name='(c) bidirectional attention inside the image helps', better='scratch',
+         worse='causal', metric='fd/overall', lower_is_better=True),
+)
+METRICS = ('fd/overall', 'accuracy/overall', 'next_line/acc', 'text/perplexity')
+
+
+def _variant_config(variant: str, overrides: dict):
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'ablations.py')
+  spec = importlib.util.spec_from_file_location('ablations_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _pretrained(out: str, overrides: dict) -> str:
+  """The converted text-only backbone (trained, exported and converted once)."""
+  converted = os.path.join(out, 'pretrained_llm')
+  if os.path.isdir(converted):
+    return converted
+  workdir = os.path.join(out, 'pretrain')
+  train.train_and_evaluate(_variant_config('pretrain', overrides), workdir)
+  exported = os.path.join(out, 'pretrain_hf')
+  shutil.rmtree(exported, ignore_errors=True)
+  convert_commands.run('export-llama', workdir, exported, use_ema=True)
+  convert_commands.run('llama', exported, converted + '.tmp', use_ema=True)
+  os.replace(converted + '.tmp', converted)
+  return converted
+
+
+def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
+  workdir = os.path.join(out, f'{variant}_seed{seed}')
+  done = os.path.join(workdir, 'eval.json')
+  if not os.path.exists(done):
+    config = _variant_config(variant, overrides)
+    config.seed = seed
+    if variant == 'init':
+      config.model.init_from = llm
+    else:  # the same tokenizer as init's, made before the workdir is first used
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copy(os.path.join(llm, 'tokenizer.model'), os.path.join(workdir, 'tokenizer.model'))
+    start = time.monotonic()
+    train.train_and_evaluate(config, workdir)
+    files.write_text(os.path.join(workdir, 'wall.json'),
+                     json.dumps({'seconds': time.monotonic() - start}))
+  with open(done, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+  """{variant: {metric: {mean, std, values}}} and each finding's difference and direction."""
+  table = {v: {m: dict(values=[r[m] for r in runs], mean=float(np.mean([r[m] for r in runs])),
+                       std=float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
+               for m in METRICS}
+           for v, runs in results.items()}
+  findings = []
+  for f in FINDINGS:
+    if f['better'] not in table or f['worse'] not in table:
+      continue
+    better, worse = table[f['better']][f['metric']], table[f['worse']][f['metric']]
+    delta = better['mean'] - worse['mean']
+    spread = math.hypot(better['std'], worse['std'])
+    as_paper = delta < 0 if f['lower_is_better'] else delta > 0
+    findings.append(dict(f, difference=delta, spread=spread, as_paper=bool(as_paper),
+                         beyond_spread=bool(abs(delta) > spread)))
+  return dict(variants=table, findings=findings)
+
+
+def markdown(summary: dict, seeds: int) -> str:
+  lines = [f'| variant ({seeds} seeds: mean ± std) | ' + ' | '.join(METRICS) + ' |',
+           '| --- |' + ' --- |' * len(METRICS)]
+  for variant, metrics in summary['variants'].items():
+    lines.append(f'| {variant} | ' + ' | '.join(
+        f'{metrics[m]["mean"]:.4g} ± {metrics[m]["std"]:.2g}' for m in METRICS) + ' |')
+  lines += ['', '| finding | metric | better - worse | spread | as the paper | beyond the spread |',
+            '| --- | --- | --- | --- | --- | --- |']
+  for f in summary['findings']:
+    lines.append(f'| {f["name"]} | {f["metric"]} ({f["better"]} - {f["worse"]}) | '
+                 f'{f["difference"]:+.4g} | {f["spread"]:.2g} | {"yes" if f["as_paper"] else "no"}'
+                 f' | {"yes" if f["beyond_spread"] else "no"} |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_study(out: str, seeds: int, variants=('scratch', 'init', 'causal'),
+              overrides: dict | None = None) -> dict:
+  """Trains and evaluates every variant for seeds 0..seeds-1; writes and returns the summary.
+  overrides ({'section.key': value}) apply to every run (the tests shrink the budget)."""
+  overrides = overrides or {}
+  os.makedirs(out, exist_ok=True)
+  start = time.monotonic()
+  llm = _pretrained(out, overrides)
+  results = {v: [_run(out, v, seed, llm, overrides) for seed in range(seeds)] for v in variants}
+  summary = summarize(results)
+  summary.update(seeds=seeds, overrides=overrides, minutes=(time.monotonic() - start) / 60)
+  files.write_text(os.path.join(out, 'study.json'), json.dumps(summary, indent=1))
+  files.write_text(os.path.join(out, 'study.md'), markdown(summary, seeds))
+  return summary
+
+
+def command(out: str, seeds: int) -> str:
+  """`study`: the study in `out` for `seeds` seeds per variant; its markdown table."""
+  if seeds < 1:
+    raise UserError(f'--seeds is {seeds}; expected at least 1.')
+  return markdown(run_study(out, seeds), seeds).rstrip('\n')
