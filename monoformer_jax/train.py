@@ -26,7 +26,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, fid_eval, fid_samples, text_tasks
 from monoformer_jax.nn import converted, vae
-from monoformer_jax.run import backbone, settings as settings_lib, workdir as workdir_lib
+from monoformer_jax.run import backbone, workdir as workdir_lib
 from monoformer_jax.training import checkpoint, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
@@ -63,7 +63,7 @@ def _record_llm_source(init_from: str, workdir: str) -> None:
   """Keeps the converted LLM's description in the workdir, for `convert export-llama`."""
   if jax.process_index() == 0:
     shutil.copy(os.path.join(init_from, converted.MODEL_JSON),
-               os.path.join(workdir, converted.SOURCE_JSON))
+              os.path.join(workdir, converted.SOURCE_JSON))
 
 
 class _SaveClock:
@@ -111,23 +111,23 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   workdir is removed again if anything fails before the first step. Model size 'auto' is
   resolved here, so the saved config names the shape."""
   config = backbone.resolve_auto(config)
-  settings = settings_lib.validate(config)
-  settings_lib.check_inputs(config, settings)
   layout = sharding.make_layout(config.mesh)
   image_shape = (*config.model.image_size, config.model.image_channels)
-  encode = None
-  if config.model.vae and settings.image_source.pixels:
-    encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution, image_shape)
   fresh = not os.path.exists(workdir)
   ckpt = None
   try:
-    setup = workdir_lib.for_training(config, workdir, settings, layout)
-    tok, model, tx = setup.tok, setup.model, setup.tx
+    setup = workdir_lib.for_training(config, workdir, layout)
+    tok, model, tx, settings = setup.tok, setup.model, setup.tx, setup.settings
+    encode = None
+    if config.model.vae and settings.image_source.pixels:  # pixels encoded to latents on the fly
+      encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution,
+                                 image_shape)
     abstract, shardings = steps.abstract_state(model, tx, layout)
     # The data is read before the checkpoint manager starts its background clean-up, which
     # must not race the removal of a new workdir when a data file is bad.
     datasets = {
-        StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed),
+        StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed,
+                                           settings.chat_format),
         StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
                                                    config.seed, image_shape)}
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
@@ -154,8 +154,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     if fresh and jax.process_index() == 0:
       shutil.rmtree(workdir, ignore_errors=True)
     raise
-  step_fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id),
-                             layout, shardings)
+  step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective)
+  step_fns = steps.jit_steps(model, tx, step_config, layout, shardings)
   return _Run(setup, ckpt, iterators, step_fns, encode, state, start)
 
 

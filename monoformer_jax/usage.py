@@ -138,4 +138,5 @@ def flag_error(message: str, command: str) -> str:
   close = difflib.get_close_matches(name, known, n=2)
   hint = f' did you mean {" or ".join("--" + c for c in close)}?' if close else ''
   where = f'`{command}`' if command in COMMANDS else 'any command'
-  return f'--{name} is not a flag of {where};{hint} `{ENTRY} {command or "COMMAND"} --help` lists them.'
+  return (f'--{name} is not a flag of {where};{hint} `{ENTRY} {command or "COMMAND"} --help` '
+          'lists them.')

@@ -15,6 +15,7 @@ from monoformer_jax.config import schema
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.run import settings
+from monoformer_jax.training import steps
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,11 @@ def tiny_config(**train_overrides):
   return config
 
 
+def step_config(config, im_end_id: int):
+  """The StepConfig of the config, its objective parsed as training parses it."""
+  return steps.StepConfig.from_config(config, im_end_id, settings.validate(config).objective)
+
+
 def image_batches(config, tok):
   """This host's iterator of diffusion batches for the config."""
   typed = settings.validate(config)
@@ -53,7 +59,8 @@ def image_batches(config, tok):
 def text_batches(config, tok):
   """This host's iterator of `ar` batches for the config."""
   typed = settings.validate(config)
-  return common.iterator(pipeline.text_dataset(config.data, typed.text_source, tok, config.seed))
+  return common.iterator(pipeline.text_dataset(config.data, typed.text_source, tok, config.seed,
+                                               typed.chat_format))
 
 
 def signal_params(model, key=0, noise=0.1, qk_gain=3.0, length=4):

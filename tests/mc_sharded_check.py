@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from monoformer_jax.base import sharding
-from monoformer_jax.evaluation import multiple_choice, text_tasks
+from monoformer_jax.evaluation import multiple_choice as mc, text_tasks
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.run import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
@@ -29,10 +29,11 @@ def main(workdir: str) -> None:
     config.update(mesh)
     layout = sharding.make_layout(config, devices)
     placed = jax.device_put(params, sharding.logical_shardings(boxed, layout))
-    scores[name] = multiple_choice.loglikelihoods(setup.model, placed, setup.tok, items, 8,
-                                                  setup.config.model.context_length, layout)
+    scores[name] = mc.loglikelihoods(setup.model, placed, setup.tok, items, 8,
+                                     setup.config.model.context_length, layout)
   diff = max(float(np.abs(a - b).max()) for a, b in zip(scores['one'], scores['fsdp8']))
-  print(json.dumps(dict(max_abs_diff=diff, acc=[multiple_choice.metrics(items, s)['acc'] for s in scores.values()],
+  accuracies = [mc.metrics(items, s)['acc'] for s in scores.values()]
+  print(json.dumps(dict(max_abs_diff=diff, acc=accuracies,
                                      items=len(items))))
 
 

@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import (image_batches, signal_params,  # pylint: disable=wrong-import-position
-                     text_batches, tiny_config)
+                     step_config, text_batches, tiny_config)
 
-from monoformer_jax.base import sharding
+from monoformer_jax.base import sharding  # pylint: disable=wrong-import-position
 from monoformer_jax.data.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
 from monoformer_jax.nn import model as model_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-import-position
@@ -56,7 +56,7 @@ def run(config, workdir, devices, num_steps=3, state=None):
   _, shardings = steps.abstract_state(model, tx, layout)
   if state is None:
     state = steps.init_state(model, tx, layout, jax.random.key(0))
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, tok.im_end_id), layout,
+  fns = steps.jit_steps(model, tx, step_config(config, tok.im_end_id), layout,
                         shardings)
   iters = {StepKind.AR: text_batches(config, tok), StepKind.DIFFUSION: image_batches(config, tok)}
   losses = []

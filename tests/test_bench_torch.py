@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT, cli, error_line
+
 
 # What a torchvision wheel built for another torch meets: its ops library does not load (and
 # torchvision's import swallows that), so registering fake kernels for its ops fails later.
@@ -25,9 +25,10 @@ try:
 except Exception as e:  # transformers words it as its version does; the cause is torchvision's
   print('without the fix:', repr(e.__cause__ or e))
 from helpers import tiny_config
+from monoformer_jax.nn import model as model_lib
 from monoformer_jax import bench_torch, settings
 config = tiny_config()
-steps, about = bench_torch.make_steps(config, settings.validate(config).model.backbone)
+steps, about = bench_torch.make_steps(config, model_lib.build(config.model).backbone)
 steps['ar']()
 steps['diffusion']()
 print('steps ran with torch', about['torch'])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
-from helpers import ROOT, tiny_config
+from helpers import ROOT, step_config, tiny_config
 
 from monoformer_jax.base import sharding
 from monoformer_jax.base.errors import UserError
@@ -60,10 +60,9 @@ def test_config_loads(path, tmp_path):
   module = _load(path)
   config = _with_stand_in_paths(module.get_config(), tmp_path)
   assert config.is_locked
-  typed = settings.validate(config)
-  settings.check_inputs(config, typed)
+  model = model_lib.build(config.model)
+  settings.check_inputs(config, settings.validate(config), model)
   assert 'python -m monoformer_jax' in open(path).read()
-  model = typed.model
   shapes = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
                                                method=model.init_all), jax.random.key(0))
   assert shapes['params']['embed_tokens']['embedding'].value.shape[0] == config.model.vocab_size
@@ -84,11 +83,11 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
   config = _with_stand_in_paths(_load(path).get_config(platform), tmp_path)
   if objective == 'joint':
     config.train.objective, config.train.grad_accum, config.train.prompt_lm_loss = 'joint', 2, True
-  model = settings.validate(config).model
+  model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   abstract, shardings = steps.abstract_state(model, tx, layout)
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, 1), layout, shardings)
+  fns = steps.jit_steps(model, tx, step_config(config, 1), layout, shardings)
   d, m = config.data, config.model
   batches = {
       steps.StepKind.AR: dict(tokens=((d.text_batch_size, d.text_seq_len), jnp.int32),
@@ -157,7 +156,7 @@ def test_bench_measures_only_the_parts_asked_for():
   config.sample.steps = 2
   report = bench.measure(config)
   assert set(report['steps']) == {'joint'} and 'decode' not in report
-  joint, model = report['steps']['joint'], settings.validate(config).model
+  joint, model = report['steps']['joint'], model_lib.build(config.model)
   tokens = sum(bench.tokens_per_step(config, model, k) for k in (StepKind.AR, StepKind.DIFFUSION))
   assert joint['tokens_per_s'] * joint['median_ms'] / 1e3 == pytest.approx(tokens)
   assert report['sampling']['compiled_images_per_s'] > 0
@@ -189,7 +188,7 @@ def test_model_flops_agree_with_xla_cost_analysis(kind):
   config.model.layer_loop = 'unrolled'  # XLA counts a loop body once, not once per layer
   config.data.text_seq_len = 512  # long enough that attention is a fifth of the FLOPs
   config.model.image_size, config.model.image_channels = (32, 32), 4  # 256 patches
-  model = settings.validate(config).model
+  model = model_lib.build(config.model)
   params = nn.unbox(jax.eval_shape(lambda: model.init(
       jax.random.key(0), *model_lib.example_inputs(model), method=model.init_all))['params'])
   length = bench.sequence_length(config, model, kind)

@@ -14,7 +14,7 @@ from helpers import cli, error_line, launch_two, tiny_config
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import corpus
-from monoformer_jax.evaluation import benchmarks, multiple_choice, text_tasks
+from monoformer_jax.evaluation import benchmarks, multiple_choice as mc, text_tasks
 from monoformer_jax.run import workdir as workdir_lib
 
 
@@ -121,15 +121,15 @@ def test_every_benchmark_scores_as_lm_eval_harness(trained, tmp_path, monkeypatc
     with tfds.testing.mock_data(as_dataset_fn=lambda *args, dataset=dataset, **kwargs: dataset,
                                 policy=tfds.testing.MockPolicy.USE_CODE):
       items = text_tasks.TASKS[name].items(setup.config, 0)
-    ours = multiple_choice.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=16,
-                                          max_length=setup.config.model.context_length, layout=setup.layout)
+    ours = mc.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=16,
+                             max_length=setup.config.model.context_length, layout=setup.layout)
     samples = sorted(theirs['samples'][f'local_{name}'], key=lambda s: s['doc_id'])
     assert len(samples) == len(ours) == 24
     for mine, sample in zip(ours, samples):
       want = np.array([r[0] for r in sample['filtered_resps']])
       np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-4, err_msg=name)
       assert np.argmax(mine) == np.argmax(want), name
-    got, reported = multiple_choice.metrics(items, ours), theirs['results'][f'local_{name}']
+    got, reported = mc.metrics(items, ours), theirs['results'][f'local_{name}']
     for metric in benchmarks.BENCHMARKS[name].metrics:
       assert got[metric] == pytest.approx(reported[f'{metric},none'], abs=1e-12), (name, metric)
       assert got[f'{metric}_stderr'] == pytest.approx(reported[f'{metric}_stderr,none'],
@@ -163,29 +163,29 @@ def test_continuations_inside_a_word_score_as_lm_eval_harness(trained, tmp_path)
   lm = HFLM(pretrained=str(hf_dir), dtype='float32', device='cpu', batch_size=8)
   restored = workdir_lib.for_inference(trained, use_ema=True)
   setup, rng = restored.setup, np.random.default_rng(5)
-  items = [multiple_choice.Item.shared_context(*_inside_a_word(rng, lm), gold=0, delimiter='')
+  items = [mc.Item.shared_context(*_inside_a_word(rng, lm), gold=0, delimiter='')
            for _ in range(12)]
   requests = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
   split_matters, encode_pair = 0, lm._encode_pair  # pylint: disable=protected-access
   for context, continuation in requests:
     context_enc, continuation_enc = encode_pair(context, continuation)
-    ids, n = multiple_choice.encode_request(setup.tok, context, continuation, 256)
+    ids, n = mc.encode_request(setup.tok, context, continuation, 256)
     assert (ids[:len(ids) - n], ids[len(ids) - n:]) == (context_enc, continuation_enc)
     split_matters += context_enc + continuation_enc != lm.tok_encode(context + continuation)
   assert split_matters >= 3, split_matters  # the whole text's tokens would differ
   theirs = lm.loglikelihood([Instance('loglikelihood', {}, r, i) for i, r in enumerate(requests)])
-  ours = np.concatenate(multiple_choice.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=8,
-                                                       max_length=256, layout=setup.layout))
+  ours = np.concatenate(mc.loglikelihoods(setup.model, restored.params, setup.tok, items, batch=8,
+                                          max_length=256, layout=setup.layout))
   np.testing.assert_allclose(ours, [ll for ll, _ in theirs], rtol=1e-4, atol=1e-4)
 
   context, ending = 'The cup is on the ta', 'ble'  # the whole has no more tokens than the context
   assert not encode_pair(context, ending)[1]
   with pytest.raises(AssertionError):
     lm.loglikelihood([Instance('loglikelihood', {}, (context, ending), 0)])
-  bad = items[:1] + [multiple_choice.Item.shared_context(context, ['ble is blue', 'ble'], 0, delimiter='')]
+  bad = items[:1] + [mc.Item.shared_context(context, ['ble is blue', 'ble'], 0, delimiter='')]
   with pytest.raises(UserError, match=r"^choice 1 of item 1 .*'ble'.* adds no token"):
-    multiple_choice.loglikelihoods(setup.model, restored.params, setup.tok, bad, batch=8, max_length=256,
-                                   layout=setup.layout)
+    mc.loglikelihoods(setup.model, restored.params, setup.tok, bad, batch=8, max_length=256,
+                      layout=setup.layout)
 
 
 def test_next_line_questions_differ_only_in_word_order():

@@ -11,8 +11,8 @@ from helpers import cli, signal_params, tiny_config
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Guidance, Sampler
 from monoformer_jax.generation import mixed_modal, sampling
+from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.layers import KVCache, MaskType
-from monoformer_jax.run import settings
 
 
 PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
@@ -21,7 +21,7 @@ PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
 @pytest.fixture(scope='module')
 def parts(tokenizer_file):
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
-  model = settings.validate(tiny_config()).model
+  model = model_lib.build(tiny_config().model)
   return tok, model, signal_params(model, key=4)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import image_batches, signal_params, text_batches, tiny_config
+from helpers import image_batches, signal_params, step_config, text_batches, tiny_config
 
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.run import workdir as workdir_lib
@@ -59,7 +59,7 @@ def _run(setting, kind, **overrides):
 
 def _uncached_run(setting, kind, **overrides):
   config, tok, model, params, batches = setting
-  cfg = steps.StepConfig.from_config(config, tok.im_end_id)
+  cfg = step_config(config, tok.im_end_id)
   cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **overrides))
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=TX.init(params), ema_params=params)
@@ -108,7 +108,7 @@ def test_prompt_cross_entropy_matches_a_hand_computation(setting):
   over the prompts alone (the image mask is causal there), <im_start> included as a target."""
   config, tok, model, params, batches = setting
   image = batches[StepKind.DIFFUSION]
-  cfg = steps.StepConfig.from_config(config, tok.im_end_id).loss
+  cfg = step_config(config, tok.im_end_id).loss
   cfg = dataclasses.replace(cfg, prompt_lm_loss=True)
   inputs = objective.image_inputs(jax.tree.map(jnp.asarray, image), jax.random.key(2), cfg)
   _, got = jax.jit(lambda p, x: objective.image_pass(model, p, x, cfg))(params, inputs)
@@ -144,4 +144,4 @@ def test_schedule_and_config_choices(setting):
   assert {steps.step_kind(0, s, 1.0, 1.0, joint=True) for s in range(10)} == {StepKind.JOINT}
   config = tiny_config()
   config.train.objective = 'joint'
-  assert steps.StepConfig.from_config(config, 2).kinds == (StepKind.JOINT,)
+  assert step_config(config, 2).kinds == (StepKind.JOINT,)

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import ROOT, cli, error_line, tiny_config
+from helpers import ROOT, cli, error_line, step_config, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base import sharding
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.run import settings, workdir as workdir_lib
+from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint, guards, metrics_log, steps
 from monoformer_jax.training.metrics_log import METRICS_FILE
 
@@ -43,7 +44,7 @@ def _final_state(workdir, config):
   step = ckpt.latest_step()
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
-  abstract, _ = steps.abstract_state(settings.validate(config).model, tx, layout)
+  abstract, _ = steps.abstract_state(model_lib.build(config.model), tx, layout)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return step, state
@@ -221,7 +222,7 @@ def test_the_step_itself_leaves_the_state_alone_on_nan(workdir):
   state = steps.init_state(setup.model, setup.tx, setup.layout, jax.random.key(0))
   batch = dict(tokens=np.ones((8, 12), np.int32), valid=np.ones((8, 12), bool),
                image=np.full((8, 8, 8, 1), np.nan, np.float32))
-  cfg = steps.StepConfig.from_config(config, setup.tok.im_end_id)
+  cfg = step_config(config, setup.tok.im_end_id)
   before = jax.tree.map(np.asarray, state)
   after, metrics = jax.jit(lambda s, b, k: steps.diffusion_step(
       s, b, k, model=setup.model, tx=setup.tx, cfg=cfg))(state, batch, jax.random.key(1))
@@ -379,7 +380,7 @@ def test_async_save_overlaps_steps_and_matches_a_synchronous_save(workdir, tmp_p
   setup = workdir_lib.for_training(config, workdir)
   _, shardings = steps.abstract_state(setup.model, setup.tx, setup.layout)
   state = steps.init_state(setup.model, setup.tx, setup.layout, jax.random.key(0))
-  fns = steps.jit_steps(setup.model, setup.tx, steps.StepConfig.from_config(config, 2),
+  fns = steps.jit_steps(setup.model, setup.tx, step_config(config, 2),
                         setup.layout, shardings)
   batch = dict(tokens=np.ones((4, 32), np.int32), valid=np.ones((4, 32), bool),
                loss_mask=np.ones((4, 32), bool))

@@ -7,7 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import image_batches, text_batches, tiny_config
+from helpers import image_batches, step_config, text_batches, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base import sharding
@@ -23,7 +23,7 @@ def _setup(workdir):
   model, tx, mesh = setup.model, setup.tx, setup.layout
   _, shardings = steps.abstract_state(model, tx, mesh)
   state = steps.init_state(model, tx, mesh, jax.random.key(0))
-  fns = steps.jit_steps(model, tx, steps.StepConfig.from_config(config, setup.tok.im_end_id), mesh,
+  fns = steps.jit_steps(model, tx, step_config(config, setup.tok.im_end_id), mesh,
                         shardings)
   return config, setup.tok, mesh, state, fns
 

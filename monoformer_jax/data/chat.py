@@ -16,7 +16,6 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax.config import schema
 from monoformer_jax.data import jsonl, tokenizer as tokenizer_lib
 
 
@@ -57,13 +56,12 @@ def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int,
   return tokens, valid, loss_mask
 
 
-def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
-             seed: int) -> grain.MapDataset:
+def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, seed: int,
+             chat_format: ChatFormat) -> grain.MapDataset:
   """Infinite shuffled {'tokens', 'valid', 'loss_mask'} conversations (not yet batched)."""
   records = jsonl.read(jsonl.files(data.chat_files, 'data.chat_files'), jsonl.RecordKind.CHAT,
                        data.skip_bad_records)
   messages = [r['messages'] for r in records]
-  chat_format = schema.choice(ChatFormat, data.chat_format, 'data.chat_format')
 
   def tokenize(index):
     tokens, valid, loss_mask = chat_tokens(messages[index], tok, data.text_seq_len, chat_format)

@@ -57,10 +57,14 @@ def image_dataset(data: ml_collections.ConfigDict, source: ImageSource,
 
 
 def text_dataset(data: ml_collections.ConfigDict, source: TextSource,
-                 tok: tokenizer_lib.Tokenizer, seed: int) -> grain.MapDataset:
-  """This host's batches of training text."""
-  make = chat.examples if source == TextSource.CHAT_JSONL else corpus.examples
-  return common.host_batches(make(data, tok, seed), data.text_batch_size)
+                 tok: tokenizer_lib.Tokenizer, seed: int,
+                 chat_format: chat.ChatFormat) -> grain.MapDataset:
+  """This host's batches of training text (chat data rendered as chat_format says)."""
+  if source == TextSource.CHAT_JSONL:
+    examples = chat.examples(data, tok, seed, chat_format)
+  else:
+    examples = corpus.examples(data, tok, seed)
+  return common.host_batches(examples, data.text_batch_size)
 
 
 def class_names(source: ImageSource) -> list[str]:

@@ -1,7 +1,7 @@
-"""Text benchmarks scored as multiple choice (multiple_choice.py): the task table that `evaluate --tasks`
-and train.text_eval_every read, each task a loader of items, its metrics (the first is the
-one averaged) and its chance level: the default's next-line questions and the seven
-commonsense benchmarks of the paper's text table (data/benchmarks.py, through TFDS).
+"""Text benchmarks scored as multiple choice (multiple_choice.py): the task table that
+`evaluate --tasks` and train.text_eval_every read, each task a loader of items, its metrics
+(the first is the one averaged) and its chance level: the default's next-line questions and
+the seven commonsense benchmarks of the paper's text table (benchmarks.py, through TFDS).
 """
 
 import dataclasses
@@ -19,7 +19,8 @@ from monoformer_jax.evaluation import benchmarks, multiple_choice
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  items: Callable[[ml_collections.ConfigDict, int], list[multiple_choice.Item]]  # (config, limit) -> items
+  # (config, limit) -> items
+  items: Callable[[ml_collections.ConfigDict, int], list[multiple_choice.Item]]
   chance: float
   metrics: tuple[str, ...] = ('acc', 'acc_norm')
 
@@ -66,7 +67,7 @@ def score(setup, params, names: list[str], limit: int = 0) -> list[dict]:
     requests = sum(len(item.contexts) for item in items)
     with progress.phase(f'{name}: scoring {len(items)} questions', requests, 'requests') as p:
       scores = multiple_choice.loglikelihoods(setup.model, params, setup.tok, items, batch,
-                                              config.model.context_length, setup.layout, p.advance)
+                                                           config.model.context_length, setup.layout, p.advance)
     result = multiple_choice.metrics(items, scores)
     rows += [dict(task=name, metric=m, score=result[m], stderr=result[f'{m}_stderr'],
                   items=result['items'], chance=task.chance) for m in task.metrics]

@@ -1,8 +1,9 @@
-"""A config checked once and its string choices parsed into their owners' types.
+"""A config checked once and its string choices parsed, each by its owner's enum, once.
 
 `validate(config)` needs nothing but the config: inference commands run it on
-the config saved in a workdir, wherever that workdir now is. `check_inputs`
-adds what only training reads: the files and directories the config names.
+the config saved in a workdir, wherever that workdir now is. It builds no network (the
+model section is parsed by `nn.model.build`, where a Setup is made). `check_inputs` adds
+what only training reads: the files and directories the config names.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
 from monoformer_jax.evaluation import text_tasks
 from monoformer_jax.generation.sampling import ImageSampling
 from monoformer_jax.nn import model as model_lib
+from monoformer_jax.nn.model import ImageSequence
 from monoformer_jax.run import backbone
 from monoformer_jax.training.checkpoint import AsyncSaves
 from monoformer_jax.training.objective import Objective
@@ -24,13 +26,14 @@ from monoformer_jax.training.objective import Objective
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """The typed choices of a validated config."""
-  model: model_lib.MonoFormer  # its enums (mask, remat, layer loop, attention) parsed
+  """The typed choices of a validated config (the model section's are nn.model.build's)."""
   sampling: ImageSampling  # the config's sampler, guidance and step count
   image_source: ImageSource
   text_source: TextSource
   latents_source: LatentsSource
   async_saves: AsyncSaves
+  objective: Objective
+  chat_format: ChatFormat
 
 
 # Numeric keys and what each must be; a value outside fails with the key named.
@@ -74,17 +77,17 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if len(config.model.image_size) != 2 or min(config.model.image_size) < 1:
     raise UserError(f'config key model.image_size is {tuple(config.model.image_size)}; expected '
                     '(height, width), both positive.')
-  model = model_lib.build(config.model)
   image_source = schema.choice(ImageSource, config.data.image_source, 'data.image_source')
   settings = Settings(
-      model=model,
       sampling=ImageSampling.from_config(config.sample, config.diffusion.num_timesteps),
       image_source=image_source,
       text_source=schema.choice(TextSource, config.data.text_source, 'data.text_source'),
       latents_source=schema.choice(LatentsSource, config.data.latents_source,
-                                   'data.latents_source'),
+                               'data.latents_source'),
       async_saves=schema.choice(AsyncSaves, config.train.async_checkpoints,
-                                'train.async_checkpoints'))
+                            'train.async_checkpoints'),
+      objective=schema.choice(Objective, config.train.objective, 'train.objective'),
+      chat_format=schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format'))
   if image_source.pixels and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
@@ -110,11 +113,6 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.train.fid_every and not (config.eval.inception and config.eval.fid_ref):
     raise UserError('config key train.fid_every needs eval.inception (a converted Inception) and '
                     'eval.fid_ref (the reference .npz); set them, or set train.fid_every to 0.')
-  longest = max(config.data.text_seq_len, model.image.sequence(config.data.prompt_len).length)
-  if longest > config.model.context_length:
-    raise UserError(f'config key model.context_length ({config.model.context_length}) is shorter '
-                    f'than the training sequences ({longest} tokens: data.text_seq_len, or '
-                    'data.prompt_len plus the image).')
   if config.data.tokenizer_vocab_size > config.model.vocab_size:
     raise UserError(f'config key data.tokenizer_vocab_size ({config.data.tokenizer_vocab_size}) '
                     f'exceeds model.vocab_size ({config.model.vocab_size}).')
@@ -123,14 +121,18 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if height % p or width % p:
     raise UserError(f'config key model.image_size {tuple(config.model.image_size)} is not '
                     f'divisible by model.patch_size {p}.')
+  image = ImageSequence(config.data.prompt_len, (height // p) * (width // p))
+  longest = max(config.data.text_seq_len, image.length)
+  if longest > config.model.context_length:
+    raise UserError(f'config key model.context_length ({config.model.context_length}) is shorter '
+                    f'than the training sequences ({longest} tokens: data.text_seq_len, or '
+                    'data.prompt_len plus the image).')
   if config.sample.steps > config.diffusion.num_timesteps:
     raise UserError(f'config key sample.steps ({config.sample.steps}) exceeds '
                     f'diffusion.num_timesteps ({config.diffusion.num_timesteps}).')
   if config.train.ar_weight + config.train.diffusion_weight <= 0:
     raise UserError('config keys train.ar_weight and train.diffusion_weight must have a '
                     'positive sum.')
-  schema.choice(Objective, config.train.objective, 'train.objective')
-  schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format')
   for key in ('image_batch_size', 'text_batch_size'):
     if config.data[key] % config.train.grad_accum:
       raise UserError(f'config key data.{key} ({config.data[key]}) is not divisible by '
@@ -144,7 +146,8 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   return settings
 
 
-def check_inputs(config: ml_collections.ConfigDict, settings: Settings) -> None:
+def check_inputs(config: ml_collections.ConfigDict, settings: Settings,
+                 model: model_lib.MonoFormer) -> None:
   """The files and directories training reads exist, and a converted LLM fits the model (a
   UserError naming the first that does not)."""
   for key, value, is_there in (('data.text_file', config.data.text_file, os.path.isfile),
@@ -155,8 +158,7 @@ def check_inputs(config: ml_collections.ConfigDict, settings: Settings) -> None:
     if value and not is_there(value):
       raise UserError(f'config key {key} names {value}, which does not exist.')
   if config.model.init_from:
-    backbone.check_compatible(config.model.init_from, settings.model.backbone,
-                               settings.model.tie_embeddings)
+    backbone.check_compatible(config.model.init_from, model.backbone, model.tie_embeddings)
   if settings.image_source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
     raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
                     'directory; expected the output of `extract_latents`.')

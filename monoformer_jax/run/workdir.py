@@ -36,22 +36,17 @@ class Setup:
   """What every command builds from a config."""
   config: ml_collections.ConfigDict
   settings: settings_lib.Settings
+  model: MonoFormer
   tok: tokenizer_lib.Tokenizer
-  tx: optax.GradientTransformation
   layout: sharding.Layout
+  tx: Optional[optax.GradientTransformation] = None  # training only
   lock: Optional[TextIO] = None  # training: the open, locked WORKDIR/train.lock
 
-  @property
-  def model(self) -> MonoFormer:
-    return self.settings.model
 
-
-def _setup(config, settings, tok, layout=None, lock=None) -> Setup:
+def _check_vocabulary(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> None:
   if tok.vocab_size > config.model.vocab_size:
     raise UserError(f'the tokenizer {tok.path} has {tok.vocab_size} pieces; config key '
                     f'model.vocab_size is only {config.model.vocab_size}.')
-  return Setup(config, settings, tok, steps.make_optimizer(config.optim, config.train.num_steps),
-               layout or sharding.make_layout(config.mesh), lock)
 
 
 def _lock(workdir: str) -> Optional[TextIO]:
@@ -86,20 +81,21 @@ def check_workdir(workdir: str) -> None:
 
 
 def for_training(config: ml_collections.ConfigDict, workdir: str,
-                 settings: Optional[settings_lib.Settings] = None,
                  layout: Optional[sharding.Layout] = None) -> Setup:
-  """Checks the config, its inputs and the workdir; then creates the workdir, takes its lock
-  and makes its tokenizer. Nothing is created until the checks pass."""
-  if settings is None:
-    settings = settings_lib.validate(config)
-    settings_lib.check_inputs(config, settings)
+  """Checks the config, its model, its inputs and the workdir; then creates the workdir, takes
+  its lock and makes its tokenizer. Nothing is created until the checks pass."""
+  settings = settings_lib.validate(config)
+  model = model_lib.build(config.model)
+  settings_lib.check_inputs(config, settings, model)
   check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   lock = _lock(workdir)
   tok = tokenizer_lib.for_workdir(workdir, config.model.init_from,
                                   config.data.tokenizer_vocab_size,
                                   lambda: pipeline.tokenizer_texts(config.data))
-  return _setup(config, settings, tok, layout, lock)
+  _check_vocabulary(config, tok)
+  return Setup(config, settings, model, tok, layout or sharding.make_layout(config.mesh),
+               steps.make_optimizer(config.optim, config.train.num_steps), lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +118,10 @@ def _state_shapes(config: ml_collections.ConfigDict,
                   layout: sharding.Layout) -> dict[str, tuple[int, ...]]:
   """Every leaf of the train state a config makes (parameters, EMA, optimizer state): its
   path and shape, nothing allocated."""
-  model = settings_lib.validate(config).model
+  settings_lib.validate(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  flat = jax.tree_util.tree_flatten_with_path(steps.abstract_state(model, tx, layout)[0])[0]
+  state = steps.abstract_state(model_lib.build(config.model), tx, layout)[0]
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
@@ -172,11 +169,13 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
 
   def load(step: int):
     config = ckpt.restore_config(step)
-    setup = _setup(config, settings_lib.validate(config), tok)
+    _check_vocabulary(config, tok)
+    setup = Setup(config, settings_lib.validate(config), model_lib.build(config.model), tok,
+                  sharding.make_layout(config.mesh))
     if not params:
       return setup, None
-    abstract, _ = steps.abstract_state(setup.model, setup.tx, setup.layout)
-    return setup, ckpt.restore_params(step, abstract.params, use_ema)
+    abstract = steps.abstract_params(setup.model, setup.layout)
+    return setup, ckpt.restore_params(step, abstract, use_ema)
 
   try:
     step, (setup, restored) = ckpt.newest_restorable(load)

@@ -27,10 +27,11 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.diffusion import Sampler
 from monoformer_jax.generation import sampling
+from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.run import settings
 from monoformer_jax.tools import bench_torch
-from monoformer_jax.training import steps
+from monoformer_jax.training import objective, steps
 from monoformer_jax.training.steps import StepKind
 
 
@@ -168,7 +169,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   """
   repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
-  step_config = steps.StepConfig.from_config(config, 2)
+  step_config = steps.StepConfig.from_config(config, 2, objective.Objective.ALTERNATE)
   fns = {}
   for joint in (False, True):  # whatever train.objective says, both kinds can be timed
     fns |= steps.jit_steps(model, tx, dataclasses.replace(step_config, joint=joint), layout,
@@ -314,7 +315,7 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
   if compare_torch:
     bench_torch.modules()  # a missing torch stops the command now, not after the JAX side's setup
   parts = parts_of(config.bench)
-  model = typed.model
+  model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)

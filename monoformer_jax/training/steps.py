@@ -52,13 +52,15 @@ class StepConfig:
   joint: bool = False  # train.objective is 'joint'
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int) -> 'StepConfig':
+  def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int,
+                  kind: objective.Objective) -> 'StepConfig':
+    """From the config's numbers and its objective, parsed once (run.settings)."""
     t = config.train
     loss = objective.LossConfig(t.lm_loss_weight, t.diffusion_loss_weight,
                                 config.diffusion.num_timesteps, im_end_id, t.loss_chunk,
                                 t.prompt_lm_loss, t.grad_accum)
     return cls(loss, t.ema_decay, learning_rate(config.optim, t.num_steps),
-               objective.Objective(t.objective) == objective.Objective.JOINT)
+               kind == objective.Objective.JOINT)
 
   @property
   def kinds(self) -> tuple[StepKind, ...]:
@@ -107,6 +109,13 @@ def abstract_state(model, tx, layout: sharding.Layout) -> tuple[TrainState, Any]
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return abstract, shardings
+
+
+def abstract_params(model, layout: sharding.Layout):
+  """The parameters' shapes with their shardings, for inference: no optimizer involved."""
+  boxed = jax.eval_shape(functools.partial(model_lib.init_params, model), jax.random.key(0))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), sharding.logical_shardings(boxed, layout))
 
 
 def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState:
