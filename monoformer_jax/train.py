@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from monoformer_jax.base import sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
-from monoformer_jax.evaluation import default_eval, fid_eval, fid_samples, text_tasks
+from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae
 from monoformer_jax.run import backbone, workdir as workdir_lib
 from monoformer_jax.training import checkpoint, guards, steps
@@ -174,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = _SaveClock(t.checkpoint_minutes)
   joint = StepKind.JOINT in run.step_fns
   seed_key = jax.random.key(config.seed)
-  periodic = _PeriodicEvals(setup, log)
+  periodic = evaluators.from_config(setup)
   held = False  # a save is due but held back while steps of some kind are being skipped
 
   def save(step: int) -> bool:
@@ -217,7 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if held or done % t.checkpoint_every == 0 or done == t.num_steps or (
             logged and clock.due()):
           held = not save(done)
-        periodic.after(done, state)
+        for evaluator in periodic:
+          if done % evaluator.every == 0:
+            with log.pause():
+              values = evaluator.measure(state, done)
+            log.write_rows(done, evaluator.name, values)
         _profile(workdir, t, done, state)
   finally:
     notice.close()
@@ -248,36 +252,6 @@ def _finished_eval(workdir: str, start: int, t: ml_collections.ConfigDict) -> Op
   return metrics
 
 
-class _PeriodicEvals:
-  """What train.eval_every, text_eval_every and fid_every ask for after a step."""
-
-  def __init__(self, setup: workdir_lib.Setup, log: MetricsLog):
-    self.setup, self.log = setup, log
-    t = setup.config.train
-    self.fid_meter = None
-    if t.fid_every:  # the reference is encoded at the first FID
-      config = setup.config
-      self.fid_meter = fid_eval.FidMeter(fid_eval.FidSpec(
-          config.eval.fid_ref, config.eval.inception, config.eval.fid_batch), setup.layout)
-    self.fid_key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**30 + 1)
-
-  def after(self, done: int, state) -> None:
-    setup, log = self.setup, self.log
-    config, t = setup.config, setup.config.train
-    if t.eval_every and done % t.eval_every == 0:
-      with log.pause():
-        log.write_heldout(done, default_eval.heldout_losses(setup, state.params))
-    if t.text_eval_every and done % t.text_eval_every == 0:
-      with log.pause():
-        rows = text_tasks.score(setup, state.params, text_tasks.parse(config.eval.tasks),
-                                config.eval.task_limit)
-      log.write_rows(done, 'text_tasks', text_tasks.metrics_of(rows))
-    if t.fid_every and done % t.fid_every == 0:
-      with log.pause():
-        result = _fid(setup, self.fid_meter, state, jax.random.fold_in(self.fid_key, done))
-      log.write_fid(done, result)
-
-
 def _next_batch(iterators: dict, kind: StepKind, layout: sharding.Layout) -> dict:
   """The next global batch of a step kind; a joint step's is {'text': ..., 'image': ...}."""
   if kind == StepKind.JOINT:
@@ -286,14 +260,6 @@ def _next_batch(iterators: dict, kind: StepKind, layout: sharding.Layout) -> dic
   batch = next(iterators[kind])
   batch.pop('label', None)
   return sharding.global_batch(batch, layout)
-
-
-def _fid(setup: workdir_lib.Setup, meter: fid_eval.FidMeter, state, key: jax.Array) -> dict:
-  """FID-{train.fid_num} of the class-prompted samples of the params `sample` would use."""
-  config = setup.config
-  params = state.ema_params if config.sample.use_ema else state.params
-  return meter.of_model(setup, params, config.train.fid_num, fid_samples.class_prompts(setup),
-                        setup.settings.sampling, key, config.model.vae)
 
 
 def _describe(guard: guards.SkipGuard) -> str:

@@ -1,12 +1,19 @@
-"""Shared fixtures (a workdir with the default tokenizer trained once) and the markers.
+"""Shared fixtures (a workdir with the default tokenizer trained once), the markers, and one
+XLA compilation cache for the session.
 
 `slow` marks tests of more than a few seconds and `multiprocess` those that start
 several processes; `pytest -m "not slow"` is the quick inner loop, `.ci/run` runs all.
+The tests compile the same tiny programs again and again, in both workers and in the
+command-line processes they start: JAX's persistent compilation cache, in a directory made
+fresh for each session and shared through the environment, compiles each once. A cached
+executable is the compiled program itself, so no result depends on it.
 """
 
 import os
 import shutil
+import tempfile
 
+import jax
 import pytest
 from helpers import tiny_config
 
@@ -15,10 +22,24 @@ from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
 from monoformer_jax.tools import bench_torch
 
 
+_CACHE = 'JAX_COMPILATION_CACHE_DIR'
+_MADE = []  # the cache directory this process made, removed when the session ends
+
+
 def pytest_configure(config):
   bench_torch.make_torchvision_importable()  # before transformers or diffusers look for it
+  if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
+    os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
+    _MADE.append(os.environ[_CACHE])
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE])  # jax read the env at import
   config.addinivalue_line('markers', 'slow: takes more than a few seconds (left out by -m "not slow")')
   config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (and is slow)')
+
+
+def pytest_unconfigure(config):
+  del config
+  for directory in _MADE:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

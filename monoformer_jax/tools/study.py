@@ -37,7 +37,8 @@ METRICS = ('fd/overall', 'accuracy/overall', 'next_line/acc', 'text/perplexity')
 
 
 def _variant_config(variant: str, overrides: dict):
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'ablations.py')
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      'configs', 'ablations.py')
   spec = importlib.util.spec_from_file_location('ablations_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -144,27 +144,14 @@ class MetricsLog:
             f'lr {scalars["learning_rate"]:.3g}{skipped}  {rate:.1f} steps/s  '
             f'input wait {input_wait:.1%}  ETA {_minutes(eta)}{compile_note}', flush=True)
 
-  def write_heldout(self, step: int, losses: dict[str, float]) -> None:
-    """Held-out losses (train.eval_every), as scalars and a metrics.jsonl row of kind 'heldout'."""
-    self.writer.write_scalars(step, {f'heldout/{k}': v for k, v in losses.items()})
-    self._append({'step': step, 'kind': 'heldout', **losses})
-    if self.leader:
-      print(f'step {step}  held out: ' + '  '.join(f'{k} {v:.4f}' for k, v in losses.items()),
-            flush=True)
-
   def write_rows(self, step: int, kind: str, values: dict[str, float]) -> None:
-    """Scores of one kind (text_tasks: '<task>/<metric>'): scalars and a metrics.jsonl row."""
-    self.writer.write_scalars(step, values)
+    """Values of one kind (a periodic evaluation's): scalars under KIND/, a metrics.jsonl
+    row of that kind, and a line."""
+    self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in values.items()})
     self._append({'step': step, 'kind': kind, **values})
     if self.leader:
-      print(f'step {step}  ' + '  '.join(f'{k} {v:.4f}' for k, v in values.items()), flush=True)
-
-  def write_fid(self, step: int, result: dict) -> None:
-    """FID-N during training (train.fid_every): a scalar and a metrics.jsonl row of kind 'fid'."""
-    self.writer.write_scalars(step, {f'fid/fid{result["num"]}': result['fid']})
-    self._append({'step': step, 'kind': 'fid', **result})
-    if self.leader:
-      print(f'step {step}  FID-{result["num"]} {result["fid"]:.4f}', flush=True)
+      print(f'step {step}  {kind}: ' + '  '.join(f'{k} {v:.4f}' for k, v in values.items()),
+            flush=True)
 
   def write_eval(self, step: int, metrics: dict, images: np.ndarray, table: str) -> None:
     """The end-of-run evaluation: its numeric metrics, a grid of its samples, and its table."""

@@ -1,0 +1,55 @@
+"""The evaluations a training run makes every few steps, built from the config: each a name
+(its metrics.jsonl kind and TensorBoard prefix), a period in steps and a measure of the train
+state. Adding one touches this module only, never the training loop.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from monoformer_jax.evaluation import default_eval, fid_eval, fid_samples, text_tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  name: str
+  every: int
+  measure: Callable[[Any, int], dict[str, float]]  # (train state, step) -> scalars
+
+
+def from_config(setup) -> list[Periodic]:
+  """What train.eval_every (held-out losses), text_eval_every (the eval.tasks table) and
+  fid_every (FID-{train.fid_num}) ask for; zero periods ask for nothing."""
+  config, t = setup.config, setup.config.train
+  found = []
+  if t.eval_every:
+    found.append(Periodic('heldout', t.eval_every,
+                          lambda state, step: default_eval.heldout_losses(setup, state.params)))
+  if t.text_eval_every:
+    names = text_tasks.parse(config.eval.tasks)
+
+    def scores(state, step):
+      del step
+      return text_tasks.metrics_of(text_tasks.score(setup, state.params, names,
+                                                    config.eval.task_limit))
+    found.append(Periodic('text_tasks', t.text_eval_every, scores))
+  if t.fid_every:
+    found.append(Periodic('fid', t.fid_every, _fid(setup)))
+  return found
+
+
+def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
+  """FID-{train.fid_num} of the class-prompted samples of the parameters `sample` would use,
+  with a key of its own for each step; the reference is encoded at the first call."""
+  config = setup.config
+  meter = fid_eval.FidMeter(fid_eval.FidSpec(config.eval.fid_ref, config.eval.inception,
+                                             config.eval.fid_batch), setup.layout)
+  key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)
+
+  def measure(state, step):
+    params = state.ema_params if config.sample.use_ema else state.params
+    return meter.of_model(setup, params, config.train.fid_num, fid_samples.class_prompts(setup),
+                          setup.settings.sampling, jax.random.fold_in(key, step),
+                          config.model.vae)
+  return measure
