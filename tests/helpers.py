@@ -1,24 +1,30 @@
 """What many tests build: the tiny config, a tiny model with parameters that carry signal,
-this host's data iterators, JSONL picture fixtures, and the command line."""
+this host's data iterators, JSONL picture fixtures, the command line, and what tests read
+back from a workdir (metrics rows, checkpointed states)."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 
+from monoformer_jax.base import sharding
 from monoformer_jax.config import schema
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.run import settings
-from monoformer_jax.training import steps
+from monoformer_jax.training import checkpoint, steps
+from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, 'tests')  # helpers and the scripts tests run as processes
 
 
 def tiny_config(**train_overrides):
@@ -128,3 +134,62 @@ def error_line(result) -> str:
   assert lines, result.stderr[-2000:]
   return lines[-1]
 
+
+TRAIN_FLAGS = ['--config=configs/digits.py', '--config.model.size=tiny',
+               '--config.train.log_every=1', '--config.train.eval_at_end=false',
+               '--config.data.image_batch_size=8', '--config.data.text_batch_size=4',
+               '--config.data.text_seq_len=32']  # `train` on the command line at the tiny size
+WALL_CLOCK = ('steps_per_sec', 'input_wait_fraction')
+
+
+def metrics_rows(workdir, kind=None):
+  """metrics.jsonl (rows of one kind, or all) without the wall-clock fields, which no two runs
+  share (and which must be sane where present)."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    rows = [json.loads(line) for line in f]
+  for row in rows:
+    if 'steps_per_sec' in row:
+      assert row['steps_per_sec'] > 0 and 0 <= row['input_wait_fraction'] <= 1, row
+  return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows
+          if kind is None or r['kind'] == kind]
+
+
+def final_state(workdir, config):
+  """(step, state) of the newest checkpoint of a workdir trained with config."""
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  step = ckpt.latest_step()
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
+  layout = sharding.make_layout(config.mesh)
+  abstract, _ = steps.abstract_state(model_lib.build(config.model), tx, layout)
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return step, state
+
+
+def saved_arrays(workdir):
+  """The newest checkpoint's train state as saved (host arrays, no config needed)."""
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  state = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore()))['state']
+  ckpt.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def start_process(args, env=None):
+  """A process of its own session (so a signal reaches it alone), its output captured."""
+  env = dict(os.environ if env is None else env, PYTHONPATH=ROOT)
+  return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_rows(workdir, count, process, timeout=300):
+  """Waits until a running `train` has logged `count` rows (fails if it ends first)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise AssertionError(process.communicate()[1][-3000:])
+    if os.path.exists(path) and sum(1 for _ in open(path)) >= count:
+      return
+    time.sleep(0.05)
+  raise AssertionError('the run logged too few steps in time')

@@ -1,4 +1,4 @@
-"""Run by test_mc.py with 8 forced CPU devices: the next-line scores of a workdir on 1 device
+"""Run by evaluation/test_multiple_choice.py with 8 forced CPU devices: the next-line scores of a workdir on 1 device
 and under an fsdp mesh of 8 (parameters split as the rules say). Prints one JSON object."""
 
 import functools

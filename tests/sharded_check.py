@@ -1,4 +1,4 @@
-"""Run by test_sharding.py in a process with 8 forced CPU devices.
+"""Run by base/test_sharding.py in a process with 8 forced CPU devices.
 
 For each mesh: three steps of each kind from the same init and batches as the
 1-device run; reports the largest relative differences of losses and params

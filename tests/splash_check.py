@@ -1,4 +1,4 @@
-"""Splash attention against the XLA path, printed as JSON; run by test_splash.py.
+"""Splash attention against the XLA path, printed as JSON; run by nn/test_splash.py.
 
 With N_DEVICES > 1 (forced CPU devices) both run under a data 2 x tensor 2 mesh.
 """

@@ -15,11 +15,16 @@ S = diffusion.make_schedule(1000)
 RNG = np.random.default_rng(0)
 
 
-def test_linear_schedule_closed_form():
-  betas = np.linspace(1e-4, 0.02, 1000)
-  np.testing.assert_allclose(np.asarray(S.betas), betas, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(S.alphas_cumprod), np.cumprod(1 - betas), rtol=1e-5)
-  np.testing.assert_allclose(diffusion.linear_betas(250)[[0, -1]], [4e-4, 0.08])
+def test_linear_schedule_is_diffusers_ddpm_schedule():
+  """The betas and cumulative alphas of diffusers' linear DDPM scheduler, at 1000 steps and,
+  with IDDPM's scale of 1000/T on both ends, at 250."""
+  from diffusers import DDPMScheduler  # pylint: disable=g-import-not-at-top
+  reference = DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear')
+  np.testing.assert_allclose(np.asarray(S.betas), reference.betas.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(S.alphas_cumprod), reference.alphas_cumprod.numpy(),
+                             rtol=1e-5)
+  short = DDPMScheduler(num_train_timesteps=250, beta_start=4e-4, beta_end=0.08)
+  np.testing.assert_allclose(diffusion.linear_betas(250), short.betas.numpy(), rtol=1e-6)
 
 
 def test_q_sample_moments():

@@ -99,3 +99,18 @@ def test_inference_loading_does_not_import_training():
 def test_no_module_is_too_long():
   for name, path in _modules().items():
     assert sum(1 for _ in open(path)) <= 400, name
+
+
+def test_tests_mirror_the_package():
+  """tests/PACKAGE/test_MODULE.py tests monoformer_jax/PACKAGE/MODULE.py; at the top,
+  test_MODULE.py a top-level module (test_layout and test_configs test the layout and
+  configs/)."""
+  tests = os.path.join(ROOT, 'tests')
+  modules = _modules()
+  for path in glob.glob(os.path.join(tests, '**', 'test_*.py'), recursive=True):
+    name = os.path.relpath(path, tests)[:-3].replace(os.sep, '.')
+    package, _, module = name.rpartition('.')
+    module = module.removeprefix('test_')
+    if not package and module in ('layout', 'configs'):
+      continue
+    assert f'{package}.{module}'.lstrip('.') in modules, f'tests/{name}.py mirrors no module'

@@ -1,19 +1,18 @@
-"""Step kinds learn, the mixture schedule follows its weights, and resuming is exact."""
+"""Step kinds learn, the mixture schedule follows its weights, resuming is exact, and the loop
+runs its periodic evaluations and profile."""
 
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from helpers import image_batches, step_config, text_batches, tiny_config
+from helpers import image_batches, metrics_rows, step_config, text_batches, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base import sharding
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint, steps
-from monoformer_jax.training.metrics_log import METRICS_FILE
 from monoformer_jax.training.steps import StepKind
 
 
@@ -55,18 +54,6 @@ def test_mixture_schedule_follows_weights():
   assert kinds != [steps.step_kind(4, s, 1.0, 3.0) for s in range(4000)]
 
 
-TIMING_KEYS = ('steps_per_sec', 'input_wait_fraction')
-
-
-def _rows(workdir):
-  """metrics.jsonl without the wall-clock fields (which no two runs share)."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    rows = [json.loads(line) for line in f]
-  for row in rows:
-    assert row['steps_per_sec'] > 0 and 0 <= row['input_wait_fraction'] <= 1, row
-  return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('objective', ['alternate', 'joint'])
 def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, objective):
@@ -83,10 +70,10 @@ def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, obj
   os.makedirs(resumed)
   os.link(tokenizer_file, os.path.join(resumed, 'tokenizer.model'))
   train.train_and_evaluate(config(num_steps=4, checkpoint_every=2), resumed)
-  assert [r['step'] for r in _rows(resumed)] == [1, 2, 3, 4]
+  assert [r['step'] for r in metrics_rows(resumed)] == [1, 2, 3, 4]
   train.train_and_evaluate(config(num_steps=6, checkpoint_every=2), resumed)
 
-  a, b = _rows(straight), _rows(resumed)
+  a, b = metrics_rows(straight), metrics_rows(resumed)
   assert [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
   assert {r['kind'] for r in a} == ({'ar', 'diffusion'} if objective == 'alternate' else {'joint'})
   assert a == b
@@ -101,7 +88,7 @@ def test_unfinished_save_is_ignored(workdir):
   shutil.copytree(os.path.join(ckpt_dir, '3'), partial)
   os.remove(os.path.join(partial, '_CHECKPOINT_METADATA'))
   train.train_and_evaluate(tiny_config(num_steps=4), workdir)
-  assert [r['step'] for r in _rows(workdir)] == [1, 2, 3, 4]
+  assert [r['step'] for r in metrics_rows(workdir)] == [1, 2, 3, 4]
 
 
 def test_training_starts_from_a_weights_only_checkpoint(workdir):
@@ -119,4 +106,18 @@ def test_training_starts_from_a_weights_only_checkpoint(workdir):
   assert reader.all_steps() == [2, 0] and reader.has_optimizer_state(2)
   assert not reader.has_optimizer_state(0)
   reader.close()
-  assert [r['step'] for r in _rows(workdir)] == [1, 2]
+  assert [r['step'] for r in metrics_rows(workdir)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_heldout_losses_and_a_profile(workdir):
+  config = tiny_config(num_steps=2, eval_every=2, profile_start=1, profile_steps=1)
+  train.train_and_evaluate(config, workdir)
+  heldout = metrics_rows(workdir, 'heldout')
+  assert len(heldout) == 1 and heldout[0]['step'] == 2
+  losses = [heldout[0][k] for k in ('text', 'diffusion_q1', 'diffusion_q2', 'diffusion_q3',
+                                    'diffusion_q4')]
+  assert all(np.isfinite(losses)) and heldout[0]['diffusion_q4'] < heldout[0]['diffusion_q1']
+  traces = [f for _, _, names in os.walk(os.path.join(workdir, 'plugins', 'profile'))
+            for f in names if f.endswith('.xplane.pb')]
+  assert traces

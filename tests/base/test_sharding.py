@@ -7,13 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import tiny_config
+from helpers import ROOT, TESTS, tiny_config
 
 from monoformer_jax.base import sharding
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def _env(devices: int) -> dict:
@@ -25,7 +23,7 @@ def _env(devices: int) -> dict:
 
 @pytest.fixture(scope='module')
 def report(workdir_factory):
-  result = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_check.py'), workdir_factory()],
+  result = subprocess.run([sys.executable, os.path.join(TESTS, 'sharded_check.py'), workdir_factory()],
                           capture_output=True, text=True, env=_env(8), timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,16 +6,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, TESTS
 
-HERE = os.path.dirname(__file__)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('devices', [1, 4])
 def test_splash_matches_xla_attention(devices):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=os.path.dirname(HERE))
-  run = subprocess.run([sys.executable, os.path.join(HERE, 'splash_check.py'), str(devices)],
+             PYTHONPATH=ROOT)
+  run = subprocess.run([sys.executable, os.path.join(TESTS, 'splash_check.py'), str(devices)],
                        capture_output=True, text=True, env=env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,8 +1,10 @@
 """Inference needs only the workdir: a run whose training inputs (converted LLM, text file,
-latents) are gone samples, generates and exports, from another directory."""
+latents) are gone samples, generates and exports, from another directory; one `train` at a
+time holds a workdir."""
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -10,12 +12,14 @@ import sentencepiece as spm
 import torch
 import transformers
 from diffusers import AutoencoderKL as DiffusersVAE
-from helpers import cli, error_line, picture_jsonl, tiny_config
+from helpers import (TRAIN_FLAGS, cli, error_line, metrics_rows, picture_jsonl, start_process,
+                     tiny_config, wait_for_rows)
 
 from monoformer_jax import train
 from monoformer_jax.convert import commands
 from monoformer_jax.data.pipeline import LatentsSource
 from monoformer_jax.nn.model import SIZES
+from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.tools import extract_latents
 
 
@@ -104,3 +108,20 @@ def test_convert_help_lists_the_kinds():
   lines = result.stdout.splitlines()
   for kind in commands.KINDS:
     assert any(line.split()[:1] == [kind] for line in lines), (kind, result.stdout)
+
+
+@pytest.mark.slow
+def test_a_second_train_on_a_workdir_in_use_is_refused(tmp_path):
+  workdir = str(tmp_path / 'w')
+  first = start_process([sys.executable, '-m', 'monoformer_jax', 'train', *TRAIN_FLAGS,
+                  '--config.train.num_steps=100000', f'--workdir={workdir}'])
+  try:
+    wait_for_rows(workdir, 2, first)
+    result = cli('train', *TRAIN_FLAGS, '--config.train.num_steps=2', f'--workdir={workdir}')
+    assert result.returncode == 2 and 'is in use by another `train` (pid' in error_line(result)
+  finally:
+    first.kill()  # kill -9 ...
+    first.communicate()
+  handle = workdir_lib._lock(workdir)  # ... leaves no stale lock  pylint: disable=protected-access
+  handle.close()
+  assert [r['step'] for r in metrics_rows(workdir)][:2] == [1, 2]  # the first run's rows are intact

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import cli, error_line, launch_two, tiny_config
+from helpers import TESTS, cli, error_line, launch_two, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -18,7 +18,6 @@ from monoformer_jax.evaluation import benchmarks, multiple_choice as mc, text_ta
 from monoformer_jax.run import workdir as workdir_lib
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 _WORDS = ('the cup table jar lid sun star gas ice steam rock water sky blue day flour bowl '
           'woman dog opens pours stirs falls sings twists eats is was because then she he it').split()
@@ -231,7 +230,7 @@ def test_text_scores_during_training(workdir):
 @pytest.mark.slow
 def test_scores_under_an_fsdp_mesh_equal_one_device(trained):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  result = subprocess.run([sys.executable, os.path.join(HERE, 'mc_sharded_check.py'), trained],
+  result = subprocess.run([sys.executable, os.path.join(TESTS, 'mc_sharded_check.py'), trained],
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
