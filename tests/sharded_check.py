@@ -24,12 +24,12 @@ from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-i
 from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
 
 
-# Each axis alone where its sharding is checked (fsdp8, tensor4), all three at once, and the
-# official objective; data parallelism alone is what data2_fsdp2_tensor2 does along `data`.
+# All three axes at once (each alone is what this mesh does along it), fsdp alone at its
+# widest (what the checkpoint's move between meshes and the samplers use), and the official
+# objective.
 MESHES = {
     'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
     'fsdp8': dict(data=1, fsdp=8, tensor=1),
-    'tensor4': dict(data=2, fsdp=1, tensor=4),
     # The official objective: joint steps of two microbatches with the prompts' cross-entropy.
     'data2_fsdp4_joint': dict(data=2, fsdp=4, tensor=1, joint=True),
 }
@@ -39,7 +39,6 @@ def make_config(mesh: dict):
   mesh = dict(mesh)
   joint = mesh.pop('joint', False)
   config = tiny_config()
-  config.model.size = 'tiny-mha' if mesh['tensor'] > 2 else 'tiny'
   config.data.text_batch_size = 8
   if joint:
     config.train.objective, config.train.grad_accum, config.train.prompt_lm_loss = 'joint', 2, True
@@ -91,8 +90,9 @@ def worst(tree_a, tree_b):
 
 
 def compare(workdir):
+  """{mesh: its report}, and {mesh: its final state}."""
   devices = jax.devices()
-  report, references = {}, {}
+  report, references, states = {}, {}, {}
   for name, mesh in MESHES.items():
     config = make_config(mesh)
     kind = (config.model.size, config.train.objective)
@@ -102,6 +102,7 @@ def compare(workdir):
       references[kind] = run(one, workdir, devices[:1])[:2]
     ref_state, ref_losses = references[kind]
     state, losses, _, _, _ = run(config, workdir, devices)
+    states[name] = state
     embed = state.params['embed_tokens']['embedding']
     q = state.params['decoder']['layers']['self_attn']['q_proj']['kernel']
     mu = state.opt_state[1][0].mu['embed_tokens']['embedding']
@@ -115,7 +116,7 @@ def compare(workdir):
         q_shard=list(q.sharding.shard_shape(q.shape)),
         mu_shard=list(mu.sharding.shard_shape(mu.shape)),
         full_embed=list(embed.shape), full_q=list(q.shape))
-  return report
+  return report, states
 
 
 def samplers_under_mesh(workdir):
@@ -146,10 +147,12 @@ def samplers_under_mesh(workdir):
               same_text=bool((out['fsdp8'][1] == out['one'][1]).all()))
 
 
-def across_meshes(workdir):
-  """Save under fsdp 8, restore on 1 device, continue; compare with continuing under fsdp 8."""
+def across_meshes(workdir, state):
+  """Save the state trained under fsdp 8, restore it on 1 device and continue; compare with
+  continuing under fsdp 8."""
   config = make_config(MESHES['fsdp8'])
-  state, _, model, tx, _ = run(config, workdir, jax.devices())
+  model = model_lib.build(config.model)
+  tx = steps.make_optimizer(config.optim, config.train.num_steps)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch'))
   ckpt.save(3, state, {}, config)
   ckpt.close()
@@ -166,5 +169,6 @@ def across_meshes(workdir):
 
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
-  print(json.dumps({'meshes': compare(sys.argv[1]), 'restore': across_meshes(sys.argv[1]),
+  meshes, states = compare(sys.argv[1])
+  print(json.dumps({'meshes': meshes, 'restore': across_meshes(sys.argv[1], states['fsdp8']),
                     'samplers': samplers_under_mesh(sys.argv[1])}))

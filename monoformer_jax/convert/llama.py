@@ -110,22 +110,6 @@ def kernel_to_hf(cfg: BackboneConfig, ours: tuple[str, str], kernel: np.ndarray)
   return np.ascontiguousarray(np.asarray(kernel).reshape(hf_shape(cfg, ours)[::-1]).T)
 
 
-def backbone_to_hf(params: Mapping, cfg: BackboneConfig, tie_embeddings: bool) -> dict[str, np.ndarray]:
-  """The inverse of backbone_from_hf: HF tensor names -> [out, in] arrays."""
-  layer = params['decoder']['layers']
-  out = {'model.embed_tokens.weight': np.asarray(params['embed_tokens']['embedding'])}
-  for i in range(cfg.depth):
-    for ours, hf in LINEARS.items():
-      out[f'model.layers.{i}.{hf}.weight'] = kernel_to_hf(
-          cfg, ours, layer[ours[0]][ours[1]]['kernel'][i])
-    for norm in ('input_layernorm', 'post_attention_layernorm'):
-      out[f'model.layers.{i}.{norm}.weight'] = np.asarray(layer[norm]['scale'][i])
-  out['model.norm.weight'] = np.asarray(params['norm']['scale'])
-  if not tie_embeddings:
-    out['lm_head.weight'] = np.ascontiguousarray(np.asarray(params['lm_head']['kernel']).T)
-  return out
-
-
 def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
   """(BackboneConfig, tie_embeddings) from a HF config.json dict; refuses what we cannot match."""
   arch = (hf.get('architectures') or ['LlamaForCausalLM'])[0]
