@@ -1,4 +1,5 @@
-"""Sharded runs against the 1-device run: meshes on 8 forced CPU devices, two processes."""
+"""Sharded runs against the 1-device run: meshes on 8 forced CPU devices (two processes: see
+training/test_guards.py)."""
 
 import json
 import os
@@ -67,31 +68,6 @@ def test_checkpoint_moves_between_meshes(report):
 @pytest.mark.slow
 def test_samplers_run_under_a_mesh(report):
   assert report['samplers']['images'] <= 1e-5 and report['samplers']['same_text'], report['samplers']
-
-
-@pytest.mark.multiprocess
-def test_two_processes_match_one(workdir_factory):
-  """launch/local_multiprocess.sh: 2 processes x 2 devices against 1 process x 1 device."""
-  flags = ['train', '--config=configs/digits.py', '--config.model.size=tiny',
-           '--config.data.image_batch_size=8', '--config.data.text_batch_size=8',
-           '--config.data.text_seq_len=32', '--config.train.num_steps=3',
-           '--config.train.log_every=1', '--config.train.eval_at_end=false',
-           '--config.train.checkpoint_every=3']
-  single, multi = workdir_factory(), workdir_factory()
-  one = subprocess.run([sys.executable, '-m', 'monoformer_jax', *flags, f'--workdir={single}'],
-                       capture_output=True, text=True, env=_env(1), timeout=600, cwd=ROOT)
-  assert one.returncode == 0, one.stderr[-3000:]
-  env = _env(1)
-  env['DEVICES_PER_PROCESS'] = '2'
-  two = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', *flags,
-                        f'--workdir={multi}'], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=ROOT)
-  assert two.returncode == 0, two.stderr[-3000:]
-  rows = [[json.loads(l) for l in open(os.path.join(w, 'metrics.jsonl'))] for w in (single, multi)]
-  assert [r['step'] for r in rows[1]] == [1, 2, 3]
-  for a, b in zip(*rows):
-    assert a['kind'] == b['kind'] and abs(a['loss'] - b['loss']) <= 1e-5 * abs(a['loss']), (a, b)
-  assert os.path.isdir(os.path.join(multi, 'checkpoints', '3'))
 
 
 def test_mesh_sizes_are_checked():

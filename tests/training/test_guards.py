@@ -66,12 +66,19 @@ def test_a_second_ctrl_c_stops_at_once():
 
 
 @pytest.mark.multiprocess
-def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path):
-  workdir = str(tmp_path / 'w')
-  run = start_process(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', 'train', *TRAIN_FLAGS,
-                '--config.train.num_steps=2000', '--config.train.checkpoint_every=5000',
-                f'--workdir={workdir}'], env=dict(os.environ, XLA_FLAGS=''))
-  wait_for_rows(workdir, 10, run)
+def test_two_processes_match_one_and_stop_together_on_sigterm_to_one(tmp_path):
+  """launch/local_multiprocess.sh, 2 processes x 2 devices: the losses of 1 process x 1 device
+  step by step; SIGTERM to the second process alone stops both at one step, saved by both."""
+  flags = [*TRAIN_FLAGS, '--config.data.text_batch_size=8', '--config.optim.cosine_decay=false',
+           '--config.train.checkpoint_every=5000']  # a schedule that does not see num_steps
+  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  one = cli('train', *flags, '--config.train.num_steps=3', f'--workdir={single}',
+            env=dict(os.environ, XLA_FLAGS=''))
+  assert one.returncode == 0, one.stderr[-3000:]
+  run = start_process(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', 'train',
+                       *flags, '--config.train.num_steps=2000', f'--workdir={multi}'],
+                      env=dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2'))
+  wait_for_rows(multi, 10, run)
   children = subprocess.run(['pgrep', '-f', 'process_id=1'], capture_output=True, text=True)
   pids = [int(p) for p in children.stdout.split() if int(p) != os.getpid()]
   assert pids, 'process 1 not found'
@@ -81,7 +88,9 @@ def test_two_processes_stop_at_the_same_step_on_sigterm_to_one(tmp_path):
   stops = {int(line.split('checkpoint step ')[1].split()[0])
            for line in err.splitlines() if line.startswith('preempted:')}
   assert len(stops) == 1 and err.count('preempted:') == 2, err[-3000:]
-  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(stops.pop())]
+  assert os.listdir(os.path.join(multi, 'checkpoints')) == [str(stops.pop())]
+  for a, b in zip(metrics_rows(single), metrics_rows(multi)[:3]):
+    assert a['kind'] == b['kind'] and abs(a['loss'] - b['loss']) <= 1e-5 * abs(a['loss']), (a, b)
 
 
 def _nan_from(index, dataset_fn):
