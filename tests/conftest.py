@@ -42,10 +42,21 @@ def pytest_unconfigure(config):
     shutil.rmtree(directory, ignore_errors=True)
 
 
+# Files of over a minute, started first: with one file per worker at a time (--dist loadfile),
+# a long file started last keeps one worker busy after the other is done.
+LONGEST_FIRST = ('base/test_sharding.py', 'test_main.py', 'evaluation/test_fid.py',
+                 'training/test_guards.py', 'training/test_objective.py', 'test_configs.py')
+
+
 def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker('multiprocess'):
       item.add_marker(pytest.mark.slow)
+
+  def rank(item):
+    path = os.path.relpath(str(item.fspath), os.path.dirname(__file__)).replace(os.sep, '/')
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+  items.sort(key=rank)  # stable: every file's tests stay together and in order
 
 
 @pytest.fixture(scope='session')

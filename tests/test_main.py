@@ -47,11 +47,6 @@ def _bad_inputs(tmp_path):
       (train + ['--config.train.num_steps=abc'], 'num_steps'),  # a value of the wrong type
       (train + ['--bogus=1'], 'bogus'),  # an unknown flag
       (train + ['--config.train.keep_checkpoints=0'], 'train.keep_checkpoints'),
-      (train + ['--config.optim.warmup_steps=-1'], 'optim.warmup_steps'),
-      (train + ['--config.eval.samples_per_class=0'], 'eval.samples_per_class'),
-      (train + ['--config.data.heldout_fraction=1.5'], 'data.heldout_fraction'),
-      (train + ['--config.data.cfg_dropout=1.0'], 'data.cfg_dropout'),
-      (train + ['--config.model.context_length=16'], 'model.context_length'),
       (['train', *TINY, f'--workdir={tmp_path / "a_file"}'], 'is a file'),
       (['train', *TINY, f'--workdir={tmp_path / "a_file" / "below"}'], 'is a file'),
       (['trian', '--workdir={new}'], 'trian'),  # an unknown command
