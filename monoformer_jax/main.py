@@ -83,7 +83,6 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Let JAX find the cluster by 
                                'slices, SLURM) and join it.')
 
 
-
 def init_distributed() -> None:
   """Joins the other processes of a multi-host run, before any device is touched."""
   if _NUM_PROCESSES.value > 1:

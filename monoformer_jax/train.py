@@ -183,8 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if guard.streak and step != t.num_steps:
       return False
     if guard.streak and jax.process_index() == 0:  # the end: shorter than the limit, kept
-      print(f'warning: the last {guard.streak[1]} {guard.streak[0]} step(s) were not finite '
-            'and were skipped.', file=sys.stderr, flush=True)
+      print(f'warning: {_describe(guard)} and were skipped.', file=sys.stderr, flush=True)
     ckpt.save(step, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
     clock.saved()
     return True

@@ -45,8 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_batch_size = 32
   c.data.heldout_fraction = 0.15
   c.data.cfg_dropout = 0.1
-  c.data.templates = ('a handwritten digit {name}', '{name}',
-                      'an image of the digit {name}.',
+  c.data.templates = ('a handwritten digit {name}', '{name}', 'an image of the digit {name}.',
                       'Please draw the number {name}.')
 
   c.model = ml_collections.ConfigDict()
@@ -160,17 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_tensor = 1
   # Logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
-  c.mesh.rules = (
-      ('batch', ('data', 'fsdp')),
-      ('length', None),
-      ('embed', 'fsdp'),
-      ('heads', 'tensor'),
-      ('kv_heads', 'tensor'),
-      ('head_dim', None),
-      ('mlp', 'tensor'),
-      ('vocab', 'tensor'),
-      ('layers', None),
-  )
+  c.mesh.rules = (('batch', ('data', 'fsdp')), ('length', None), ('embed', 'fsdp'),
+                  ('heads', 'tensor'), ('kv_heads', 'tensor'), ('head_dim', None),
+                  ('mlp', 'tensor'), ('vocab', 'tensor'), ('layers', None))
   c.lock()
   return c
 

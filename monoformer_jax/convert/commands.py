@@ -26,7 +26,6 @@ KINDS = {
                        '(tinyllama-1.1b, llama-3.2-1b) or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB; '
                        'with --official, an official MonoFormer checkpoint around it',
 }
-BACKBONE_KEYS = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 
 
 def usage() -> str:

@@ -25,15 +25,10 @@ from monoformer_jax.nn.layers import BackboneConfig
 from monoformer_jax.nn.rope import RopeKind, RopeScaling
 
 
-LINEARS = {  # our path under a layer -> (HF name under model.layers.i, kind)
-    ('self_attn', 'q_proj'): 'self_attn.q_proj',
-    ('self_attn', 'k_proj'): 'self_attn.k_proj',
-    ('self_attn', 'v_proj'): 'self_attn.v_proj',
-    ('self_attn', 'o_proj'): 'self_attn.o_proj',
-    ('mlp', 'gate_proj'): 'mlp.gate_proj',
-    ('mlp', 'up_proj'): 'mlp.up_proj',
-    ('mlp', 'down_proj'): 'mlp.down_proj',
-}
+# Our path under a layer -> HF's name under model.layers.i (the same path, dotted).
+LINEARS = {(group, name): f'{group}.{name}' for group, names in (
+    ('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+    ('mlp', ('gate_proj', 'up_proj', 'down_proj'))) for name in names}
 
 
 def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -44,8 +39,6 @@ def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -
   if value.shape != shape:
     raise UserError(f'tensor {name} has shape {value.shape}; the model config expects {shape}.')
   return value
-
-
 
 
 def _kernel(cfg: BackboneConfig, ours: tuple[str, str], weight: np.ndarray) -> np.ndarray:
@@ -88,20 +81,14 @@ def outer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
   return params
 
 
-def backbone_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig,
-                     tie_embeddings: bool) -> dict:
-  """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors.
-
-  Arrays keep the checkpoint's dtype; the caller casts when it builds a model.
-  """
-  params = outer_from_hf(tensors, cfg, tie_embeddings)
-  first = layer_from_hf(tensors, cfg, 0)
-  # [L, ...] arrays filled block by block: one block of the source is held at a time.
-  stacked = jax.tree.map(lambda x: np.empty((cfg.depth,) + x.shape, x.dtype), first)
-  for i in range(cfg.depth):
-    layer = first if i == 0 else layer_from_hf(tensors, cfg, i)
-    jax.tree.map(lambda out, x: out.__setitem__(i, x), stacked, layer)  # noqa: B023
-  params['decoder'] = {'layers': stacked}
+def device_backbone(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig, tie: bool) -> dict:
+  """The backbone params as device arrays in the source's dtype, the decoder's blocks apart
+  (under decoder/layers/{i}): each tensor is moved as soon as it is read, so memory holds the
+  weights about once."""
+  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
+  params = put(outer_from_hf(tensors, cfg, tie))
+  params['decoder'] = {'layers': {str(i): put(layer_from_hf(tensors, cfg, i))
+                                  for i in range(cfg.depth)}}
   return params
 
 
@@ -197,11 +184,7 @@ def convert_llama(src: str, dst: str) -> None:
   """
   source = read_hf_config(src)
   cfg, tie = config_from_hf(source, os.path.join(src, 'config.json'))
-  tensors = torch_bin.open_weights(src)
-  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
-  params = put(outer_from_hf(tensors, cfg, tie))
-  params['decoder'] = {'layers': {str(i): put(layer_from_hf(tensors, cfg, i))
-                                  for i in range(cfg.depth)}}
+  params = device_backbone(torch_bin.open_weights(src), cfg, tie)
   largest = max(x.nbytes for x in jax.tree.leaves(params))
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
   with files.atomic_directory(dst) as tmp:

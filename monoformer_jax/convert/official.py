@@ -127,17 +127,6 @@ def check_tokenizer(path: str, ids: dict[str, int]) -> None:
                     f'{min(ids.values())}.')
 
 
-def _device_backbone(tensors, cfg, tie: bool) -> dict:
-  """The backbone params as device arrays in the source's dtype, the decoder's blocks apart
-  (the save_weights layout): each tensor is moved as soon as it is read, so memory holds the
-  weights about once."""
-  put = lambda tree: jax.tree.map(jax.device_put, tree)  # noqa: E731
-  params = put(llama.outer_from_hf(tensors, cfg, tie))
-  params['decoder'] = {'layers': {str(i): put(llama.layer_from_hf(tensors, cfg, i))
-                                  for i in range(cfg.depth)}}
-  return params
-
-
 def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   config = schema.base_config()
   m = config.model
@@ -170,7 +159,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   tokenizer = find_tokenizer(search, tokenizer)
   check_tokenizer(tokenizer, ids)
   tensors = torch_bin.open_weights(weights)
-  params = _device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
+  params = llama.device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name
   params.update(monoformer_params(tensors))
   config = workdir_config(hf, cfg, tie, os.path.abspath(vae_dir) if vae_dir else '')

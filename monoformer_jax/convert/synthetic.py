@@ -58,16 +58,12 @@ def write_synthetic(dst: str, shape: str, with_monoformer: bool) -> int:
   with_monoformer, also MonoFormer's modules, its config fields and the official token ids
   (the last four vocabulary rows)."""
   cfg, tie, positions = parse_shape(shape)
-  h, k, e, d, f, v = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width, cfg.mlp_dim,
-                      cfg.vocab_size)
+  d, v = cfg.width, cfg.vocab_size
   shapes = {'model.embed_tokens.weight': (v, d)}
   for i in range(cfg.depth):
     p = f'model.layers.{i}.'
-    shapes.update({p + 'self_attn.q_proj.weight': (h * e, d), p + 'self_attn.k_proj.weight': (k * e, d),
-                   p + 'self_attn.v_proj.weight': (k * e, d), p + 'self_attn.o_proj.weight': (d, h * e),
-                   p + 'mlp.gate_proj.weight': (f, d), p + 'mlp.up_proj.weight': (f, d),
-                   p + 'mlp.down_proj.weight': (d, f), p + 'input_layernorm.weight': (d,),
-                   p + 'post_attention_layernorm.weight': (d,)})
+    shapes.update({f'{p}{hf}.weight': llama.hf_shape(cfg, ours) for ours, hf in llama.LINEARS.items()})
+    shapes.update({p + 'input_layernorm.weight': (d,), p + 'post_attention_layernorm.weight': (d,)})
   shapes['model.norm.weight'] = (d,)
   if not tie:
     shapes['lm_head.weight'] = (v, d)

@@ -10,7 +10,9 @@ A converted LLM directory holds
 Dimension letters: L layers.
 """
 
+import functools
 import json
+import operator
 import os
 from typing import Callable, Mapping, Optional
 
@@ -35,6 +37,16 @@ def hf_source(directory: str) -> Optional[dict]:
       with open(path) as f:
         return json.load(f).get('hf_config')
   return None
+
+
+def get(tree, keys):
+  """tree[keys[0]][keys[1]]..."""
+  return functools.reduce(operator.getitem, keys, tree)
+
+
+def nest(keys, leaf):
+  """{keys[0]: {keys[1]: ... leaf}}."""
+  return functools.reduce(lambda inner, key: {key: inner}, reversed(keys), leaf)
 
 
 def stack_layers(layers: list[dict]) -> dict:
@@ -120,34 +132,17 @@ def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[...
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
 
+  def abstract(node, keys):  # the stored leaf at keys, as the restore item it takes
+    leaf = get(node, keys)
+    return nest(keys, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+
   def param(*keys):
     if keys[:2] != ('decoder', 'layers'):
-      node = stored
-      for key in keys:
-        node = node[key]
-      item = jax.ShapeDtypeStruct(node.shape, node.dtype)
-      for key in reversed(keys):
-        item = {key: item}
-      out = restore(item)
-      for key in keys:
-        out = out[key]
-      return np.asarray(out)
-    blocks = {}
-    for i in range(cfg.depth):
-      node = stored['decoder']['layers'][str(i)]
-      for key in keys[2:]:
-        node = node[key]
-      leaf = jax.ShapeDtypeStruct(node.shape, node.dtype)
-      for key in reversed(keys[2:]):
-        leaf = {key: leaf}
-      blocks[str(i)] = leaf
-    out = restore({'decoder': {'layers': blocks}})['decoder']['layers']
-    parts = []
-    for i in range(cfg.depth):
-      node = out[str(i)]
-      for key in keys[2:]:
-        node = node[key]
-      parts.append(np.asarray(node))
-    return np.stack(parts)
+      return np.asarray(get(restore(abstract(stored, keys)), keys))
+    blocks, sub = range(cfg.depth), keys[2:]
+    layers = stored['decoder']['layers']
+    item = {'decoder': {'layers': {str(i): abstract(layers[str(i)], sub) for i in blocks}}}
+    out = restore(item)['decoder']['layers']
+    return np.stack([np.asarray(get(out[str(i)], sub)) for i in blocks])
 
   return cfg, bool(meta['tie_embeddings']), dtype, param

@@ -181,10 +181,7 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
     step, (setup, restored) = ckpt.newest_restorable(load)
   finally:  # an open manager's threads outlive an error exit and print tracebacks
     ckpt.close()
-  if not params:
-    return Restored(setup, None, step)
-  params = restored
-  if not checkpoint.all_finite(params):
+  if params and not checkpoint.all_finite(restored):
     raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
                     f'{workdir} are not finite; no sample or text can come from them.')
-  return Restored(setup, params, step)
+  return Restored(setup, restored, step)

@@ -32,9 +32,9 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
+from monoformer_jax.nn.converted import get, nest
 
 
-ITEMS = ('state', 'data', 'config')
 CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC-32}
 WEIGHTS_ONLY = 'weights_only'  # in the data item of a step holding parameters alone
 T = TypeVar('T')
@@ -273,12 +273,6 @@ class Checkpointer:
     weights_only = not self.has_optimizer_state(step)
     key = 'params' if weights_only or not use_ema else 'ema_params'
     blocks = weights_only and path[:2] == ('decoder', 'layers')
-
-    def nest(keys, leaf):
-      for k in reversed(keys):
-        leaf = {k: leaf}
-      return leaf
-
     if blocks:
       part = jax.ShapeDtypeStruct(shape[1:], dtype)
       item = {key: nest(path[:2], {str(i): nest(path[2:], part) for i in range(shape[0])})}
@@ -287,12 +281,6 @@ class Checkpointer:
     restored = self._restore(step, 'parameters', state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))['state'][key]
-
-    def get(tree, keys):
-      for k in keys:
-        tree = tree[k]
-      return tree
-
     if blocks:
       layers = get(restored, path[:2])
       return np.stack([np.asarray(get(layers[str(i)], path[2:])) for i in range(shape[0])])

@@ -167,8 +167,7 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: Mon
   """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]};
   metric `loss` is the diffusion loss (and `ce` the prompts' with train.prompt_lm_loss)."""
   inputs = dict(image=objective.image_inputs(batch, key, cfg.loss))
-  state, metrics, _ = _update(state, inputs, model=model, tx=tx, cfg=cfg)
-  return state, metrics
+  return _update(state, inputs, model=model, tx=tx, cfg=cfg)[:2]
 
 
 def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
@@ -184,12 +183,9 @@ def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFor
 def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
               state_shardings) -> dict[StepKind, Any]:
   """Both step kinds jitted with state shardings in and out and the state donated."""
-  batch_sharding = sharding.batch_sharding(layout)
   replicated = sharding.replicated(layout)
-  steps = {}
   fns = {StepKind.AR: ar_step, StepKind.DIFFUSION: diffusion_step, StepKind.JOINT: joint_step}
-  for kind in cfg.kinds:
-    steps[kind] = jax.jit(functools.partial(fns[kind], model=model, tx=tx, cfg=cfg),
-                          in_shardings=(state_shardings, batch_sharding, replicated),
-                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-  return steps
+  return {kind: jax.jit(functools.partial(fns[kind], model=model, tx=tx, cfg=cfg),
+                        in_shardings=(state_shardings, sharding.batch_sharding(layout), replicated),
+                        out_shardings=(state_shardings, replicated), donate_argnums=0)
+          for kind in cfg.kinds}

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from monoformer_jax.convert import llama
+from monoformer_jax.nn import converted
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.model import ImageConfig, MonoFormer
 
@@ -23,6 +24,13 @@ CASES = {  # name: (heads, kv heads, tied, rope_theta, rope_scaling)
     # NTK scaling grows the base past max_position_embeddings (16 here, 40 tokens long).
     'dynamic_scaling': (4, 2, False, 10000.0, dict(rope_type='dynamic', factor=2.0)),
 }
+
+
+def _backbone_from_hf(tensors, cfg, tie_embeddings: bool) -> dict:
+  """The text-model params ('embed_tokens', 'decoder', 'norm', 'lm_head') from HF tensors."""
+  params = llama.outer_from_hf(tensors, cfg, tie_embeddings)
+  layers = [llama.layer_from_hf(tensors, cfg, i) for i in range(cfg.depth)]
+  return dict(params, decoder={'layers': converted.stack_layers(layers)})
 
 
 def _models(heads, kv_heads, tied, theta, scaling):
@@ -47,7 +55,7 @@ def _models(heads, kv_heads, tied, theta, scaling):
   ours = model.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), bool),
                     jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32), method=model.init_all)
   params = dict(nn.unbox(ours['params']))
-  params.update(llama.backbone_from_hf(tensors, cfg, tied))
+  params.update(_backbone_from_hf(tensors, cfg, tied))
   return hf, model, params
 
 
@@ -83,7 +91,7 @@ def test_missing_and_misshapen_tensors_are_named():
   broken = dict(tensors)
   del broken['model.layers.1.mlp.up_proj.weight']
   with pytest.raises(Exception, match=r'model\.layers\.1\.mlp\.up_proj\.weight is missing'):
-    llama.backbone_from_hf(broken, cfg, False)
+    _backbone_from_hf(broken, cfg, False)
   broken = dict(tensors, **{'model.norm.weight': np.ones(3, np.float32)})
   with pytest.raises(Exception, match=r'model\.norm\.weight has shape \(3,\)'):
-    llama.backbone_from_hf(broken, cfg, False)
+    _backbone_from_hf(broken, cfg, False)
