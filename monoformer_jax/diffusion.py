@@ -1,9 +1,8 @@
 """Gaussian diffusion maths (DiT / IDDPM conventions), as pure functions.
 
-Epsilon prediction; with a learned sigma the network's output carries, after
-the eps channels, v in [-1, 1] that interpolates the log variance between the
-posterior variance (v = -1) and beta (v = 1). Schedules are precomputed in
-float64 like the reference and used in float32.
+Epsilon prediction; with a learned sigma the network's output carries, after the eps channels, v in
+[-1, 1] that interpolates the log variance between the posterior variance (v = -1) and beta (v = 1).
+Schedules are precomputed in float64 like the reference and used in float32.
 Shapes: x [B, H, W, C]; model_out [B, H, W, C or 2C]; t [B] schedule indices.
 """
 
@@ -245,9 +244,8 @@ class Guidance:
   def combine(self, cond: Array, uncond: Array, eps_channels: int) -> Array:
     """Guided output from [B, ..., C_out] conditional and unconditional outputs.
 
-    The guided channels get uncond + scale * (cond - uncond); the rest (the
-    variance part, and with FIRST_THREE any eps channel past the third) are the
-    conditional ones.
+    The guided channels get uncond + scale * (cond - uncond); the rest (the variance part, and with
+    FIRST_THREE any eps channel past the third) are the conditional ones.
     """
     n = self.channels.count(eps_channels)
     guided = uncond[..., :n] + self.scale * (cond[..., :n] - uncond[..., :n])

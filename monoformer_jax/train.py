@@ -59,13 +59,6 @@ def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
   return _fresh_state(params, ema, setup, shardings)
 
 
-def _record_llm_source(init_from: str, workdir: str) -> None:
-  """Keeps the converted LLM's description in the workdir, for `convert export-llama`."""
-  if jax.process_index() == 0:
-    shutil.copy(os.path.join(init_from, converted.MODEL_JSON),
-              os.path.join(workdir, converted.SOURCE_JSON))
-
-
 class _SaveClock:
   """train.checkpoint_minutes: whether that long has passed since the last save, decided by
   process 0 at logged steps so that every process saves at the same step."""
@@ -147,7 +140,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
       if config.model.init_from:
         state = init_backbone(state, setup, shardings)
-        _record_llm_source(config.model.init_from, workdir)
+        if jax.process_index() == 0:  # the LLM's description, for `convert export-llama`
+          shutil.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
+                      os.path.join(workdir, converted.SOURCE_JSON))
   except BaseException:
     if ckpt is not None:
       ckpt.close()

@@ -1,8 +1,7 @@
 """Writing outputs so that a crash never leaves a half-written one under the final name.
 
-Each output is written under a temporary name beside its destination and renamed
-into place only once complete; on any failure the temporary file or directory
-is removed.
+Each output is written under a temporary name beside its destination and renamed into place only
+once complete; on any failure the temporary file or directory is removed.
 """
 
 import contextlib
@@ -40,8 +39,7 @@ def atomic_directory(dst: str) -> Iterator[str]:
   """Yields a scratch directory that becomes `dst` (which must not exist) if the block finishes."""
   if os.path.exists(dst):
     raise UserError(f'destination {dst} already exists; remove it or choose another.')
-  parent = os.path.dirname(os.path.abspath(dst))
-  if not os.path.isdir(parent):
+  if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
     raise UserError(f'the parent directory of {dst} does not exist.')
   tmp = os.path.abspath(dst) + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)

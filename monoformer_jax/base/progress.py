@@ -1,9 +1,8 @@
-"""Progress lines for the phases of a command that take more than a moment (sampling, the
-digit FD, multiple-choice scoring, FID), printed by process 0 so a user sees what runs.
+"""Progress lines for the phases of a command that take more than a moment (sampling, the digit FD,
+multiple-choice scoring, FID), printed by process 0 so a user sees what runs.
 
-A phase prints `NAME ...` when it starts and its duration when it ends; a phase that counts
-units (images, requests) adds a line with the count and the time left every
-`UPDATE_SECONDS`.
+A phase prints `NAME ...` when it starts and its duration when it ends; a phase that counts units
+(images, requests) adds a line with the count and the time left every `UPDATE_SECONDS`.
 """
 
 import contextlib

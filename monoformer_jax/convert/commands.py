@@ -36,9 +36,8 @@ def usage() -> str:
 
 
 def export_llama(src: str, dst: str, use_ema: bool) -> None:
-  """The text half of a converted directory or a workdir as a HF checkpoint, read and written
-  one parameter at a time; the config.json the backbone came from (when there is one) carried
-  over."""
+  """The text half of a converted directory or a workdir as a HF checkpoint, read and written one
+  parameter at a time; the config.json the backbone came from (when there is one) carried over."""
   source = converted.hf_source(src)
   tokenizer_file = os.path.join(src, converted.TOKENIZER)
   if os.path.isfile(os.path.join(src, converted.MODEL_JSON)):

@@ -46,8 +46,7 @@ def variables_from_torch(state: dict) -> dict:
 
 
 def convert_inception(src: str, dst: str) -> None:
-  state = torch_bin.read_state_dict(src)
-  variables = variables_from_torch(state)
+  variables = variables_from_torch(torch_bin.read_state_dict(src))
   abstract = inception.abstract_variables()
   for collection in ('params', 'batch_stats'):
     check_against(variables[collection], abstract[collection], src, 'the FID InceptionV3')

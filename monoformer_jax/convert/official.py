@@ -1,16 +1,14 @@
 """Official MonoFormer checkpoints (PyTorch, HF layout) -> a workdir `sample` can use.
 
-The source is what `MonoFormerForCausalLM.save_pretrained` writes: LLaMA
-weights under `model.*` and `lm_head`, MonoFormer's modules (`t_embedder.mlp.{0,2}`,
-`x_embedder`, `t_projector.{0,2}`, `final_layer.linear`,
-`final_layer.adaLN_modulation.1`), a config.json with the MonoFormer fields, in
-safetensors or torch .bin files; the official training script puts the EMA
-weights in `checkpoint-N/ema/` and the tokenizer beside them in `checkpoint-N/`.
-Layouts already agree with ours (patch features (c, i, j) in, (i, j, c) out;
-time token before the image; sin-cos grid order), so only Linear weights are
-transposed. The result is a workdir: tokenizer, special_tokens.json, the source's
-config.json and dtype (for `export-official`), and a step-0 checkpoint whose params
-and EMA params are the official weights.
+The source is what `MonoFormerForCausalLM.save_pretrained` writes: LLaMA weights under `model.*` and
+`lm_head`, MonoFormer's modules (`t_embedder.mlp.{0,2}`, `x_embedder`, `t_projector.{0,2}`,
+`final_layer.linear`, `final_layer.adaLN_modulation.1`), a config.json with the MonoFormer fields,
+in safetensors or torch .bin files; the official training script puts the EMA weights in
+`checkpoint-N/ema/` and the tokenizer beside them in `checkpoint-N/`.
+Layouts already agree with ours (patch features (c, i, j) in, (i, j, c) out; time token before the
+image; sin-cos grid order), so only Linear weights are transposed. The result is a workdir:
+tokenizer, special_tokens.json, the source's config.json and dtype (for `export-official`), and a
+step-0 checkpoint whose params and EMA params are the official weights.
 """
 
 import json

@@ -1,14 +1,13 @@
 """`convert export-official`: a workdir -> a directory the official code loads with
 `MonoFormerForCausalLM.from_pretrained` (and its tokenizer with `AutoTokenizer`).
 
-Weights: the LLaMA backbone and MonoFormer's modules under the official names, in
-safetensors shards with an index. They are read from the checkpoint one parameter at a
-time and written one tensor at a time, so memory holds about one stacked parameter.
-The official vocabulary has <PAD>, <image>, <|im_start|> and <|im_end|> above the LLM's
-pieces: a workdir converted from official keeps its ids and its source config.json and
-dtype (so official -> here -> official gives back the same tensors); a workdir trained
-here gets an <image> row, or four new rows copied from its own special tokens when those
-are pieces of its tokenizer.
+Weights: the LLaMA backbone and MonoFormer's modules under the official names, in safetensors shards
+with an index. They are read from the checkpoint one parameter at a time and written one tensor at a
+time, so memory holds about one stacked parameter.
+The official vocabulary has <PAD>, <image>, <|im_start|> and <|im_end|> above the LLM's pieces: a
+workdir converted from official keeps its ids and its source config.json and dtype (so official ->
+here -> official gives back the same tensors); a workdir trained here gets an <image> row, or four
+new rows copied from its own special tokens when those are pieces of its tokenizer.
 """
 
 import json

@@ -1,9 +1,8 @@
 """Streaming safetensors reading and writing, one tensor at a time.
 
-The format is an 8-byte little-endian header length, a JSON header mapping
-names to dtype, shape and byte offsets, then the raw bytes. Reading a tensor
-touches only its own bytes, so converting a checkpoint never holds more than
-the output and one input tensor.
+The format is an 8-byte little-endian header length, a JSON header mapping names to dtype, shape and
+byte offsets, then the raw bytes. Reading a tensor touches only its own bytes, so converting a
+checkpoint never holds more than the output and one input tensor.
 """
 
 import dataclasses

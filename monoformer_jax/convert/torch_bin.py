@@ -1,9 +1,8 @@
 """The tensors of a checkpoint directory: safetensors, or torch `.bin` files (what the official
 MonoFormer training script saves) read without unpickling arbitrary objects.
 
-`.bin` files go through torch's weights_only loader, which accepts tensors and plain
-containers only, memory-mapped so that a tensor is read when it is used. torch is needed
-for this path alone.
+`.bin` files go through torch's weights_only loader, which accepts tensors and plain containers
+only, memory-mapped so that a tensor is read when it is used. torch is needed for this path alone.
 """
 
 import json

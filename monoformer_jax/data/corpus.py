@@ -50,8 +50,7 @@ def chunks(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
   if len(docs) < 2:
     raise UserError('the text corpus needs at least two documents (paragraphs) to hold one out.')
   train_idx, held_idx = common.split(len(docs), data.heldout_fraction)
-  chosen = held_idx if heldout else train_idx
-  return pack([docs[i] for i in chosen], tok, data.text_seq_len)
+  return pack([docs[i] for i in (held_idx if heldout else train_idx)], tok, data.text_seq_len)
 
 
 def next_line_questions(data: ml_collections.ConfigDict, count: int, choices: int = 4,

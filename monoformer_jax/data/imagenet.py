@@ -1,10 +1,9 @@
 """ImageNet through TFDS `imagenet2012`, class-conditional through prompts.
 
-Images: ADM's center crop (common.center_crop), a random horizontal flip,
-scaled to [-1, 1]. Labels: the readable class name (the
-official code's `imagenet_labels.json` "label" field, in TFDS label order) put
-into one of the config's templates, or no prompt at data.cfg_dropout for
-classifier-free guidance.
+Images: ADM's center crop (common.center_crop), a random horizontal flip, scaled to [-1, 1]. Labels:
+the readable class name (the official code's `imagenet_labels.json` "label" field, in TFDS label
+order) put into one of the config's templates, or no prompt at data.cfg_dropout for classifier-free
+guidance.
 Dimension letters: R resolution (R x R x 3 pixels), P prompt length.
 """
 

@@ -1,10 +1,9 @@
 """Pre-extracted SD-VAE latents (the output of `extract_latents`) as a grain source.
 
-A latents directory holds ArrayRecord shards `latents-SSSSS-of-NNNNN.array_record`
-(one msgpack record per image: the posterior `mean` and `std` [h, w, Z] float32,
-unscaled, and the `label` or the `prompt`) and `latents.json` (source records,
-shapes, the latent scale, origin; pictures skipped as unreadable have no
-record). Training draws z = (mean + std * noise) x latent_scale, a sample of the
+A latents directory holds ArrayRecord shards `latents-SSSSS-of-NNNNN.array_record` (one msgpack
+record per image: the posterior `mean` and `std` [h, w, Z] float32, unscaled, and the `label` or the
+`prompt`) and `latents.json` (source records, shapes, the latent scale, origin; pictures skipped as
+unreadable have no record). Training draws z = (mean + std * noise) x latent_scale, a sample of the
 posterior, or the scaled mean when data.latents_from_posterior is False.
 Dimension letters: P prompt length, h/w latent grid, Z latent channels.
 """

@@ -1,9 +1,8 @@
 """From the config's data section to this host's batches of the two step kinds.
 
-`image_dataset` feeds `diffusion` steps ({'tokens', 'valid', 'image'}, plus
-'label' for class-conditional sources), `text_dataset` feeds `ar` steps
-({'tokens', 'valid', 'loss_mask'}); both are infinite, shuffled by the run's
-seed and cut into this host's rows of every global batch.
+`image_dataset` feeds `diffusion` steps ({'tokens', 'valid', 'image'}, plus 'label' for
+class-conditional sources), `text_dataset` feeds `ar` steps ({'tokens', 'valid', 'loss_mask'}); both
+are infinite, shuffled by the run's seed and cut into this host's rows of every global batch.
 """
 
 import enum

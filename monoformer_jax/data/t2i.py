@@ -1,10 +1,9 @@
 """Text-to-image pairs (JourneyDB style) from the JSONL files of data.t2i_files.
 
-Pictures go through ADM's center crop to data.image_resolution and a random
-flip; prompts are put into data.templates[0] and truncated to fit
-data.prompt_len, or dropped at data.cfg_dropout. An unreadable picture is an
-error naming its file and line, or with data.skip_bad_records it is replaced by
-the next readable one and counted.
+Pictures go through ADM's center crop to data.image_resolution and a random flip; prompts are put
+into data.templates[0] and truncated to fit data.prompt_len, or dropped at data.cfg_dropout. An
+unreadable picture is an error naming its file and line, or with data.skip_bad_records it is
+replaced by the next readable one and counted.
 Dimension letters: P prompt length, R resolution.
 """
 

@@ -67,14 +67,13 @@ def _trace_sqrt_symmetric(a: np.ndarray, b: np.ndarray) -> float:
   """tr (A B)^1/2 for covariances A, B, as tr (A^1/2 B A^1/2)^1/2: a symmetric matrix whose
   eigenvalues are real, so a rank-deficient product has no spurious imaginary part.
 
-  Eigenvalues below F eps times the scale of their matrix (the tolerance of numpy's
-  matrix_rank) count as 0: statistics of N <= F images leave about F - N eigenvalues that are
-  rounding (near eps times the scale, of either sign), and the square roots of the positive
-  ones, each near eps^1/2 of the largest, would add up to a distance too small (by about 4e-8
-  of the trace for 200 images of 512 features), below 0 for a set against itself. A genuine
-  eigenvalue that small is within eigh's rounding anyway. The scale of A is its largest
-  eigenvalue; that of the product, whose rounding grows with |A| |B|, is A's times the
-  Frobenius norm of B (a cheap bound on B's largest)."""
+  Eigenvalues below F eps times the scale of their matrix (the tolerance of numpy's matrix_rank)
+  count as 0: statistics of N <= F images leave about F - N eigenvalues that are rounding (near eps
+  times the scale, of either sign), and the square roots of the positive ones, each near eps^1/2 of
+  the largest, would add up to a distance too small (by about 4e-8 of the trace for 200 images of
+  512 features), below 0 for a set against itself. A genuine eigenvalue that small is within eigh's
+  rounding anyway. The scale of A is its largest eigenvalue; that of the product, whose rounding
+  grows with |A| |B|, is A's times the Frobenius norm of B (a cheap bound on B's largest)."""
   floor = len(a) * np.finfo(np.float64).eps
   w, v = np.linalg.eigh(a)
   largest = max(w[-1], 0.0)
@@ -114,8 +113,7 @@ def npz_images(path: str, batch: int) -> Iterator[np.ndarray]:
   """The `arr_0` images of an ADM-format .npz (uint8 [N, H, W, 3]), batch by batch, read from
   the archive as a stream so that host memory holds one batch."""
   with zipfile.ZipFile(path) as z, z.open('arr_0.npy') as f:
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+    read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
                    else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = read_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:

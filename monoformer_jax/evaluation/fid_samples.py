@@ -1,12 +1,11 @@
-"""FID samples: N prompted samples of a workdir's model, written in the ADM evaluator's .npz
-format or measured against a reference (FID-N) without being written.
+"""FID samples: N prompted samples of a workdir's model, written in the ADM evaluator's .npz format
+or measured against a reference (FID-N) without being written.
 
-Sample i is prompted with prompts[i mod P]: by default the class prompts (class i mod C, C
-classes: 1,000 for ImageNet, 10 for digits, with eval.prompt_template as the official
-sampler does), or the lines of a prompt file. Each global batch is split over the devices of
-every host; latents are decoded by the VAE on the same devices. A written file is streamed
-by process 0 into `arr_0` (under a temporary name, renamed when complete), so host memory
-holds one batch, not all N images.
+Sample i is prompted with prompts[i mod P]: by default the class prompts (class i mod C, C classes:
+1,000 for ImageNet, 10 for digits, with eval.prompt_template as the official sampler does), or the
+lines of a prompt file. Each global batch is split over the devices of every host; latents are
+decoded by the VAE on the same devices. A written file is streamed by process 0 into `arr_0` (under
+a temporary name, renamed when complete), so host memory holds one batch, not all N images.
 Dimension letters: N samples, B global batch, H/W image.
 """
 

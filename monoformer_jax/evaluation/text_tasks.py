@@ -76,8 +76,7 @@ def score(setup, params, names: list[str], limit: int = 0) -> list[dict]:
 
 def average(rows: list[dict]) -> float:
   """The mean over tasks of each task's first metric, as the papers' tables average."""
-  firsts = {r['task']: r['score'] for r in reversed(rows)}
-  return float(np.mean(list(firsts.values())))
+  return float(np.mean(list({r['task']: r['score'] for r in reversed(rows)}.values())))
 
 
 def table(rows: list[dict]) -> str:

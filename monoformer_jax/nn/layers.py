@@ -2,8 +2,7 @@
 
 Dimension letters: B batch, T query length, S key/value length, D model width,
 H query heads, K key/value heads, E head width, F MLP width, L layers.
-Semantics follow HF transformers' LlamaModel so converted weights give the same
-logits.
+Semantics follow HF transformers' LlamaModel so converted weights give the same logits.
 """
 
 import dataclasses
@@ -85,9 +84,8 @@ def dense_init(*names: str, stddev: float = 0.02):
 class KVCache:
   """Keys and values of every layer for incremental decoding.
 
-  k, v: [L, B, S, K, E]; valid: [B, S] slots holding a real token;
-  index: the next slot to write; next_position: [B] RoPE position of the next
-  real token of each row.
+  k, v: [L, B, S, K, E]; valid: [B, S] slots holding a real token; index: the next slot to write;
+  next_position: [B] RoPE position of the next real token of each row.
   """
   k: Array
   v: Array

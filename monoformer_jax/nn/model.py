@@ -212,14 +212,13 @@ class MonoFormer(nn.Module):
                image: Optional[Array] = None, t: Optional[Array] = None,
                suffix: Optional[Array] = None, cache: Optional[KVCache] = None,
                return_hidden: bool = False) -> ModelOutput:
-    """Text pass (image None): logits for every position, optionally through a cache;
-    with return_hidden, the final-norm states instead (for a chunked loss).
+    """Text pass (image None): logits for every position, optionally through a cache; with
+    return_hidden, the final-norm states instead (for a chunked loss).
 
-    Image pass: tokens [B, P] prefix, image x_t [B, H, W, C], t [B], suffix [B, Q];
-    returns the prediction at the image tokens, unpatchified (with return_hidden, also the
-    prefix's final-norm states). With a cache that
-    already holds the prefix (a text pass over it), tokens may be [B, 0]: only the
-    image part is computed, attending to the cached prefix; the returned cache holds it too
+    Image pass: tokens [B, P] prefix, image x_t [B, H, W, C], t [B], suffix [B, Q]; returns the
+    prediction at the image tokens, unpatchified (with return_hidden, also the prefix's final-norm
+    states). With a cache that already holds the prefix (a text pass over it), tokens may be [B, 0]:
+    only the image part is computed, attending to the cached prefix; the returned cache holds it too
     (the time token, the image tokens and the suffix after the prefix).
     """
     cfg, img = self.backbone, self.image
@@ -315,19 +314,14 @@ def _shape(m) -> dict:
               mlp_dim=m.mlp_dim, head_width=None if head_dim == m.width // m.num_heads else head_dim)
 
 
-def _rope_scaling(r) -> Optional[RopeScaling]:
-  if r.kind == 'none':
-    return None
-  return RopeScaling(schema.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor,
-                 r.low_freq_factor, r.high_freq_factor, r.original_max_position)
-
-
 def build(model_config) -> MonoFormer:
   """The module from the config's `model` section: the one place its choices are parsed."""
-  m = model_config
+  m, r = model_config, model_config.rope_scaling
+  scaling = None if r.kind == 'none' else RopeScaling(
+      schema.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor, r.low_freq_factor,
+      r.high_freq_factor, r.original_max_position)
   backbone = BackboneConfig(
-      vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-      rope_scaling=_rope_scaling(m.rope_scaling),
+      vocab_size=m.vocab_size, rope_theta=m.rope_theta, norm_eps=m.norm_eps, rope_scaling=scaling,
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
       remat=schema.choice(Remat, m.remat, 'model.remat'),
       layer_loop=schema.choice(LayerLoop, m.layer_loop, 'model.layer_loop'),

@@ -1,15 +1,14 @@
 """Pallas splash attention (TPU) for passes whose mask pattern is known before tracing.
 
-A MonoFormer mask is static once the shapes are: causal text, or causal with one
-full block where the image sits (prompt, time token, image, suffix), or fully
-bidirectional. Left padding varies per row and becomes segment ids (1 real,
-0 padding), which the kernel masks without a dense [B, T, S] array. Padding
-queries then attend to padding keys only: their outputs differ from the XLA
-path's but nothing reads them.
+A MonoFormer mask is static once the shapes are: causal text, or causal with one full block where
+the image sits (prompt, time token, image, suffix), or fully bidirectional. Left padding varies per
+row and becomes segment ids (1 real, 0 padding), which the kernel masks without a dense [B, T, S]
+array. Padding queries then attend to padding keys only: their outputs differ from the XLA path's
+but nothing reads them.
 
-Off TPU the kernel runs in Pallas interpret mode, which is slow and meant for
-tests. Under a multi-device mesh the kernel runs per shard through shard_map
-(batch over its mesh axes, heads over theirs).
+Off TPU the kernel runs in Pallas interpret mode, which is slow and meant for tests. Under a
+multi-device mesh the kernel runs per shard through shard_map (batch over its mesh axes, heads over
+theirs).
 Dimension letters: B batch, T length, H heads, K key/value heads, E head width.
 """
 

@@ -1,12 +1,11 @@
 """AutoencoderKL (the SD-VAE, e.g. sd-vae-ft-mse) in Flax, NHWC.
 
-The architecture of diffusers' AutoencoderKL with DownEncoderBlock2D /
-UpDecoderBlock2D blocks: ResNet blocks with GroupNorm and SiLU, a mid block with
-one single-head self-attention, stride-2 downsampling with (0, 1) padding,
-nearest-neighbour upsampling. Submodules are named after diffusers' state-dict
-paths ('down_blocks_0_resnets_1/conv1'), which keeps conversion mechanical.
-Images are in [-1, 1]; `LATENT_SCALE` is applied in encode/decode only. A
-converted VAE directory (`convert vae`) holds params/ (Orbax) and vae.json.
+The architecture of diffusers' AutoencoderKL with DownEncoderBlock2D / UpDecoderBlock2D blocks:
+ResNet blocks with GroupNorm and SiLU, a mid block with one single-head self-attention, stride-2
+downsampling with (0, 1) padding, nearest-neighbour upsampling. Submodules are named after
+diffusers' state-dict paths ('down_blocks_0_resnets_1/conv1'), which keeps conversion mechanical.
+Images are in [-1, 1]; `LATENT_SCALE` is applied in encode/decode only. A converted VAE directory
+(`convert vae`) holds params/ (Orbax) and vae.json.
 Dimension letters: B batch, H/W spatial, R resolution, C channels, h/w latent grid,
 Z latent channels.
 """

@@ -76,9 +76,8 @@ def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
 def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
   """`params` with the backbone replaced by the converted LLM at `path` (host arrays).
 
-  Shapes are checked leaf by leaf; vocabulary rows beyond the LLM's (the special
-  tokens and any padding) are set to the mean of its rows. MonoFormer's own
-  parameters keep their initialization.
+  Shapes are checked leaf by leaf; vocabulary rows beyond the LLM's (the special tokens and any
+  padding) are set to the mean of its rows. MonoFormer's own parameters keep their initialization.
   """
   check_compatible(path, model_cfg, tie)
   pretrained, cfg, _ = converted.load_llm(path)

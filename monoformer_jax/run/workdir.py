@@ -1,10 +1,9 @@
 """Opening a workdir: what training sets up in it, and what inference reads back.
 
-Inference needs nothing but the workdir (and the VAE where latents are decoded
-to pixels): the config comes from the newest checkpoint that restores and is
-only validated, never checked against the training inputs it names, which may
-be gone. Training holds the workdir's lock while it runs, so a second `train`
-on the same workdir is refused; the kernel drops the lock with the process, so a
+Inference needs nothing but the workdir (and the VAE where latents are decoded to pixels): the
+config comes from the newest checkpoint that restores and is only validated, never checked against
+the training inputs it names, which may be gone. Training holds the workdir's lock while it runs, so
+a second `train` on the same workdir is refused; the kernel drops the lock with the process, so a
 killed run leaves nothing stuck.
 """
 

@@ -1,11 +1,10 @@
 """`bench`: speed and memory of the train steps, the image sampler and the decoder.
 
-Every figure is the median of `repeats` timed runs after compilation and
-warm-up. Inputs are random arrays of the config's shapes and parameters are a
-fresh initialization (no tokenizer, no data files, no checkpoint): the figures
-measure the compiled programs alone. Model FLOPs are counted analytically
-(6 x matmul parameters x tokens, plus 12 x L x B x T^2 x D for attention scores
-and values) and divided by the matmul peak measured in the same run.
+Every figure is the median of `repeats` timed runs after compilation and warm-up. Inputs are random
+arrays of the config's shapes and parameters are a fresh initialization (no tokenizer, no data
+files, no checkpoint): the figures measure the compiled programs alone. Model FLOPs are counted
+analytically (6 x matmul parameters x tokens, plus 12 x L x B x T^2 x D for attention scores and
+values) and divided by the matmul peak measured in the same run.
 """
 
 import dataclasses
@@ -135,8 +134,7 @@ def matmul_peak(dtype: jnp.dtype, repeats: int) -> dict:
   On an accelerator one program chains 16 dependent 8192^3 products (a single one is too
   short to time against launch and clock ramp-up) after a second of warm-up.
   """
-  cpu = jax.default_backend() == 'cpu'
-  n, chain, warmup = (2048, 1, 2) if cpu else (8192, 16, 30)
+  n, chain, warmup = (2048, 1, 2) if jax.default_backend() == 'cpu' else (8192, 16, 30)
   x = jax.random.normal(jax.random.key(0), (n, n), dtype)
   w = (jax.random.normal(jax.random.key(1), (n, n)) / np.sqrt(n)).astype(dtype)  # keeps x O(1)
   products = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x))
@@ -177,11 +175,10 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   rng = np.random.default_rng(0)
   results = {}
   for kind in kinds:
-    fn = fns[kind]
     batch = sharding.global_batch(random_batch(config, kind, rng), layout)
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = fn.lower(state, batch, key).compile()
+    compiled = fns[kind].lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
@@ -214,8 +211,7 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
   jitted single denoising step (timed in turn, so drift hits all alike)."""
   num = config.bench.sample_images
   spec = spec.but(Sampler.DDPM, cfg_scale=1.5 if spec.guidance.scale == 1.0 else None)
-  rng = np.random.default_rng(1)
-  batch = random_batch(config, StepKind.DIFFUSION, rng)
+  batch = random_batch(config, StepKind.DIFFUSION, np.random.default_rng(1))
   prompt = jnp.asarray(batch['tokens'][:1].repeat(num, 0))
   valid = jnp.ones(prompt.shape, bool)
   null_valid = valid.at[:, :-1].set(False)

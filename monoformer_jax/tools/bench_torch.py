@@ -1,10 +1,9 @@
 """The PyTorch side of `bench --compare_torch`: HF transformers steps of the bench shapes.
 
-The text step is LlamaForCausalLM's own loss; the image step runs LlamaModel on
-[prompt, time token, patches, <im_end>] embeddings under the hybrid mask with the
-DiT-side linear layers around it (the official code's structure), with an MSE
-loss. Both clip gradients to the config's norm, take an AdamW step and update
-an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
+The text step is LlamaForCausalLM's own loss; the image step runs LlamaModel on [prompt, time token,
+patches, <im_end>] embeddings under the hybrid mask with the DiT-side linear layers around it (the
+official code's structure), with an MSE loss. Both clip gradients to the config's norm, take an
+AdamW step and update an EMA copy, as `steps.ar_step` / `steps.diffusion_step` do.
 """
 
 import importlib

@@ -1,9 +1,8 @@
 """`extract_latents`: the SD-VAE posterior of every training image, in resumable shards.
 
-Encodes data.latents_source (ImageNet with labels, or text-to-image pictures
-with prompts) into the directory layout `data/latents.py` reads: shard s is
-written by host s mod (number of hosts) on that host's devices, under a
-temporary name renamed when complete, so a rerun skips finished shards and
+Encodes data.latents_source (ImageNet with labels, or text-to-image pictures with prompts) into the
+directory layout `data/latents.py` reads: shard s is written by host s mod (number of hosts) on that
+host's devices, under a temporary name renamed when complete, so a rerun skips finished shards and
 redoes only the rest; `latents.json` is written last.
 Dimension letters: B batch, R resolution, h/w latent grid, Z latent channels.
 """

@@ -2,13 +2,12 @@
 
 Dimension letters: N tokens, C tokens per chunk, D width, V vocabulary.
 
-The float32 logits [N, V] of a whole batch are the largest activation of a text
-step (8 x 256 tokens x 8192 words is 64 MiB; a 32k vocabulary at pod batch sizes
-is gigabytes). Here they exist one chunk [C, V] at a time. Because the loss is a
-scalar that nothing else consumes, the forward pass also computes each chunk's
-gradient (softmax minus one-hot) and pulls it back through the head at once;
-the backward pass only scales the stored gradients. That is three head matmuls
-per chunk, not the four that rematerializing the logits would cost.
+The float32 logits [N, V] of a whole batch are the largest activation of a text step (8 x 256 tokens
+x 8192 words is 64 MiB; a 32k vocabulary at pod batch sizes is gigabytes). Here they exist one chunk
+[C, V] at a time. Because the loss is a scalar that nothing else consumes, the forward pass also
+computes each chunk's gradient (softmax minus one-hot) and pulls it back through the head at once;
+the backward pass only scales the stored gradients. That is three head matmuls per chunk, not the
+four that rematerializing the logits would cost.
 """
 
 import functools

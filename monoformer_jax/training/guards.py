@@ -22,9 +22,8 @@ INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by SIGINT
 
 
 class Preempted(Exception):
-  """Raised when the run stops on a notice, after saving step `step` (or, with `held`, after
-  holding the save back because steps were being skipped; then `step` is the newest
-  checkpoint, or None)."""
+  """Raised when the run stops on a notice, after saving step `step` (or, with `held`, after holding
+  the save back because steps were being skipped; then `step` is the newest checkpoint, or None)."""
 
   def __init__(self, step: Optional[int], directory: str, held: str = ''):
     newest = f'checkpoint step {step}' if step is not None else 'no checkpoint'

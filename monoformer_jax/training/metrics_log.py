@@ -40,12 +40,6 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
-def _minutes(seconds: float) -> str:
-  if seconds >= 3600:
-    return f'{seconds / 3600:.1f} h'
-  return f'{seconds / 60:.1f} min'
-
-
 class _NoTensorBoard:
   """Stands in for clu's writer where TensorFlow is not installed (e.g. a bare GPU image)."""
 
@@ -138,11 +132,12 @@ class MetricsLog:
     self.writer.write_scalars(step, {f'{kind}/{k}': v for k, v in scalars.items()} | extra)
     self._append({'step': step, 'kind': kind, **scalars, **extra})
     if self.leader:
-      eta = (self.num_steps - step) / max(rate, 1e-9)
+      left = (self.num_steps - step) / max(rate, 1e-9)  # seconds
+      eta = f'{left / 3600:.1f} h' if left >= 3600 else f'{left / 60:.1f} min'
       skipped = f'  skipped {skipped_steps}' if skipped_steps else ''
       print(f'step {step}/{self.num_steps}  {kind:9s} loss {scalars["loss"]:.4f}  '
             f'lr {scalars["learning_rate"]:.3g}{skipped}  {rate:.1f} steps/s  '
-            f'input wait {input_wait:.1%}  ETA {_minutes(eta)}{compile_note}', flush=True)
+            f'input wait {input_wait:.1%}  ETA {eta}{compile_note}', flush=True)
 
   def write_rows(self, step: int, kind: str, values: dict[str, float]) -> None:
     """Values of one kind (a periodic evaluation's): scalars under KIND/, a metrics.jsonl

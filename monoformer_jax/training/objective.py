@@ -107,9 +107,8 @@ def image_pass(model: MonoFormer, params, image: dict, cfg: LossConfig) -> tuple
 
 
 def loss_fn(model: MonoFormer, cfg: LossConfig, counts: dict) -> Callable:
-  """params, {'text'?: ..., 'image'?: ...} microbatch -> (weighted loss, metrics), each a
-  share of the whole batch's: counts holds its 'examples' (images) and 'tokens' (the
-  cross-entropy's)."""
+  """params, {'text'?: ..., 'image'?: ...} microbatch -> (weighted loss, metrics), each a share of
+  the whole batch's: counts holds its 'examples' (images) and 'tokens' (the cross-entropy's)."""
 
   def fn(params, inputs: dict) -> tuple[jax.Array, dict]:
     metrics, ce = {}, jnp.zeros((), jnp.float32)

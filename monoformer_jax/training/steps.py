@@ -1,12 +1,11 @@
 """Train state, the pure step kinds, and their construction under a mesh.
 
-An `ar` step takes next-token cross-entropy on text under the causal mask; a
-`diffusion` step takes the IDDPM hybrid loss on noised images under the image
-mask; a `joint` step both, in one update (objective.py says what each minimizes).
-Each is a pure function of (state, batch, key); keys come from
-fold_in(seed key, step), so a resumed run replays the same randomness. A step
-whose loss or gradient norm is not finite leaves the state as it was (metric
-`skipped` is 1); state.step counts the updates applied.
+An `ar` step takes next-token cross-entropy on text under the causal mask; a `diffusion` step takes
+the IDDPM hybrid loss on noised images under the image mask; a `joint` step both, in one update
+(objective.py says what each minimizes).
+Each is a pure function of (state, batch, key); keys come from fold_in(seed key, step), so a resumed
+run replays the same randomness. A step whose loss or gradient norm is not finite leaves the state
+as it was (metric `skipped` is 1); state.step counts the updates applied.
 Dimension letters: B batch, S text length, P prompt length, V vocabulary.
 """
 
