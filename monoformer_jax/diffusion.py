@@ -29,8 +29,7 @@ def space_timesteps(num_timesteps: int, section_counts: Union[int, str, Sequence
   """The original steps kept when respacing (IDDPM's rule).
 
   An int or a comma list splits [0, T) into equal sections and takes that many
-  evenly strided steps from each; 'ddimN' takes a fixed integer stride.
-  """
+  evenly strided steps from each; 'ddimN' takes a fixed integer stride."""
   if isinstance(section_counts, str):
     if section_counts.startswith('ddim'):
       desired = int(section_counts[len('ddim'):])
@@ -245,8 +244,7 @@ class Guidance:
     """Guided output from [B, ..., C_out] conditional and unconditional outputs.
 
     The guided channels get uncond + scale * (cond - uncond); the rest (the variance part, and with
-    FIRST_THREE any eps channel past the third) are the conditional ones.
-    """
+    FIRST_THREE any eps channel past the third) are the conditional ones."""
     n = self.channels.count(eps_channels)
     guided = uncond[..., :n] + self.scale * (cond[..., :n] - uncond[..., :n])
     return jnp.concatenate([guided, cond[..., n:]], axis=-1)

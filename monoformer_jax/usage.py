@@ -19,8 +19,7 @@ _SAMPLER = ('sampler', 'steps', 'cfg_scale', 'seed', 'ema', 'vae')
 class Command:
   """A command's usage line, what it does, and the flags it reads."""
 
-  def __init__(self, usage: str, summary: str, own_flags: tuple[str, ...],
-               multihost: bool = True):
+  def __init__(self, usage: str, summary: str, own_flags: tuple[str, ...], multihost: bool = True):
     self.usage, self.summary = usage, summary
     self.flags = own_flags + (_MULTIHOST if multihost else ())
 

@@ -36,8 +36,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh laid out for the hardware's interconnect.
 
   Sizes are per slice; one may be -1 for "the rest". With dcn_* sizes above 1
-  (multi-slice TPU), the slower data-centre network carries only those factors.
-  """
+  (multi-slice TPU), the slower data-centre network carries only those factors."""
   devices = list(jax.devices() if devices is None else devices)
   dcn = [mesh_config[f'dcn_{a}'] for a in MESH_AXES]
   if min(dcn) < 1 or len(devices) % math.prod(dcn):

@@ -141,8 +141,7 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
 
   Every key of `source` (the config.json the backbone was converted from) is kept,
   rope settings and context length included; the shape, vocabulary and dtype are
-  the exported tensors'. special_ids (bos, eos, pad) replace the source's ids.
-  """
+  the exported tensors'. special_ids (bos, eos, pad) replace the source's ids."""
   out = dict(source or {})
   out.update(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
              hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
@@ -180,8 +179,7 @@ def convert_llama(src: str, dst: str) -> None:
 
   Memory stays near the checkpoint's size: each tensor is read, moved into a
   jax array (the numpy copy dropped), and Orbax writes with a bounded number of
-  bytes in flight; blocks are kept apart so no [L, ...] stack is ever built.
-  """
+  bytes in flight; blocks are kept apart so no [L, ...] stack is ever built."""
   source = read_hf_config(src)
   cfg, tie = config_from_hf(source, os.path.join(src, 'config.json'))
   params = device_backbone(torch_bin.open_weights(src), cfg, tie)

@@ -105,8 +105,7 @@ def write(path: str, tensors: Iterable[tuple[str, Union[np.ndarray, LazyTensor]]
   """Writes (name, array or LazyTensor) pairs to `path` atomically, one tensor at a time.
 
   The iterable is walked twice (header, then data), so pass a re-iterable
-  sequence or a function-backed view, not a one-shot generator.
-  """
+  sequence or a function-backed view, not a one-shot generator."""
   header, offset = {'__metadata__': metadata}, 0
   for name, array in tensors:
     dtype = np.dtype(array.dtype)

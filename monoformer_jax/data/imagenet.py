@@ -35,8 +35,7 @@ def data_source(data: ml_collections.ConfigDict):
   """The prepared `imagenet2012` train split as a random-access source.
 
   Prepares it first (from the archives in data.imagenet_manual_dir) when
-  data.tfds_data_dir does not hold it yet.
-  """
+  data.tfds_data_dir does not hold it yet."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder('imagenet2012', data_dir=data.tfds_data_dir or None,
                          file_format='array_record')

@@ -63,8 +63,7 @@ class PromptedLatent(grain.transforms.RandomMap):
   """Record bytes -> {'tokens' [P], 'valid' [P], 'image' [h, w, Z] scaled latents}.
 
   A labelled record takes a random template with its class name (from prompts); a
-  record with a prompt takes a random template with the prompt (truncated to fit).
-  """
+  record with a prompt takes a random template with the prompt (truncated to fit)."""
 
   def __init__(self, prompts: Optional[tokenizer_lib.PromptTable], tok,
                data: ml_collections.ConfigDict, latent_scale: float):

@@ -55,9 +55,8 @@ def image_dataset(data: ml_collections.ConfigDict, source: ImageSource,
   return common.host_batches(examples, data.image_batch_size)
 
 
-def text_dataset(data: ml_collections.ConfigDict, source: TextSource,
-                 tok: tokenizer_lib.Tokenizer, seed: int,
-                 chat_format: chat.ChatFormat) -> grain.MapDataset:
+def text_dataset(data: ml_collections.ConfigDict, source: TextSource, tok: tokenizer_lib.Tokenizer,
+                 seed: int, chat_format: chat.ChatFormat) -> grain.MapDataset:
   """This host's batches of training text (chat data rendered as chat_format says)."""
   if source == TextSource.CHAT_JSONL:
     examples = chat.examples(data, tok, seed, chat_format)

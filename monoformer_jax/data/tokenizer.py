@@ -77,8 +77,7 @@ class Tokenizer:
     """`BOS prompt <im_start>` left-padded to `length`: ids [P] int32, valid [P] bool.
 
     An empty prompt gives the unconditional `BOS <im_start>` used for guidance. A
-    prompt too long is an error, or with truncate keeps its first tokens.
-    """
+    prompt too long is an error, or with truncate keeps its first tokens."""
     ids = [self.bos_id] + (self.encode(prompt) if prompt else []) + [self.im_start_id]
     if truncate and len(ids) > length:
       ids = ids[:length - 1] + [self.im_start_id]
@@ -165,8 +164,7 @@ def _make(path: str, init_from: str, vocab_size: int, texts: Callable[[], list[s
 class PromptTable:
   """Every (class, template) image prompt tokenized once, and the null prompt.
 
-  tokens, valid: [classes, templates, P]; null: ([P], [P]).
-  """
+  tokens, valid: [classes, templates, P]; null: ([P], [P])."""
   tokens: np.ndarray
   valid: np.ndarray
   null: tuple[np.ndarray, np.ndarray]

@@ -107,8 +107,7 @@ def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
   default); already prepared ones are left as they are. Returns {name: dataset directory}.
 
   This is TFDS's Python route (builder.download_and_prepare): the `tfds build` command
-  would need apache-beam for its own imports, which none of these builders use.
-  """
+  would need apache-beam for its own imports, which none of these builders use."""
   import requests  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.download import \

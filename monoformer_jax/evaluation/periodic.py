@@ -50,6 +50,5 @@ def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
   def measure(state, step):
     params = state.ema_params if config.sample.use_ema else state.params
     return meter.of_model(setup, params, config.train.fid_num, fid_samples.class_prompts(setup),
-                          setup.settings.sampling, jax.random.fold_in(key, step),
-                          config.model.vae)
+                          setup.settings.sampling, jax.random.fold_in(key, step), config.model.vae)
   return measure

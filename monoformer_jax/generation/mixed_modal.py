@@ -165,9 +165,8 @@ def generate(model: MonoFormer, params, prompt: np.ndarray, valid: np.ndarray, k
   drawn = []  # (rows that waited [B], images [B, H, W, C]) per image phase
   for phase in range(max_images + 1):
     # Text may fill the cache but for the images still allowed.
-    state = text_phase(model, params, state, jax.random.fold_in(key, 2 * phase),
-                       decoding=decoding, specials=specials,
-                       room=total - (max_images - phase) * span)
+    state = text_phase(model, params, state, jax.random.fold_in(key, 2 * phase), decoding=decoding,
+                       specials=specials, room=total - (max_images - phase) * span)
     waiting = np.asarray(state.waiting)
     if not waiting.any() or phase == max_images:
       break
@@ -175,11 +174,8 @@ def generate(model: MonoFormer, params, prompt: np.ndarray, valid: np.ndarray, k
                                 spec=spec, specials=specials)
     drawn.append((waiting, np.asarray(images)))
   tokens, count = np.asarray(state.tokens), np.asarray(state.count)
-  results = []
-  for row in range(batch):
-    images = [x[row] for waited, x in drawn if waited[row]]
-    results.append(Generation(tokens[row, :count[row]].tolist(), images))
-  return results
+  return [Generation(tokens[row, :count[row]].tolist(),
+                     [x[row] for waited, x in drawn if waited[row]]) for row in range(batch)]
 
 
 def describe(generation: Generation, tok, image_names: list[str]) -> str:

@@ -52,8 +52,7 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
 
   prepare(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q]) -> context
   denoise(params, context, x [B, H, W, C], i, key) -> x one step less noisy (step i of
-  spec.steps, counting from the noisiest).
-  """
+  spec.steps, counting from the noisiest)."""
   schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
   step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
   guided = spec.guidance.scale != 1.0
@@ -130,8 +129,7 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
   """Continues left-padded prompts [B, P]; returns [B, max_tokens] (pad after EOS).
 
   With use_cache=False every step recomputes the whole prefix (the reference
-  the cached loop is measured against).
-  """
+  the cached loop is measured against)."""
   batch, length = prompt.shape
   total = length + max_tokens
 
@@ -175,13 +173,8 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
 def images_for_prompts(model: MonoFormer, params, tok, prompts: list[str], prompt_len: int,
                        spec: ImageSampling, key: jax.Array) -> np.ndarray:
   """Samples one image per prompt: [len(prompts), H, W, C] float32, roughly in [-1, 1]."""
-  encoded = [tok.image_prompt(p, prompt_len) for p in prompts]
-  tokens = np.stack([e[0] for e in encoded])
-  valid = np.stack([e[1] for e in encoded])
-  null_tokens, null_valid = tok.image_prompt('', prompt_len)
-  null_tokens = np.broadcast_to(null_tokens, tokens.shape)
-  null_valid = np.broadcast_to(null_valid, valid.shape)
+  tokens, valid = map(np.stack, zip(*[tok.image_prompt(p, prompt_len) for p in prompts]))
+  null = [np.broadcast_to(x, tokens.shape) for x in tok.image_prompt('', prompt_len)]
   suffix = np.full((len(prompts), 1), tok.im_end_id, np.int32)
-  sampler = make_image_sampler(model, spec)
-  images = sampler(params, tokens, valid, null_tokens, null_valid, suffix, key)
+  images = make_image_sampler(model, spec)(params, tokens, valid, *null, suffix, key)
   return np.asarray(multihost_utils.process_allgather(images, tiled=True))  # every host, whole

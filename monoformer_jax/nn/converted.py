@@ -53,8 +53,7 @@ def stack_layers(layers: list[dict]) -> dict:
   """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
 
   Fills preallocated arrays block by block, so the peak is the result plus the
-  inputs, never a second copy of the whole stack.
-  """
+  inputs, never a second copy of the whole stack."""
   def stack(*leaves):
     out = np.empty((len(leaves),) + leaves[0].shape, leaves[0].dtype)
     for i, leaf in enumerate(leaves):

@@ -85,8 +85,7 @@ class KVCache:
   """Keys and values of every layer for incremental decoding.
 
   k, v: [L, B, S, K, E]; valid: [B, S] slots holding a real token; index: the next slot to write;
-  next_position: [B] RoPE position of the next real token of each row.
-  """
+  next_position: [B] RoPE position of the next real token of each row."""
   k: Array
   v: Array
   valid: Array
@@ -107,8 +106,7 @@ def attention_mask(mask_type: MaskType, q_slots: Array, kv_valid: Array, q_span:
 
   q_slots [T]: sequence slot of each query; key slots are 0..S-1.
   kv_valid [B, S]: real (not padding) keys.
-  q_span [B, T], kv_span [B, S]: image-span id of each token, 0 outside images.
-  """
+  q_span [B, T], kv_span [B, S]: image-span id of each token, 0 outside images."""
   kv_slots = jnp.arange(kv_valid.shape[1])
   if mask_type == MaskType.BIDIRECTIONAL:
     allowed = jnp.ones((1, q_slots.shape[0], kv_slots.shape[0]), bool)
@@ -138,8 +136,7 @@ class Projection(nn.Module):
   """Bias-free linear map contracting x's last `in_dims` axes into `features`.
 
   The kernel keeps its full multi-axis shape (e.g. [D, H, E]) so each axis can
-  carry its own logical name.
-  """
+  carry its own logical name."""
   features: tuple[int, ...]
   names: tuple[str, ...]
   in_dims: int
@@ -163,8 +160,7 @@ def cudnn_fits(q: Array, k: Array) -> bool:
 
   Elsewhere the XLA path runs, so a GPU config stays runnable (and testable) on CPU, and odd
   lengths (one decoded token) need no special case: cuDNN wants 16-bit inputs, E a multiple
-  of 8 up to 128, and even T and S when a mask (a bias to it) is differentiated.
-  """
+  of 8 up to 128, and even T and S when a mask (a bias to it) is differentiated."""
   return (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
           and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
           and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)

@@ -36,8 +36,7 @@ SIZES = {
     'tiny-mha': dict(width=32, depth=2, num_heads=4, num_kv_heads=4, mlp_dim=64),
     'digits': dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=352),
     'bench': dict(width=256, depth=4, num_heads=4, num_kv_heads=4, mlp_dim=688),
-    'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4,
-                           mlp_dim=5632),
+    'tinyllama-1.1b': dict(width=2048, depth=22, num_heads=32, num_kv_heads=4, mlp_dim=5632),
 }
 
 
@@ -120,8 +119,7 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
   """Fixed 2-D position embedding [N, D], the official (MAE/DiT) layout.
 
   The first D/2 features encode the column, the last D/2 the row; each half is
-  [sin, cos] of position * 10000^(-k / (D/4)).
-  """
+  [sin, cos] of position * 10000^(-k / (D/4))."""
   def one_axis(d, pos):
     omega = 1.0 / 10000**(np.arange(d // 2, dtype=np.float64) / (d / 2.0))
     out = np.outer(pos.reshape(-1).astype(np.float64), omega)
@@ -205,8 +203,7 @@ class MonoFormer(nn.Module):
                                kernel_init=zeros, bias_init=ZERO_BIAS)
     self.t_embedder = Mlp2(cfg.width, Activation.SILU, False, cfg.dtype, cfg.param_dtype)
     self.t_projector = Mlp2(cfg.width, Activation.GELU, True, cfg.dtype, cfg.param_dtype)
-    self.final_layer = ImageHead(img.patch_size**2 * img.out_channels, cfg.dtype,
-                                 cfg.param_dtype)
+    self.final_layer = ImageHead(img.patch_size**2 * img.out_channels, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, tokens: Array, valid: Array, *, mask_type: MaskType,
                image: Optional[Array] = None, t: Optional[Array] = None,
@@ -219,8 +216,7 @@ class MonoFormer(nn.Module):
     prediction at the image tokens, unpatchified (with return_hidden, also the prefix's final-norm
     states). With a cache that already holds the prefix (a text pass over it), tokens may be [B, 0]:
     only the image part is computed, attending to the cached prefix; the returned cache holds it too
-    (the time token, the image tokens and the suffix after the prefix).
-    """
+    (the time token, the image tokens and the suffix after the prefix)."""
     cfg, img = self.backbone, self.image
     embeds = self.embed_tokens(tokens)
     span = jnp.zeros(tokens.shape, jnp.int32)

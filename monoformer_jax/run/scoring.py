@@ -21,8 +21,7 @@ def default(workdir: str, choice: SamplingChoice, use_ema: bool) -> str:
   """The default's metrics (prompt accuracy, digit FD, held-out perplexity, ...) as a table."""
   restored = workdir_lib.for_inference(workdir, use_ema)
   spec, _ = choice.resolve(restored.setup)
-  metrics, _ = default_eval.evaluate(restored.setup, restored.params, workdir, restored.step,
-                                     spec)
+  metrics, _ = default_eval.evaluate(restored.setup, restored.params, workdir, restored.step, spec)
   return (f'{workdir}, step {restored.step} ({spec.sampler.value}, {spec.steps} steps, cfg '
           f'{spec.guidance.scale}; also in {default_eval.EVAL_FILE}):\n'
           + default_eval.table(metrics))
@@ -42,8 +41,7 @@ class FidRequest:
   prompt_file: str = ''
 
 
-def fid(workdir: str, request: FidRequest, choice: SamplingChoice, seed: int,
-        use_ema: bool) -> str:
+def fid(workdir: str, request: FidRequest, choice: SamplingChoice, seed: int, use_ema: bool) -> str:
   """FID-N of the workdir's samples or of a sample file; with neither, the reference's
   statistics alone (written to request.stats_out)."""
   restored = workdir_lib.for_inference(workdir, use_ema) if workdir else None

@@ -89,8 +89,7 @@ def for_training(config: ml_collections.ConfigDict, workdir: str,
   check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   lock = _lock(workdir)
-  tok = tokenizer_lib.for_workdir(workdir, config.model.init_from,
-                                  config.data.tokenizer_vocab_size,
+  tok = tokenizer_lib.for_workdir(workdir, config.model.init_from, config.data.tokenizer_vocab_size,
                                   lambda: pipeline.tokenizer_texts(config.data))
   _check_vocabulary(config, tok)
   return Setup(config, settings, model, tok, layout or sharding.make_layout(config.mesh),

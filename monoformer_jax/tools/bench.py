@@ -89,8 +89,7 @@ def forward_flops(model: MonoFormer, params, kind: StepKind, batch: int, q_len: 
   """Model FLOPs of one forward pass: 2 x matmul parameters x tokens + 4 L B T S D.
 
   q_len tokens are computed against kv_len keys (equal unless a cache holds a prefix);
-  an image pass has one image of N patches per sequence.
-  """
+  an image pass has one image of N patches per sequence."""
   decoder = sum(x.size for x in jax.tree.leaves(params['decoder']) if x.ndim >= 3)  # kernels [L, ...]
   attention = 4 * model.backbone.depth * batch * q_len * kv_len * model.backbone.width
   if kind == StepKind.AR:
@@ -132,8 +131,7 @@ def matmul_peak(dtype: jnp.dtype, repeats: int) -> dict:
   """FLOP/s of large square matmuls on the first device: the practical matmul peak.
 
   On an accelerator one program chains 16 dependent 8192^3 products (a single one is too
-  short to time against launch and clock ramp-up) after a second of warm-up.
-  """
+  short to time against launch and clock ramp-up) after a second of warm-up."""
   n, chain, warmup = (2048, 1, 2) if jax.default_backend() == 'cpu' else (8192, 16, 30)
   x = jax.random.normal(jax.random.key(0), (n, n), dtype)
   w = (jax.random.normal(jax.random.key(1), (n, n)) / np.sqrt(n)).astype(dtype)  # keeps x O(1)
@@ -163,8 +161,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
                 kinds: tuple[StepKind, ...]):
   """{kind: timings, throughput, FLOPs and MFU} for the step kinds asked for; the final state.
 
-  torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours.
-  """
+  torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours."""
   repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
   step_config = steps.StepConfig.from_config(config, 2, objective.Objective.ALTERNATE)

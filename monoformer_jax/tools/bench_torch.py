@@ -26,8 +26,7 @@ def make_torchvision_importable() -> None:
   library fails to load (silently), and its import then stops while registering fake kernels
   for two of those ops (`operator torchvision::nms does not exist`). transformers imports
   torchvision whenever it is installed, so LlamaForCausalLM fails with it. Declaring the two
-  op schemas lets the import finish; nothing here calls them. The tests use this too.
-  """
+  op schemas lets the import finish; nothing here calls them. The tests use this too."""
   import torch  # pylint: disable=g-import-not-at-top
   try:
     importlib.import_module('torchvision')

@@ -177,8 +177,7 @@ class Checkpointer:
       depth = len(jax.tree.leaves(layers)[0])
       params = dict(params, decoder={'layers': {
           str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(depth)}})
-    self._save(step, dict(step=np.int32(step), params=params), params, {WEIGHTS_ONLY: True},
-               config)
+    self._save(step, dict(step=np.int32(step), params=params), params, {WEIGHTS_ONLY: True}, config)
 
   def _save(self, step: int, state, params, data_state: dict[str, Any],
             config: ml_collections.ConfigDict) -> None:
@@ -188,8 +187,7 @@ class Checkpointer:
                       f'the last finite checkpoint is {f"step {last[0]}" if last else "none"} '
                       f'in {self.directory}.')
     self.wait()
-    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                              data=ocp.args.JsonSave(data_state),
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config.to_dict()))
     self._written(lambda: self.manager.save(step, args=args), step)
     self.unsummed = step

@@ -38,8 +38,7 @@ def weighted_cross_entropy(head: Head, head_params, hidden: jax.Array, labels: j
                            weights: jax.Array, chunk: int) -> jax.Array:
   """sum_n weights[n] * -log softmax(head(hidden[n]))[labels[n]], chunk tokens at a time.
 
-  hidden [N, D], labels [N] int, weights [N] float32; returns a float32 scalar.
-  """
+  hidden [N, D], labels [N] int, weights [N] float32; returns a float32 scalar."""
 
   def body(total, xs):
     h, y, w = xs

@@ -92,8 +92,7 @@ class SkipGuard:
   ruined the parameters without making them infinite), so the loop holds saves back until
   the streak ends; checkpoints written then could push the last good one out.
   Each step's flag is read one step late, once the next step is queued, so the loop
-  never leaves the device idle to wait for it.
-  """
+  never leaves the device idle to wait for it."""
 
   def __init__(self, limit: int):
     self.limit, self.total = limit, 0

@@ -62,16 +62,14 @@ def _tensorboard_writer(workdir: str, leader: bool):
       print(f'warning: no TensorBoard events ({e}); metrics.jsonl and the progress line are '
             'still written.', file=sys.stderr, flush=True)
     return _NoTensorBoard()
-  return metric_writers.create_default_writer(workdir, just_logging=not leader,
-                                              asynchronous=False)
+  return metric_writers.create_default_writer(workdir, just_logging=not leader, asynchronous=False)
 
 
 class MetricsLog:
   """TensorBoard scalars/images, one JSON line per logged step, and a progress line.
 
   Speed and ETA are steady-state figures: the time a step kind's first call spends compiling
-  and the time periodic evaluations take are left out of them.
-  """
+  and the time periodic evaluations take are left out of them."""
 
   def __init__(self, workdir: str, start_step: int, num_steps: int):
     self.leader = jax.process_index() == 0

@@ -167,8 +167,7 @@ def next_token_loss(model: MonoFormer, params, tokens: jax.Array, valid: jax.Arr
   """Mean cross-entropy of predicting tokens [B, S] from their prefixes; and the count.
 
   Only tokens where loss_mask [B, S] is set are predicted (default: every valid one).
-  The logits are made `chunk` tokens at a time (0 = all at once); see cross_entropy.
-  """
+  The logits are made `chunk` tokens at a time (0 = all at once); see cross_entropy."""
   learn = valid if loss_mask is None else valid & loss_mask
   text = dict(tokens=tokens, valid=valid, weights=next_token_weights(valid, learn))
   count = text['weights'].sum()
