@@ -95,9 +95,8 @@ def config_file_problem(argv: list[str]) -> str:
 def overview() -> str:
   """What `--help` without a command prints."""
   width = max(map(len, COMMANDS))
-  return '\n'.join([f'{ENTRY} COMMAND [FLAGS]; {ENTRY} COMMAND --help lists its flags.',
-                    'commands:'] + [f'  {name:{width}s}  {c.summary}'
-                                    for name, c in COMMANDS.items()])
+  return '\n'.join([f'{ENTRY} COMMAND [FLAGS]; {ENTRY} COMMAND --help lists its flags.', 'commands:']
+                   + [f'  {name:{width}s}  {c.summary}' for name, c in COMMANDS.items()])
 
 
 def command_help(name: str, flag_values: flags.FlagValues, extra: str = '') -> str:
