@@ -2,11 +2,16 @@
 this host's data iterators, JSONL picture fixtures, the command line, and what tests read
 back from a workdir (metrics rows, checkpointed states)."""
 
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -102,12 +107,63 @@ def picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> s
   return str(path)
 
 
+_ZYGOTE = []  # this process's cli_zygote.py (started at the first command) and its environment
+_READ_AT_IMPORT_ONLY = ('XLA_FLAGS', 'DEVICES_PER_PROCESS')  # others may be read at import
+
+
+def _zygote():
+  if not _ZYGOTE:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
+    process = subprocess.Popen([sys.executable, os.path.join(TESTS, 'cli_zygote.py')], cwd=ROOT,
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    atexit.register(process.kill)
+    _ZYGOTE.extend([process, env])
+  return _ZYGOTE
+
+
+def _answer(process, timeout: float) -> Optional[int]:
+  """The zygote's next line as a number; None when it takes longer than timeout seconds."""
+  line = b''
+  deadline = time.monotonic() + timeout
+  while not line.endswith(b'\n'):
+    if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+      return None
+    chunk = os.read(process.stdout.fileno(), 1)
+    assert chunk, 'the command-line zygote stopped'
+    line += chunk
+  return int(line)
+
+
 def cli(*args, cwd=ROOT, env=None, timeout=600):
-  """Runs `python -m monoformer_jax ARGS` (from any directory: the repository is on the path)."""
+  """Runs `python -m monoformer_jax ARGS` (from any directory: the repository is on the path).
+
+  The process is forked from cli_zygote.py, which has the package imported already, unless env
+  differs from the zygote's in a variable a module may read at import (then it is started anew).
+  """
   env = dict(os.environ if env is None else env)
   env['PYTHONPATH'] = os.pathsep.join([ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
-  return subprocess.run([sys.executable, '-m', 'monoformer_jax', *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  command = [sys.executable, '-m', 'monoformer_jax', *args]
+  process, zygote_env = _zygote()
+  if any(env.get(k) != zygote_env.get(k) for k in set(env) | set(zygote_env)
+         if k not in _READ_AT_IMPORT_ONLY):
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  with tempfile.TemporaryDirectory() as directory:
+    out, err = os.path.join(directory, 'stdout'), os.path.join(directory, 'stderr')
+    request = dict(args=list(args), cwd=str(cwd), env=env, stdout=out, stderr=err)
+    process.stdin.write(json.dumps(request) + '\n')
+    process.stdin.flush()
+    pid = _answer(process, 60)
+    status = _answer(process, timeout)
+    if status is None:
+      os.kill(pid, signal.SIGKILL)
+      _answer(process, 60)
+      raise subprocess.TimeoutExpired(command, timeout)
+    with open(out) as stdout, open(err) as stderr:
+      return subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(status),
+                                         stdout.read(), stderr.read())
 
 
 def launch_two(*args, env=None, timeout=600):
