@@ -44,8 +44,9 @@ def pytest_unconfigure(config):
 
 # Files of over a minute, started first: with one file per worker at a time (--dist loadfile),
 # a long file started last keeps one worker busy after the other is done.
-LONGEST_FIRST = ('base/test_sharding.py', 'test_main.py', 'evaluation/test_fid.py',
-                 'training/test_guards.py', 'training/test_objective.py', 'test_configs.py')
+LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'test_main.py',
+                 'base/test_sharding.py', 'test_configs.py', 'training/test_checkpoint.py',
+                 'training/test_objective.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -8,8 +8,9 @@ import pytest
 from monoformer_jax.tools import study
 
 
-TINY = {'train.num_steps': 3, 'sample.steps': 3, 'eval.samples_per_class': 2,
-        'eval.text_questions': 8, 'eval.text_batches': 1, 'train.log_every': 1}
+TINY = {'model.size': 'tiny', 'train.num_steps': 3, 'sample.steps': 3,
+        'eval.samples_per_class': 2, 'eval.text_questions': 8, 'eval.text_batches': 1,
+        'train.log_every': 1}
 
 
 @pytest.mark.slow

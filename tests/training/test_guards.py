@@ -35,13 +35,13 @@ def _stop_with(signum, workdir, flags, rows):
 
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_save_and_a_restart_matches_the_uninterrupted_run(tmp_path):
-  flags = [*TRAIN_FLAGS, '--config.train.num_steps=200', '--config.train.checkpoint_every=1000']
+  flags = [*TRAIN_FLAGS, '--config.train.num_steps=80', '--config.train.checkpoint_every=1000']
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
   assert cli('train', *flags, f'--workdir={straight}').returncode == 0
   first, _, err = _stop_with(signal.SIGINT, stopped, flags, 10)
-  assert 10 <= first < 200 and 'interrupted: saving at the end of this step' in err
+  assert 10 <= first < 80 and 'interrupted: saving at the end of this step' in err
   second, out, _ = _stop_with(signal.SIGTERM, stopped, flags, first + 10)
-  assert f'resuming from checkpoint step {first}' in out and first < second < 200
+  assert f'resuming from checkpoint step {first}' in out and first < second < 80
   result = cli('train', *flags, f'--workdir={stopped}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resuming from checkpoint step {second}' in result.stdout
