@@ -27,6 +27,8 @@ _MADE = []  # the cache directory this process made, removed when the session en
 
 
 def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
   bench_torch.make_torchvision_importable()  # before transformers or diffusers look for it
   if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
     os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
@@ -42,11 +44,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(directory, ignore_errors=True)
 
 
-# Files of over a minute, started first: with one file per worker at a time (--dist loadfile),
-# a long file started last keeps one worker busy after the other is done.
+# Files of over half a minute on the reference machine, longest first: xdist hands out whole
+# files in collection order (pytest_configure turns off its reordering by test count), so the
+# short files fill in at the end instead of a long one starting last.
 LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'test_main.py',
-                 'base/test_sharding.py', 'test_configs.py', 'training/test_checkpoint.py',
-                 'training/test_objective.py')
+                 'base/test_sharding.py', 'test_configs.py', 'training/test_objective.py',
+                 'training/test_checkpoint.py', 'training/test_cross_entropy.py',
+                 'run/test_workdir.py', 'test_train.py', 'evaluation/test_multiple_choice.py',
+                 'generation/test_sampling.py', 'nn/test_layers.py', 'run/test_backbone.py',
+                 'tools/test_study.py', 'tools/test_extract_latents.py', 'nn/test_splash.py')
 
 
 def pytest_collection_modifyitems(items):
