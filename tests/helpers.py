@@ -2,16 +2,14 @@
 this host's data iterators, JSONL picture fixtures, the command line, and what tests read
 back from a workdir (metrics rows, checkpointed states)."""
 
-import atexit
 import json
+import multiprocessing
 import os
-import select
-import signal
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -107,63 +105,65 @@ def picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> s
   return str(path)
 
 
-_ZYGOTE = []  # this process's cli_zygote.py (started at the first command) and its environment
-_READ_AT_IMPORT_ONLY = ('XLA_FLAGS', 'DEVICES_PER_PROCESS')  # others may be read at import
+# Commands run in processes forked from a server that has imported these already: a fresh
+# `python -m` start costs seconds on two cores, and the suite runs about a hundred commands.
+_PRELOADED = ('monoformer_jax.main', 'clu.metric_writers')  # clu's writers import TensorFlow
+_READ_AFTER_IMPORT = ('XLA_FLAGS', 'DEVICES_PER_PROCESS')  # others may be read at import
+_FORKSERVER = []  # this process's fork-server context and the environment commands compare with
 
 
-def _zygote():
-  if not _ZYGOTE:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
-    process = subprocess.Popen([sys.executable, os.path.join(TESTS, 'cli_zygote.py')], cwd=ROOT,
-                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    atexit.register(process.kill)
-    _ZYGOTE.extend([process, env])
-  return _ZYGOTE
+def _with_root_on_path(env: dict) -> dict:
+  return dict(env, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [env.get('PYTHONPATH')] if p]))
 
 
-def _answer(process, timeout: float) -> Optional[int]:
-  """The zygote's next line as a number; None when it takes longer than timeout seconds."""
-  line = b''
-  deadline = time.monotonic() + timeout
-  while not line.endswith(b'\n'):
-    if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-      return None
-    chunk = os.read(process.stdout.fileno(), 1)
-    assert chunk, 'the command-line zygote stopped'
-    line += chunk
-  return int(line)
+def _command(args, cwd, env, out, err) -> None:
+  """In a forked process: becomes `python -m monoformer_jax ARGS`, its streams in files."""
+  os.chdir(cwd)
+  os.environ.clear()
+  os.environ.update(env)
+  for fd, path in ((1, out), (2, err)):
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(handle, fd)
+    os.close(handle)
+  import monoformer_jax  # pylint: disable=import-outside-toplevel
+  sys.argv = [os.path.join(os.path.dirname(monoformer_jax.__file__), '__main__.py'), *args]
+  runpy.run_module('monoformer_jax', run_name='__main__', alter_sys=True)
+
+
+def _forkserver():
+  if not _FORKSERVER:
+    context = multiprocessing.get_context('forkserver')  # its server has this process's sys.path
+    context.set_forkserver_preload(list(_PRELOADED))
+    _FORKSERVER.extend([context, _with_root_on_path(os.environ)])
+  return _FORKSERVER
 
 
 def cli(*args, cwd=ROOT, env=None, timeout=600):
   """Runs `python -m monoformer_jax ARGS` (from any directory: the repository is on the path).
 
-  The process is forked from cli_zygote.py, which has the package imported already, unless env
-  differs from the zygote's in a variable a module may read at import (then it is started anew).
+  The process is forked from multiprocessing's fork server, which has the package imported
+  already, unless env differs from the server's in a variable a module may read at import (then
+  a fresh interpreter starts). Either way it has its own directory, environment, streams and
+  exit status.
   """
-  env = dict(os.environ if env is None else env)
-  env['PYTHONPATH'] = os.pathsep.join([ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
+  env = _with_root_on_path(os.environ if env is None else env)
   command = [sys.executable, '-m', 'monoformer_jax', *args]
-  process, zygote_env = _zygote()
-  if any(env.get(k) != zygote_env.get(k) for k in set(env) | set(zygote_env)
-         if k not in _READ_AT_IMPORT_ONLY):
+  context, server_env = _forkserver()
+  if any(env.get(k) != server_env.get(k) for k in set(env) | set(server_env)
+         if k not in _READ_AFTER_IMPORT):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
   with tempfile.TemporaryDirectory() as directory:
     out, err = os.path.join(directory, 'stdout'), os.path.join(directory, 'stderr')
-    request = dict(args=list(args), cwd=str(cwd), env=env, stdout=out, stderr=err)
-    process.stdin.write(json.dumps(request) + '\n')
-    process.stdin.flush()
-    pid = _answer(process, 60)
-    status = _answer(process, timeout)
-    if status is None:
-      os.kill(pid, signal.SIGKILL)
-      _answer(process, 60)
+    process = context.Process(target=_command, args=(list(args), str(cwd), env, out, err))
+    process.start()
+    process.join(timeout)
+    if process.exitcode is None:
+      process.kill()
+      process.join()
       raise subprocess.TimeoutExpired(command, timeout)
     with open(out) as stdout, open(err) as stderr:
-      return subprocess.CompletedProcess(command, os.waitstatus_to_exitcode(status),
-                                         stdout.read(), stderr.read())
+      return subprocess.CompletedProcess(command, process.exitcode, stdout.read(), stderr.read())
 
 
 def launch_two(*args, env=None, timeout=600):
