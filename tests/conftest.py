@@ -15,7 +15,7 @@ import tempfile
 
 import jax
 import pytest
-from helpers import tiny_config
+from helpers import COMPILE_FLAGS, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
@@ -23,6 +23,7 @@ from monoformer_jax.tools import bench_torch
 
 
 _CACHE = 'JAX_COMPILATION_CACHE_DIR'
+_MIN_TIME = 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'
 _MADE = []  # the cache directory this process made, removed when the session ends
 
 
@@ -33,7 +34,11 @@ def pytest_configure(config):
   if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
     os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
     _MADE.append(os.environ[_CACHE])
+  os.environ.setdefault(_MIN_TIME, '0')  # every program, as most compile in under a second
   jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE])  # jax read the env at import
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float(os.environ[_MIN_TIME]))
+  flags = os.environ.get('XLA_FLAGS', '').split()  # read when the first device is asked for
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [f for f in COMPILE_FLAGS if f not in flags])
   config.addinivalue_line('markers', 'slow: takes more than a few seconds (left out by -m "not slow")')
   config.addinivalue_line('markers', 'multiprocess: starts several JAX processes (and is slow)')
 

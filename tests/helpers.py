@@ -26,6 +26,10 @@ from monoformer_jax.training import checkpoint, steps
 from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
+# The tests' programs are tiny, so compiling them is most of the suite's time: LLVM's
+# optimizations (vectorizing, inlining) are left out. XLA's own passes, which decide what is
+# computed and in what order, run as always; conftest sets this for every process.
+COMPILE_FLAGS = ('--xla_backend_optimization_level=0',)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')  # helpers and the scripts tests run as processes
 
@@ -108,7 +112,9 @@ def picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> s
 # Commands run in processes forked from a server that has imported these already: a fresh
 # `python -m` start costs seconds on two cores, and the suite runs about a hundred commands.
 _PRELOADED = ('monoformer_jax.main', 'clu.metric_writers')  # clu's writers import TensorFlow
-_READ_AFTER_IMPORT = ('XLA_FLAGS', 'DEVICES_PER_PROCESS')  # others may be read at import
+# Variables no module reads at import (pytest's own changes with every test); a command whose
+# environment differs from the server's in any other starts a fresh interpreter.
+_READ_AFTER_IMPORT = ('XLA_FLAGS', 'DEVICES_PER_PROCESS', 'PYTEST_CURRENT_TEST')
 _FORKSERVER = []  # this process's fork-server context and the environment commands compare with
 
 
@@ -175,13 +181,20 @@ def launch_two(*args, env=None, timeout=600):
 def one_and_two_processes(flags, out_flag: str, directory, devices_per_process: int):
   """Runs the command once in one process and once in two, each writing --OUT_FLAG (one.npz,
   two.npz in directory); returns both paths."""
-  env = dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS=str(devices_per_process))
+  env = devices_env(DEVICES_PER_PROCESS=str(devices_per_process))
   paths = [os.path.join(directory, name) for name in ('one.npz', 'two.npz')]
   one = cli(*flags, f'--{out_flag}={paths[0]}', env=env)
   assert one.returncode == 0, one.stderr[-2000:]
   two = launch_two(*flags, f'--{out_flag}={paths[1]}', env=env)
   assert two.returncode == 0, two.stderr[-3000:]
   return paths
+
+
+def devices_env(devices: int | None = None, **variables) -> dict:
+  """os.environ with XLA_FLAGS forcing `devices` CPU devices (XLA's default without), keeping
+  the session's compile flags, and with any other variables."""
+  forced = [f'--xla_force_host_platform_device_count={devices}'] if devices else []
+  return dict(os.environ, XLA_FLAGS=' '.join(forced + list(COMPILE_FLAGS)), **variables)
 
 
 def error_line(result) -> str:

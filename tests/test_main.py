@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import cli, error_line, one_and_two_processes
+from helpers import cli, devices_env, error_line, one_and_two_processes
 
 TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.num_steps=2']
 
@@ -161,7 +161,7 @@ def test_fid_npz_is_the_same_on_one_and_four_devices(trained, tmp_path):
   outputs = []
   for devices in (1, 4):
     out = tmp_path / f'fid{devices}.npz'
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = devices_env(devices)
     result = cli('sample', f'--workdir={trained}', f'--fid_npz={out}', '--num=13', '--fid_batch=8',
                  '--steps=3', env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -8,24 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TESTS, tiny_config
+from helpers import ROOT, TESTS, devices_env, tiny_config
 
 from monoformer_jax.base import sharding
-
-
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  return env
 
 
 @pytest.fixture(scope='module')
 def report(workdir_factory):
   result = subprocess.run([sys.executable, os.path.join(TESTS, 'sharded_check.py'), workdir_factory()],
-                          capture_output=True, text=True, env=_env(8), timeout=900, cwd=ROOT)
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=devices_env(8, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT))
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -136,7 +136,8 @@ def test_evaluate_fid_end_to_end(weights, reference_model, trained, tmp_path):
   equals the distance of pytorch-fid's features."""
   converted = weights[1]
   rng = np.random.default_rng(2)
-  ref = _uint8_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (10, 24, 24, 3)).astype(np.uint8))
+  # Every file at the trained model's 8 x 8, so the three processes compile one Inception.
+  ref = _uint8_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (10, 8, 8, 3)).astype(np.uint8))
   stats_out = tmp_path / 'ref_stats.npz'
   result = cli('evaluate', f'--fid_ref={ref}', f'--inception={converted}', '--fid_batch=4',
                f'--fid_stats_out={stats_out}')
@@ -153,7 +154,7 @@ def test_evaluate_fid_end_to_end(weights, reference_model, trained, tmp_path):
   with open(os.path.join(trained, 'fid6.json')) as f:
     assert json.load(f)['num'] == 6
 
-  samples = _uint8_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (7, 32, 32, 3)).astype(np.uint8))
+  samples = _uint8_npz(tmp_path / 'samples.npz', rng.integers(0, 256, (7, 8, 8, 3)).astype(np.uint8))
   result = cli('evaluate', f'--fid_npz={samples}', f'--fid_ref={ref}', '--fid_batch=4',
                f'--inception={converted}')
   assert result.returncode == 0, result.stderr[-2000:]

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TESTS, cli, error_line, launch_two, tiny_config
+from helpers import TESTS, cli, devices_env, error_line, launch_two, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -200,12 +200,12 @@ def test_next_line_questions_differ_only_in_word_order():
 def test_tasks_from_two_processes_equal_one(trained):
   """evaluate --tasks in one process with 4 devices and in two processes of 2: the same scores."""
   flags = ['evaluate', f'--workdir={trained}', '--tasks=next_line', '--limit=24']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = devices_env(4)
   one = cli(*flags, env=env)
   assert one.returncode == 0 and 'next_line' in one.stdout, one.stderr[-2000:]
   with open(os.path.join(trained, 'eval.json')) as f:
     first = json.load(f)['tasks']
-  two = launch_two(*flags, env=dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2'))
+  two = launch_two(*flags, env=devices_env(DEVICES_PER_PROCESS='2'))
   assert two.returncode == 0, two.stderr[-3000:]
   with open(os.path.join(trained, 'eval.json')) as f:
     second = json.load(f)['tasks']
@@ -229,7 +229,7 @@ def test_text_scores_during_training(workdir):
 
 @pytest.mark.slow
 def test_scores_under_an_fsdp_mesh_equal_one_device(trained):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = devices_env(8, JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, os.path.join(TESTS, 'mc_sharded_check.py'), trained],
                           capture_output=True, text=True, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TESTS
+from helpers import ROOT, TESTS, devices_env
 
 
 @pytest.mark.slow
 def test_splash_matches_xla_attention():
   """On one device and under a data x tensor mesh of four."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', PYTHONPATH=ROOT)
+  env = devices_env(4, PYTHONPATH=ROOT)
   run = subprocess.run([sys.executable, os.path.join(TESTS, 'splash_check.py')],
                        capture_output=True, text=True, env=env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
-from helpers import ROOT, image_batches, picture_jsonl, tiny_config
+from helpers import ROOT, devices_env, image_batches, picture_jsonl, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -205,7 +205,7 @@ def test_two_processes_write_the_shards_one_process_writes(extracted, tmp_path):
   flags = ['extract_latents', '--config=configs/digits.py', f'--vae={vae}',
            '--config.data.latents_source=t2i_jsonl', f'--config.data.t2i_files={t2i_file}',
            '--config.data.image_resolution=16', '--config.data.latents_shard_size=2']
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=root)
+  env = devices_env(PYTHONPATH=root)
   runs = {'one': [sys.executable, '-m', 'monoformer_jax'],
           'two': ['bash', os.path.join(root, 'launch', 'local_multiprocess.sh'), '2']}
   for name, command in runs.items():

@@ -10,8 +10,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import (ROOT, TRAIN_FLAGS, cli, final_state, metrics_rows, saved_arrays, start_process,
-                     step_config, tiny_config, wait_for_rows)
+from helpers import (ROOT, TRAIN_FLAGS, cli, devices_env, final_state, metrics_rows, saved_arrays,
+                     start_process, step_config, tiny_config, wait_for_rows)
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -73,11 +73,11 @@ def test_two_processes_match_one_and_stop_together_on_sigterm_to_one(tmp_path):
            '--config.train.checkpoint_every=5000']  # a schedule that does not see num_steps
   single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
   one = cli('train', *flags, '--config.train.num_steps=3', f'--workdir={single}',
-            env=dict(os.environ, XLA_FLAGS=''))
+            env=devices_env())
   assert one.returncode == 0, one.stderr[-3000:]
   run = start_process(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', 'train',
                        *flags, '--config.train.num_steps=2000', f'--workdir={multi}'],
-                      env=dict(os.environ, XLA_FLAGS='', DEVICES_PER_PROCESS='2'))
+                      env=devices_env(DEVICES_PER_PROCESS='2'))
   wait_for_rows(multi, 10, run)
   children = subprocess.run(['pgrep', '-f', 'process_id=1'], capture_output=True, text=True)
   pids = [int(p) for p in children.stdout.split() if int(p) != os.getpid()]
