@@ -24,15 +24,14 @@ from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-i
 from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
 
 
-# All three axes at once (each alone is what this mesh does along it), fsdp alone at its
-# widest (what the checkpoint's move between meshes and the samplers use), and the official
-# objective.
+# All three axes at once (each alone is what this mesh does along it; the checkpoint's move
+# to one device and the samplers use it too), and the official objective: joint steps of two
+# microbatches with the prompts' cross-entropy, fsdp at its widest beside data.
 MESHES = {
     'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
-    'fsdp8': dict(data=1, fsdp=8, tensor=1),
-    # The official objective: joint steps of two microbatches with the prompts' cross-entropy.
     'data2_fsdp4_joint': dict(data=2, fsdp=4, tensor=1, joint=True),
 }
+ALL_AXES = 'data2_fsdp2_tensor2'
 
 
 def make_config(mesh: dict):
@@ -120,11 +119,11 @@ def compare(workdir):
 
 
 def samplers_under_mesh(workdir):
-  """The image sampler and KV-cached decoding with params sharded over fsdp 8 vs 1 device."""
+  """The image sampler and KV-cached decoding with params sharded over all axes vs 1 device."""
   from monoformer_jax import diffusion  # pylint: disable=g-import-not-at-top
   from monoformer_jax.generation import sampling  # pylint: disable=g-import-not-at-top
   out = {}
-  for name, devices, mesh in (('fsdp8', jax.devices(), MESHES['fsdp8']),
+  for name, devices, mesh in (('mesh', jax.devices(), MESHES[ALL_AXES]),
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
     config = make_config(mesh)
     tok = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
@@ -143,14 +142,14 @@ def samplers_under_mesh(workdir):
                                jax.random.key(5), max_tokens=4, temperature=0.0, top_k=0,
                                top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
     out[name] = (images, np.asarray(jax.device_get(text)))
-  return dict(images=rel(out['fsdp8'][0], out['one'][0]),
-              same_text=bool((out['fsdp8'][1] == out['one'][1]).all()))
+  return dict(images=rel(out['mesh'][0], out['one'][0]),
+              same_text=bool((out['mesh'][1] == out['one'][1]).all()))
 
 
 def across_meshes(workdir, state):
-  """Save the state trained under fsdp 8, restore it on 1 device and continue; compare with
-  continuing under fsdp 8."""
-  config = make_config(MESHES['fsdp8'])
+  """Save the state trained under all three axes, restore it on 1 device and continue; compare
+  with continuing under the mesh."""
+  config = make_config(MESHES[ALL_AXES])
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch'))
@@ -170,5 +169,5 @@ def across_meshes(workdir, state):
 if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
   meshes, states = compare(sys.argv[1])
-  print(json.dumps({'meshes': meshes, 'restore': across_meshes(sys.argv[1], states['fsdp8']),
+  print(json.dumps({'meshes': meshes, 'restore': across_meshes(sys.argv[1], states[ALL_AXES]),
                     'samplers': samplers_under_mesh(sys.argv[1])}))
