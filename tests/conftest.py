@@ -1,12 +1,13 @@
 """Shared fixtures (a workdir with the default tokenizer trained once), the markers, and one
-XLA compilation cache for the session.
+XLA compilation cache and compile flags for the session.
 
 `slow` marks tests of more than a few seconds and `multiprocess` those that start
 several processes; `pytest -m "not slow"` is the quick inner loop, `.ci/run` runs all.
 The tests compile the same tiny programs again and again, in both workers and in the
 command-line processes they start: JAX's persistent compilation cache, in a directory made
 fresh for each session and shared through the environment, compiles each once. A cached
-executable is the compiled program itself, so no result depends on it.
+executable is the compiled program itself, so no result depends on it. helpers.COMPILE_FLAGS
+go into XLA_FLAGS here, for the workers and every process they start.
 """
 
 import os
