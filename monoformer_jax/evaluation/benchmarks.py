@@ -95,13 +95,6 @@ BENCHMARKS = {
 }
 
 
-def _unknown(names) -> None:
-  unknown = [n for n in names if n not in BENCHMARKS]
-  if unknown or not names:
-    raise UserError(f'--tasks names {", ".join(unknown) or "nothing"} to prepare; expected a '
-                    f'comma-separated list of {", ".join(BENCHMARKS)}.')
-
-
 def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
   """Downloads and prepares each named benchmark's TFDS dataset in data_dir ('' = TFDS's
   default); already prepared ones are left as they are. Returns {name: dataset directory}.
@@ -112,7 +105,10 @@ def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.download import \
       download_manager  # pylint: disable=g-import-not-at-top
-  _unknown(names)
+  unknown = [n for n in names if n not in BENCHMARKS]
+  if unknown or not names:
+    raise UserError(f'--tasks names {", ".join(unknown) or "nothing"} to prepare; expected a '
+                    f'comma-separated list of {", ".join(BENCHMARKS)}.')
   where = data_dir or 'the default TFDS data_dir'
   prepared = {}
   for name in names:

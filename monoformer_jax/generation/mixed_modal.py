@@ -64,12 +64,6 @@ class State:
   forced: jax.Array  # [B] the next token when >= 0 (<im_end> after an image), else sampled
 
 
-def _step(model, params, cache, token, valid):
-  out = model.apply({'params': params}, token[:, None], valid[:, None],
-                    mask_type=MaskType.CAUSAL, cache=cache)
-  return out.cache, out.logits[:, -1]
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'decoding', 'specials', 'room'))
 def text_phase(model: MonoFormer, params, state: State, key: jax.Array, *, decoding: Decoding,
                specials: Specials, room: int) -> State:
@@ -89,7 +83,9 @@ def text_phase(model: MonoFormer, params, state: State, key: jax.Array, *, decod
       picked = jnp.argmax(logits, axis=-1)
     token = jnp.where(s.forced >= 0, s.forced, picked.astype(jnp.int32))
     token = jnp.where(live, token, specials.pad)
-    cache, logits = _step(model, params, s.cache, token, live)
+    out = model.apply({'params': params}, token[:, None], live[:, None],
+                      mask_type=MaskType.CAUSAL, cache=s.cache)
+    cache, logits = out.cache, out.logits[:, -1]
     rows = jnp.arange(token.shape[0])
     slot = jnp.minimum(s.count, s.tokens.shape[1] - 1)  # rows that stopped may sit at the end
     tokens = s.tokens.at[rows, slot].set(jnp.where(live, token, s.tokens[rows, slot]))

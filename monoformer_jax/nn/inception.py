@@ -166,17 +166,11 @@ def abstract_variables() -> dict:
   return jax.eval_shape(InceptionV3().init, jax.random.key(0), images)
 
 
-def load(path: str) -> dict:
-  """The variables of a directory `convert inception` wrote, as host arrays."""
-  _, variables = converted.read_converted(path, INCEPTION_JSON, 'inception')
-  return variables
-
-
 def feature_fn(path: str, shardings: Sequence = ()):
   """Jitted fn(images [B, H, W, 3] in [0, 1]) -> features [B, F] of the converted Inception in
   `path`; with (replicated, rows) shardings, the weights are copied to every device and the
   batch stays split over them."""
-  variables = load(path)
+  _, variables = converted.read_converted(path, INCEPTION_JSON, 'inception')
   model = InceptionV3()
   if shardings:
     replicated, rows = shardings
