@@ -26,18 +26,12 @@ def load() -> tuple[np.ndarray, np.ndarray]:
   return images, digits.target.astype(np.int32)
 
 
-def heldout(data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out digits (never trained on): images [n, 8, 8, 1] and labels [n]."""
+def subset(heldout_fraction: float, heldout: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The training digits, or the held-out ones (never trained on): images [n, 8, 8, 1] and
+  labels [n]."""
   images, labels = load()
-  _, held = common.split(len(images), data.heldout_fraction)
-  return images[held], labels[held]
-
-
-def training(data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """The training digits: images [n, 8, 8, 1] and labels [n]."""
-  images, labels = load()
-  train_idx, _ = common.split(len(images), data.heldout_fraction)
-  return images[train_idx], labels[train_idx]
+  keep = common.split(len(images), heldout_fraction)[int(heldout)]
+  return images[keep], labels[keep]
 
 
 def prompts(data: ml_collections.ConfigDict) -> list[str]:
@@ -61,7 +55,7 @@ class PromptedDigit(grain.transforms.RandomMap):
 def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer,
              seed: int) -> grain.MapDataset:
   """Infinite shuffled prompted training digits (not yet batched)."""
-  images, labels = training(data)
+  images, labels = subset(data.heldout_fraction, heldout=False)
   table = tokenizer_lib.PromptTable.build(tok, CLASS_NAMES, data.templates, data.prompt_len)
   transform = PromptedDigit(images, labels, table, data.cfg_dropout)
   ds = grain.MapDataset.range(len(images)).shuffle(seed=seed).repeat()

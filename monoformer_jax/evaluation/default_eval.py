@@ -1,14 +1,13 @@
 """Evaluators for the embedded default.
 
-Image half: samples for every prompt "a handwritten digit {name}" are labelled
-by an independent classifier (an RBF SVM fitted only on the held-out real
-digits, which the generator never saw); we report how often the label is the
-prompted digit, per class and overall; the digit FD with its floor and ceiling.
-Text half: perplexity of held-out text, and next-line multiple-choice questions.
-With train.prompt_lm_loss, `drawn_digits`: whether bare prompts start an image by
-themselves in mixed-modal generation, and whether it is the prompted digit.
-During training (train.eval_every), `heldout_losses` gives the held-out text loss
-and the held-out diffusion loss of each quarter of the timesteps.
+Image half: samples for every prompt "a handwritten digit {name}" are labelled by an independent
+classifier (an RBF SVM fitted only on the held-out real digits, which the generator never saw); we
+report how often the label is the prompted digit, per class and overall; the digit FD with its floor
+and ceiling. Text half: perplexity of held-out text, and next-line multiple-choice questions. With
+train.prompt_lm_loss, `drawn_digits`: whether bare prompts start an image by themselves in
+mixed-modal generation, and whether it is the prompted digit. During training (train.eval_every),
+`heldout_losses` gives the held-out text loss and the held-out diffusion loss of each quarter of the
+timesteps.
 Dimension letters: B batch, P prompt length, H/W/C image.
 """
 
@@ -36,7 +35,7 @@ from monoformer_jax.training import objective
 def digit_classifier(data: ml_collections.ConfigDict):
   """An SVM fitted on the held-out real digits (pixel values 0..16)."""
   from sklearn import svm  # pylint: disable=g-import-not-at-top
-  images, labels = digits.heldout(data)
+  images, labels = digits.subset(data.heldout_fraction, heldout=True)
   return svm.SVC(gamma=0.001, C=10.0).fit(_features(images), labels)
 
 
@@ -88,7 +87,7 @@ def heldout_diffusion_losses(setup, params) -> dict[str, float]:
   """The diffusion loss of the held-out digits, prompted with eval.prompt_template, at fixed
   noise and timesteps drawn from each quarter of [0, T): {'diffusion_q1': ..., ...}."""
   config, model, tok = setup.config, setup.model, setup.tok
-  images, labels = digits.heldout(config.data)
+  images, labels = digits.subset(config.data.heldout_fraction, heldout=True)
   prompts = [tok.image_prompt(config.eval.prompt_template.format(name=digits.CLASS_NAMES[c]),
                               config.data.prompt_len) for c in labels]
   tokens, valid = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])

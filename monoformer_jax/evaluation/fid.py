@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from scipy import linalg
 
-from monoformer_jax.base import files, sharding
+from monoformer_jax.base import images as images_lib, sharding
 from monoformer_jax.base.errors import UserError
 
 
@@ -190,7 +190,5 @@ class Encoder:
 
 def write_stats(path: str, stats: Stats) -> None:
   """mu, sigma and count as an .npz that `npz_stats` reads back (process 0 writes)."""
-  if jax.process_index() != 0:
-    return
-  with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:
-    np.savez(f, mu=stats.mu, sigma=stats.sigma, count=stats.count)
+  if jax.process_index() == 0:
+    images_lib.write_npz(path, mu=stats.mu, sigma=stats.sigma, count=stats.count)
