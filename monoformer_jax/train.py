@@ -1,12 +1,12 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Resumes from the newest checkpoint in the workdir that restores (train state,
-both data-iterator states), alternates `ar` and `diffusion` steps by the seeded
-mixture schedule (or takes `joint` steps on both streams, train.objective), logs to TensorBoard and WORKDIR/metrics.jsonl, and evaluates
-at the end. Checkpoints come every train.checkpoint_every steps, every
-train.checkpoint_minutes, at the end, and at a preemption notice, after which the
-run stops with guards.Preempted. Steps that are not finite are skipped;
-train.max_skipped_steps of them in a row stop the run.
+Resumes from the newest checkpoint in the workdir that restores (train state, both data-iterator
+states), alternates `ar` and `diffusion` steps by the seeded mixture schedule (or takes `joint`
+steps on both streams, train.objective), logs to TensorBoard and WORKDIR/metrics.jsonl, and
+evaluates at the end. Checkpoints come every train.checkpoint_every steps, every
+train.checkpoint_minutes, at the end, and at a preemption notice, after which the run stops with
+guards.Preempted. Steps that are not finite are skipped; train.max_skipped_steps of them in a row
+stop the run.
 """
 
 import dataclasses

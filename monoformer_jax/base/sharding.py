@@ -27,9 +27,8 @@ Rules = tuple[tuple[str, Optional[Union[str, tuple[str, ...]]]], ...]
 
 def rules(mesh_config: ml_collections.ConfigDict) -> Rules:
   """The config's logical-axis rules as hashable tuples."""
-  def axes(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-  return tuple((name, axes(value)) for name, value in mesh_config.rules)
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in mesh_config.rules)
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:

@@ -1,9 +1,8 @@
 """The config schema: every key a config file may set, with its default.
 
-Config files start from `base_config()` (a locked ConfigDict), so a typo in a
-file or in a `--config.x.y=` override fails at once instead of being ignored.
-The string-valued choices are parsed into their owners' enums by `choice`, once,
-in `settings.validate`.
+Config files start from `base_config()` (a locked ConfigDict), so a typo in a file or in a
+`--config.x.y=` override fails at once instead of being ignored. The string-valued choices are
+parsed into their owners' enums by `choice`, once, in `settings.validate`.
 """
 
 import difflib

@@ -8,11 +8,10 @@ whole's tokens after the context's, and the model reads the context's own tokens
 target delimiter); a request longer than the model's context keeps its last tokens. Its score is the
 summed log-probability of the continuation. A continuation that adds no token is an error, as in the
 harness. Known difference: text that spells a special piece ('<s>', '</s>') is plain text here,
-where HF's tokenizer reads the special token.
-`acc` is how often the highest score is the gold choice, `acc_norm` the same with each score divided
-by its choice's length in characters; both with the standard error of a mean.
-Requests are scored in batches right-padded to a multiple of 32 tokens, split over the devices of
-every host (each host scores its rows; the scores are gathered).
+where HF's tokenizer reads the special token. `acc` is how often the highest score is the gold
+choice, `acc_norm` the same with each score divided by its choice's length in characters; both with
+the standard error of a mean. Requests are scored in batches right-padded to a multiple of 32
+tokens, split over the devices of every host (each host scores its rows; the scores are gathered).
 Dimension letters: R requests, B batch, L length.
 """
 

@@ -63,10 +63,8 @@ _RANGES = (
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
   for within, expected, keys in _RANGES:
     for key in keys:
-      section, _, name = key.rpartition('.')
-      value = config[section][name] if section else config[name]
-      if not within(value):
-        raise UserError(f'config key {key} is {value!r}; expected {expected}.')
+      if not within(config[key]):  # a dotted key reads through its section
+        raise UserError(f'config key {key} is {config[key]!r}; expected {expected}.')
 
 
 def validate(config: ml_collections.ConfigDict) -> Settings:

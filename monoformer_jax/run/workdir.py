@@ -152,8 +152,7 @@ def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
     except UserError:
       return True
   named = [k for k in differ if changes_shapes(k)] or differ
-  keys = '; '.join(f'{k} is {plain(saved[k.split(".")[0]][k.split(".")[1]])!r} there and '
-                   f'{plain(config[k.split(".")[0]][k.split(".")[1]])!r} here' for k in named)
+  keys = '; '.join(f'{k} is {plain(saved[k])!r} there and {plain(config[k])!r} here' for k in named)
   raise UserError(f'the checkpoints in {ckpt.directory} hold a train state of another shape than '
                   f'this config makes ({keys or "the saved config differs"}); resume with the '
                   'saved values (drop those overrides) or choose another --workdir.')

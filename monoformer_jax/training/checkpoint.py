@@ -3,12 +3,11 @@
 Orbax writes each step into a temporary directory and renames it only once every item is complete,
 so a crash mid-save never leaves a step that looks finished. A step that cannot be restored
 (truncated, damaged or deleted files) is reported in one warning line and the previous finished step
-is used instead.
-Parameters that are not finite are never saved, so the retention policy can only drop older finite
-checkpoints. Saves are asynchronous where that helps (the loop goes on while the previous save is
-written; the next save, and the end of the run, wait for it). Once a save is complete, process 0
-records a CRC-32 of every file of the step in CHECKSUMS; a restore checks them first, so flipped
-bytes are caught like a truncated file.
+is used instead. Parameters that are not finite are never saved, so the retention policy can only
+drop older finite checkpoints. Saves are asynchronous where that helps (the loop goes on while the
+previous save is written; the next save, and the end of the run, wait for it). Once a save is
+complete, process 0 records a CRC-32 of every file of the step in CHECKSUMS; a restore checks them
+first, so flipped bytes are caught like a truncated file.
 """
 
 import concurrent.futures
