@@ -71,9 +71,6 @@ class SafetensorsDir:
   def keys(self) -> list[str]:
     return list(self.entries)
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return self.entries[name][2]
-
   def __getitem__(self, name: str) -> np.ndarray:
     """The tensor in its stored dtype (bf16 through ml_dtypes)."""
     path, dtype, shape, start, end = self.entries[name]

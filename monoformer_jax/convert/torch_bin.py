@@ -78,9 +78,6 @@ class TorchBinDir:
   def keys(self) -> list[str]:
     return list(self.tensors)
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self.tensors[name].shape)
-
   def __getitem__(self, name: str) -> np.ndarray:
     return to_numpy(self.tensors[name])
 
