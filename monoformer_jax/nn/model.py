@@ -1,12 +1,8 @@
 """The MonoFormer network: a LLaMA decoder that also denoises image tokens.
 
-It knows nothing of diffusion maths: given noisy patches x_t and timesteps t it
-returns the raw prediction (eps, and the variance interpolation v when sigma is
-learned); `diffusion.py` interprets it.
-
-Sequence of an image example (official 'add_before_image_tokens' layout):
-  prefix tokens [B, P] (left-padded, ending with <im_start>), the time token,
-  N patch tokens, suffix tokens [B, Q] (<im_end>).
+It knows nothing of diffusion maths: given noisy patches x_t and timesteps t it returns the raw
+prediction (eps, and the variance interpolation v when sigma is learned); `diffusion.py` interprets
+it. An image example is laid out as ImageSequence says (official 'add_before_image_tokens').
 Dimension letters as in layers.py, plus P prefix, N image tokens, C channels.
 """
 

@@ -127,9 +127,8 @@ class AutoencoderKL(nn.Module):
   cfg: VAEConfig
 
   def setup(self):
-    z2 = 2 * self.cfg.latent_channels
     self.encoder = Encoder(self.cfg)
-    self.quant_conv = _conv(z2, 1)
+    self.quant_conv = _conv(2 * self.cfg.latent_channels, 1)
     self.post_quant_conv = _conv(self.cfg.latent_channels, 1)
     self.decoder = Decoder(self.cfg)
 

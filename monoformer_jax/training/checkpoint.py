@@ -130,10 +130,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_saves,
                                            cleanup_tmp_directories=create)
-    # One PyTree handler for saving and for restoring all or part of the state.
-    state = (ocp.PyTreeCheckpointHandler(save_concurrent_gb=bytes_in_flight_gb,
-                                         save_device_host_concurrent_gb=bytes_in_flight_gb)
-             if bytes_in_flight_gb is not None else ocp.PyTreeCheckpointHandler())
+    # One PyTree handler for saving and for restoring all or part of the state (None: no bound).
+    state = ocp.PyTreeCheckpointHandler(save_concurrent_gb=bytes_in_flight_gb,
+                                        save_device_host_concurrent_gb=bytes_in_flight_gb)
     handlers = dict(state=state, data=ocp.JsonCheckpointHandler(),
                     config=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

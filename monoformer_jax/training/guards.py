@@ -56,11 +56,9 @@ class PreemptionNotice:
       # os.write: a print here could land inside another write to the same stream.
       os.write(2, b'\ninterrupted: saving at the end of this step (Ctrl-C again to stop at '
                   b'once, unsaved).\n')
-      if jax.process_count() > 1:  # the preemption service agrees on a step with every host
-        self.requested = True
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
     self.requested = True
+    if signum == signal.SIGINT and jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # the preemption service agrees on a step with all
 
   def reached(self, step: int) -> bool:
     """Call at every step, on every process, with the same step numbers."""

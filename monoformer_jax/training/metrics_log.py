@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import types
 from typing import Iterator
 
 import jax
@@ -40,19 +41,6 @@ def read_rows(path: str) -> list[dict]:
   return rows
 
 
-class _NoTensorBoard:
-  """Stands in for clu's writer where TensorFlow is not installed (e.g. a bare GPU image)."""
-
-  def write_scalars(self, step, scalars):
-    del step, scalars
-
-  def write_images(self, step, images):
-    del step, images
-
-  def close(self):
-    pass
-
-
 def _tensorboard_writer(workdir: str, leader: bool):
   # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
   try:
@@ -61,7 +49,9 @@ def _tensorboard_writer(workdir: str, leader: bool):
     if leader:
       print(f'warning: no TensorBoard events ({e}); metrics.jsonl and the progress line are '
             'still written.', file=sys.stderr, flush=True)
-    return _NoTensorBoard()
+    # What stands in for clu's writer where TensorFlow is not installed (e.g. a bare GPU image).
+    return types.SimpleNamespace(write_scalars=lambda step, scalars: None,
+                                 write_images=lambda step, images: None, close=lambda: None)
   return metric_writers.create_default_writer(workdir, just_logging=not leader, asynchronous=False)
 
 
