@@ -128,10 +128,6 @@ def split_output(model_out: Array, channels: int) -> tuple[Array, Array]:
   return model_out[..., :channels], model_out[..., channels:]
 
 
-def predict_x0(s: Schedule, xt: Array, t: Array, eps: Array) -> Array:
-  return _at(s.sqrt_recip_alphas_cumprod, t, xt) * xt - _at(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps
-
-
 def p_mean_variance(s: Schedule, model_out: Array, xt: Array, t: Array,
                     clip_x0: bool = False) -> dict[str, Array]:
   """The model's p(x_{t-1} | x_t): mean, log variance and predicted x_0."""
@@ -143,7 +139,8 @@ def p_mean_variance(s: Schedule, model_out: Array, xt: Array, t: Array,
     frac = (v + 1) / 2
     log_var = frac * _at(jnp.log(s.betas), t, xt) + (1 - frac) * _at(
         s.posterior_log_variance_clipped, t, xt)
-  x0 = predict_x0(s, xt, t, eps)
+  x0 = (_at(s.sqrt_recip_alphas_cumprod, t, xt) * xt
+        - _at(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
   if clip_x0:
     x0 = jnp.clip(x0, -1, 1)
   mean, _, _ = q_posterior(s, x0, xt, t)

@@ -38,10 +38,7 @@ def variables_from_torch(state: dict) -> dict:
       collection, leaf = 'batch_stats', _STATS[leaf]
     else:
       collection, leaf = 'params', _PARAMS.get(leaf, leaf)
-    node = variables[collection]
-    for m in modules:
-      node = node.setdefault(m, {})
-    node[leaf] = value
+    converted.put(variables[collection], modules + [leaf], value)
   return variables
 
 

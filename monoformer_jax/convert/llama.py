@@ -42,15 +42,10 @@ def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -
 
 
 def _kernel(cfg: BackboneConfig, ours: tuple[str, str], weight: np.ndarray) -> np.ndarray:
-  """HF [out, in] -> our kernel layout."""
+  """HF [out, in] -> our kernel layout (attention kernels with their head axes apart)."""
   h, k, e, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.width
-  if ours[1] == 'q_proj':
-    return weight.T.reshape(d, h, e)
-  if ours[1] in ('k_proj', 'v_proj'):
-    return weight.T.reshape(d, k, e)
-  if ours[1] == 'o_proj':
-    return weight.T.reshape(h, e, d)
-  return weight.T
+  heads = {'q_proj': (d, h, e), 'k_proj': (d, k, e), 'v_proj': (d, k, e), 'o_proj': (h, e, d)}
+  return weight.T.reshape(heads.get(ours[1], weight.T.shape))
 
 
 def hf_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:

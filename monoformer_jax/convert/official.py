@@ -23,7 +23,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.convert import llama, torch_bin
 from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
-from monoformer_jax.nn import model as model_lib
+from monoformer_jax.nn import converted, model as model_lib
 from monoformer_jax.run import backbone
 from monoformer_jax.training import checkpoint, steps
 
@@ -43,14 +43,6 @@ OFFICIAL_TOKENS = {'pad': '<PAD>', 'image': '<image>', 'im_start': '<|im_start|>
 SOURCE_FILE = 'official_source.json'  # in a converted workdir: {'config': config.json, 'dtype'}
 
 
-def check_supported(hf: dict, source: str) -> None:
-  wanted = dict(decoder_t_embed='add_before_image_tokens', use_adaln_final_layer=True,
-                add_pos_embed_each_layer=False)
-  for key, value in wanted.items():
-    if hf.get(key, value) != value:
-      raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
-
-
 def monoformer_params(tensors) -> dict:
   """MonoFormer's own modules (float32) from the official tensors."""
   params = {}
@@ -60,10 +52,7 @@ def monoformer_params(tensors) -> dict:
       if key not in tensors:
         raise UserError(f'tensor {key} is missing from the official checkpoint.')
       value = np.asarray(tensors[key], np.float32)
-      node = params
-      for part in path:
-        node = node.setdefault(part, {})
-      node[leaf] = value.T if leaf == 'kernel' else value
+      converted.put(params, path + (leaf,), value.T if leaf == 'kernel' else value)
   return params
 
 
@@ -149,7 +138,10 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   weights, search = locate(src, use_ema)
   hf = llama.read_hf_config(weights)
   source = os.path.join(weights, 'config.json')
-  check_supported(hf, source)
+  for key, value in dict(decoder_t_embed='add_before_image_tokens', use_adaln_final_layer=True,
+                         add_pos_embed_each_layer=False).items():
+    if hf.get(key, value) != value:
+      raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
   if vae_dir and not os.path.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
   cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
@@ -165,11 +157,11 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   abstract, _ = steps.abstract_state(model, tx, sharding.make_layout(config.mesh))
-  converted = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, want in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
     if path[0].key == 'decoder':  # blocks apart: each checked against the config when read
       continue
-    got = converted.get(path)
+    got = flat.get(path)
     name = jax.tree_util.keystr(path)
     if got is None:
       raise UserError(f'the official checkpoint gives nothing for parameter {name}.')
@@ -179,7 +171,6 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   # Bounding what Orbax copies at once to about the largest parameter keeps the conversion
   # near the size of the checkpoint.
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
-  del converted
   with files.atomic_directory(dst) as tmp:
     shutil.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
     with open(os.path.join(tmp, SPECIALS_FILE), 'w') as f:

@@ -57,10 +57,7 @@ def params_from_diffusers(tensors) -> dict:
         leaf, value = 'kernel', value.T
       else:
         leaf = 'scale'
-    node = params
-    for m in modules:
-      node = node.setdefault(m, {})
-    node[leaf] = value
+    converted.put(params, modules + [leaf], value)
   return params
 
 

@@ -49,6 +49,11 @@ def nest(keys, leaf):
   return functools.reduce(lambda inner, key: {key: inner}, reversed(keys), leaf)
 
 
+def put(tree: dict, keys, leaf) -> None:
+  """tree[keys[0]][keys[1]]... = leaf, making the dicts on the way."""
+  functools.reduce(lambda inner, key: inner.setdefault(key, {}), keys[:-1], tree)[keys[-1]] = leaf
+
+
 def stack_layers(layers: list[dict]) -> dict:
   """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
 

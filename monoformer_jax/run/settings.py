@@ -60,16 +60,12 @@ _RANGES = (
 )
 
 
-def _check_ranges(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> Settings:
+  """The config's Settings; a UserError naming the first key that cannot work."""
   for within, expected, keys in _RANGES:
     for key in keys:
       if not within(config[key]):  # a dotted key reads through its section
         raise UserError(f'config key {key} is {config[key]!r}; expected {expected}.')
-
-
-def validate(config: ml_collections.ConfigDict) -> Settings:
-  """The config's Settings; a UserError naming the first key that cannot work."""
-  _check_ranges(config)
   if len(config.model.image_size) != 2 or min(config.model.image_size) < 1:
     raise UserError(f'config key model.image_size is {tuple(config.model.image_size)}; expected '
                     '(height, width), both positive.')
