@@ -95,11 +95,8 @@ class Tokenizer:
 
   def left_pad(self, ids: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.full((length,), self.pad_id, np.int32)
-    valid = np.zeros((length,), bool)
-    if ids:
-      tokens[-len(ids):] = ids
-      valid[-len(ids):] = True
-    return tokens, valid
+    tokens[length - len(ids):] = ids
+    return tokens, np.arange(length) >= length - len(ids)
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:

@@ -94,7 +94,6 @@ def loglikelihoods(model: MonoFormer, params, tok: Tokenizer, items: Sequence[It
               for i, item in enumerate(items)
               for j, (c, x) in enumerate(zip(item.contexts, item.continuations))]
   score = _score_fn(model)
-  hosts = jax.process_count()
   scores = []
   with sharding.activate(layout):
     for start in range(0, len(requests), batch):
@@ -106,7 +105,7 @@ def loglikelihoods(model: MonoFormer, params, tok: Tokenizer, items: Sequence[It
       for row, (ids, n) in enumerate(chunk):
         tokens[row, :len(ids)], valid[row, :len(ids)] = ids, True
         target[row, len(ids) - n:len(ids)] = True
-      per_host = batch // hosts
+      per_host = batch // jax.process_count()
       mine = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
       g = sharding.global_batch(dict(tokens=tokens[mine], valid=valid[mine], target=target[mine]),
                                 layout)

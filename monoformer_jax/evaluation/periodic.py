@@ -27,13 +27,9 @@ def from_config(setup) -> list[Periodic]:
     found.append(Periodic('heldout', t.eval_every,
                           lambda state, step: default_eval.heldout_losses(setup, state.params)))
   if t.text_eval_every:
-    names = text_tasks.parse(config.eval.tasks)
-
-    def scores(state, step):
-      del step
-      return text_tasks.metrics_of(text_tasks.score(setup, state.params, names,
-                                                    config.eval.task_limit))
-    found.append(Periodic('text_tasks', t.text_eval_every, scores))
+    names, limit = text_tasks.parse(config.eval.tasks), config.eval.task_limit
+    found.append(Periodic('text_tasks', t.text_eval_every, lambda state, step: (
+        text_tasks.metrics_of(text_tasks.score(setup, state.params, names, limit)))))
   if t.fid_every:
     found.append(Periodic('fid', t.fid_every, _fid(setup)))
   return found

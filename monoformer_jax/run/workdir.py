@@ -106,9 +106,8 @@ class Restored:
 
 def param_shapes(model: MonoFormer) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Every parameter's path and shape (nothing allocated)."""
-  abstract = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
-                                                 method=model.init_all), jax.random.key(0))
-  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract['params']))[0]
+  abstract = jax.eval_shape(lambda k: model_lib.init_params(model, k), jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
   return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
 
 
