@@ -52,6 +52,5 @@ def convert_inception(src: str, dst: str) -> None:
   with files.atomic_directory(dst) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), variables)
-    with open(os.path.join(tmp, inception.INCEPTION_JSON), 'w') as f:
-      json.dump({'source': os.path.basename(src), 'sha256': digest,
-                 'features': inception.FEATURES}, f, indent=1)
+    files.write_text(os.path.join(tmp, inception.INCEPTION_JSON), json.dumps(dict(
+        source=os.path.basename(src), sha256=digest, features=inception.FEATURES), indent=1))

@@ -183,9 +183,9 @@ def convert_llama(src: str, dst: str) -> None:
   with files.atomic_directory(dst) as tmp:
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), args=ocp.args.PyTreeSave(params))
-    with open(os.path.join(tmp, converted.MODEL_JSON), 'w') as f:
-      json.dump({'backbone': converted.config_to_json(cfg), 'tie_embeddings': tie,
-                'hf_config': source, 'source': os.path.abspath(src)}, f, indent=1)
+    files.write_text(os.path.join(tmp, converted.MODEL_JSON), json.dumps(
+        {'backbone': converted.config_to_json(cfg), 'tie_embeddings': tie, 'hf_config': source,
+         'source': os.path.abspath(src)}, indent=1))
     if os.path.exists(os.path.join(src, converted.TOKENIZER)):
       shutil.copy(os.path.join(src, converted.TOKENIZER), os.path.join(tmp, converted.TOKENIZER))
   if not os.path.exists(os.path.join(dst, converted.TOKENIZER)):
@@ -208,8 +208,7 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
   with files.atomic_directory(dst) as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     config = hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=1)
+    files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
     if tokenizer_file and os.path.exists(tokenizer_file):
       shutil.copy(tokenizer_file, os.path.join(tmp, converted.TOKENIZER))
       write_tokenizer_config(tmp, Tokenizer(tokenizer_file),
@@ -231,8 +230,7 @@ def write_tokenizer_config(directory: str, tok: Tokenizer, context: int, extra_s
   if added_tokens_decoder:
     config['added_tokens_decoder'] = added_tokens_decoder
   for name, content in (('special_tokens_map.json', special), ('tokenizer_config.json', config)):
-    with open(os.path.join(directory, name), 'w') as f:
-      json.dump(content, f, indent=1)
+    files.write_text(os.path.join(directory, name), json.dumps(content, indent=1))
   return special
 
 

@@ -173,10 +173,9 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
   with files.atomic_directory(dst) as tmp:
     shutil.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
-    with open(os.path.join(tmp, SPECIALS_FILE), 'w') as f:
-      json.dump(ids, f)
-    with open(os.path.join(tmp, SOURCE_FILE), 'w') as f:
-      json.dump(dict(config=hf, dtype=dtype), f, indent=1)
+    files.write_text(os.path.join(tmp, SPECIALS_FILE), json.dumps(ids))
+    files.write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(dict(config=hf, dtype=dtype),
+                                                                indent=1))
     ckpt = checkpoint.Checkpointer(tmp, bytes_in_flight_gb=in_flight)
     ckpt.save_weights(0, params, config)
     ckpt.close()

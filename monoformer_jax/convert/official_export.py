@@ -106,8 +106,7 @@ def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> No
                           single_word=False) for t, i in added.items()}
   llama.write_tokenizer_config(tmp, tok, context, dict(pad_token=official.OFFICIAL_TOKENS['pad']),
                                decoder, tokenizer_class='LlamaTokenizer')
-  with open(os.path.join(tmp, 'added_tokens.json'), 'w') as f:
-    json.dump(added, f, indent=1)
+  files.write_text(os.path.join(tmp, 'added_tokens.json'), json.dumps(added, indent=1))
 
 
 def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2**30) -> None:
@@ -140,12 +139,10 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
       name = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
       safetensors_io.write(os.path.join(tmp, name), shard, {'format': 'pt'})
       weight_map.update({tensor: name for tensor, _ in shard})
-    with open(os.path.join(tmp, safetensors_io.SINGLE_FILE + '.index.json'), 'w') as f:
-      json.dump(dict(metadata=dict(total_size=sum(t.nbytes for _, t in tensors)),
-                     weight_map=weight_map), f, indent=1)
+    index = dict(metadata=dict(total_size=sum(t.nbytes for _, t in tensors)), weight_map=weight_map)
+    files.write_text(os.path.join(tmp, safetensors_io.INDEX_FILE), json.dumps(index, indent=1))
     config = _config(setup, source, ids, vocab, torch_dtype)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(config, f, indent=1)
+    files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
     _tokenizer(tmp, src, setup.tok, ids, config.get('max_position_embeddings',
                                                     setup.config.model.context_length))
   ckpt.close()

@@ -84,6 +84,5 @@ def write_synthetic(dst: str, shape: str, with_monoformer: bool) -> int:
   tensors = [(name, _random(s, i)) for i, (name, s) in enumerate(shapes.items())]
   with files.atomic_directory(dst) as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
-    with open(os.path.join(tmp, 'config.json'), 'w') as f_out:
-      json.dump(config, f_out, indent=1)
+    files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
   return sum(t.nbytes for _, t in tensors)

@@ -90,5 +90,4 @@ def convert_vae(src: str, dst: str) -> None:
   with files.atomic_directory(dst) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), params)
-    with open(os.path.join(tmp, VAE_JSON), 'w') as f:
-      json.dump(dict(cfg.__dict__), f, indent=1)
+    files.write_text(os.path.join(tmp, VAE_JSON), json.dumps(dict(cfg.__dict__), indent=1))
