@@ -203,8 +203,7 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
   model_max_length is config.json's max_position_embeddings (the source's, when there is one;
   else max_positions), so the two never disagree."""
   dtype = np.dtype(tensors[0][1].dtype)
-  torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
-      dtype, 'bfloat16')
+  torch_dtype = dtype.name if dtype in (np.float32, np.float16) else 'bfloat16'
   with files.atomic_directory(dst) as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     config = hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)

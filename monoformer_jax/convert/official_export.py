@@ -80,8 +80,7 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   if model.image_mask == MaskType.BIDIRECTIONAL:
     raise UserError('the official code has no fully bidirectional image mask; export-official '
                     'needs model.image_mask \'hybrid\' or \'causal\'.')
-  tok = setup.tok
-  special = None if source is not None else (tok.bos_id, tok.eos_id, ids['pad'])
+  special = None if source is not None else (setup.tok.bos_id, setup.tok.eos_id, ids['pad'])
   out = llama.hf_config(model.backbone, model.tie_embeddings, dtype, source,
                         config.model.context_length, special)
   img = model.image
@@ -118,10 +117,7 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
   ids, new_rows = _official_ids(setup, src)
   ckpt = checkpoint.open_existing(src)
   shapes = workdir_lib.param_shapes(setup.model)
-
-  def param(*path):
-    return ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)
-
+  param = lambda *path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
   tensors = _tensors(setup, shapes, param, dtype, new_rows)
   shards, size = [[]], 0
   for entry in tensors:
@@ -131,8 +127,7 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
     shards[-1].append(entry)
     size += entry[1].nbytes
   vocab = setup.model.backbone.vocab_size + len(new_rows)
-  torch_dtype = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16'}.get(
-      dtype, 'bfloat16')
+  torch_dtype = dtype.name if dtype in (np.float32, np.float16) else 'bfloat16'
   with files.atomic_directory(dst) as tmp:
     weight_map = {}
     for k, shard in enumerate(shards):
