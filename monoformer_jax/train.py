@@ -158,8 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
   run = _prepare(config, workdir)
   setup, ckpt, iterators, state = run.setup, run.ckpt, run.iterators, run.state
-  config = setup.config
-  layout, t = setup.layout, config.train
+  config, layout, t = setup.config, setup.layout, setup.config.train
   finished = _finished_eval(workdir, run.start, t)
   if finished is not None:
     ckpt.close()

@@ -31,8 +31,7 @@ class Phase:
   def __init__(self, name: str, total: Optional[int], unit: str):
     self.name, self.total, self.unit = name, total, unit
     self.start = self.last = time.monotonic()
-    self.done = 0
-    self.updated = False
+    self.done, self.updated = 0, False
 
   def advance(self, count: int) -> None:
     """`count` more units are done."""

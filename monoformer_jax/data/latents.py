@@ -70,8 +70,7 @@ class PromptedLatent(grain.transforms.RandomMap):
     self.prompts, self.tok, self.latent_scale = prompts, tok, latent_scale
     self.templates, self.prompt_len = data.templates, data.prompt_len
     self.null_prompt = tok.image_prompt('', data.prompt_len)
-    self.cfg_dropout = data.cfg_dropout
-    self.from_posterior = data.latents_from_posterior
+    self.cfg_dropout, self.from_posterior = data.cfg_dropout, data.latents_from_posterior
 
   def random_map(self, record: bytes, rng: np.random.Generator) -> dict[str, Any]:
     item = decode(record)

@@ -106,10 +106,8 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
     corpus = os.path.join(tmp, 'corpus.txt')
     with open(corpus, 'w', encoding='utf-8') as f:
-      for text in texts:
-        for line in text.splitlines():
-          if line.strip():
-            f.write(line.strip() + '\n')
+      f.writelines(line.strip() + '\n' for text in texts for line in text.splitlines()
+                   if line.strip())
     prefix = os.path.join(tmp, 'spm')
     spm.SentencePieceTrainer.train(
         input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type='unigram',

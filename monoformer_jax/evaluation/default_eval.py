@@ -88,9 +88,8 @@ def heldout_diffusion_losses(setup, params) -> dict[str, float]:
   noise and timesteps drawn from each quarter of [0, T): {'diffusion_q1': ..., ...}."""
   config, model, tok = setup.config, setup.model, setup.tok
   images, labels = digits.subset(config.data.heldout_fraction, heldout=True)
-  prompts = [tok.image_prompt(config.eval.prompt_template.format(name=digits.CLASS_NAMES[c]),
-                              config.data.prompt_len) for c in labels]
-  tokens, valid = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
+  tokens, valid = map(np.stack, zip(*[tok.image_prompt(config.eval.prompt_template.format(
+      name=digits.CLASS_NAMES[c]), config.data.prompt_len) for c in labels]))
   num_t = config.diffusion.num_timesteps
   schedule = diffusion.make_schedule(num_t)
   rng = np.random.default_rng(0)  # the same noise at every evaluation
@@ -147,12 +146,11 @@ def drawn_digits(setup, params, key: jax.Array, per_class: int,
   (and as their first token), and how often those images show the prompted digit."""
   config, tok = setup.config, setup.tok
   names = digits.CLASS_NAMES
-  encoded = [tok.text_prompt(config.eval.prompt_template.format(name=name), config.data.prompt_len)
-             for name in names for _ in range(per_class)]
-  with progress.phase(f'eval: mixed-modal generation from {len(encoded)} bare prompts'):
+  tokens, valid = map(np.stack, zip(*[tok.text_prompt(config.eval.prompt_template.format(
+      name=name), config.data.prompt_len) for name in names for _ in range(per_class)]))
+  with progress.phase(f'eval: mixed-modal generation from {len(tokens)} bare prompts'):
     rows = mixed_modal.generate(
-        setup.model, params, np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded]),
-        key, tok=tok, spec=spec, max_images=1,
+        setup.model, params, tokens, valid, key, tok=tok, spec=spec, max_images=1,
         decoding=mixed_modal.Decoding(max_tokens=8, temperature=1.0, top_k=0, top_p=1.0))
   wanted = np.repeat(np.arange(len(names)), per_class)
   started = np.array([bool(r.images) for r in rows])

@@ -100,9 +100,8 @@ def write(batches: Iterator[np.ndarray], path: str, num: int) -> None:
     if leader:
       out.flush()
       del out
-      with files.atomic_file(path) as tmp:
-        with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
-          z.write(npy_path, 'arr_0.npy')
+      with files.atomic_file(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as z:
+        z.write(npy_path, 'arr_0.npy')
   finally:  # an interrupted run leaves no partial array behind
     if leader and os.path.exists(npy_path):
       os.remove(npy_path)

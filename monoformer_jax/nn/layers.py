@@ -133,10 +133,8 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """Bias-free linear map contracting x's last `in_dims` axes into `features`.
-
-  The kernel keeps its full multi-axis shape (e.g. [D, H, E]) so each axis can
-  carry its own logical name."""
+  """Bias-free linear map contracting x's last `in_dims` axes into `features`; the kernel keeps
+  its full multi-axis shape (e.g. [D, H, E]) so each axis can carry its own logical name."""
   features: tuple[int, ...]
   names: tuple[str, ...]
   in_dims: int

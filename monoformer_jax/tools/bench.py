@@ -244,8 +244,7 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
 def _python_loop_sampler(model, spec: sampling.ImageSampling, args: tuple, num: int):
   """A blocking callable: the sampler as a Python loop over a jitted denoising step."""
   params, key = args[0], args[-1]
-  prepare, denoise = sampling.make_denoiser(model, spec)
-  prepare, denoise = jax.jit(prepare), jax.jit(denoise)
+  prepare, denoise = map(jax.jit, sampling.make_denoiser(model, spec))
   context = prepare(*args[:-1])
   img = model.image
   x0 = jax.random.normal(jax.random.key(1), (num, img.height, img.width, img.channels))

@@ -110,10 +110,8 @@ class MetricsLog:
     elapsed = max(now - self.last[1], 1e-9)
     rate = (step - self.last[0]) / max(elapsed - self.paused_s, 1e-9)
     input_wait = self.input_wait_s / elapsed
-    compile_note = ''
-    if self.compiled_now:
-      compile_note = '  compiled ' + ', '.join(f'{k} in {self.compiled[k]:.0f} s'
-                                               for k in self.compiled_now)
+    compiled = ', '.join(f'{k} in {self.compiled[k]:.0f} s' for k in self.compiled_now)
+    compile_note = f'  compiled {compiled}' if compiled else ''
     self.last, self.input_wait_s, self.paused_s, self.compiled_now = (step, now), 0.0, 0.0, []
     extra = {'skipped_steps': skipped_steps, 'steps_per_sec': rate,
              'input_wait_fraction': input_wait}
