@@ -58,7 +58,7 @@ class PreemptionNotice:
                   b'once, unsaved).\n')
     self.requested = True
     if signum == signal.SIGINT and jax.process_count() > 1:
-      os.kill(os.getpid(), signal.SIGTERM)  # the preemption service agrees on a step with all
+      os.kill(os.getpid(), signal.SIGTERM)  # the preemption service picks a step for all hosts
 
   def reached(self, step: int) -> bool:
     """Call at every step, on every process, with the same step numbers."""
