@@ -1,5 +1,5 @@
-"""Shared fixtures (a workdir with the default tokenizer trained once), the markers, and one
-XLA compilation cache and compile flags for the session.
+"""Shared fixtures (a workdir with the default tokenizer trained once, a bucket), the markers,
+and one XLA compilation cache, compile flags and GCS emulator for the session.
 
 `slow` marks tests of more than a few seconds and `multiprocess` those that start
 several processes; `pytest -m "not slow"` is the quick inner loop, `.ci/run` runs all.
@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 
+import emulator
 import jax
 import pytest
 from helpers import COMPILE_FLAGS, tiny_config
@@ -26,6 +27,7 @@ from monoformer_jax.tools import bench_torch
 _CACHE = 'JAX_COMPILATION_CACHE_DIR'
 _MIN_TIME = 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'
 _MADE = []  # the cache directory this process made, removed when the session ends
+_EMULATOR = []  # the GCS emulator this process started, stopped when the session ends
 
 
 def pytest_configure(config):
@@ -35,6 +37,7 @@ def pytest_configure(config):
   if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
     os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
     _MADE.append(os.environ[_CACHE])
+    _EMULATOR.append(emulator.start())  # one for the session, its address in the environment
   os.environ.setdefault(_MIN_TIME, '0')  # every program, as most compile in under a second
   jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE])  # jax read the env at import
   jax.config.update('jax_persistent_cache_min_compile_time_secs', float(os.environ[_MIN_TIME]))
@@ -48,6 +51,8 @@ def pytest_unconfigure(config):
   del config
   for directory in _MADE:
     shutil.rmtree(directory, ignore_errors=True)
+  for server in _EMULATOR:
+    server.stop()
 
 
 # Files of over half a minute on the reference machine, longest first: xdist hands out whole
@@ -89,6 +94,12 @@ def trained(tmp_path_factory, tokenizer_file):
   os.link(tokenizer_file, os.path.join(path, 'tokenizer.model'))
   train.train_and_evaluate(tiny_config(num_steps=2), path)
   return path
+
+
+@pytest.fixture
+def bucket():
+  """gs://NAME: an empty bucket of the session's GCS emulator, for one test."""
+  return emulator.new_bucket()
 
 
 @pytest.fixture

@@ -1,23 +1,169 @@
-"""Writing outputs so that a crash never leaves a half-written one under the final name.
+"""Every file the project reads or writes, on a local disk or in a bucket (gs://BUCKET/...).
 
-Each output is written under a temporary name beside its destination and renamed into place only
-once complete; on any failure the temporary file or directory is removed.
+Paths are strings; `etils.epath` does the I/O (its fsspec backend, gcsfs, for buckets: the
+same client in tests against an emulator as on a pod, and one that reports each object's
+CRC32C). Object stores have no rename and no append, so an output that must appear whole is
+written in one request (an object is replaced whole or not at all); on a local disk it is
+written under a temporary name and renamed into place. A bucket has no directories, only
+prefixes of object names: making one checks that the bucket exists.
 """
 
 import contextlib
+import functools
+import glob as glob_lib
 import os
 import shutil
+import tempfile
 from typing import Iterator
+
+import fsspec
+from etils import epath
+from etils.epath import backend as epath_backend
 
 from monoformer_jax.base.errors import UserError
 
 
+os.environ.setdefault('EPATH_USE_TF', 'false')  # gcsfs for gs://, as Orbax's own writes
+for _protocol in ('gs', 'gcs'):  # another process's writes must show in the next listing
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
+
+
+def is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
+def absolute(path: str) -> str:
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def bucket_of(path: str) -> str:
+  return str(path).split('://', 1)[1].split('/', 1)[0]
+
+
+@functools.cache
+def _gcs() -> fsspec.AbstractFileSystem:
+  return epath_backend.fsspec_backend.fs('gs://')
+
+
+def _reason(error: BaseException, path: str) -> str:
+  """What went wrong with a remote path, in words."""
+  text = (str(error).splitlines() or [''])[0]
+  if isinstance(error, FileNotFoundError):
+    bucket = bucket_of(path)
+    try:
+      found = _gcs().exists(bucket)
+    except OSError:
+      found = True
+    return f'bucket gs://{bucket} does not exist' if not found else f'{path} does not exist'
+  if text.startswith('Forbidden') or isinstance(error, PermissionError):
+    return f'no permission for {path} (check the credentials and the bucket\'s IAM roles)'
+  return f'{path}: {type(error).__name__}: {text[:200]}'
+
+
+@contextlib.contextmanager
+def remote_errors(path: str) -> Iterator[None]:
+  """Storage errors on a bucket path as one UserError sentence (local ones stay OSErrors: the
+  CLI names their file already)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except (OSError, ValueError, RuntimeError) as e:
+    if not is_remote(path):
+      raise
+    raise UserError(_reason(e, path) + '.') from e
+
+
+def exists(path: str) -> bool:
+  with remote_errors(path):
+    return epath.Path(path).exists()
+
+
+def isfile(path: str) -> bool:
+  with remote_errors(path):
+    return epath.Path(path).is_file()
+
+
+def isdir(path: str) -> bool:
+  with remote_errors(path):
+    return epath.Path(path).is_dir()
+
+
+def read_bytes(path: str) -> bytes:
+  with remote_errors(path):
+    return epath.Path(path).read_bytes()
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode('utf-8')
+
+
+def listdir(path: str) -> list[str]:
+  with remote_errors(path):
+    return sorted(p.name for p in epath.Path(path).iterdir())
+
+
+def glob(pattern: str) -> list[str]:
+  if not is_remote(pattern):
+    return sorted(glob_lib.glob(pattern))
+  with remote_errors(pattern):
+    return sorted('gs://' + p for p in _gcs().glob(pattern))
+
+
+def files_under(directory: str) -> list[str]:
+  """The paths of every file below a directory, relative to it (a bucket lists them in one
+  request)."""
+  if not is_remote(directory):
+    return sorted(os.path.relpath(os.path.join(root, name), directory)
+                  for root, _, names in os.walk(directory) for name in names)
+  with remote_errors(directory):
+    prefix = directory.split('://', 1)[1].rstrip('/') + '/'
+    return sorted(p[len(prefix):] for p in _gcs().find(prefix))
+
+
+def makedirs(path: str) -> None:
+  """A local directory and its parents; for a bucket path, a check that the bucket exists."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+    return
+  with remote_errors(path):
+    if not _gcs().exists(bucket_of(path)):
+      raise FileNotFoundError(path)
+
+
+def remove(path: str) -> None:
+  with remote_errors(path):
+    epath.Path(path).unlink(missing_ok=True)
+
+
+def rmtree(path: str) -> None:
+  if is_remote(path):
+    with remote_errors(path):
+      if epath.Path(path).exists():
+        epath.Path(path).rmtree()
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_parent(path: str) -> None:
+  directory = os.path.dirname(absolute(path))
+  if is_remote(path):
+    makedirs(directory)
+  elif not os.path.isdir(directory):
+    raise UserError(f'output directory {directory} does not exist.')
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-  """Yields a temporary path to write; it becomes `path` when the block finishes."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise UserError(f'output directory {directory} does not exist.')
+  """Yields a local path to write (with any library); it becomes `path` when the block
+  finishes: renamed into place, or uploaded as one object."""
+  _check_parent(path)
+  if is_remote(path):
+    with tempfile.TemporaryDirectory() as scratch:
+      tmp = os.path.join(scratch, os.path.basename(path))
+      yield tmp
+      copy(tmp, path)
+    return
   tmp = path + '.tmp'
   try:
     yield tmp
@@ -28,19 +174,56 @@ def atomic_file(path: str) -> Iterator[str]:
   os.replace(tmp, path)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` atomically."""
+  if is_remote(path):
+    _check_parent(path)
+    with remote_errors(path):
+      epath.Path(path).write_bytes(data)
+    return
+  with atomic_file(path) as tmp, open(tmp, 'wb') as f:  # local by nature: the scratch file
+    f.write(data)
+
+
 def write_text(path: str, text: str) -> None:
   """Writes `text` to `path` atomically."""
-  with atomic_file(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
+  write_bytes(path, text.encode('utf-8'))
+
+
+def copy(src: str, dst: str) -> None:
+  """Copies one file, streamed; a remote destination is one object, appearing when complete."""
+  with remote_errors(src), remote_errors(dst):
+    with epath.Path(src).open('rb') as source, epath.Path(dst).open('wb') as target:
+      shutil.copyfileobj(source, target, 1 << 26)
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str) -> Iterator[str]:
-  """Yields a scratch directory that becomes `dst` (which must not exist) if the block finishes."""
-  if os.path.exists(dst):
+def local_copy(path: str) -> Iterator[str]:
+  """A local file with `path`'s content, for libraries that take only a local file name."""
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory() as scratch:
+    local = os.path.join(scratch, os.path.basename(path))
+    copy(path, local)
+    yield local
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str, last: str) -> Iterator[str]:
+  """Yields a local scratch directory that becomes `dst` (which must not exist) if the block
+  finishes. Locally it is renamed into place; to a bucket its files are uploaded with `last`
+  (the file readers open first) uploaded last, so a directory without it is unfinished."""
+  if exists(dst):
     raise UserError(f'destination {dst} already exists; remove it or choose another.')
-  if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-    raise UserError(f'the parent directory of {dst} does not exist.')
+  _check_parent(dst)
+  if is_remote(dst):
+    with tempfile.TemporaryDirectory() as scratch:
+      yield scratch
+      names = files_under(scratch)
+      for name in sorted(names, key=lambda n: n == last):
+        copy(os.path.join(scratch, name), f'{dst}/{name}')
+    return
   tmp = os.path.abspath(dst) + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

