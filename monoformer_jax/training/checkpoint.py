@@ -1,22 +1,24 @@
 """Orbax checkpoints of the train state, the data-iterator states and the config.
 
-Orbax writes each step into a temporary directory and renames it only once every item is complete,
-so a crash mid-save never leaves a step that looks finished. A step that cannot be restored
-(truncated, damaged or deleted files) is reported in one warning line and the previous finished step
-is used instead. Parameters that are not finite are never saved, so the retention policy can only
-drop older finite checkpoints. Saves are asynchronous where that helps (the loop goes on while the
-previous save is written; the next save, and the end of the run, wait for it). Once a save is
-complete, process 0 records a CRC-32 of every file of the step in CHECKSUMS; a restore checks them
-first, so flipped bytes are caught like a truncated file.
+Orbax writes each step under a temporary name (locally) or without its commit marker (in a
+bucket) and finishes it only once every item is complete, so a crash mid-save never leaves a
+step that looks finished. Just before that, process 0 records the CRC32C of every file of the
+step in CHECKSUMS, inside it: a finished step always carries its checksums, and a restore checks
+them first, so flipped or replaced bytes are caught like a truncated file (a bucket's checksums
+come from the objects' metadata, no download). A step that cannot be restored is reported in one
+warning line and the previous finished step is used instead. Parameters that are not finite are
+never saved, so the retention policy can only drop older finite checkpoints. Saves are
+asynchronous where that helps (the loop goes on while the previous save is written; the next
+save, and the end of the run, wait for it).
 """
 
-import concurrent.futures
 import enum
 import errno
 import json
 import logging
 import os
 import sys
+import warnings
 import zlib
 from typing import Any, Callable, Optional, TypeVar
 
@@ -28,30 +30,26 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.nn.converted import get, nest
 
 
-CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC-32}
+CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC32C}
 WEIGHTS_ONLY = 'weights_only'  # in the data item of a step holding parameters alone
 T = TypeVar('T')
 
 
-def _crc32(path: str) -> int:
-  crc = 0
-  with open(path, 'rb') as f:
-    while block := f.read(1 << 24):
-      crc = zlib.crc32(block, crc)  # releases the GIL, so files are summed in parallel
-  return crc
+def _item_checksums(step_dir: str) -> dict[str, str]:
+  """The files of a step's items; the step's own files (its metadata, its commit marker) are
+  Orbax's to update as it commits the step."""
+  return {name: crc for name, crc in files.checksums(step_dir).items() if '/' in name}
 
 
-def _file_checksums(step_dir: str) -> dict[str, int]:
-  paths = sorted(os.path.relpath(os.path.join(root, name), step_dir)
-                 for root, _, names in os.walk(step_dir) for name in names if name != CHECKSUMS)
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    sums = pool.map(lambda rel: _crc32(os.path.join(step_dir, rel)), paths)
-  return dict(zip(paths, sums))
+def _legacy_crc32(path: str) -> int:
+  """The CRC-32 that steps saved by earlier versions recorded (as integers)."""
+  return zlib.crc32(files.read_bytes(path))
 
 
 class AsyncSaves(enum.Enum):
@@ -94,7 +92,9 @@ class _RaisedByTheWaiter(logging.Filter):
     if record.levelno < logging.ERROR:
       return True
     path = record.pathname.replace(os.sep, '/')
-    if 'orbax/checkpoint/' in path and path.endswith('/futures/future.py'):
+    if 'orbax/checkpoint/' in path and (
+        path.endswith(('/futures/future.py', '/checkpointers/async_checkpointer.py'))
+        or record.funcName == 'wait_until_finished'):
       return False
     return not (record.name == 'asyncio' and 'orbax/checkpoint/' in record.getMessage())
 
@@ -103,7 +103,7 @@ def quiet_save_threads() -> None:
   """Keeps a failed save's aftermath off the terminal, once its error is reported: Orbax's
   logs of it (_RaisedByTheWaiter), and the writes still in flight when Orbax closed the
   save's event loop, which tensorstore completes into the closed loop ('Event loop is
-  closed', printed through sys.unraisablehook, one per array)."""
+  closed', printed through sys.unraisablehook, one per array) or leaves unstarted."""
   loggers = (absl_logging.get_absl_logger(), logging.getLogger('asyncio'))
   if any(isinstance(f, _RaisedByTheWaiter) for f in loggers[0].filters):
     return
@@ -117,6 +117,8 @@ def quiet_save_threads() -> None:
       previous(unraisable)
 
   sys.unraisablehook = hook
+  warnings.filterwarnings('ignore', r"coroutine '.*write_fragment' was never awaited",
+                          RuntimeWarning)
 
 
 class Checkpointer:
@@ -126,10 +128,13 @@ class Checkpointer:
                async_saves: bool = False, bytes_in_flight_gb: Optional[float] = None):
     """bytes_in_flight_gb, when given, bounds what a save copies and writes at once (what
     conversions use, to stay near the size of what they convert)."""
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           enable_async_checkpointing=async_saves,
-                                           cleanup_tmp_directories=create)
+    self.directory = files.absolute(os.path.join(workdir, 'checkpoints'))
+    # Always Orbax's asynchronous checkpointer, for its hook between a step's last file and its
+    # commit (a synchronous save is one waited for at once).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=True,
+        cleanup_tmp_directories=create,
+        async_options=ocp.options.AsyncOptions(post_finalization_callback=self._record_checksums))
     # One PyTree handler for saving and for restoring all or part of the state (None: no bound).
     state = ocp.PyTreeCheckpointHandler(save_concurrent_gb=bytes_in_flight_gb,
                                         save_device_host_concurrent_gb=bytes_in_flight_gb)
@@ -137,7 +142,7 @@ class Checkpointer:
                     config=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.async_saves = async_saves
-    self.unsummed: Optional[int] = None  # the step saved last, until its checksums are recorded
+    self.saving: Optional[int] = None  # the step whose save was started last
     self.full_steps: dict[int, bool] = {}  # step -> whether it holds the optimizer state
 
   def all_steps(self) -> list[int]:
@@ -187,10 +192,10 @@ class Checkpointer:
     self.wait()
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config.to_dict()))
+    self.saving = step
     self._written(lambda: self.manager.save(step, args=args), step)
-    self.unsummed = step
     if not self.async_saves:
-      self.wait()
+      self._written(self.manager.wait_until_finished, step)
 
   def has_optimizer_state(self, step: int) -> bool:
     """False for a step save_weights wrote (a step whose data cannot be read counts as a full
@@ -204,25 +209,31 @@ class Checkpointer:
     return self.full_steps[step]
 
   def wait(self) -> None:
-    """Waits for an asynchronous save to be complete on disk, then records its checksums."""
+    """Waits for an asynchronous save to be complete on disk."""
     self._written(self.manager.wait_until_finished, None)
-    step, self.unsummed = self.unsummed, None
-    if step is not None and jax.process_index() == 0 and step in self.manager.all_steps():
-      step_dir = os.path.join(self.directory, str(step))
-      with open(os.path.join(step_dir, CHECKSUMS), 'w') as f:
-        json.dump(_file_checksums(step_dir), f)
+
+  def _record_checksums(self) -> None:
+    """Orbax's hook on process 0, once every process has written its files of the step being
+    saved and before the step is committed: the checksums are written into the step."""
+    step, self.saving = str(self.saving), None
+    names = [n for n in files.listdir(self.directory) if n.split('.')[0] == step]
+    if not names:  # a save not started by this class (tests do, as older versions did)
+      return
+    step_dir = os.path.join(self.directory, max(names, key=len))  # STEP.orbax-checkpoint-tmp locally
+    files.write_text(os.path.join(step_dir, CHECKSUMS), json.dumps(_item_checksums(step_dir)))
 
   def _verify(self, step: int) -> None:
     """Raises UserError when a file of the step differs from its recorded checksum (process 0;
     a step saved before checksums were recorded passes)."""
     step_dir = os.path.join(self.directory, str(step))
     path = os.path.join(step_dir, CHECKSUMS)
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not files.exists(path):
       return
-    with open(path) as f:
-      recorded = json.load(f)
-    found = _file_checksums(step_dir)
+    recorded = json.loads(files.read_text(path))
+    found = _item_checksums(step_dir)
     for name, crc in recorded.items():
+      if name in found and isinstance(crc, int):
+        found[name] = _legacy_crc32(os.path.join(step_dir, name))
       if found.get(name) != crc:
         raise UserError(f'checkpoint step {step} in {self.directory}: {name} is '
                         f'{"missing" if name not in found else "damaged"} (its checksum differs).')
@@ -317,7 +328,7 @@ class Checkpointer:
 def open_existing(workdir: str) -> Checkpointer:
   """The checkpointer of a workdir that must hold a finished checkpoint."""
   directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     raise UserError(f'workdir {workdir} has no checkpoint; run train with --workdir={workdir} first.')
   ckpt = Checkpointer(workdir, create=False)
   if ckpt.latest_step() is None:
