@@ -11,7 +11,6 @@ stop the run.
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -21,12 +20,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax.base import sharding
+from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae
-from monoformer_jax.run import backbone, workdir as workdir_lib
+from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
 from monoformer_jax.training import checkpoint, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
@@ -106,8 +105,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   config = backbone.resolve_auto(config)
   layout = sharding.make_layout(config.mesh)
   image_shape = (*config.model.image_size, config.model.image_channels)
-  fresh = not os.path.exists(workdir)
-  ckpt = None
+  fresh = not files.exists(workdir)
+  ckpt = setup = None
   try:
     setup = workdir_lib.for_training(config, workdir, layout)
     tok, model, tx, settings = setup.tok, setup.model, setup.tx, setup.settings
@@ -141,13 +140,15 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       if config.model.init_from:
         state = init_backbone(state, setup, shardings)
         if jax.process_index() == 0:  # the LLM's description, for `convert export-llama`
-          shutil.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
-                      os.path.join(workdir, converted.SOURCE_JSON))
+          files.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
+                     os.path.join(workdir, converted.SOURCE_JSON))
   except BaseException:
     if ckpt is not None:
       ckpt.close()
+    if setup is not None and setup.lock:
+      setup.lock.close()
     if fresh and jax.process_index() == 0:
-      shutil.rmtree(workdir, ignore_errors=True)
+      files.rmtree(workdir)
     raise
   step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective)
   step_fns = steps.jit_steps(model, tx, step_config, layout, shardings)
@@ -157,6 +158,14 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (resuming if possible); returns the final eval metrics."""
   run = _prepare(config, workdir)
+  try:
+    return _train(run, workdir)
+  finally:
+    if run.setup.lock:
+      run.setup.lock.close()
+
+
+def _train(run: _Run, workdir: str) -> dict:
   setup, ckpt, iterators, state = run.setup, run.ckpt, run.iterators, run.state
   config, layout, t = setup.config, setup.layout, setup.config.train
   finished = _finished_eval(workdir, run.start, t)
@@ -174,11 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def save(step: int) -> bool:
     """Saves the state at `step`, unless steps are being skipped (then returns False)."""
     _stop_if_diverged(guard.flush(), ckpt)
+    workdir_lock.check_held(setup.lock, workdir)
     if guard.streak and step != t.num_steps:
       return False
     if guard.streak and jax.process_index() == 0:  # the end: shorter than the limit, kept
       print(f'warning: {_describe(guard)} and were skipped.', file=sys.stderr, flush=True)
     ckpt.save(step, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
+    log.flush()  # a bucket's metrics.jsonl holds the rows of every step saved
     clock.saved()
     return True
 
@@ -218,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _profile(workdir, t, done, state)
   finally:
     notice.close()
+    log.flush()
     ckpt.close()
 
   metrics = {}

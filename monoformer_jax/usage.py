@@ -86,7 +86,7 @@ def config_file_problem(argv: list[str]) -> str:
   for i, arg in enumerate(argv):
     path = arg[len('--config='):] if arg.startswith('--config=') else (
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
-    if path is not None and not os.path.isfile(path.split(':')[0]):
+    if path is not None and not os.path.isfile(path.split(':')[0]):  # local: a Python module
       return (f'--config file {path.split(":")[0]} does not exist; expected a config file such as '
               'configs/digits.py.')
   return ''

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from monoformer_jax.base import sharding
+from monoformer_jax.base import files, sharding
 from monoformer_jax.config import schema
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.nn import model as model_lib
@@ -96,6 +96,49 @@ def signal_params(model, key=0, noise=0.1, qk_gain=3.0, length=4):
       x = x * qk_gain
     out.append(x)
   return jax.tree.unflatten(tree, out)
+
+
+VOCAB = 300  # training_inputs' LLM
+
+
+def training_inputs(root):
+  """Under root/inputs: a tiny HF LLaMA (its config says 256 positions) with a sentencepiece
+  model in hf/, converted in llm/, a text file, four pictures and their SD-VAE-style latents;
+  the converted VAE under root/vae."""
+  # Imported here: torch, transformers and diffusers take seconds to import.
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from diffusers import AutoencoderKL as DiffusersVAE  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.convert import commands  # pylint: disable=import-outside-toplevel
+  from monoformer_jax.tools import extract_latents  # pylint: disable=import-outside-toplevel
+  inputs = root / 'inputs'
+  inputs.mkdir()
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  text = '\n\n'.join(topics.topics[k] for k in sorted(topics.topics)[:40])
+  (inputs / 'corpus.txt').write_text(text)
+  tiny = model_lib.SIZES['tiny']
+  torch.manual_seed(0)
+  hf = inputs / 'hf'
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=tiny['width'], intermediate_size=tiny['mlp_dim'],
+      num_hidden_layers=tiny['depth'], num_attention_heads=tiny['num_heads'],
+      num_key_value_heads=tiny['num_kv_heads'], rms_norm_eps=1e-6,
+      max_position_embeddings=256)).save_pretrained(hf, safe_serialization=True)
+  spm.SentencePieceTrainer.train(input=str(inputs / 'corpus.txt'), model_prefix=str(hf / 'tokenizer'),
+                                 vocab_size=VOCAB, minloglevel=2)
+  commands.run('llama', str(hf), str(inputs / 'llm'), use_ema=True)
+  DiffusersVAE(block_out_channels=(32, 64), down_block_types=('DownEncoderBlock2D',) * 2,
+               up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, norm_num_groups=8,
+               latent_channels=4).save_pretrained(inputs / 'vae_hf', safe_serialization=True)
+  commands.run('vae', str(inputs / 'vae_hf'), str(root / 'vae'), use_ema=True)
+  pictures = inputs / 'pictures'
+  pictures.mkdir()
+  config = tiny_config()
+  config.data.t2i_files = picture_jsonl(pictures, [f'square {i}' for i in range(4)])
+  config.data.image_resolution = 16
+  extract_latents.extract(config.data, pipeline.LatentsSource.T2I_JSONL, str(root / 'vae'),
+                          str(inputs / 'latents'))
 
 
 def picture_jsonl(directory, prompts: list[str], shape=(16, 16, 3), seed=0) -> str:
@@ -214,8 +257,8 @@ WALL_CLOCK = ('steps_per_sec', 'input_wait_fraction')
 def metrics_rows(workdir, kind=None):
   """metrics.jsonl (rows of one kind, or all) without the wall-clock fields, which no two runs
   share (and which must be sane where present)."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    rows = [json.loads(line) for line in f]
+  rows = [json.loads(line) for line in files.read_text(os.path.join(workdir, METRICS_FILE))
+          .splitlines()]
   for row in rows:
     if 'steps_per_sec' in row:
       assert row['steps_per_sec'] > 0 and 0 <= row['input_wait_fraction'] <= 1, row

@@ -3,6 +3,8 @@ writes them as PNG (grids) and .npz (the arrays) files, atomically.
 Dimension letters: N images, H/W/C image.
 """
 
+import io
+
 import numpy as np
 
 from monoformer_jax.base import files
@@ -34,5 +36,6 @@ def write_png(path: str, images: np.ndarray, columns: int) -> None:
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
-  with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
+  buffer = io.BytesIO()  # small arrays (samples, statistics): built in memory, written as one
+  np.savez(buffer, **arrays)
+  files.write_bytes(path, buffer.getvalue())

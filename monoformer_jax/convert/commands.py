@@ -2,6 +2,7 @@
 
 import os
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import inception, llama, official, official_export, synthetic, vae
 from monoformer_jax.data.tokenizer import Tokenizer
@@ -40,11 +41,11 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   parameter at a time; the config.json the backbone came from (when there is one) carried over."""
   source = converted.hf_source(src)
   tokenizer_file = os.path.join(src, converted.TOKENIZER)
-  if os.path.isfile(os.path.join(src, converted.MODEL_JSON)):
+  if files.isfile(os.path.join(src, converted.MODEL_JSON)):
     cfg, tie, dtype, param = converted.leaf_reader(src)
     max_positions, special = 2048, None  # the context counts only without a source config
     if source is None:  # converted before the source's config was kept
-      tok = Tokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None
+      tok = Tokenizer(tokenizer_file) if files.exists(tokenizer_file) else None
       special = (tok.bos_id, tok.eos_id, tok.pad_id) if tok else (1, 2, 0)
     llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst,
                        tokenizer_file, source, max_positions, special)

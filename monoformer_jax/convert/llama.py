@@ -3,12 +3,11 @@
 HF stores Linear weights as [out, in]; ours are [in, ...out axes] with the L
 layers stacked on a leading axis (nn.scan). Heads are contiguous blocks of the
 HF output dimension, so a reshape recovers the [H, E] axes. Directories are
-written under DST.partial, then renamed, so a crash leaves no DST.
+written through files.atomic_directory, so a crash leaves no DST.
 """
 
 import json
 import os
-import shutil
 import sys
 from typing import Callable, Mapping, Optional
 
@@ -163,10 +162,9 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
 
 def read_hf_config(src: str) -> dict:
   path = os.path.join(src, 'config.json')
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f'{path} does not exist; expected a HF checkpoint directory with config.json.')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(path))
 
 
 def convert_llama(src: str, dst: str) -> None:
@@ -180,15 +178,17 @@ def convert_llama(src: str, dst: str) -> None:
   params = device_backbone(torch_bin.open_weights(src), cfg, tie)
   largest = max(x.nbytes for x in jax.tree.leaves(params))
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
-  with files.atomic_directory(dst) as tmp:
+  tokenizer = os.path.join(src, converted.TOKENIZER)
+  has_tokenizer = files.exists(tokenizer)
+  with files.atomic_directory(dst, last=converted.MODEL_JSON) as tmp:
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), args=ocp.args.PyTreeSave(params))
     files.write_text(os.path.join(tmp, converted.MODEL_JSON), json.dumps(
         {'backbone': converted.config_to_json(cfg), 'tie_embeddings': tie, 'hf_config': source,
-         'source': os.path.abspath(src)}, indent=1))
-    if os.path.exists(os.path.join(src, converted.TOKENIZER)):
-      shutil.copy(os.path.join(src, converted.TOKENIZER), os.path.join(tmp, converted.TOKENIZER))
-  if not os.path.exists(os.path.join(dst, converted.TOKENIZER)):
+         'source': files.absolute(src)}, indent=1))
+    if has_tokenizer:
+      files.copy(tokenizer, os.path.join(tmp, converted.TOKENIZER))
+  if not has_tokenizer:
     # Synthetic checkpoints have none, and training from dst needs one: say so now.
     print(f'warning: {src} has no {converted.TOKENIZER}, so neither has {dst}; copy the LLM\'s '
          f'sentencepiece {converted.TOKENIZER} into {dst} before training from it.',
@@ -204,12 +204,12 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
   else max_positions), so the two never disagree."""
   dtype = np.dtype(tensors[0][1].dtype)
   torch_dtype = dtype.name if dtype in (np.float32, np.float16) else 'bfloat16'
-  with files.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst, last='config.json') as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     config = hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)
     files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
-    if tokenizer_file and os.path.exists(tokenizer_file):
-      shutil.copy(tokenizer_file, os.path.join(tmp, converted.TOKENIZER))
+    if tokenizer_file and files.exists(tokenizer_file):
+      files.copy(tokenizer_file, os.path.join(tmp, converted.TOKENIZER))
       write_tokenizer_config(tmp, Tokenizer(tokenizer_file),
                              config.get('max_position_embeddings', max_positions))
 

@@ -13,7 +13,6 @@ step-0 checkpoint whose params and EMA params are the official weights.
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -60,25 +59,27 @@ def locate(src: str, use_ema: bool) -> tuple[str, list[str]]:
   """(the directory holding the weights, the directories to look for the tokenizer in): a
   checkpoint's ema/ folder when use_ema and there is one; the tokenizer there, beside it in
   src, or one level up."""
-  if not os.path.isdir(src):
+  if not files.isdir(src):
     raise UserError(f'checkpoint directory {src} does not exist.')
   ema = os.path.join(src, 'ema')
-  weights = ema if use_ema and os.path.isfile(os.path.join(ema, 'config.json')) else src
-  search = [weights, src, os.path.dirname(os.path.abspath(src))]
-  return weights, list(dict.fromkeys(os.path.abspath(d) for d in search))
+  weights = ema if use_ema and files.isfile(os.path.join(ema, 'config.json')) else src
+  here = files.absolute(src).rstrip('/') or '/'
+  up = os.path.dirname(here)
+  search = [weights, src, here if up.endswith(':') else up]  # nothing is above a bucket
+  return weights, list(dict.fromkeys(files.absolute(d) for d in search))
 
 
 def special_ids(hf: dict, search: list[str]) -> dict[str, int]:
   """Ids of the official added tokens: from added_tokens.json or tokenizer.json in the search
   directories, else derived from config.json's image_token_index (the official order)."""
   for directory in search:
+    listed, full = (os.path.join(directory, n) for n in ('added_tokens.json', 'tokenizer.json'))
     added = {}
-    if os.path.exists(os.path.join(directory, 'added_tokens.json')):
-      with open(os.path.join(directory, 'added_tokens.json')) as f:
-        added = json.load(f)
-    elif os.path.exists(os.path.join(directory, 'tokenizer.json')):
-      with open(os.path.join(directory, 'tokenizer.json')) as f:
-        added = {t['content']: t['id'] for t in json.load(f).get('added_tokens', [])}
+    if files.exists(listed):
+      added = json.loads(files.read_text(listed))
+    elif files.exists(full):
+      tokens = json.loads(files.read_text(full)).get('added_tokens', [])
+      added = {t['content']: t['id'] for t in tokens}
     if all(t in added for t in OFFICIAL_TOKENS.values()):
       return {ours: added[theirs] for ours, theirs in OFFICIAL_TOKENS.items()}
   image = hf.get('image_token_index')
@@ -91,11 +92,11 @@ def special_ids(hf: dict, search: list[str]) -> dict[str, int]:
 
 def find_tokenizer(search: list[str], given: str) -> str:
   if given:
-    if not os.path.isfile(given):
+    if not files.isfile(given):
       raise UserError(f'--tokenizer names {given}, which is not a file.')
     return given
   for directory in search:
-    if os.path.isfile(os.path.join(directory, MODEL_FILE)):
+    if files.isfile(os.path.join(directory, MODEL_FILE)):
       return os.path.join(directory, MODEL_FILE)
   raise UserError(f'found no {MODEL_FILE} in {", ".join(search)}; pass --tokenizer=FILE with the '
                   'LLM\'s sentencepiece model (the official checkpoints start from TinyLlama\'s).')
@@ -142,7 +143,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
                          add_pos_embed_each_layer=False).items():
     if hf.get(key, value) != value:
       raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
-  if vae_dir and not os.path.isdir(vae_dir):
+  if vae_dir and not files.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
   cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
   ids = special_ids(hf, search)
@@ -152,7 +153,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   params = llama.device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name
   params.update(monoformer_params(tensors))
-  config = workdir_config(hf, cfg, tie, os.path.abspath(vae_dir) if vae_dir else '')
+  config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '')
 
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
@@ -172,7 +173,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   # near the size of the checkpoint.
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
   with files.atomic_directory(dst) as tmp:
-    shutil.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
+    files.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
     files.write_text(os.path.join(tmp, SPECIALS_FILE), json.dumps(ids))
     files.write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(dict(config=hf, dtype=dtype),
                                                                 indent=1))

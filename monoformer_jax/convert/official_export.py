@@ -12,7 +12,6 @@ new rows copied from its own special tokens when those are pieces of its tokeniz
 
 import json
 import os
-import shutil
 from typing import Callable
 
 import numpy as np
@@ -30,10 +29,7 @@ from monoformer_jax.training import checkpoint
 def _recorded(src: str) -> dict:
   """What `convert official` recorded of a workdir's source ({} for a workdir trained here)."""
   path = os.path.join(src, official.SOURCE_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(path)) if files.exists(path) else {}
 
 
 def stored_dtype(src: str) -> np.dtype:
@@ -46,9 +42,8 @@ def _official_ids(setup, src: str) -> tuple[dict[str, int], dict[int, int]]:
   tok, vocab = setup.tok, setup.model.backbone.vocab_size
   ids = dict(pad=tok.pad_id, image=None, im_start=tok.im_start_id, im_end=tok.im_end_id)
   specials = os.path.join(src, SPECIALS_FILE)
-  if os.path.exists(specials):
-    with open(specials) as f:
-      ids['image'] = json.load(f).get('image')
+  if files.exists(specials):
+    ids['image'] = json.loads(files.read_text(specials)).get('image')
   if all(i >= tok.num_pieces for i in ids.values() if i is not None):
     new_rows = {}
     if ids['image'] is None:
@@ -99,7 +94,7 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
 
 def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> None:
   """tokenizer.model and the files HF's AutoTokenizer reads for the official added tokens."""
-  shutil.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+  files.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
   added = {official.OFFICIAL_TOKENS[k]: i for k, i in ids.items()}
   decoder = {str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False,
                           single_word=False) for t, i in added.items()}
@@ -128,7 +123,7 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
     size += entry[1].nbytes
   vocab = setup.model.backbone.vocab_size + len(new_rows)
   torch_dtype = dtype.name if dtype in (np.float32, np.float16) else 'bfloat16'
-  with files.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst, last='config.json') as tmp:
     weight_map = {}
     for k, shard in enumerate(shards):
       name = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'

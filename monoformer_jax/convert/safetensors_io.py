@@ -2,13 +2,16 @@
 
 The format is an 8-byte little-endian header length, a JSON header mapping names to dtype, shape and
 byte offsets, then the raw bytes. Reading a tensor touches only its own bytes, so converting a
-checkpoint never holds more than the output and one input tensor.
+checkpoint never holds more than the output and one input tensor (a bucket's files are staged on
+the local disk first, for the seeks).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
+import weakref
 from typing import Callable, Iterable, Union
 
 import ml_dtypes
@@ -25,9 +28,10 @@ _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILE, INDEX_FILE = 'model.safetensors', 'model.safetensors.index.json'
 
 
-def _read_header(path: str) -> tuple[dict, int]:
+def _read_header(path: str, local: str) -> tuple[dict, int]:
+  """(header, where the data starts) of `path`, read from its local copy `local`."""
   try:
-    with open(path, 'rb') as f:
+    with open(local, 'rb') as f:  # local: files.local_copy's file
       (length,) = struct.unpack('<Q', f.read(8))
       header = json.loads(f.read(length))
   except (OSError, struct.error, ValueError) as e:
@@ -40,30 +44,32 @@ class SafetensorsDir:
   """The tensors of a HF checkpoint directory: one file, or shards listed by an index."""
 
   def __init__(self, directory: str, single_file: str = SINGLE_FILE):
-    if not os.path.isdir(directory):
+    if not files.isdir(directory):
       raise UserError(f'checkpoint directory {directory} does not exist.')
     index_path = os.path.join(directory, single_file + '.index.json')
     single = os.path.join(directory, single_file)
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        files = sorted(set(json.load(f)['weight_map'].values()))
-    elif os.path.exists(single):
-      files = [single_file]
+    if files.exists(index_path):
+      names = sorted(set(json.loads(files.read_text(index_path))['weight_map'].values()))
+    elif files.exists(single):
+      names = [single_file]
     else:
       raise UserError(f'{directory} has neither {single_file} nor its .index.json.')
-    self.entries = {}  # name -> (path, dtype, shape, start, end)
-    for name in files:
+    self._copies = contextlib.ExitStack()  # local copies of a bucket's files, while self lives
+    weakref.finalize(self, self._copies.close)
+    self.entries = {}  # name -> (path, local copy, dtype, shape, start, end)
+    for name in names:
       path = os.path.join(directory, name)
-      if not os.path.exists(path):
+      if not files.exists(path):
         raise UserError(f'shard {path} named by {index_path} does not exist.')
-      header, base = _read_header(path)
+      local = self._copies.enter_context(files.local_copy(path))
+      header, base = _read_header(path, local)
       for tensor, info in header.items():
         if info['dtype'] not in DTYPES:
           raise UserError(f'tensor {tensor} in {path} has dtype {info["dtype"]}; expected one of '
                           f'{", ".join(DTYPES)}.')
         start, end = info['data_offsets']
-        self.entries[tensor] = (path, DTYPES[info['dtype']], tuple(info['shape']), base + start,
-                                base + end)
+        self.entries[tensor] = (path, local, DTYPES[info['dtype']], tuple(info['shape']),
+                                base + start, base + end)
 
   def __contains__(self, name: str) -> bool:
     return name in self.entries
@@ -73,11 +79,11 @@ class SafetensorsDir:
 
   def __getitem__(self, name: str) -> np.ndarray:
     """The tensor in its stored dtype (bf16 through ml_dtypes)."""
-    path, dtype, shape, start, end = self.entries[name]
+    path, local, dtype, shape, start, end = self.entries[name]
     count = int(np.prod(shape))
     if end - start != count * np.dtype(dtype).itemsize:
       raise UserError(f'tensor {name} in {path}: {end - start} bytes do not hold shape {shape}.')
-    with open(path, 'rb') as f:
+    with open(local, 'rb') as f:  # local: files.local_copy's file
       f.seek(start)
       data = np.fromfile(f, dtype=dtype, count=count)
     if data.size != count:
@@ -113,7 +119,7 @@ def write(path: str, tensors: Iterable[tuple[str, Union[np.ndarray, LazyTensor]]
     offset += array.nbytes
   raw = json.dumps(header, separators=(',', ':')).encode()
   raw += b' ' * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:
+  with files.atomic_file(path) as tmp, open(tmp, 'wb') as f:  # local: atomic_file's scratch file
     f.write(struct.pack('<Q', len(raw)))
     f.write(raw)
     for name, array in tensors:

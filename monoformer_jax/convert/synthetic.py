@@ -82,7 +82,7 @@ def write_synthetic(dst: str, shape: str, with_monoformer: bool) -> int:
                   use_adaln_final_layer=True, add_pos_embed_each_layer=False,
                   use_bi_attn_img_tokens=True, image_token_index=v - 3, pad_token_id=v - 4)
   tensors = [(name, _random(s, i)) for i, (name, s) in enumerate(shapes.items())]
-  with files.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst, last='config.json') as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
     files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
   return sum(t.nbytes for _, t in tensors)

@@ -12,6 +12,7 @@ import pickle
 import ml_dtypes
 import numpy as np
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import safetensors_io
 
@@ -29,17 +30,19 @@ def _torch():
 
 def read_state_dict(path: str) -> dict:
   """{name: tensor} of one torch file, through the weights_only loader (memory-mapped when
-  the file is in the zip format)."""
+  the file is in the zip format; a bucket's file from a local copy, which the mapping keeps
+  readable after the copy's name is gone)."""
   torch = _torch()
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f'{path} does not exist; expected a torch weights file.')
   try:
-    try:
-      state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError as e:  # the legacy format cannot be memory-mapped
-      if 'mmap' not in str(e):
-        raise
-      state = torch.load(path, map_location='cpu', weights_only=True)
+    with files.local_copy(path) as local:
+      try:
+        state = torch.load(local, map_location='cpu', weights_only=True, mmap=True)
+      except RuntimeError as e:  # the legacy format cannot be memory-mapped
+        if 'mmap' not in str(e):
+          raise
+        state = torch.load(local, map_location='cpu', weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
     first = (str(e).splitlines() or [''])[0][:160]
     raise UserError(f'{path} cannot be read as tensors only (torch weights_only: {first}); '
@@ -63,9 +66,8 @@ class TorchBinDir:
 
   def __init__(self, directory: str):
     index_path = os.path.join(directory, BIN_FILE + '.index.json')
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        names = sorted(set(json.load(f)['weight_map'].values()))
+    if files.exists(index_path):
+      names = sorted(set(json.loads(files.read_text(index_path))['weight_map'].values()))
     else:
       names = [BIN_FILE]
     self.tensors = {}
@@ -84,12 +86,12 @@ class TorchBinDir:
 
 def open_weights(directory: str):
   """The directory's tensors: safetensors when present, else torch .bin files."""
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     raise UserError(f'checkpoint directory {directory} does not exist.')
   single = safetensors_io.SINGLE_FILE
-  if any(os.path.exists(os.path.join(directory, n)) for n in (single, single + '.index.json')):
+  if any(files.exists(os.path.join(directory, n)) for n in (single, single + '.index.json')):
     return safetensors_io.SafetensorsDir(directory)
-  if any(os.path.exists(os.path.join(directory, n)) for n in (BIN_FILE, BIN_FILE + '.index.json')):
+  if any(files.exists(os.path.join(directory, n)) for n in (BIN_FILE, BIN_FILE + '.index.json')):
     return TorchBinDir(directory)
   raise UserError(f'{directory} has neither {single} nor {BIN_FILE} (nor their .index.json); '
                   'expected the weights of a HF checkpoint.')

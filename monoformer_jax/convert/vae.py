@@ -77,17 +77,16 @@ def check_against(params: dict, abstract: dict, source: str, model_name: str = '
 
 def convert_vae(src: str, dst: str) -> None:
   config_path = os.path.join(src, 'config.json')
-  if not os.path.isfile(config_path):
+  if not files.isfile(config_path):
     raise UserError(f'{config_path} does not exist; expected a diffusers AutoencoderKL directory.')
-  with open(config_path) as f:
-    cfg = config_from_diffusers(json.load(f), config_path)
+  cfg = config_from_diffusers(json.loads(files.read_text(config_path)), config_path)
   weights = os.path.join(src, _DIFFUSERS_FILE)
   params = params_from_diffusers(safetensors_io.SafetensorsDir(src, _DIFFUSERS_FILE))
   model = AutoencoderKL(cfg)
   images = jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), np.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), images)['params']
   check_against(params, abstract, weights)
-  with files.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst, last=VAE_JSON) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), params)
     files.write_text(os.path.join(tmp, VAE_JSON), json.dumps(dict(cfg.__dict__), indent=1))

@@ -1,18 +1,27 @@
-"""What every source shares: the fixed held-out split, ADM's center crop, and this
-host's rows of every global batch, read through a prefetching iterator.
+"""What every source shares: text files with universal newlines, the fixed held-out split, ADM's
+center crop, and this host's rows of every global batch, read through a prefetching iterator.
 
 Dimension letters: R resolution (R x R x 3 pixels).
 """
+
+import io
 
 import grain
 import jax
 import numpy as np
 from PIL import Image
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 
 
 _SPLIT_SEED = 20240924  # fixed: the held-out split never depends on the run's seed
+
+
+def text_file(path: str) -> io.StringIO:
+  """A text file, local or in a bucket, read as text mode reads one: '\r\n' and '\r' end
+  lines as '\n' does."""
+  return io.StringIO(files.read_text(path), newline=None)
 
 
 def split(n: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -6,12 +6,11 @@ name) are split into train and held-out parts by the fixed split, streamed as
 Dimension letters: S text length.
 """
 
-import os
-
 import grain
 import ml_collections
 import numpy as np
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, tokenizer as tokenizer_lib
 
@@ -20,10 +19,9 @@ def documents(data: ml_collections.ConfigDict) -> list[str]:
   """The text corpus as documents: pydoc topics (sorted by name) or one file's paragraphs."""
   path = data.text_file
   if path:
-    if not os.path.isfile(path):
+    if not files.isfile(path):
       raise UserError(f'config key data.text_file names {path}, which does not exist.')
-    with open(path, encoding='utf-8') as f:
-      docs = [d for d in f.read().split('\n\n') if d.strip()]
+    docs = [d for d in common.text_file(path).read().split('\n\n') if d.strip()]
     if not docs:
       raise UserError(f'data.text_file {path} holds no text.')
     return docs

@@ -14,6 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, tokenizer as tokenizer_lib
 
@@ -27,7 +28,7 @@ SAMPLING_TEMPLATE = 'Please generate an image of {name}.'  # what the official s
 
 def class_names() -> list[str]:
   """The 1,000 readable names, index = TFDS label."""
-  with open(CLASSES_FILE, encoding='utf-8') as f:
+  with open(CLASSES_FILE, encoding='utf-8') as f:  # local: the package's own data
     return [line.rstrip('\n').split('\t')[1] for line in f]
 
 
@@ -41,7 +42,7 @@ def data_source(data: ml_collections.ConfigDict):
                          file_format='array_record')
   if not builder.is_prepared():
     manual_dir = data.imagenet_manual_dir
-    if not manual_dir or not os.path.isdir(manual_dir):
+    if not manual_dir or not files.isdir(manual_dir):
       raise UserError(f'imagenet2012 is not prepared in {builder.data_dir} and config key '
                       f'data.imagenet_manual_dir ({manual_dir!r}) is not a directory; expected '
                       'the one holding ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.')

@@ -5,19 +5,20 @@ data.skip_bad_records is set: then it is skipped and counted.
 """
 
 import enum
-import glob
 import json
 import os
 from typing import Any
 
 from absl import logging
 
+from monoformer_jax.base import files as files_lib
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import common
 
 
 class RecordKind(enum.Enum):
   CHAT = 'chat'  # {"messages": [{"role": "user" | "assistant", "content": str}, ...]}
-  T2I = 't2i'  # {"image": path absolute or relative to the file, "prompt": str}
+  T2I = 't2i'  # {"image": path absolute, gs://, or relative to the file, "prompt": str}
 
 
 ROLES = ('user', 'assistant')
@@ -47,7 +48,7 @@ def read(paths: list[str], kind: RecordKind, skip_bad: bool) -> list[dict]:
   """The usable records of the files, each with 'where' ('FILE, line N') added."""
   records, skipped = [], 0
   for path in paths:
-    with open(path, encoding='utf-8') as f:
+    with common.text_file(path) as f:
       for number, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -63,8 +64,9 @@ def read(paths: list[str], kind: RecordKind, skip_bad: bool) -> list[dict]:
           skipped += 1
           continue
         record['where'] = f'{path}, line {number}'
-        if kind == RecordKind.T2I and not os.path.isabs(record['image']):
-          record['image'] = os.path.join(os.path.dirname(os.path.abspath(path)), record['image'])
+        if kind == RecordKind.T2I and not files_lib.is_remote(record['image']):
+          # Relative to the file's directory (a bucket's too); join keeps an absolute path.
+          record['image'] = os.path.join(os.path.dirname(files_lib.absolute(path)), record['image'])
         records.append(record)
   if skipped:
     logging.warning('skipped %d bad lines of %s', skipped, ', '.join(paths))
@@ -75,7 +77,7 @@ def read(paths: list[str], kind: RecordKind, skip_bad: bool) -> list[dict]:
 
 def files(pattern: str, key: str) -> list[str]:
   """The files matching config key `key`'s glob; an error if there are none."""
-  paths = sorted(glob.glob(pattern)) if pattern else []
+  paths = files_lib.glob(pattern) if pattern else []
   if not paths:
     raise UserError(f'config key {key} ({pattern!r}) matches no file.')
   return paths

@@ -4,7 +4,8 @@ A latents directory holds ArrayRecord shards `latents-SSSSS-of-NNNNN.array_recor
 record per image: the posterior `mean` and `std` [h, w, Z] float32, unscaled, and the `label` or the
 `prompt`) and `latents.json` (source records, shapes, the latent scale, origin; pictures skipped as
 unreadable have no record). Training draws z = (mean + std * noise) x latent_scale, a sample of the
-posterior, or the scaled mean when data.latents_from_posterior is False.
+posterior, or the scaled mean when data.latents_from_posterior is False. The directory may be in a
+bucket: ArrayRecord reads gs:// shards itself (riegeli's GCS reader), record by record.
 Dimension letters: P prompt length, h/w latent grid, Z latent channels.
 """
 
@@ -17,6 +18,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import imagenet, tokenizer as tokenizer_lib
 
@@ -43,16 +45,16 @@ def open_source(data: ml_collections.ConfigDict,
   have latent_shape [h, w, Z] (the model's image)."""
   directory = data.latents_dir
   info_path = os.path.join(directory, INFO_FILE)
-  if not os.path.isfile(info_path):
+  if not files.isfile(info_path):
     raise UserError(f'config key data.latents_dir ({directory!r}) has no {INFO_FILE}; expected '
                     'the output of a finished `extract_latents`.')
-  with open(info_path) as f:
-    info = json.load(f)
+  info = json.loads(files.read_text(info_path))
   if info['latent_shape'] != list(latent_shape):
     raise UserError(f'{directory} holds latents of shape {info["latent_shape"]}; config keys '
                     f'model.image_size and model.image_channels expect {list(latent_shape)}.')
   paths = [shard_path(directory, s, info['num_shards']) for s in range(info['num_shards'])]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  present = set(files.listdir(directory))  # one listing, not a request per shard
+  missing = [p for p in paths if os.path.basename(p) not in present]
   if missing:
     raise UserError(f'{len(missing)} latent shards are missing, e.g. {missing[0]}; rerun '
                     '`extract_latents` to finish them.')

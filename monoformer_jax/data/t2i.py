@@ -7,6 +7,7 @@ replaced by the next readable one and counted.
 Dimension letters: P prompt length, R resolution.
 """
 
+import io
 from typing import Any
 
 import grain
@@ -15,6 +16,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, jsonl, tokenizer as tokenizer_lib
 
@@ -27,11 +29,12 @@ def records(data: ml_collections.ConfigDict) -> list[dict]:
 def read_picture(record: dict, skip_bad: bool) -> np.ndarray | None:
   """A record's picture as uint8 [H, W, 3]; None if unreadable and skip_bad."""
   try:
-    with Image.open(record['image']) as image:
+    with Image.open(io.BytesIO(files.read_bytes(record['image']))) as image:  # local: in memory
       return np.asarray(image.convert('RGB'))
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, UserError) as e:  # a UserError: a picture in a bucket
     if not skip_bad:
-      raise UserError(f'{record["where"]}: cannot read image {record["image"]} ({e}).') from None
+      raise UserError(f'{record["where"]}: cannot read image {record["image"]} '
+                      f'({str(e).rstrip(".")}).') from None
     return None
 
 

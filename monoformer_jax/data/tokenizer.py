@@ -9,7 +9,6 @@ order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from typing import Callable, Iterable, Sequence
 
@@ -31,11 +30,11 @@ class Tokenizer:
   """Encodes text to ids and builds the fixed-length model inputs."""
 
   def __init__(self, path: str):
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise UserError(f'tokenizer model {path} does not exist; train once to create it.')
     self.path = path
-    try:
-      self.sp = spm.SentencePieceProcessor(model_file=path)
+    try:  # from its bytes: sentencepiece opens local files only
+      self.sp = spm.SentencePieceProcessor(model_proto=files.read_bytes(path))
     except (OSError, RuntimeError) as e:
       raise UserError(f'tokenizer model {path} is not a sentencepiece model ({e}).') from e
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -52,9 +51,8 @@ class Tokenizer:
       return next_id - 1
 
     specials_path = os.path.join(os.path.dirname(path), SPECIALS_FILE)
-    if os.path.exists(specials_path):  # ids fixed by a converted checkpoint
-      with open(specials_path) as f:
-        ids = json.load(f)
+    if files.exists(specials_path):  # ids fixed by a converted checkpoint
+      ids = json.loads(files.read_text(specials_path))
       self.im_start_id, self.im_end_id, self.pad_id = ids['im_start'], ids['im_end'], ids['pad']
       next_id = max(next_id, self.im_start_id + 1, self.im_end_id + 1, self.pad_id + 1)
     else:
@@ -101,11 +99,10 @@ class Tokenizer:
 
 def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
   """Trains a unigram model on `texts` and writes it atomically to `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+  files.makedirs(os.path.dirname(files.absolute(path)))
+  with tempfile.TemporaryDirectory() as tmp:  # the trainer reads and writes local files only
     corpus = os.path.join(tmp, 'corpus.txt')
-    with open(corpus, 'w', encoding='utf-8') as f:
+    with open(corpus, 'w', encoding='utf-8') as f:  # local: the trainer's scratch input
       f.writelines(line.strip() + '\n' for text in texts for line in text.splitlines()
                    if line.strip())
     prefix = os.path.join(tmp, 'spm')
@@ -114,7 +111,7 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         user_defined_symbols=[IM_START, IM_END], byte_fallback=True, num_threads=1,
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
-    os.replace(prefix + '.model', path)
+    files.write_bytes(path, files.read_bytes(prefix + '.model'))
   return Tokenizer(path)
 
 
@@ -124,13 +121,13 @@ def for_workdir(workdir: str, init_from: str, vocab_size: int,
   backbone comes from the converted directory init_from, else trained on texts()."""
   path = os.path.join(workdir, MODEL_FILE)
   if jax.process_count() > 1:  # process 0 makes it; the others wait, then read it
-    if jax.process_index() == 0 and not os.path.exists(path):
+    if jax.process_index() == 0 and not files.exists(path):
       _make(path, init_from, vocab_size, texts)
     multihost_utils.sync_global_devices('tokenizer written')
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise UserError(f'{path} is not visible from host {jax.process_index()}; the workdir must '
                       'be shared by all hosts.')
-  if os.path.exists(path):
+  if files.exists(path):
     return Tokenizer(path)
   return _make(path, init_from, vocab_size, texts)
 
@@ -140,7 +137,7 @@ def llm_model_file(init_from: str) -> str:
   one only when its source has one (synthetic checkpoints have none), so a missing one is
   named with what to copy, rather than as a workdir tokenizer that training would create."""
   source = os.path.join(init_from, MODEL_FILE)
-  if not os.path.exists(source):
+  if not files.exists(source):
     raise UserError(f'{init_from} (config key model.init_from) has no {MODEL_FILE}; copy the '
                     f'LLM\'s sentencepiece {MODEL_FILE} into it before training.')
   return source
@@ -148,9 +145,7 @@ def llm_model_file(init_from: str) -> str:
 
 def _make(path: str, init_from: str, vocab_size: int, texts: Callable[[], list[str]]) -> Tokenizer:
   if init_from:
-    source = llm_model_file(init_from)
-    with files.atomic_file(path) as tmp:
-      shutil.copy(source, tmp)
+    files.write_bytes(path, files.read_bytes(llm_model_file(init_from)))
     return Tokenizer(path)
   return train(texts(), path, vocab_size)
 

@@ -192,9 +192,11 @@ EVAL_FILE = 'eval.json'
 
 def saved_metrics(workdir: str) -> dict:
   """WORKDIR/eval.json, or {} where there is none (or it cannot be read)."""
+  path = os.path.join(workdir, EVAL_FILE)
+  if not files.exists(path):
+    return {}
   try:
-    with open(os.path.join(workdir, EVAL_FILE), encoding='utf-8') as f:
-      saved = json.load(f)
+    saved = json.loads(files.read_text(path))
   except (OSError, ValueError):
     return {}
   return saved if isinstance(saved, dict) else {}

@@ -13,7 +13,6 @@ Dimension letters: N images, B batch, H/W image, F features.
 """
 
 import dataclasses
-import os
 import warnings
 import zipfile
 from typing import Callable, Iterator
@@ -23,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from scipy import linalg
 
-from monoformer_jax.base import images as images_lib, sharding
+from monoformer_jax.base import files, images as images_lib, sharding
 from monoformer_jax.base.errors import UserError
 
 
@@ -109,10 +108,10 @@ def frechet_distance(a: Stats, b: Stats, eps: float = 1e-6) -> float:
   return max(0.0, float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace))
 
 
-def npz_images(path: str, batch: int) -> Iterator[np.ndarray]:
-  """The `arr_0` images of an ADM-format .npz (uint8 [N, H, W, 3]), batch by batch, read from
-  the archive as a stream so that host memory holds one batch."""
-  with zipfile.ZipFile(path) as z, z.open('arr_0.npy') as f:
+def npz_images(local: str, batch: int, path: str) -> Iterator[np.ndarray]:
+  """The `arr_0` images of an ADM-format .npz (uint8 [N, H, W, 3]) at path, batch by batch, read
+  from `local`, its local copy, as a stream so that host memory holds one batch."""
+  with zipfile.ZipFile(local) as z, z.open('arr_0.npy') as f:  # local: a member of the copy
     read_header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
                    else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = read_header(f)
@@ -126,11 +125,9 @@ def npz_images(path: str, batch: int) -> Iterator[np.ndarray]:
       yield np.repeat(images, 3, axis=-1) if shape[-1] == 1 else images
 
 
-def _npz_keys(path: str, flag: str) -> list[str]:
-  if not os.path.isfile(path):
-    raise UserError(f'{flag} file {path} does not exist.')
+def _npz_keys(local: str, path: str, flag: str) -> list[str]:
   try:
-    with zipfile.ZipFile(path) as z:
+    with zipfile.ZipFile(local) as z:
       return [n[:-len('.npy')] for n in z.namelist()]
   except zipfile.BadZipFile:
     raise UserError(f'{flag} file {path} is not an .npz archive.') from None
@@ -173,19 +170,22 @@ class Encoder:
   def npz_stats(self, path: str, flag: str) -> Stats:
     """Statistics of an .npz: computed from its `arr_0` images when it has them (ADM's
     reference batches, sample files), else read from its `mu` and `sigma`."""
-    keys = _npz_keys(path, flag)
-    if 'arr_0' in keys:
-      return self.stats_of(npz_images(path, self.batch))
-    if {'mu', 'sigma'} <= set(keys):
-      with np.load(path, allow_pickle=False) as d:
+    if not files.isfile(path):
+      raise UserError(f'{flag} file {path} does not exist.')
+    with files.local_copy(path) as local:  # zipfile and np.load stream local files only
+      keys = _npz_keys(local, path, flag)
+      if 'arr_0' in keys:
+        return self.stats_of(npz_images(local, self.batch, path))
+      if not {'mu', 'sigma'} <= set(keys):
+        raise UserError(f'{flag} file {path} has neither arr_0 (images) nor mu and sigma '
+                        f'(statistics); it holds {", ".join(keys) or "nothing"}.')
+      with np.load(local, allow_pickle=False) as d:
         mu, sigma = d['mu'].astype(np.float64), d['sigma'].astype(np.float64)
         count = int(d['count']) if 'count' in d else 0
-      if mu.ndim != 1 or sigma.shape != (len(mu),) * 2:
-        raise UserError(f'{flag} file {path} has mu {mu.shape} and sigma {sigma.shape}; '
-                        'expected [F] and [F, F].')
-      return Stats(mu, sigma, count)
-    raise UserError(f'{flag} file {path} has neither arr_0 (images) nor mu and sigma '
-                    f'(statistics); it holds {", ".join(keys) or "nothing"}.')
+    if mu.ndim != 1 or sigma.shape != (len(mu),) * 2:
+      raise UserError(f'{flag} file {path} has mu {mu.shape} and sigma {sigma.shape}; '
+                      'expected [F] and [F, F].')
+    return Stats(mu, sigma, count)
 
 
 def write_stats(path: str, stats: Stats) -> None:

@@ -4,12 +4,11 @@ official code's), all with the converted FID Inception.
 """
 
 import dataclasses
-import os
 from typing import Optional
 
 import jax
 
-from monoformer_jax.base import progress, sharding
+from monoformer_jax.base import files, progress, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.evaluation import fid, fid_samples
 from monoformer_jax.generation import sampling
@@ -28,7 +27,7 @@ class FidSpec:
     if not self.reference:
       raise UserError('an FID needs --fid_ref=REF.npz (ADM reference images or mu/sigma '
                       'statistics).')
-    if not self.inception or not os.path.isdir(self.inception):
+    if not self.inception or not files.isdir(self.inception):
       raise UserError(f'the Inception directory {self.inception!r} (--inception, else config key '
                       'eval.inception) does not exist; create one with `python -m monoformer_jax '
                       'convert inception --src=pt_inception-2015-12-05-6726825d.pth --dst=DIR`.')

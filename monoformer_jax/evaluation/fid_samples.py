@@ -4,13 +4,15 @@ or measured against a reference (FID-N) without being written.
 Sample i is prompted with prompts[i mod P]: by default the class prompts (class i mod C, C classes:
 1,000 for ImageNet, 10 for digits, with eval.prompt_template as the official sampler does), or the
 lines of a prompt file. Each global batch is split over the devices of every host; latents are
-decoded by the VAE on the same devices. A written file is streamed by process 0 into `arr_0` (under
-a temporary name, renamed when complete), so host memory holds one batch, not all N images.
+decoded by the VAE on the same devices. A written file is streamed by process 0 into `arr_0` on its
+local disk (then renamed into place, or uploaded as one object), so host memory holds one batch, not
+all N images.
 Dimension letters: N samples, B global batch, H/W image.
 """
 
 import math
 import os
+import tempfile
 import zipfile
 from typing import Iterator
 
@@ -20,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files, images as images_lib, sharding
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.data import pipeline
+from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import fid
 from monoformer_jax.generation import sampling
 from monoformer_jax.nn import inception, vae
@@ -37,10 +39,9 @@ def class_prompts(setup) -> list[str]:
 
 def file_prompts(path: str) -> list[str]:
   """The non-empty lines of a prompt file."""
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise UserError(f'--prompt_file {path} does not exist.')
-  with open(path, encoding='utf-8') as f:
-    prompts = [line.strip() for line in f if line.strip()]
+  prompts = [line.strip() for line in common.text_file(path) if line.strip()]
   if not prompts:
     raise UserError(f'--prompt_file {path} has no prompt; expected one per line.')
   return prompts
@@ -84,12 +85,16 @@ def write(batches: Iterator[np.ndarray], path: str, num: int) -> None:
   """Streams the batches of num samples into path, an .npz with arr_0 uint8 [N, H, W, 3]."""
   if not path.endswith('.npz'):
     raise UserError(f'--fid_npz is {path}; expected a .npz path.')
-  if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-    raise UserError(f'output directory {os.path.dirname(os.path.abspath(path))} does not exist.')
+  directory = os.path.dirname(files.absolute(path))
+  if files.is_remote(directory):
+    files.makedirs(directory)  # checks the bucket before sampling: it has no directories
+  elif not files.isdir(directory):
+    raise UserError(f'output directory {directory} does not exist.')
   leader = jax.process_index() == 0
-  npy_path = path + '.npy.tmp'
   out, done = None, 0
-  try:
+  # local: the array is assembled on disk, beside a local output (an interrupted run leaves none)
+  with tempfile.TemporaryDirectory(dir=None if files.is_remote(path) else directory) as scratch:
+    npy_path = os.path.join(scratch, 'arr_0.npy')
     for images in batches:
       if leader:
         if out is None:
@@ -102,9 +107,6 @@ def write(batches: Iterator[np.ndarray], path: str, num: int) -> None:
       del out
       with files.atomic_file(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as z:
         z.write(npy_path, 'arr_0.npy')
-  finally:  # an interrupted run leaves no partial array behind
-    if leader and os.path.exists(npy_path):
-      os.remove(npy_path)
   multihost_utils.sync_global_devices('fid samples written')
 
 

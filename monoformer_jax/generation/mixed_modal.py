@@ -197,7 +197,7 @@ def write_record(out_dir: str, prompt: str, rows: list[Generation], tok,
   texts, record = [], []
   leader = jax.process_index() == 0
   if leader:
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
   for r, row in enumerate(rows):
     names = [f'{r}_{k}.png' for k in range(len(row.images))]
     for name, image in zip(names, row.images):

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.nn.layers import BackboneConfig
 from monoformer_jax.nn.rope import RopeKind, RopeScaling
@@ -33,9 +34,8 @@ def hf_source(directory: str) -> Optional[dict]:
   """The HF config.json a converted directory, or a workdir trained from one, came from."""
   for name in (MODEL_JSON, SOURCE_JSON):
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
-      with open(path) as f:
-        return json.load(f).get('hf_config')
+    if files.isfile(path):
+      return json.loads(files.read_text(path)).get('hf_config')
   return None
 
 
@@ -87,11 +87,10 @@ def config_from_json(d: Mapping) -> BackboneConfig:
 def read_meta(path: str, meta_file: str = MODEL_JSON, kind: str = 'llama') -> dict:
   """The JSON description of a directory `convert KIND` wrote."""
   meta_path = os.path.join(path, meta_file)
-  if not os.path.isfile(meta_path):
+  if not files.isfile(meta_path):
     raise UserError(f'{path} is not a converted {kind} directory (no {meta_file}); create one '
                     f'with `python -m monoformer_jax convert {kind}`.')
-  with open(meta_path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(meta_path))
 
 
 def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
@@ -99,7 +98,7 @@ def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:
   meta = read_meta(path, meta_file, kind)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS))
+      params = ckptr.restore(os.path.join(files.absolute(path), PARAMS))
   except (ValueError, KeyError, FileNotFoundError, OSError) as e:
     raise UserError(f'the params in {path} cannot be read ({type(e).__name__}).') from e
   return meta, jax.tree.map(np.asarray, params)
@@ -120,7 +119,7 @@ def leaf_reader(path: str) -> tuple[BackboneConfig, bool, np.dtype, Callable[...
   which the directory stores one by one), so that memory holds one parameter at a time."""
   meta = read_meta(path)
   cfg = config_from_json(meta['backbone'])
-  params_dir = os.path.join(os.path.abspath(path), PARAMS)
+  params_dir = os.path.join(files.absolute(path), PARAMS)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       stored = ckptr.metadata(params_dir)

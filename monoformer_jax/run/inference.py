@@ -3,13 +3,12 @@ inference, then pictures or text written (process 0 writes; every host computes)
 """
 
 import dataclasses
-import os
 from typing import Optional
 
 import jax
 import numpy as np
 
-from monoformer_jax.base import images as images_lib, progress
+from monoformer_jax.base import files, images as images_lib, progress
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.diffusion import Sampler
 from monoformer_jax.evaluation import fid_samples
@@ -35,7 +34,7 @@ class SamplingChoice:
     if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
       raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
     vae_dir = self.vae or config.model.vae
-    if vae_dir and not os.path.isdir(vae_dir):
+    if vae_dir and not files.isdir(vae_dir):
       raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '
                       'exist; pass --vae=DIR with the converted VAE that decodes the samples.')
     if not vae_dir and settings.draws_latents(config, setup.settings):
@@ -134,7 +133,7 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
   _check_decoding(decoding)
   if num < 1 or max_images < 0:
     raise UserError(f'--num is {num} and --max_images {max_images}; expected at least 1 and 0.')
-  if os.path.exists(out) and not os.path.isdir(out):
+  if files.isfile(out):
     raise UserError(f'--out {out} is a file; generate --out expects a directory (new or '
                     'existing) for generation.json and the pictures.')
   restored = workdir_lib.for_inference(workdir, use_ema)

@@ -7,10 +7,10 @@ what only training reads: the files and directories the config names.
 """
 
 import dataclasses
-import os
 
 import ml_collections
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.data.chat import ChatFormat
@@ -142,17 +142,18 @@ def check_inputs(config: ml_collections.ConfigDict, settings: Settings,
                  model: model_lib.MonoFormer) -> None:
   """The files and directories training reads exist, and a converted LLM fits the model (a
   UserError naming the first that does not)."""
-  for key, value, is_there in (('data.text_file', config.data.text_file, os.path.isfile),
-                               ('model.init_from', config.model.init_from, os.path.isdir),
-                               ('model.vae', config.model.vae, os.path.isdir),
-                               ('eval.inception', config.eval.inception, os.path.isdir),
-                               ('eval.fid_ref', config.eval.fid_ref, os.path.isfile)):
+  for key, value, is_there in (('data.text_file', config.data.text_file, files.isfile),
+                               ('model.init_from', config.model.init_from, files.isdir),
+                               ('model.vae', config.model.vae, files.isdir),
+                               ('eval.inception', config.eval.inception, files.isdir),
+                               ('eval.fid_ref', config.eval.fid_ref, files.isfile)):
     if value and not is_there(value):
       raise UserError(f'config key {key} names {value}, which does not exist.')
   if config.model.init_from:
     backbone.check_compatible(config.model.init_from, model.backbone, model.tie_embeddings)
-  if settings.image_source == ImageSource.LATENTS and not os.path.isdir(config.data.latents_dir):
-    raise UserError(f'config key data.latents_dir ({config.data.latents_dir!r}) is not a '
+  latents_dir = config.data.latents_dir
+  if settings.image_source == ImageSource.LATENTS and not (latents_dir and files.isdir(latents_dir)):
+    raise UserError(f'config key data.latents_dir ({latents_dir!r}) is not a '
                     'directory; expected the output of `extract_latents`.')
 
 

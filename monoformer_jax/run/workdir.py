@@ -2,32 +2,27 @@
 
 Inference needs nothing but the workdir (and the VAE where latents are decoded to pixels): the
 config comes from the newest checkpoint that restores and is only validated, never checked against
-the training inputs it names, which may be gone. Training holds the workdir's lock while it runs, so
-a second `train` on the same workdir is refused; the kernel drops the lock with the process, so a
-killed run leaves nothing stuck.
+the training inputs it names, which may be gone. Training holds the workdir's lock (a lease in a
+bucket: workdir_lock) while it runs, so a second `train` on the same workdir is refused.
 """
 
 import dataclasses
-import fcntl
 import os
-import socket
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import ml_collections
 import optax
 
-from monoformer_jax.base import sharding
+from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
-from monoformer_jax.run import settings as settings_lib
+from monoformer_jax.run import settings as settings_lib, workdir_lock
 from monoformer_jax.training import checkpoint, steps
 
-
-LOCK_FILE = 'train.lock'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +34,7 @@ class Setup:
   tok: tokenizer_lib.Tokenizer
   layout: sharding.Layout
   tx: Optional[optax.GradientTransformation] = None  # training only
-  lock: Optional[TextIO] = None  # training: the open, locked WORKDIR/train.lock
+  lock: Optional[workdir_lock.FileLock | workdir_lock.BucketLease] = None  # training, process 0
 
 
 def _check_vocabulary(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> None:
@@ -48,29 +43,16 @@ def _check_vocabulary(config: ml_collections.ConfigDict, tok: tokenizer_lib.Toke
                     f'model.vocab_size is only {config.model.vocab_size}.')
 
 
-def _lock(workdir: str) -> Optional[TextIO]:
-  """Process 0's exclusive lock on the workdir (other processes share process 0's run)."""
-  if jax.process_index() != 0:
-    return None
-  handle = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')
-  try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    handle.seek(0)
-    holder = handle.read().strip() or 'another process'
-    handle.close()
-    raise UserError(f'workdir {workdir} is in use by another `train` ({holder}); wait for it to '
-                    'end or choose another --workdir.') from None
-  handle.truncate(0)
-  handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-  handle.flush()
-  return handle
-
-
 def check_workdir(workdir: str) -> None:
-  """The workdir is a directory this process can write, or can be created as one."""
+  """The workdir is a directory this process can write, or can be created as one (in a
+  bucket: the bucket exists)."""
+  if files.is_remote(workdir):
+    files.makedirs(workdir)
+    if files.isfile(workdir):
+      raise UserError(f'--workdir {workdir} is an object, not a directory of objects.')
+    return
   existing = workdir
-  while not os.path.exists(existing):
+  while not os.path.exists(existing):  # local: the permission check below is a local one
     existing = os.path.dirname(os.path.abspath(existing))
   if not os.path.isdir(existing):
     raise UserError(f'--workdir {workdir} is a file (or lies under {existing}, a file); expected '
@@ -87,11 +69,17 @@ def for_training(config: ml_collections.ConfigDict, workdir: str,
   model = model_lib.build(config.model)
   settings_lib.check_inputs(config, settings, model)
   check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  lock = _lock(workdir)
-  tok = tokenizer_lib.for_workdir(workdir, config.model.init_from, config.data.tokenizer_vocab_size,
-                                  lambda: pipeline.tokenizer_texts(config.data))
-  _check_vocabulary(config, tok)
+  files.makedirs(workdir)
+  lock = workdir_lock.take(workdir)
+  try:
+    tok = tokenizer_lib.for_workdir(workdir, config.model.init_from,
+                                    config.data.tokenizer_vocab_size,
+                                    lambda: pipeline.tokenizer_texts(config.data))
+    _check_vocabulary(config, tok)
+  except BaseException:
+    if lock:
+      lock.close()
+    raise
   return Setup(config, settings, model, tok, layout or sharding.make_layout(config.mesh),
                steps.make_optimizer(config.optim, config.train.num_steps), lock)
 

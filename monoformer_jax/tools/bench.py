@@ -286,8 +286,8 @@ def machine() -> str:
   devices = jax.devices()
   if jax.default_backend() == 'cpu':
     name = platform.machine()
-    if os.path.exists('/proc/cpuinfo'):
-      with open('/proc/cpuinfo') as f:
+    if os.path.exists('/proc/cpuinfo'):  # local: this machine's CPU
+      with open('/proc/cpuinfo') as f:  # local: this machine's CPU
         names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
       name = names[0] if names else name
     return f'{name}, {os.cpu_count()} cores, {len(devices)} CPU device(s), jax {jax.__version__}'

@@ -1,9 +1,10 @@
 """`extract_latents`: the SD-VAE posterior of every training image, in resumable shards.
 
 Encodes data.latents_source (ImageNet with labels, or text-to-image pictures with prompts) into the
-directory layout `data/latents.py` reads: shard s is written by host s mod (number of hosts) on that
-host's devices, under a temporary name renamed when complete, so a rerun skips finished shards and
-redoes only the rest; `latents.json` is written last.
+directory layout `data/latents.py` reads, local or in a bucket: shard s is written by host s mod
+(number of hosts) on that host's devices into a local file, which becomes the shard (renamed, or
+uploaded as one object) when complete, so a rerun skips finished shards and redoes only the rest;
+`latents.json` is written last.
 Dimension letters: B batch, R resolution, h/w latent grid, Z latent channels.
 """
 
@@ -73,12 +74,12 @@ def extract(data: ml_collections.ConfigDict, source_kind: LatentsSource, vae_dir
   resolution, per_shard = data.image_resolution, data.latents_shard_size
   count = len(source)
   num_shards = math.ceil(count / per_shard)
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   encode, num_devices = _encoder(vae_dir)
   batch_size = math.ceil(batch_size / num_devices) * num_devices
   for shard in range(jax.process_index(), num_shards, jax.process_count()):
     path = latents.shard_path(out_dir, shard, num_shards)
-    if os.path.exists(path):
+    if files.exists(path):
       continue  # finished by an earlier run
     with files.atomic_file(path) as tmp:
       _write_shard(tmp, source, range(shard * per_shard, min(count, (shard + 1) * per_shard)),
@@ -87,7 +88,7 @@ def extract(data: ml_collections.ConfigDict, source_kind: LatentsSource, vae_dir
   shape = latents.read_record(latents.shard_path(out_dir, 0, num_shards), 0)['mean'].shape
   info = dict(source_records=count, num_shards=num_shards, records_per_shard=per_shard,
               resolution=resolution, latent_shape=list(shape), latent_scale=vae.LATENT_SCALE,
-              vae=os.path.abspath(vae_dir), source=source_kind.value)
+              vae=files.absolute(vae_dir), source=source_kind.value)
   if jax.process_index() == 0:
     files.write_text(os.path.join(out_dir, latents.INFO_FILE), json.dumps(info, indent=1))
   return info
@@ -95,7 +96,7 @@ def extract(data: ml_collections.ConfigDict, source_kind: LatentsSource, vae_dir
 
 def command(config: ml_collections.ConfigDict, vae_dir: str, out_dir: str) -> str:
   """`extract_latents`: the config's pictures encoded by the VAE in vae_dir into out_dir."""
-  if not vae_dir or not os.path.isdir(vae_dir):
+  if not vae_dir or not files.isdir(vae_dir):
     raise UserError(f'--vae is {vae_dir!r}; expected a converted VAE directory (convert vae).')
   if not out_dir:
     raise UserError('--dst is required: the directory for the latent shards.')

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from monoformer_jax import train
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands as convert_commands
+from monoformer_jax.nn import converted as converted_lib
 
 
 # What each finding compares and which way the paper found it to go.
@@ -52,35 +52,35 @@ def _variant_config(variant: str, overrides: dict):
 def _pretrained(out: str, overrides: dict) -> str:
   """The converted text-only backbone (trained, exported and converted once)."""
   converted = os.path.join(out, 'pretrained_llm')
-  if os.path.isdir(converted):
+  if files.exists(os.path.join(converted, converted_lib.MODEL_JSON)):  # written last: finished
     return converted
   workdir = os.path.join(out, 'pretrain')
   train.train_and_evaluate(_variant_config('pretrain', overrides), workdir)
   exported = os.path.join(out, 'pretrain_hf')
-  shutil.rmtree(exported, ignore_errors=True)
+  for leftover in (exported, converted):  # of an interrupted study: conversions need new paths
+    files.rmtree(leftover)
   convert_commands.run('export-llama', workdir, exported, use_ema=True)
-  convert_commands.run('llama', exported, converted + '.tmp', use_ema=True)
-  os.replace(converted + '.tmp', converted)
+  convert_commands.run('llama', exported, converted, use_ema=True)
   return converted
 
 
 def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
   workdir = os.path.join(out, f'{variant}_seed{seed}')
   done = os.path.join(workdir, 'eval.json')
-  if not os.path.exists(done):
+  if not files.exists(done):
     config = _variant_config(variant, overrides)
     config.seed = seed
     if variant == 'init':
       config.model.init_from = llm
     else:  # the same tokenizer as init's, made before the workdir is first used
-      os.makedirs(workdir, exist_ok=True)
-      shutil.copy(os.path.join(llm, 'tokenizer.model'), os.path.join(workdir, 'tokenizer.model'))
+      files.makedirs(workdir)
+      files.write_bytes(os.path.join(workdir, 'tokenizer.model'),
+                        files.read_bytes(os.path.join(llm, 'tokenizer.model')))
     start = time.monotonic()
     train.train_and_evaluate(config, workdir)
     files.write_text(os.path.join(workdir, 'wall.json'),
                      json.dumps({'seconds': time.monotonic() - start}))
-  with open(done, encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(files.read_text(done))
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -122,7 +122,7 @@ def run_study(out: str, seeds: int, variants=('scratch', 'init', 'causal'),
   """Trains and evaluates every variant for seeds 0..seeds-1; writes and returns the summary.
   overrides ({'section.key': value}) apply to every run (the tests shrink the budget)."""
   overrides = overrides or {}
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   start = time.monotonic()
   llm = _pretrained(out, overrides)
   results = {v: [_run(out, v, seed, llm, overrides) for seed in range(seeds)] for v in variants}

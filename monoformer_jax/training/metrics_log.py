@@ -2,16 +2,24 @@
 per logged step) and a progress line.
 
 metrics.jsonl survives crashes: a resumed run drops the rows it will redo and any line a
-crash or a full disk left torn (with a warning), and rewrites the file atomically.
+crash or a full disk left torn (with a warning), and rewrites the file atomically. On a local
+disk rows are appended as they come. A bucket has no append: there the file (and the
+TensorBoard events file) is rewritten whole, as one object, at every checkpoint save, at the
+end, and at least every FLUSH_SECONDS, so it always holds the rows of the newest checkpoint.
 """
 
 import contextlib
+import io
 import json
 import os
+import socket
 import sys
 import time
 import types
 from typing import Iterator
+
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
 
 import jax
 import numpy as np
@@ -20,28 +28,69 @@ from monoformer_jax.base import files, images as images_lib
 
 
 METRICS_FILE = 'metrics.jsonl'
+FLUSH_SECONDS = 30  # a bucket's metrics.jsonl lags the run by at most this
 
 
 def read_rows(path: str) -> list[dict]:
   """The rows of a metrics.jsonl; lines that are not JSON objects are dropped with a warning."""
   rows, torn = [], 0
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        row = None
-      if isinstance(row, dict) and isinstance(row.get('step'), int):
-        rows.append(row)
-      elif line.strip():
-        torn += 1
+  for line in files.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and isinstance(row.get('step'), int):
+      rows.append(row)
+    elif line.strip():
+      torn += 1
   if torn:
     print(f'warning: {path}: dropped {torn} unreadable line(s), e.g. one torn by a crash.',
           file=sys.stderr, flush=True)
   return rows
 
 
+class BucketEvents:
+  """TensorBoard events of a workdir in a bucket, as one events object rewritten at each flush
+  (TensorFlow's writer needs its own GCS client and appends). The file's records are
+  TensorBoard's own format, so TensorBoard reads the bucket as it reads a local run."""
+
+  def __init__(self, workdir: str):
+    self.path = f'{workdir}/events.out.tfevents.{time.time():.0f}.{socket.gethostname()}'
+    # Imported here: tensorboard.summary takes a quarter of a second to import.
+    from tensorboard.summary.writer import record_writer  # pylint: disable=import-outside-toplevel
+    self.buffer = io.BytesIO()
+    self.records = record_writer.RecordWriter(self.buffer)
+    self._add(event_pb2.Event(file_version='brain.Event:2'))
+
+  def _add(self, event: event_pb2.Event) -> None:
+    event.wall_time = time.time()
+    self.records.write(event.SerializeToString())
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    self._add(event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values)))
+
+  def write_images(self, step: int, images: dict) -> None:
+    values = []
+    for tag, batch in images.items():
+      png = io.BytesIO()
+      picture = np.asarray(batch[0])
+      Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(png, 'PNG')
+      image = summary_pb2.Summary.Image(height=picture.shape[0], width=picture.shape[1],
+                                        colorspace=picture.shape[-1],
+                                        encoded_image_string=png.getvalue())
+      values.append(summary_pb2.Summary.Value(tag=tag, image=image))
+    self._add(event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values)))
+
+  def flush(self) -> None:
+    files.write_bytes(self.path, self.buffer.getvalue())
+
+  close = flush
+
+
 def _tensorboard_writer(workdir: str, leader: bool):
+  if files.is_remote(workdir):
+    return BucketEvents(workdir) if leader else _NO_EVENTS
   # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -49,10 +98,15 @@ def _tensorboard_writer(workdir: str, leader: bool):
     if leader:
       print(f'warning: no TensorBoard events ({e}); metrics.jsonl and the progress line are '
             'still written.', file=sys.stderr, flush=True)
-    # What stands in for clu's writer where TensorFlow is not installed (e.g. a bare GPU image).
-    return types.SimpleNamespace(write_scalars=lambda step, scalars: None,
-                                 write_images=lambda step, images: None, close=lambda: None)
+    return _NO_EVENTS
   return metric_writers.create_default_writer(workdir, just_logging=not leader, asynchronous=False)
+
+
+# What stands in for a writer where TensorFlow is not installed (e.g. a bare GPU image), and on
+# the processes other than the first for a bucket.
+_NO_EVENTS = types.SimpleNamespace(write_scalars=lambda step, scalars: None,
+                                   write_images=lambda step, images: None,
+                                   flush=lambda: None, close=lambda: None)
 
 
 class MetricsLog:
@@ -64,6 +118,9 @@ class MetricsLog:
   def __init__(self, workdir: str, start_step: int, num_steps: int):
     self.leader = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.remote = files.is_remote(workdir)
+    self.rows: list[dict] = []  # a bucket's rows, rewritten whole at each flush
+    self.flushed = time.monotonic()
     self.writer = _tensorboard_writer(workdir, self.leader)
     self.num_steps = num_steps
     self.last = (start_step, time.monotonic())
@@ -71,9 +128,14 @@ class MetricsLog:
     self.paused_s = 0.0  # since the last write: compiling or evaluating, not training
     self.compiled: dict[str, float] = {}  # step kind -> seconds its first call took
     self.compiled_now: list[str] = []  # the kinds compiled since the last write
-    if self.leader and os.path.exists(self.path):  # drop rows a resumed run will redo
-      rows = [r for r in read_rows(self.path) if r['step'] <= start_step]
-      files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in rows))
+    if self.leader and files.exists(self.path):  # drop rows a resumed run will redo
+      self.rows = [r for r in read_rows(self.path) if r['step'] <= start_step]
+      self._rewrite()
+      if not self.remote:
+        self.rows = []
+
+  def _rewrite(self) -> None:
+    files.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in self.rows))
 
   @contextlib.contextmanager
   def pause(self) -> Iterator[None]:
@@ -97,9 +159,22 @@ class MetricsLog:
     self.compiled_now.append(kind)
 
   def _append(self, row: dict) -> None:
-    if self.leader:
-      with open(self.path, 'a', encoding='utf-8') as f:
+    if not self.leader:
+      return
+    if not self.remote:
+      with open(self.path, 'a', encoding='utf-8') as f:  # local: a bucket has no append
         f.write(json.dumps(row) + '\n')
+      return
+    self.rows.append(row)
+    if time.monotonic() - self.flushed > FLUSH_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every row so far readable in a bucket (on a local disk they are already)."""
+    if self.leader and self.remote:
+      self._rewrite()
+      self.writer.flush()
+      self.flushed = time.monotonic()
 
   def write(self, step: int, kind: str, metrics: dict, skipped_steps: int) -> None:
     """Logs one step's metrics (already on the host), the steps skipped so far as not
@@ -144,4 +219,5 @@ class MetricsLog:
       print(f'eval at step {step}:\n{table}', flush=True)
 
   def close(self) -> None:
+    self.flush()
     self.writer.close()

@@ -8,54 +8,13 @@ import sys
 
 import numpy as np
 import pytest
-import sentencepiece as spm
-import torch
 import transformers
-from diffusers import AutoencoderKL as DiffusersVAE
-from helpers import (TRAIN_FLAGS, cli, error_line, metrics_rows, picture_jsonl, start_process,
-                     tiny_config, wait_for_rows)
+from helpers import (TRAIN_FLAGS, VOCAB, cli, error_line, metrics_rows, start_process,
+                     tiny_config, training_inputs, wait_for_rows)
 
 from monoformer_jax import train
 from monoformer_jax.convert import commands
-from monoformer_jax.data.pipeline import LatentsSource
-from monoformer_jax.nn.model import SIZES
-from monoformer_jax.run import workdir as workdir_lib
-from monoformer_jax.tools import extract_latents
-
-
-VOCAB = 300
-
-
-def _inputs(root):
-  """Under root/inputs: a converted tiny LLM (its HF config says 256 positions), a text
-  file, SD-VAE-style latents of four pictures; the converted VAE under root/vae."""
-  inputs = root / 'inputs'
-  inputs.mkdir()
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-  text = '\n\n'.join(topics.topics[k] for k in sorted(topics.topics)[:40])
-  (inputs / 'corpus.txt').write_text(text)
-  tiny = SIZES['tiny']
-  torch.manual_seed(0)
-  hf = inputs / 'hf'
-  transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=VOCAB, hidden_size=tiny['width'], intermediate_size=tiny['mlp_dim'],
-      num_hidden_layers=tiny['depth'], num_attention_heads=tiny['num_heads'],
-      num_key_value_heads=tiny['num_kv_heads'], rms_norm_eps=1e-6,
-      max_position_embeddings=256)).save_pretrained(hf, safe_serialization=True)
-  spm.SentencePieceTrainer.train(input=str(inputs / 'corpus.txt'), model_prefix=str(hf / 'tokenizer'),
-                                 vocab_size=VOCAB, minloglevel=2)
-  commands.run('llama', str(hf), str(inputs / 'llm'), use_ema=True)
-  DiffusersVAE(block_out_channels=(32, 64), down_block_types=('DownEncoderBlock2D',) * 2,
-               up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, norm_num_groups=8,
-               latent_channels=4).save_pretrained(inputs / 'vae_hf', safe_serialization=True)
-  commands.run('vae', str(inputs / 'vae_hf'), str(root / 'vae'), use_ema=True)
-  pictures = inputs / 'pictures'
-  pictures.mkdir()
-  config = tiny_config()
-  config.data.t2i_files = picture_jsonl(pictures, [f'square {i}' for i in range(4)])
-  config.data.image_resolution = 16
-  extract_latents.extract(config.data, LatentsSource.T2I_JSONL, str(root / 'vae'),
-                          str(inputs / 'latents'))
+from monoformer_jax.run import workdir_lock
 
 
 @pytest.mark.slow
@@ -63,7 +22,7 @@ def test_inference_after_the_training_inputs_are_gone(tmp_path, monkeypatch):
   project, elsewhere = tmp_path / 'project', tmp_path / 'elsewhere'
   project.mkdir()
   elsewhere.mkdir()
-  _inputs(project)
+  training_inputs(project)
   monkeypatch.chdir(project)  # the config names its inputs relative to here, as the paper's do
   config = tiny_config(num_steps=2)
   config.model.init_from, config.data.text_file = 'inputs/llm', 'inputs/corpus.txt'
@@ -122,6 +81,5 @@ def test_a_second_train_on_a_workdir_in_use_is_refused(tmp_path):
   finally:
     first.kill()  # kill -9 ...
     first.communicate()
-  handle = workdir_lib._lock(workdir)  # ... leaves no stale lock  pylint: disable=protected-access
-  handle.close()
+  workdir_lock.take(workdir).close()  # ... leaves no stale lock
   assert [r['step'] for r in metrics_rows(workdir)][:2] == [1, 2]  # the first run's rows are intact

@@ -1,0 +1,145 @@
+"""One `train` per workdir, held by process 0 while the run lasts.
+
+A local workdir: an exclusive flock on WORKDIR/train.lock; the kernel drops it with the
+process, so a killed run leaves nothing stuck.
+
+A workdir in a bucket: objects cannot be locked, so WORKDIR/train.lock is a lease. It is created
+only if absent (a generation precondition, which the store checks atomically), rewritten every
+quarter of LEASE_SECONDS on the same kind of precondition by a background thread, and deleted
+when the run ends. A `train` that finds a lease refuses to start, unless the lease has gone
+LEASE_SECONDS without renewal: then it takes it over, again conditionally, so that of two runs
+taking over one stale lease only one wins. A run whose lease was taken over (it stalled for
+longer than LEASE_SECONDS) learns it at its next renewal and stops at its next checkpoint
+without saving. What a lease cannot do: stop a run that stalls past its lease and then writes
+before its next renewal, or free a killed run's workdir before LEASE_SECONDS have passed; and it
+trusts the hosts' clocks to within a fraction of LEASE_SECONDS.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+
+
+LOCK_FILE = 'train.lock'
+LEASE_SECONDS = 120.0
+
+
+def _holder() -> str:
+  return f'pid {os.getpid()} on {socket.gethostname()}'
+
+
+def _in_use(workdir: str, holder: str) -> UserError:
+  return UserError(f'workdir {workdir} is in use by another `train` ({holder}); wait for it to '
+                   'end or choose another --workdir.')
+
+
+class FileLock:
+  """The flock of a local workdir."""
+
+  def __init__(self, workdir: str):
+    self.handle = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')  # local: flock
+    try:
+      fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # local by nature
+    except OSError:
+      self.handle.seek(0)
+      holder = self.handle.read().strip() or 'another process'
+      self.handle.close()
+      raise _in_use(workdir, holder) from None
+    self.handle.truncate(0)
+    self.handle.write(_holder() + '\n')
+    self.handle.flush()
+    self.lost = False
+
+  def close(self) -> None:
+    self.handle.close()
+
+
+class BucketLease:
+  """The lease of a workdir in a bucket (see the module docstring)."""
+
+  def __init__(self, workdir: str, seconds: float = LEASE_SECONDS):
+    from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+    from google.cloud import storage  # pylint: disable=import-outside-toplevel
+    self.conflict = exceptions.PreconditionFailed
+    bucket, name = f'{workdir}/{LOCK_FILE}'.split('://', 1)[1].split('/', 1)
+    with files.remote_errors(workdir):
+      self.blob = storage.Client().bucket(bucket).blob(name)
+      self.seconds, self.lost, self.generation = seconds, False, 0
+      self._take(workdir)
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._renew, daemon=True, name='workdir lease')
+    self.thread.start()
+
+  def _write(self, generation: int) -> None:
+    record = json.dumps(dict(holder=_holder(), renewed=time.time(), seconds=self.seconds))
+    self.blob.upload_from_string(record, if_generation_match=generation, timeout=30)
+    self.generation = self.blob.generation
+
+  def _take(self, workdir: str) -> None:
+    try:
+      self._write(0)
+      return
+    except self.conflict:
+      pass
+    current = self.blob.bucket.get_blob(self.blob.name, timeout=30)
+    generation = current.generation if current else 0
+    if current is not None:
+      age = time.time() - current.updated.timestamp()
+      holder = json.loads(current.download_as_text(timeout=30) or '{}').get('holder', 'unknown')
+      if age < self.seconds:
+        raise _in_use(workdir, f'{holder}, its lease renewed {age:.0f} s ago')
+      print(f'warning: taking over the lease of {workdir} from {holder}, not renewed for '
+            f'{age:.0f} s (longer than {self.seconds:.0f} s).', file=sys.stderr, flush=True)
+    try:
+      self._write(generation)
+    except self.conflict:
+      raise _in_use(workdir, 'a run that took the lease just now') from None
+
+  def _renew(self) -> None:
+    while not self.stop.wait(self.seconds / 4):
+      try:
+        self._write(self.generation)
+      except self.conflict:
+        self.lost = True
+        print(f'warning: the lease gs://{self.blob.bucket.name}/{self.blob.name} was taken over '
+              'by another `train`; this run stops at its next checkpoint without saving.',
+              file=sys.stderr, flush=True)
+        return
+      except Exception:  # pylint: disable=broad-except
+        pass  # a transient failure: the next renewal tries again, well within the lease
+
+  def close(self) -> None:
+    self.stop.set()
+    self.thread.join()
+    if not self.lost:
+      try:
+        self.blob.delete(if_generation_match=self.generation, timeout=30)
+      except Exception:  # pylint: disable=broad-except
+        pass  # left to expire
+
+
+def take(workdir: str) -> Optional[FileLock | BucketLease]:
+  """Process 0's hold on the workdir (other processes share process 0's run)."""
+  if jax.process_index() != 0:
+    return None
+  return BucketLease(workdir) if files.is_remote(workdir) else FileLock(workdir)
+
+
+def check_held(lock: Optional[FileLock | BucketLease], workdir: str) -> None:
+  """Raises UserError on every process when process 0's lease was taken over."""
+  lost = multihost_utils.broadcast_one_to_all(np.int32(bool(lock and lock.lost)))
+  if lost:
+    raise UserError(f'another `train` took over the lease of workdir {workdir} (this run stalled '
+                    f'for over {LEASE_SECONDS:.0f} s); this run stopped without saving.')

@@ -1,0 +1,170 @@
+"""Runs whose workdir, data and converted LLM live in a bucket (the session's GCS emulator, a
+real GCS API): the same numbers as on a local disk across a preemption and resume, one `train`
+per workdir, the inference commands and exports writing to the bucket, a damaged checkpoint,
+and bad bucket paths as one sentence."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import (VOCAB, cli, error_line, metrics_rows, saved_arrays, start_process, tiny_config,
+                     training_inputs)
+
+from monoformer_jax.base import files
+from monoformer_jax.training import checkpoint
+
+
+def _upload(local_dir, dst: str) -> None:
+  for name in files.files_under(str(local_dir)):
+    files.copy(os.path.join(local_dir, name), f'{dst}/{name}')
+
+
+def _config_file(path, config) -> str:
+  """A config file (what `--config` takes) that gives `config`."""
+  path.write_text('import json\nfrom monoformer_jax.config import schema\n\n\ndef get_config():\n'
+                  f'  return schema.config_from_dict(json.loads({json.dumps(config.to_json())}))\n')
+  return str(path)
+
+
+def _run_config(inputs: str, vae: str):
+  """The tiny run from a converted LLM (model.size auto) on text and VAE latents under inputs."""
+  config = tiny_config(num_steps=60, checkpoint_every=1000)
+  config.model.size, config.model.init_from, config.model.vae = 'auto', f'{inputs}/llm', vae
+  config.data.text_file = f'{inputs}/corpus.txt'
+  config.data.image_source, config.data.latents_dir = 'latents', f'{inputs}/latents'
+  config.model.image_size, config.model.image_channels = (8, 8), 4
+  config.data.templates = ('Please generate an image of {name}',)
+  config.eval.prompt_template = config.data.templates[0]
+  config.data.prompt_len = 40
+  return config
+
+
+def _until_step(process, step: int) -> None:
+  """Reads a running `train`'s progress lines until step `step` is logged."""
+  for line in process.stdout:
+    if line.startswith(f'step {step}/'):
+      return
+  raise AssertionError(process.communicate()[1][-3000:])
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_matches_a_local_one_across_a_preemption(tmp_path, bucket):
+  training_inputs(tmp_path)
+  inputs = tmp_path / 'inputs'
+  for name in ('hf', 'pictures'):
+    _upload(inputs / name, f'{bucket}/inputs/{name}')
+  files.copy(str(inputs / 'corpus.txt'), f'{bucket}/inputs/corpus.txt')
+  _upload(tmp_path / 'vae', f'{bucket}/vae')
+  # The LLM converted and the pictures encoded from the bucket into the bucket.
+  result = cli('convert', 'llama', f'--src={bucket}/inputs/hf', f'--dst={bucket}/inputs/llm')
+  assert result.returncode == 0, result.stderr[-3000:]
+  extract = tiny_config()
+  extract.data.latents_source = 't2i_jsonl'
+  extract.data.t2i_files, extract.data.image_resolution = f'{bucket}/inputs/pictures/t2i.jsonl', 16
+  result = cli('extract_latents', f'--config={_config_file(tmp_path / "extract.py", extract)}',
+               f'--vae={bucket}/vae', f'--dst={bucket}/inputs/latents')
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  local = _config_file(tmp_path / 'local.py', _run_config(str(inputs), str(tmp_path / 'vae')))
+  remote = _config_file(tmp_path / 'remote.py', _run_config(f'{bucket}/inputs', f'{bucket}/vae'))
+  straight, workdir = str(tmp_path / 'straight'), f'{bucket}/run'
+  result = cli('train', f'--config={local}', f'--workdir={straight}')
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  run = start_process([sys.executable, '-m', 'monoformer_jax', 'train', f'--config={remote}',
+                       f'--workdir={workdir}'])
+  _until_step(run, 10)
+  run.send_signal(signal.SIGSTOP)  # holding its lease, frozen: a second `train` is refused
+  try:
+    second = cli('train', f'--config={remote}', f'--workdir={workdir}')
+  finally:
+    run.send_signal(signal.SIGCONT)
+  assert second.returncode == 2 and 'is in use by another `train` (pid' in error_line(second)
+  run.send_signal(signal.SIGTERM)
+  out, err = run.communicate(timeout=300)
+  assert run.returncode == 75 and 'Traceback' not in err, err[-3000:]
+  stopped = int(err.split('preempted: checkpoint step ')[1].split()[0])
+  assert 10 <= stopped < 60 and not files.exists(f'{workdir}/train.lock')  # the lease is let go
+  assert [r['step'] for r in metrics_rows(workdir)] == list(range(1, stopped + 1))
+
+  result = cli('train', f'--config={remote}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resuming from checkpoint step {stopped}' in result.stdout
+  assert metrics_rows(workdir) == metrics_rows(straight)
+  a, b = saved_arrays(straight), saved_arrays(workdir)
+  assert len(jax.tree.leaves(a)) == len(jax.tree.leaves(b)) > 20
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  # TensorBoard's own reader finds every logged loss in the bucket's events objects.
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=import-outside-toplevel
+  steps = set()
+  for name in files.glob(f'{workdir}/events.out.tfevents.*'):
+    (tmp_path / 'events').write_bytes(files.read_bytes(name))
+    steps |= {e.step for e in event_file_loader.EventFileLoader(str(tmp_path / 'events')).Load()
+              if any(v.tag.endswith('/loss') for v in e.summary.value)}
+  assert steps == set(range(1, 61))
+
+  # Inference and exports from the bucket workdir, writing to the bucket.
+  prompt = '--prompt=Please generate an image of square 1'
+  result = cli('sample', f'--workdir={workdir}', prompt, '--num=2', '--steps=2',
+               f'--out={bucket}/out/x.png')
+  assert result.returncode == 0, result.stderr[-3000:]
+  with files.local_copy(f'{bucket}/out/x.npz') as local, np.load(local) as saved:
+    assert saved['images'].shape == (2, 16, 16, 3)
+  result = cli('generate', f'--workdir={workdir}', '--prompt=The', '--max_tokens=4')
+  assert result.returncode == 0 and result.stdout.startswith('The'), result.stderr[-3000:]
+  for kind in ('export-llama', 'export-official'):
+    result = cli('convert', kind, f'--src={workdir}', f'--dst={bucket}/{kind}')
+    assert result.returncode == 0, result.stderr[-3000:]
+  exported = json.loads(files.read_text(f'{bucket}/export-llama/config.json'))
+  assert exported['vocab_size'] == VOCAB + 5 and exported['max_position_embeddings'] == 256
+  assert files.exists(f'{bucket}/export-official/config.json')
+
+  # A damaged newest step (an object replaced) falls back to the previous one, with a warning.
+  state = f'{workdir}/checkpoints/60/state'
+  name = max(files.files_under(state), key=lambda n: len(files.read_bytes(f'{state}/{n}')))
+  data = bytearray(files.read_bytes(f'{state}/{name}'))
+  data[len(data) // 2] ^= 0xFF
+  files.write_bytes(f'{state}/{name}', bytes(data))
+  result = cli('generate', f'--workdir={workdir}', '--prompt=The', '--max_tokens=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [l for l in result.stderr.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1 and 'damaged (its checksum differs)' in warnings[0]
+  assert f'Using step {stopped} instead' in warnings[0]
+
+
+def test_checksums_are_part_of_every_finished_step(tmp_path, bucket):
+  """Written before Orbax commits the step, so no crash after the commit leaves one unverified."""
+  config = tiny_config()
+  for workdir in (str(tmp_path), f'{bucket}/w'):
+    ckpt = checkpoint.Checkpointer(workdir, async_saves=True)
+    params = {'decoder': {'layers': {'0': {'w': np.arange(6.0)}}}}
+    ckpt.save_weights(1, params, config)
+    ckpt.manager.wait_until_finished()  # Orbax's own wait: nothing of ours runs after the commit
+    recorded = json.loads(files.read_text(f'{ckpt.directory}/1/{checkpoint.CHECKSUMS}'))
+    ckpt.close()
+    assert recorded and all('/' in name for name in recorded)
+    assert {n.split('/')[0] for n in recorded} == {'state', 'data', 'config'}
+
+
+def test_bad_bucket_paths_are_one_sentence_in_seconds(tmp_path, bucket):
+  files.write_text(f'{bucket}/garbage.npz', 'not an npz')
+  cases = [
+      (('train', '--config=configs/digits.py', '--workdir=gs://no-such-bucket-here/run'),
+       'error: bucket gs://no-such-bucket-here does not exist.'),
+      (('train', '--config=configs/digits.py', f'--config.data.text_file={bucket}/missing.txt',
+        f'--workdir={bucket}/run'), f'{bucket}/missing.txt'),
+      (('sample', f'--workdir={bucket}/nothing'), 'has no checkpoint'),
+      (('evaluate', f'--workdir={bucket}/nothing', f'--fid_ref={bucket}/garbage.npz'),
+       f'{bucket}/garbage.npz'),
+  ]
+  for args, expected in cases:
+    start = time.monotonic()
+    result = cli(*args)
+    assert result.returncode == 2 and expected in error_line(result), (args, result.stderr[-2000:])
+    assert 'Traceback' not in result.stderr and time.monotonic() - start < 10, args
+  assert not files.exists(f'{bucket}/run')
