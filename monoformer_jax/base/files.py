@@ -13,10 +13,11 @@ import concurrent.futures
 import contextlib
 import functools
 import glob as glob_lib
+import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
 import google_crc32c
@@ -98,7 +99,17 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-  return read_bytes(path).decode('utf-8')
+  try:
+    return read_bytes(path).decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path} is not UTF-8 text (byte {e.start} is not).') from None
+
+
+def read_json(path: str) -> Any:
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).') from None
 
 
 def listdir(path: str) -> list[str]:
@@ -148,7 +159,7 @@ def checksums(directory: str) -> dict[str, str]:
 def makedirs(path: str) -> None:
   """A local directory and its parents; for a bucket path, a check that the bucket exists."""
   if not is_remote(path):
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, exist_ok=True)  # local: the branch for local paths
     return
   with remote_errors(path):
     if not _gcs().exists(bucket_of(path)):
@@ -192,10 +203,10 @@ def atomic_file(path: str) -> Iterator[str]:
   try:
     yield tmp
   except BaseException:
-    if os.path.exists(tmp):
+    if os.path.exists(tmp):  # local: the temporary file beside a local output
       os.remove(tmp)
     raise
-  os.replace(tmp, path)
+  os.replace(tmp, path)  # local: a bucket's path returned above
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -217,7 +228,7 @@ def write_text(path: str, text: str) -> None:
 def copy(src: str, dst: str) -> None:
   """Copies one file, streamed; a remote destination is one object, appearing when complete."""
   with remote_errors(src), remote_errors(dst):
-    with epath.Path(src).open('rb') as source, epath.Path(dst).open('wb') as target:
+    with epath.Path(src).open('rb') as source, epath.Path(dst).open('wb') as target:  # either
       shutil.copyfileobj(source, target, 1 << 26)
 
 
@@ -250,7 +261,7 @@ def atomic_directory(dst: str, last: str) -> Iterator[str]:
     return
   tmp = os.path.abspath(dst) + '.partial'
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  os.makedirs(tmp)  # local: a bucket's directory returned above
   try:
     yield tmp
   except BaseException:

@@ -164,7 +164,7 @@ def read_hf_config(src: str) -> dict:
   path = os.path.join(src, 'config.json')
   if not files.isfile(path):
     raise UserError(f'{path} does not exist; expected a HF checkpoint directory with config.json.')
-  return json.loads(files.read_text(path))
+  return files.read_json(path)
 
 
 def convert_llama(src: str, dst: str) -> None:

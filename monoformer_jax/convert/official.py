@@ -16,6 +16,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
@@ -40,6 +41,9 @@ MODULES = {  # official Linear -> our Dense path
 OFFICIAL_TOKENS = {'pad': '<PAD>', 'image': '<image>', 'im_start': '<|im_start|>',
                    'im_end': '<|im_end|>'}
 SOURCE_FILE = 'official_source.json'  # in a converted workdir: {'config': config.json, 'dtype'}
+# The commit marker of the workdir's step 0: a reader in a bucket counts the step (so the workdir)
+# finished once it is there.
+_COMMITTED = os.path.join('checkpoints', '0', ocp.path.atomicity_types.COMMIT_SUCCESS_FILE)
 
 
 def monoformer_params(tensors) -> dict:
@@ -65,7 +69,7 @@ def locate(src: str, use_ema: bool) -> tuple[str, list[str]]:
   weights = ema if use_ema and files.isfile(os.path.join(ema, 'config.json')) else src
   here = files.absolute(src).rstrip('/') or '/'
   up = os.path.dirname(here)
-  search = [weights, src, here if up.endswith(':') else up]  # nothing is above a bucket
+  search = [weights, src, here if up.endswith(':') else up]  # a bucket's root has no parent
   return weights, list(dict.fromkeys(files.absolute(d) for d in search))
 
 
@@ -76,9 +80,9 @@ def special_ids(hf: dict, search: list[str]) -> dict[str, int]:
     listed, full = (os.path.join(directory, n) for n in ('added_tokens.json', 'tokenizer.json'))
     added = {}
     if files.exists(listed):
-      added = json.loads(files.read_text(listed))
+      added = files.read_json(listed)
     elif files.exists(full):
-      tokens = json.loads(files.read_text(full)).get('added_tokens', [])
+      tokens = files.read_json(full).get('added_tokens', [])
       added = {t['content']: t['id'] for t in tokens}
     if all(t in added for t in OFFICIAL_TOKENS.values()):
       return {ours: added[theirs] for ours, theirs in OFFICIAL_TOKENS.items()}
@@ -172,7 +176,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   # Bounding what Orbax copies at once to about the largest parameter keeps the conversion
   # near the size of the checkpoint.
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
-  with files.atomic_directory(dst) as tmp:
+  with files.atomic_directory(dst, last=_COMMITTED) as tmp:
     files.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
     files.write_text(os.path.join(tmp, SPECIALS_FILE), json.dumps(ids))
     files.write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(dict(config=hf, dtype=dtype),

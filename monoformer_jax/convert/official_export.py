@@ -29,7 +29,7 @@ from monoformer_jax.training import checkpoint
 def _recorded(src: str) -> dict:
   """What `convert official` recorded of a workdir's source ({} for a workdir trained here)."""
   path = os.path.join(src, official.SOURCE_FILE)
-  return json.loads(files.read_text(path)) if files.exists(path) else {}
+  return files.read_json(path) if files.exists(path) else {}
 
 
 def stored_dtype(src: str) -> np.dtype:
@@ -43,7 +43,7 @@ def _official_ids(setup, src: str) -> tuple[dict[str, int], dict[int, int]]:
   ids = dict(pad=tok.pad_id, image=None, im_start=tok.im_start_id, im_end=tok.im_end_id)
   specials = os.path.join(src, SPECIALS_FILE)
   if files.exists(specials):
-    ids['image'] = json.loads(files.read_text(specials)).get('image')
+    ids['image'] = files.read_json(specials).get('image')
   if all(i >= tok.num_pieces for i in ids.values() if i is not None):
     new_rows = {}
     if ids['image'] is None:

@@ -49,7 +49,7 @@ class SafetensorsDir:
     index_path = os.path.join(directory, single_file + '.index.json')
     single = os.path.join(directory, single_file)
     if files.exists(index_path):
-      names = sorted(set(json.loads(files.read_text(index_path))['weight_map'].values()))
+      names = sorted(set(files.read_json(index_path)['weight_map'].values()))
     elif files.exists(single):
       names = [single_file]
     else:

@@ -5,7 +5,6 @@ MonoFormer training script saves) read without unpickling arbitrary objects.
 only, memory-mapped so that a tensor is read when it is used. torch is needed for this path alone.
 """
 
-import json
 import os
 import pickle
 
@@ -67,7 +66,7 @@ class TorchBinDir:
   def __init__(self, directory: str):
     index_path = os.path.join(directory, BIN_FILE + '.index.json')
     if files.exists(index_path):
-      names = sorted(set(json.loads(files.read_text(index_path))['weight_map'].values()))
+      names = sorted(set(files.read_json(index_path)['weight_map'].values()))
     else:
       names = [BIN_FILE]
     self.tensors = {}

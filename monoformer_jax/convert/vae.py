@@ -79,7 +79,7 @@ def convert_vae(src: str, dst: str) -> None:
   config_path = os.path.join(src, 'config.json')
   if not files.isfile(config_path):
     raise UserError(f'{config_path} does not exist; expected a diffusers AutoencoderKL directory.')
-  cfg = config_from_diffusers(json.loads(files.read_text(config_path)), config_path)
+  cfg = config_from_diffusers(files.read_json(config_path), config_path)
   weights = os.path.join(src, _DIFFUSERS_FILE)
   params = params_from_diffusers(safetensors_io.SafetensorsDir(src, _DIFFUSERS_FILE))
   model = AutoencoderKL(cfg)

@@ -11,7 +11,6 @@ Dimension letters: L layers.
 """
 
 import functools
-import json
 import operator
 import os
 from typing import Callable, Mapping, Optional
@@ -35,7 +34,7 @@ def hf_source(directory: str) -> Optional[dict]:
   for name in (MODEL_JSON, SOURCE_JSON):
     path = os.path.join(directory, name)
     if files.isfile(path):
-      return json.loads(files.read_text(path)).get('hf_config')
+      return files.read_json(path).get('hf_config')
   return None
 
 
@@ -90,7 +89,7 @@ def read_meta(path: str, meta_file: str = MODEL_JSON, kind: str = 'llama') -> di
   if not files.isfile(meta_path):
     raise UserError(f'{path} is not a converted {kind} directory (no {meta_file}); create one '
                     f'with `python -m monoformer_jax convert {kind}`.')
-  return json.loads(files.read_text(meta_path))
+  return files.read_json(meta_path)
 
 
 def read_converted(path: str, meta_file: str, kind: str) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ before its next renewal, or free a killed run's workdir before LEASE_SECONDS hav
 trusts the hosts' clocks to within a fraction of LEASE_SECONDS.
 """
 
-import fcntl
+import fcntl  # local: the lock of a local workdir
 import json
 import os
 import socket

@@ -29,7 +29,7 @@ from monoformer_jax.generation import sampling
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.run import settings
-from monoformer_jax.tools import bench_torch
+from monoformer_jax.tools import bench_storage, bench_torch
 from monoformer_jax.training import objective, steps
 from monoformer_jax.training.steps import StepKind
 
@@ -371,10 +371,16 @@ def print_table(report: dict) -> None:
   print(f'peak memory: host {mem["host_peak_bytes"] / 2**30:.2f} GiB, device {device}')
 
 
-def run(config: ml_collections.ConfigDict, out_path: str, compare_torch: bool = False) -> dict:
-  """Measures, prints a table, and writes the JSON report to out_path ('' for none)."""
-  report = measure(config, compare_torch=compare_torch)
-  print_table(report)
+def run(config: ml_collections.ConfigDict, out_path: str, compare_torch: bool = False,
+        storage: str = '') -> dict:
+  """Measures, prints a table, and writes the JSON report to out_path ('' for none); with
+  storage (directories, comma-separated), the storage costs instead (bench_storage)."""
+  if storage:
+    report = bench_storage.measure(config, [d.strip() for d in storage.split(',') if d.strip()])
+    bench_storage.print_table(report)
+  else:
+    report = measure(config, compare_torch=compare_torch)
+    print_table(report)
   if out_path:
     files.write_text(out_path, json.dumps(report, indent=1))
   return report

@@ -6,16 +6,20 @@ and bad bucket paths as one sentence."""
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from helpers import (VOCAB, cli, error_line, metrics_rows, saved_arrays, start_process, tiny_config,
-                     training_inputs)
+from helpers import (ROOT, TRAIN_FLAGS, VOCAB, cli, devices_env, error_line, metrics_rows,
+                     saved_arrays, start_process, tiny_config, training_inputs, wait_for_step)
 
 from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.run import workdir_lock
 from monoformer_jax.training import checkpoint
 
 
@@ -44,14 +48,6 @@ def _run_config(inputs: str, vae: str):
   return config
 
 
-def _until_step(process, step: int) -> None:
-  """Reads a running `train`'s progress lines until step `step` is logged."""
-  for line in process.stdout:
-    if line.startswith(f'step {step}/'):
-      return
-  raise AssertionError(process.communicate()[1][-3000:])
-
-
 @pytest.mark.slow
 def test_a_run_in_a_bucket_matches_a_local_one_across_a_preemption(tmp_path, bucket):
   training_inputs(tmp_path)
@@ -78,7 +74,7 @@ def test_a_run_in_a_bucket_matches_a_local_one_across_a_preemption(tmp_path, buc
 
   run = start_process([sys.executable, '-m', 'monoformer_jax', 'train', f'--config={remote}',
                        f'--workdir={workdir}'])
-  _until_step(run, 10)
+  wait_for_step(run, 10)
   run.send_signal(signal.SIGSTOP)  # holding its lease, frozen: a second `train` is refused
   try:
     second = cli('train', f'--config={remote}', f'--workdir={workdir}')
@@ -168,3 +164,64 @@ def test_bad_bucket_paths_are_one_sentence_in_seconds(tmp_path, bucket):
     assert result.returncode == 2 and expected in error_line(result), (args, result.stderr[-2000:])
     assert 'Traceback' not in result.stderr and time.monotonic() - start < 10, args
   assert not files.exists(f'{bucket}/run')
+
+
+def test_a_stale_lease_is_taken_over_and_its_holder_stops_at_its_next_save(bucket, capsys):
+  workdir = f'{bucket}/w'
+  first = workdir_lock.BucketLease(workdir, seconds=2)
+  with pytest.raises(UserError, match=r'is in use by another `train` \(pid .*, its lease renewed'):
+    workdir_lock.BucketLease(workdir, seconds=2)
+  first.stop.set()  # the holder stalls: no renewal for longer than the lease
+  first.thread.join()
+  time.sleep(2.5)
+  second = workdir_lock.BucketLease(workdir, seconds=2)
+  assert 'warning: taking over the lease of' in capsys.readouterr().err
+  first.stop.clear()  # the holder wakes up: its next renewal finds the lease taken
+  first.thread = threading.Thread(target=first._renew)  # pylint: disable=protected-access
+  first.thread.start()
+  time.sleep(1.0)
+  assert first.lost
+  with pytest.raises(UserError, match='took over the lease of workdir'):
+    workdir_lock.check_held(first, workdir)
+  workdir_lock.check_held(second, workdir)
+  first.close()
+  assert files.exists(f'{workdir}/train.lock')  # the loser leaves the winner's lease alone
+  second.close()
+  assert not files.exists(f'{workdir}/train.lock')
+
+
+# Stands in for gcloud's `compute tpus tpu-vm ssh ... --worker=all --command CMD`: the pod's
+# WORKERS workers are processes on this machine, and they find each other as JAX finds the tasks
+# of a SLURM allocation (what --multihost reads on a pod is the TPU metadata server instead).
+_GCLOUD = """#!/usr/bin/env bash
+set -u
+while [[ $# -gt 0 && $1 != --command ]]; do shift; done
+pids=()
+for ((i = 0; i < WORKERS; i++)); do
+  SLURM_JOB_ID=$JOB SLURM_STEP_NODELIST=127.0.0.1 SLURM_NTASKS=$WORKERS SLURM_PROCID=$i \\
+    SLURM_LOCALID=$i bash -c "$2" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+@pytest.mark.multiprocess
+def test_the_tpu_pod_launchers_example_trains_in_a_bucket(tmp_path, bucket):
+  """launch/tpu_pod.sh's example command as written (gcloud aside): every worker runs
+  `train ... --multihost` on one workdir in the bucket."""
+  (tmp_path / 'bin').mkdir()
+  (tmp_path / 'bin' / 'gcloud').write_text(_GCLOUD)
+  (tmp_path / 'bin' / 'gcloud').chmod(0o755)
+  (tmp_path / 'monoformer-jax').symlink_to(ROOT)  # where the launcher's set-up copies the repo
+  env = devices_env(PATH=f'{tmp_path / "bin"}{os.pathsep}{os.environ["PATH"]}', HOME=str(tmp_path),
+                    SETUP='0', WORKERS='2', JOB=str(os.getpid()), JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      ['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'my-v5p-32', 'us-east5-a', '--',
+       'train', *TRAIN_FLAGS, '--config.train.num_steps=4', f'--workdir={bucket}/run'],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert files.listdir(f'{bucket}/run/checkpoints') == ['4']
+  assert [r['step'] for r in metrics_rows(f'{bucket}/run')] == [1, 2, 3, 4]

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 from helpers import (ROOT, TRAIN_FLAGS, cli, devices_env, final_state, metrics_rows, saved_arrays,
-                     start_process, step_config, tiny_config, wait_for_rows)
+                     start_process, step_config, tiny_config, wait_for_rows, wait_for_step)
 
 from monoformer_jax import train
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint, guards, steps
@@ -66,19 +67,20 @@ def test_a_second_ctrl_c_stops_at_once():
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_and_stop_together_on_sigterm_to_one(tmp_path):
-  """launch/local_multiprocess.sh, 2 processes x 2 devices: the losses of 1 process x 1 device
-  step by step; SIGTERM to the second process alone stops both at one step, saved by both."""
+def test_two_processes_match_one_and_stop_together_on_sigterm_to_one(tmp_path, bucket):
+  """launch/local_multiprocess.sh, 2 processes x 2 devices on a workdir in a bucket: the losses
+  of 1 process x 1 device on a local disk step by step; SIGTERM to the second process alone
+  stops both at one step, saved by both."""
   flags = [*TRAIN_FLAGS, '--config.data.text_batch_size=8', '--config.optim.cosine_decay=false',
            '--config.train.checkpoint_every=5000']  # a schedule that does not see num_steps
-  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  single, multi = str(tmp_path / 'single'), f'{bucket}/multi'
   one = cli('train', *flags, '--config.train.num_steps=3', f'--workdir={single}',
             env=devices_env())
   assert one.returncode == 0, one.stderr[-3000:]
   run = start_process(['bash', os.path.join(ROOT, 'launch', 'local_multiprocess.sh'), '2', 'train',
                        *flags, '--config.train.num_steps=2000', f'--workdir={multi}'],
                       env=devices_env(DEVICES_PER_PROCESS='2'))
-  wait_for_rows(multi, 10, run)
+  wait_for_step(run, 10)
   children = subprocess.run(['pgrep', '-f', 'process_id=1'], capture_output=True, text=True)
   pids = [int(p) for p in children.stdout.split() if int(p) != os.getpid()]
   assert pids, 'process 1 not found'
@@ -88,7 +90,7 @@ def test_two_processes_match_one_and_stop_together_on_sigterm_to_one(tmp_path):
   stops = {int(line.split('checkpoint step ')[1].split()[0])
            for line in err.splitlines() if line.startswith('preempted:')}
   assert len(stops) == 1 and err.count('preempted:') == 2, err[-3000:]
-  assert os.listdir(os.path.join(multi, 'checkpoints')) == [str(stops.pop())]
+  assert files.listdir(f'{multi}/checkpoints') == [str(stops.pop())]
   for a, b in zip(metrics_rows(single), metrics_rows(multi)[:3]):
     assert a['kind'] == b['kind'] and abs(a['loss'] - b['loss']) <= 1e-5 * abs(a['loss']), (a, b)
 
