@@ -9,7 +9,6 @@ bucket: ArrayRecord reads gs:// shards itself (riegeli's GCS reader), record by 
 Dimension letters: P prompt length, h/w latent grid, Z latent channels.
 """
 
-import json
 import os
 from typing import Any, Optional
 
@@ -48,7 +47,7 @@ def open_source(data: ml_collections.ConfigDict,
   if not files.isfile(info_path):
     raise UserError(f'config key data.latents_dir ({directory!r}) has no {INFO_FILE}; expected '
                     'the output of a finished `extract_latents`.')
-  info = json.loads(files.read_text(info_path))
+  info = files.read_json(info_path)
   if info['latent_shape'] != list(latent_shape):
     raise UserError(f'{directory} holds latents of shape {info["latent_shape"]}; config keys '
                     f'model.image_size and model.image_channels expect {list(latent_shape)}.')

@@ -7,7 +7,6 @@ order <im_start>, <im_end>, <pad>; text never encodes to those ids.
 """
 
 import dataclasses
-import json
 import os
 import tempfile
 from typing import Callable, Iterable, Sequence
@@ -52,7 +51,7 @@ class Tokenizer:
 
     specials_path = os.path.join(os.path.dirname(path), SPECIALS_FILE)
     if files.exists(specials_path):  # ids fixed by a converted checkpoint
-      ids = json.loads(files.read_text(specials_path))
+      ids = files.read_json(specials_path)
       self.im_start_id, self.im_end_id, self.pad_id = ids['im_start'], ids['im_end'], ids['pad']
       next_id = max(next_id, self.im_start_id + 1, self.im_end_id + 1, self.pad_id + 1)
     else:

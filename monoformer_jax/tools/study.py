@@ -80,7 +80,7 @@ def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
     train.train_and_evaluate(config, workdir)
     files.write_text(os.path.join(workdir, 'wall.json'),
                      json.dumps({'seconds': time.monotonic() - start}))
-  return json.loads(files.read_text(done))
+  return files.read_json(done)
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:

@@ -229,7 +229,7 @@ class Checkpointer:
     path = os.path.join(step_dir, CHECKSUMS)
     if jax.process_index() != 0 or not files.exists(path):
       return
-    recorded = json.loads(files.read_text(path))
+    recorded = files.read_json(path)
     found = _item_checksums(step_dir)
     for name, crc in recorded.items():
       if name in found and isinstance(crc, int):

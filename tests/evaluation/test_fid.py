@@ -10,7 +10,7 @@ import pytest
 from helpers import cli, error_line, one_and_two_processes, tiny_config
 
 from monoformer_jax import train
-from monoformer_jax.base import sharding
+from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.convert import inception as convert_inception
@@ -131,19 +131,23 @@ def _torch_stats(model, path) -> fid.Stats:
 
 
 @pytest.mark.slow
-def test_evaluate_fid_end_to_end(weights, reference_model, trained, tmp_path):
-  """Reference statistics equal pytorch-fid's; FID-N of a workdir; the FID of a sample file
-  equals the distance of pytorch-fid's features."""
+def test_evaluate_fid_end_to_end(weights, reference_model, trained, tmp_path, bucket):
+  """Reference statistics equal pytorch-fid's (the reference, the Inception and the statistics
+  in a bucket); FID-N of a workdir; the FID of a sample file equals the distance of
+  pytorch-fid's features."""
   converted = weights[1]
   rng = np.random.default_rng(2)
   # Every file at the trained model's 8 x 8, so the three processes compile one Inception.
   ref = _uint8_npz(tmp_path / 'ref.npz', rng.integers(0, 256, (10, 8, 8, 3)).astype(np.uint8))
-  stats_out = tmp_path / 'ref_stats.npz'
-  result = cli('evaluate', f'--fid_ref={ref}', f'--inception={converted}', '--fid_batch=4',
-               f'--fid_stats_out={stats_out}')
+  for name in files.files_under(converted):
+    files.copy(os.path.join(converted, name), f'{bucket}/inception/{name}')
+  files.copy(ref, f'{bucket}/ref.npz')
+  stats_out = f'{bucket}/ref_stats.npz'
+  result = cli('evaluate', f'--fid_ref={bucket}/ref.npz', f'--inception={bucket}/inception',
+               '--fid_batch=4', f'--fid_stats_out={stats_out}')
   assert result.returncode == 0, result.stderr[-2000:]
   want = _torch_stats(reference_model, ref)
-  with np.load(stats_out) as s:
+  with files.local_copy(stats_out) as local, np.load(local) as s:
     assert _relative(s['mu'], want.mu) < 1e-4 and _relative(s['sigma'], want.sigma) < 1e-4
     assert int(s['count']) == 10
 
