@@ -196,8 +196,8 @@ def saved_metrics(workdir: str) -> dict:
   if not files.exists(path):
     return {}
   try:
-    saved = files.read_json(path)
-  except UserError:  # torn by a crash: the evaluation runs again
+    saved = json.loads(files.read_text(path))
+  except ValueError:  # torn by a crash: the evaluation runs again
     return {}
   return saved if isinstance(saved, dict) else {}
 
