@@ -1,6 +1,7 @@
 """Checkpoints a long run may rely on: fallback from damaged steps, no non-finite parameters,
 a real full disk as one sentence, asynchronous saves equal to synchronous ones."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from helpers import (ROOT, TRAIN_FLAGS, cli, error_line, final_state, metrics_ro
                      tiny_config)
 
 from monoformer_jax import train
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint, steps
@@ -172,3 +174,17 @@ def test_async_save_overlaps_steps_and_matches_a_synchronous_save(workdir, tmp_p
   b = checkpoint.Checkpointer(str(tmp_path / 'sync'), create=False).restore(1, abstract)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_checksums_are_part_of_every_finished_step(tmp_path, bucket):
+  """Written before Orbax commits the step, so no crash after the commit leaves one unverified."""
+  config = tiny_config()
+  for workdir in (str(tmp_path), f'{bucket}/w'):
+    ckpt = checkpoint.Checkpointer(workdir, async_saves=True)
+    params = {'decoder': {'layers': {'0': {'w': np.arange(6.0)}}}}
+    ckpt.save_weights(1, params, config)
+    ckpt.manager.wait_until_finished()  # Orbax's own wait: nothing of ours runs after the commit
+    recorded = json.loads(files.read_text(f'{ckpt.directory}/1/{checkpoint.CHECKSUMS}'))
+    ckpt.close()
+    assert recorded and all('/' in name for name in recorded)
+    assert {n.split('/')[0] for n in recorded} == {'state', 'data', 'config'}
