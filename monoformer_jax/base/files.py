@@ -228,8 +228,9 @@ def write_text(path: str, text: str) -> None:
 def copy(src: str, dst: str) -> None:
   """Copies one file, streamed; a remote destination is one object, appearing when complete."""
   with remote_errors(src), remote_errors(dst):
-    with epath.Path(src).open('rb') as source, epath.Path(dst).open('wb') as target:  # either
-      shutil.copyfileobj(source, target, 1 << 26)
+    source, target = epath.Path(src), epath.Path(dst)
+    with source.open('rb') as reader, target.open('wb') as writer:  # local or remote, streamed
+      shutil.copyfileobj(reader, writer, 1 << 26)
 
 
 @contextlib.contextmanager
