@@ -59,12 +59,12 @@ def pytest_unconfigure(config):
 # files in collection order (pytest_configure turns off its reordering by test count), so the
 # short files fill in at the end instead of a long one starting last.
 LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'base/test_files.py',
-                 'test_main.py',
-                 'base/test_sharding.py', 'test_configs.py', 'training/test_objective.py',
-                 'training/test_checkpoint.py', 'training/test_cross_entropy.py',
-                 'run/test_workdir.py', 'test_train.py', 'evaluation/test_multiple_choice.py',
-                 'generation/test_sampling.py', 'nn/test_layers.py', 'run/test_backbone.py',
-                 'tools/test_study.py', 'tools/test_extract_latents.py', 'nn/test_splash.py')
+                 'test_main.py', 'base/test_sharding.py', 'test_configs.py',
+                 'training/test_objective.py', 'training/test_checkpoint.py',
+                 'training/test_cross_entropy.py', 'run/test_workdir.py', 'test_train.py',
+                 'evaluation/test_multiple_choice.py', 'generation/test_sampling.py',
+                 'nn/test_layers.py', 'run/test_backbone.py', 'tools/test_study.py',
+                 'tools/test_extract_latents.py', 'nn/test_splash.py')
 
 
 def pytest_collection_modifyitems(items):
