@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from monoformer_jax import train, usage
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.convert import commands as convert_commands
@@ -127,6 +128,8 @@ def _evaluate(workdir: str) -> str:
 def _run(command: str, argv: list[str]) -> str:
   """Runs one command; returns what it prints when it is done (process 0 prints it)."""
   workdir = _WORKDIR.value
+  if workdir and files.is_remote(workdir):
+    workdir = files.absolute(workdir)  # one spelling per bucket workdir (one lease)
   if command in ('train', 'bench', 'extract_latents') and _CONFIG.value is None:
     raise UserError(f'{command} needs --config=configs/FILE.py.')
   if command in ('train', 'sample', 'generate', 'study') and not workdir:

@@ -172,7 +172,7 @@ def _train(run: _Run, workdir: str) -> dict:
   if finished is not None:
     ckpt.close()
     return finished
-  log = MetricsLog(workdir, run.start, t.num_steps)
+  log = MetricsLog(workdir, run.start, t.num_steps, setup.lock)
   notice, guard = guards.PreemptionNotice(), guards.SkipGuard(t.max_skipped_steps)
   clock = _SaveClock(t.checkpoint_minutes)
   joint = StepKind.JOINT in run.step_fns

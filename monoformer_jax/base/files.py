@@ -37,7 +37,12 @@ def is_remote(path: str) -> bool:
 
 
 def absolute(path: str) -> str:
-  return str(path) if is_remote(path) else os.path.abspath(path)
+  """A local path made absolute; a bucket path without doubled or trailing slashes (object
+  names keep them, so gs://b/run/ and gs://b/run would be two workdirs)."""
+  if not is_remote(path):
+    return os.path.abspath(path)
+  scheme, rest = str(path).split('://', 1)
+  return f'{scheme}://' + '/'.join(part for part in rest.split('/') if part)
 
 
 def bucket_of(path: str) -> str:
@@ -49,30 +54,49 @@ def _gcs() -> fsspec.AbstractFileSystem:
   return epath_backend.fsspec_backend.fs('gs://')
 
 
+@functools.cache
+def _storage_client():
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  return storage.Client()
+
+
+def bucket_exists(bucket: str) -> bool:
+  """False only when the store says the bucket does not exist (credentials that may use its
+  objects but not read its metadata still find it)."""
+  from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+  try:
+    return _storage_client().bucket(bucket).exists(timeout=10)
+  except exceptions.Forbidden:
+    return True
+
+
 def _reason(error: BaseException, path: str) -> str:
   """What went wrong with a remote path, in words."""
   text = (str(error).splitlines() or [''])[0]
   if isinstance(error, FileNotFoundError):
     bucket = bucket_of(path)
     try:
-      found = _gcs().exists(bucket)
-    except OSError:
+      found = bucket_exists(bucket)
+    except Exception:  # pylint: disable=broad-except
       found = True
     return f'bucket gs://{bucket} does not exist' if not found else f'{path} does not exist'
-  if text.startswith('Forbidden') or isinstance(error, PermissionError):
+  if ('Forbidden' in text or '403' in text or isinstance(error, PermissionError)):
     return f'no permission for {path} (check the credentials and the bucket\'s IAM roles)'
+  if '401' in text or 'credentials' in text.lower() or 'Anonymous caller' in text:
+    return (f'no credentials for {path} (gcloud auth application-default login, or a service '
+            'account)')
   return f'{path}: {type(error).__name__}: {text[:200]}'
 
 
 @contextlib.contextmanager
 def remote_errors(path: str) -> Iterator[None]:
-  """Storage errors on a bucket path as one UserError sentence (local ones stay OSErrors: the
-  CLI names their file already)."""
+  """Any failure on a bucket path (the store's, the client's, the credentials') as one
+  UserError sentence; local ones stay as they are (the CLI names an OSError's file)."""
   try:
     yield
   except UserError:
     raise
-  except (OSError, ValueError, RuntimeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     if not is_remote(path):
       raise
     raise UserError(_reason(e, path) + '.') from e
@@ -162,7 +186,7 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)  # local: the branch for local paths
     return
   with remote_errors(path):
-    if not _gcs().exists(bucket_of(path)):
+    if not bucket_exists(bucket_of(path)):
       raise FileNotFoundError(path)
 
 
@@ -214,7 +238,7 @@ def write_bytes(path: str, data: bytes) -> None:
   if is_remote(path):
     _check_parent(path)
     with remote_errors(path):
-      epath.Path(path).write_bytes(data)
+      _gcs().pipe_file(path, data)  # one request: an interrupted upload leaves no object
     return
   with atomic_file(path) as tmp, open(tmp, 'wb') as f:  # local by nature: the scratch file
     f.write(data)
@@ -226,11 +250,17 @@ def write_text(path: str, text: str) -> None:
 
 
 def copy(src: str, dst: str) -> None:
-  """Copies one file, streamed; a remote destination is one object, appearing when complete."""
+  """Copies one file; a remote destination is one object, which appears only once complete
+  (an upload finishes with its last chunk, a copy within the store is the store's)."""
   with remote_errors(src), remote_errors(dst):
-    source, target = epath.Path(src), epath.Path(dst)
-    with source.open('rb') as reader, target.open('wb') as writer:  # local or remote, streamed
-      shutil.copyfileobj(reader, writer, 1 << 26)
+    if is_remote(src) and is_remote(dst):
+      _gcs().copy(src, dst)
+    elif is_remote(dst):
+      _gcs().put_file(src, dst)
+    elif is_remote(src):
+      _gcs().get_file(src, dst)
+    else:
+      shutil.copyfile(src, dst)
 
 
 @contextlib.contextmanager
@@ -252,11 +282,16 @@ def atomic_directory(dst: str, last: str) -> Iterator[str]:
   (the file readers open first) uploaded last, so a directory without it is unfinished."""
   if exists(dst):
     raise UserError(f'destination {dst} already exists; remove it or choose another.')
-  _check_parent(dst)
+  if not is_remote(dst) and not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+    raise UserError(f'the parent directory of {dst} does not exist.')
   if is_remote(dst):
+    makedirs(dst)
     with tempfile.TemporaryDirectory() as scratch:
       yield scratch
       names = files_under(scratch)
+      if last not in names:  # readers would never count it finished
+        raise UserError(f'{dst}: nothing was written as {last}, the file that marks it finished; '
+                        'nothing was uploaded.')
       for name in sorted(names, key=lambda n: n == last):
         copy(os.path.join(scratch, name), f'{dst}/{name}')
     return

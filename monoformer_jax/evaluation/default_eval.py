@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax import diffusion
 from monoformer_jax.base import files, progress
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import corpus, digits
 from monoformer_jax.evaluation import digit_fd, text_tasks
 from monoformer_jax.generation import mixed_modal, sampling
@@ -197,7 +198,7 @@ def saved_metrics(workdir: str) -> dict:
     return {}
   try:
     saved = json.loads(files.read_text(path))
-  except ValueError:  # torn by a crash: the evaluation runs again
+  except (OSError, ValueError, UserError):  # torn by a crash: the evaluation runs again
     return {}
   return saved if isinstance(saved, dict) else {}
 

@@ -73,7 +73,7 @@ class BucketLease:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
     from google.cloud import storage  # pylint: disable=import-outside-toplevel
     self.conflict = exceptions.PreconditionFailed
-    bucket, name = f'{workdir}/{LOCK_FILE}'.split('://', 1)[1].split('/', 1)
+    bucket, name = f'{files.absolute(workdir)}/{LOCK_FILE}'.split('://', 1)[1].split('/', 1)
     with files.remote_errors(workdir):
       self.blob = storage.Client().bucket(bucket).blob(name)
       self.seconds, self.lost, self.generation = seconds, False, 0

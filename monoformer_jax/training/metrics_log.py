@@ -55,7 +55,8 @@ class BucketEvents:
   TensorBoard's own format, so TensorBoard reads the bucket as it reads a local run."""
 
   def __init__(self, workdir: str):
-    self.path = f'{workdir}/events.out.tfevents.{time.time():.0f}.{socket.gethostname()}'
+    self.path = (f'{files.absolute(workdir)}/events.out.tfevents.{time.time():.0f}.'
+                 f'{socket.gethostname()}')
     # Imported here: tensorboard.summary takes a quarter of a second to import.
     from tensorboard.summary.writer import record_writer  # pylint: disable=import-outside-toplevel
     self.buffer = io.BytesIO()
@@ -115,10 +116,12 @@ class MetricsLog:
   Speed and ETA are steady-state figures: the time a step kind's first call spends compiling
   and the time periodic evaluations take are left out of them."""
 
-  def __init__(self, workdir: str, start_step: int, num_steps: int):
+  def __init__(self, workdir: str, start_step: int, num_steps: int, lock=None):
+    """lock: the run's hold on its workdir (process 0's); once another run has taken it over,
+    this one's rows are no longer written to the bucket."""
     self.leader = jax.process_index() == 0
     self.path = os.path.join(workdir, METRICS_FILE)
-    self.remote = files.is_remote(workdir)
+    self.remote, self.lock = files.is_remote(workdir), lock
     self.rows: list[dict] = []  # a bucket's rows, rewritten whole at each flush
     self.flushed = time.monotonic()
     self.writer = _tensorboard_writer(workdir, self.leader)
@@ -171,7 +174,7 @@ class MetricsLog:
 
   def flush(self) -> None:
     """Makes every row so far readable in a bucket (on a local disk they are already)."""
-    if self.leader and self.remote:
+    if self.leader and self.remote and not (self.lock and self.lock.lost):
       self._rewrite()
       self.writer.flush()
       self.flushed = time.monotonic()

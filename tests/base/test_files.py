@@ -50,6 +50,7 @@ def test_a_directory_appears_whole_or_not_at_all(tmp_path):
 
 
 def test_in_a_bucket_an_output_is_one_object_and_a_directory_finishes_with_its_marker(bucket):
+  assert files.absolute(f'{bucket}//run/') == f'{bucket}/run'  # one spelling, one workdir
   path = f'{bucket}/run/out.json'
   files.write_text(path, 'first')
   with pytest.raises(RuntimeError):

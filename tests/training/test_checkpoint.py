@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,19 @@ def test_checksums_are_part_of_every_finished_step(tmp_path, bucket):
     ckpt.close()
     assert recorded and all('/' in name for name in recorded)
     assert {n.split('/')[0] for n in recorded} == {'state', 'data', 'config'}
+
+
+def test_checksums_an_earlier_version_recorded_still_verify(trained, tmp_path):
+  """Steps saved before CRC32C recorded a CRC-32 (an integer) of every file, Orbax's own
+  included; they restore, and damage is still caught."""
+  workdir = _copy(trained, tmp_path)
+  step_dir = os.path.join(workdir, 'checkpoints', '4')
+  names = [n for n in files.files_under(step_dir) if n != checkpoint.CHECKSUMS]
+  files.write_text(os.path.join(step_dir, checkpoint.CHECKSUMS), json.dumps(
+      {n: zlib.crc32(files.read_bytes(os.path.join(step_dir, n))) for n in names}))
+  ckpt = checkpoint.Checkpointer(workdir, create=False)
+  ckpt._verify(4)  # pylint: disable=protected-access
+  _flip(workdir, 4)
+  with pytest.raises(UserError, match='damaged'):
+    ckpt._verify(4)  # pylint: disable=protected-access
+  ckpt.close()
