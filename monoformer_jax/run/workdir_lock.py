@@ -6,13 +6,15 @@ process, so a killed run leaves nothing stuck.
 A workdir in a bucket: objects cannot be locked, so WORKDIR/train.lock is a lease. It is created
 only if absent (a generation precondition, which the store checks atomically), rewritten every
 quarter of LEASE_SECONDS on the same kind of precondition by a background thread, and deleted
-when the run ends. A `train` that finds a lease refuses to start, unless the lease has gone
-LEASE_SECONDS without renewal: then it takes it over, again conditionally, so that of two runs
-taking over one stale lease only one wins. A run whose lease was taken over (it stalled for
-longer than LEASE_SECONDS) learns it at its next renewal and stops at its next checkpoint
-without saving. What a lease cannot do: stop a run that stalls past its lease and then writes
-before its next renewal, or free a killed run's workdir before LEASE_SECONDS have passed; and it
-trusts the hosts' clocks to within a fraction of LEASE_SECONDS.
+when the run ends. A `train` that finds a lease renewed within the last one and a half renewal
+periods refuses to start; one that finds an older lease (its holder most likely crashed, e.g. a
+job SLURM requeued) waits until the lease has gone LEASE_SECONDS without renewal and takes it
+over, again conditionally, so that of two runs taking over one stale lease only one wins. A run
+whose lease was taken over (it stalled for longer than LEASE_SECONDS) learns it at its next
+renewal and stops at its next checkpoint without saving. What a lease cannot do: stop a run that
+stalls past its lease and then writes before its next renewal, or let a run restarted at once
+after a crash start before that lease expires; and it trusts the hosts' clocks to within a
+fraction of LEASE_SECONDS.
 """
 
 import fcntl  # local: the lock of a local workdir
@@ -98,8 +100,16 @@ class BucketLease:
     if current is not None:
       age = time.time() - current.updated.timestamp()
       holder = json.loads(current.download_as_text(timeout=30) or '{}').get('holder', 'unknown')
-      if age < self.seconds:
+      if age < self.seconds * 3 / 8:  # renewed within one and a half renewal periods: alive
         raise _in_use(workdir, f'{holder}, its lease renewed {age:.0f} s ago')
+      if age < self.seconds:  # two renewals missed: a crashed run (a requeued job) most likely
+        print(f'waiting {self.seconds - age:.0f} s for the lease of {workdir} ({holder}, not '
+              f'renewed for {age:.0f} s) to expire.', file=sys.stderr, flush=True)
+        time.sleep(self.seconds - age)
+        latest = self.blob.bucket.get_blob(self.blob.name, timeout=30)
+        if latest is not None and latest.generation != generation:
+          raise _in_use(workdir, f'{holder}, which renewed its lease while this run waited')
+        generation = latest.generation if latest else 0
       print(f'warning: taking over the lease of {workdir} from {holder}, not renewed for '
             f'{age:.0f} s (longer than {self.seconds:.0f} s).', file=sys.stderr, flush=True)
     try:
