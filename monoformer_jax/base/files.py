@@ -20,7 +20,6 @@ import tempfile
 from typing import Any, Iterator
 
 import fsspec
-import google_crc32c
 from etils import epath
 from etils.epath import backend as epath_backend
 
@@ -160,6 +159,11 @@ def files_under(directory: str) -> list[str]:
 
 
 def _crc32c(path: str) -> str:
+  try:  # a dependency of gcsfs, imported here so that a bare accelerator image imports the package
+    import google_crc32c  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UserError('checkpoint checksums need the google-crc32c package; install '
+                    'requirements.txt.') from e
   crc = google_crc32c.Checksum()
   with open(path, 'rb') as f:  # local: what the store computes for an object, done here
     while block := f.read(1 << 24):
