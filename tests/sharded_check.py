@@ -18,7 +18,7 @@ from helpers import (image_batches, signal_params,  # pylint: disable=wrong-impo
                      step_config, text_batches, tiny_config)
 
 from monoformer_jax.base import sharding  # pylint: disable=wrong-import-position
-from monoformer_jax.data.tokenizer import Tokenizer  # pylint: disable=wrong-import-position
+from monoformer_jax.data.tokenizer import SentencePiece  # pylint: disable=wrong-import-position
 from monoformer_jax.nn import model as model_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-import-position
 from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
@@ -47,7 +47,7 @@ def make_config(mesh: dict):
 
 
 def run(config, workdir, devices, num_steps=3, state=None):
-  tok = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
+  tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
   model = model_lib.build(config.model)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh, devices)
@@ -126,7 +126,7 @@ def samplers_under_mesh(workdir):
   for name, devices, mesh in (('mesh', jax.devices(), MESHES[ALL_AXES]),
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
     config = make_config(mesh)
-    tok = Tokenizer(os.path.join(workdir, 'tokenizer.model'))
+    tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
     model = model_lib.build(config.model)
     tx = steps.make_optimizer(config.optim, 1)
     layout = sharding.make_layout(config.mesh, devices)

@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_scaling.original_max_position = 8192  # llama3; dynamic: max_position_embeddings
   c.model.norm_eps = 1e-6
   c.model.tie_embeddings = False
+  c.model.attention_bias = False  # q/k/v projections with a bias (Qwen2)
   c.model.patch_size = 2
   c.model.image_size = (8, 8)  # (H, W) of the diffused array
   c.model.image_channels = 1

@@ -5,7 +5,7 @@ import os
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import inception, llama, official, official_export, synthetic, vae
-from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint
@@ -40,15 +40,14 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   """The text half of a converted directory or a workdir as a HF checkpoint, read and written one
   parameter at a time; the config.json the backbone came from (when there is one) carried over."""
   source = converted.hf_source(src)
-  tokenizer_file = os.path.join(src, converted.TOKENIZER)
   if files.isfile(os.path.join(src, converted.MODEL_JSON)):
     cfg, tie, dtype, param = converted.leaf_reader(src)
     max_positions, special = 2048, None  # the context counts only without a source config
     if source is None:  # converted before the source's config was kept
-      tok = Tokenizer(tokenizer_file) if files.exists(tokenizer_file) else None
+      tok = tokenizer_lib.load(src) if tokenizer_lib.kind_file(src) else None
       special = (tok.bos_id, tok.eos_id, tok.pad_id) if tok else (1, 2, 0)
     llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst,
-                       tokenizer_file, source, max_positions, special)
+                       src, source, max_positions, special)
     return
   restored = workdir_lib.for_inference(src, use_ema, params=False)
   setup = restored.setup
@@ -57,7 +56,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
   ckpt = checkpoint.open_existing(src)
   shapes = workdir_lib.param_shapes(setup.model)
   param = lambda *path: ckpt.read_leaf(restored.step, path, shapes[path], dtype, use_ema)  # noqa: E731
-  llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst, tokenizer_file,
+  llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst, src,
                      source, setup.config.model.context_length,
                      (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id))
   ckpt.close()

@@ -8,7 +8,6 @@ written through files.atomic_directory, so a crash leaves no DST.
 
 import json
 import os
-import sys
 from typing import Callable, Mapping, Optional
 
 import jax
@@ -17,17 +16,23 @@ import orbax.checkpoint as ocp
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import safetensors_io, torch_bin
-from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.convert import hf_config, safetensors_io, torch_bin
+from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted
 from monoformer_jax.nn.layers import BackboneConfig
-from monoformer_jax.nn.rope import RopeKind, RopeScaling
 
 
 # Our path under a layer -> HF's name under model.layers.i (the same path, dotted).
 LINEARS = {(group, name): f'{group}.{name}' for group, names in (
     ('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
     ('mlp', ('gate_proj', 'up_proj', 'down_proj'))) for name in names}
+
+
+BIASED = (('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('self_attn', 'v_proj'))  # Qwen2
+
+
+def _bias_shape(cfg: BackboneConfig, ours: tuple[str, str]) -> tuple[int, int]:
+  return (cfg.num_heads if ours[1] == 'q_proj' else cfg.num_kv_heads, cfg.head_dim)
 
 
 def _get(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -59,6 +64,10 @@ def layer_from_hf(tensors: Mapping[str, np.ndarray], cfg: BackboneConfig, i: int
   for ours, hf in LINEARS.items():
     weight = _get(tensors, f'model.layers.{i}.{hf}.weight', hf_shape(cfg, ours))
     layer.setdefault(ours[0], {})[ours[1]] = {'kernel': np.ascontiguousarray(_kernel(cfg, ours, weight))}
+  if cfg.attention_bias:
+    for ours in BIASED:
+      bias = _get(tensors, f'model.layers.{i}.{LINEARS[ours]}.bias', (hf_shape(cfg, ours)[0],))
+      layer[ours[0]][ours[1]]['bias'] = bias.reshape(_bias_shape(cfg, ours))
   for norm in ('input_layernorm', 'post_attention_layernorm'):
     layer[norm] = {'scale': _get(tensors, f'model.layers.{i}.{norm}.weight', (cfg.width,))}
   return layer
@@ -91,75 +100,6 @@ def kernel_to_hf(cfg: BackboneConfig, ours: tuple[str, str], kernel: np.ndarray)
   return np.ascontiguousarray(np.asarray(kernel).reshape(hf_shape(cfg, ours)[::-1]).T)
 
 
-def config_from_hf(hf: Mapping, source: str) -> tuple[BackboneConfig, bool]:
-  """(BackboneConfig, tie_embeddings) from a HF config.json dict; refuses what we cannot match."""
-  arch = (hf.get('architectures') or ['LlamaForCausalLM'])[0]
-  if hf.get('model_type') != 'llama' or arch != 'LlamaForCausalLM':
-    raise UserError(f'{source} describes {arch} (model_type {hf.get("model_type")!r}); only '
-                    'LlamaForCausalLM checkpoints are supported.')
-  for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
-              'num_attention_heads'):
-    if not isinstance(hf.get(key), int) or hf[key] < 1:
-      raise UserError(f'{source} gives {key} = {hf.get(key)!r}; expected a positive integer.')
-  for key, wanted in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
-    if hf.get(key, wanted) != wanted:
-      raise UserError(f'{source} sets {key} = {hf[key]!r}; only {wanted!r} is supported.')
-  width, heads = hf['hidden_size'], hf['num_attention_heads']
-  head_dim = hf.get('head_dim') or width // heads
-  if hf.get('partial_rotary_factor', 1.0) != 1.0 or head_dim % 2:
-    raise UserError(f'{source} rotates part of each head, or heads of odd width {head_dim}; only '
-                    'full rotary embeddings on even head widths are supported.')
-  scaling = None
-  rs = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
-  kind = rs.get('rope_type', rs.get('type', 'default'))
-  if kind in ('linear', 'llama3', 'dynamic'):
-    original = (hf.get('max_position_embeddings', 2048) if kind == 'dynamic'
-                else rs.get('original_max_position_embeddings', 8192))
-    scaling = RopeScaling(RopeKind(kind), float(rs['factor']), float(rs.get('low_freq_factor', 1.0)),
-                          float(rs.get('high_freq_factor', 4.0)), int(original))
-  elif kind != 'default':
-    raise UserError(f'{source} uses rope scaling {kind!r}; supported: linear, dynamic, llama3.')
-  theta = float(rs.get('rope_theta', hf.get('rope_theta', 10000.0)))
-  cfg = BackboneConfig(vocab_size=hf['vocab_size'], width=width, depth=hf['num_hidden_layers'],
-                       num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
-                       mlp_dim=hf['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
-                       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-                       head_width=None if head_dim == width // heads else head_dim)
-  return cfg, bool(hf.get('tie_word_embeddings', False))
-
-
-def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
-              source: Optional[Mapping] = None, max_positions: int = 2048,
-              special_ids: Optional[tuple[int, int, int]] = None) -> dict:
-  """A LlamaForCausalLM config.json dict for an exported backbone.
-
-  Every key of `source` (the config.json the backbone was converted from) is kept,
-  rope settings and context length included; the shape, vocabulary and dtype are
-  the exported tensors'. special_ids (bos, eos, pad) replace the source's ids."""
-  out = dict(source or {})
-  out.update(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=cfg.vocab_size,
-             hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
-             num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act='silu',
-             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, attention_bias=False,
-             mlp_bias=False, torch_dtype=dtype)
-  if 'dtype' in out:
-    out['dtype'] = dtype
-  if special_ids is not None:
-    out.update(bos_token_id=special_ids[0], eos_token_id=special_ids[1], pad_token_id=special_ids[2])
-  if source is None:
-    r = cfg.rope_scaling
-    dynamic = r is not None and r.kind == RopeKind.DYNAMIC  # scaled past max_position_embeddings
-    out.update(rope_theta=cfg.rope_theta,
-               max_position_embeddings=r.original_max_position if dynamic else max_positions)
-    if r is not None:
-      out['rope_scaling'] = dict(rope_type=r.kind.value, factor=r.factor,
-                                 low_freq_factor=r.low_freq_factor,
-                                 high_freq_factor=r.high_freq_factor,
-                                 original_max_position_embeddings=r.original_max_position)
-  return out
-
-
 def read_hf_config(src: str) -> dict:
   path = os.path.join(src, 'config.json')
   if not files.isfile(path):
@@ -168,54 +108,62 @@ def read_hf_config(src: str) -> dict:
 
 
 def convert_llama(src: str, dst: str) -> None:
-  """HF LlamaForCausalLM directory (safetensors) -> converted directory.
+  """HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory (safetensors) and its
+  tokenizer -> converted directory.
 
   Memory stays near the checkpoint's size: each tensor is read, moved into a
   jax array (the numpy copy dropped), and Orbax writes with a bounded number of
   bytes in flight; blocks are kept apart so no [L, ...] stack is ever built."""
   source = read_hf_config(src)
-  cfg, tie = config_from_hf(source, os.path.join(src, 'config.json'))
-  params = device_backbone(torch_bin.open_weights(src), cfg, tie)
+  cfg, tie = hf_config.config_from_hf(source, os.path.join(src, 'config.json'))
+  tensors = torch_bin.open_weights(src)
+  tok = tokenizer_lib.load(src, f'the HF checkpoint {src}')
+  if tok.num_pieces > cfg.vocab_size:
+    raise UserError(f'{tok.path} has {tok.num_pieces} entries, but {src}/config.json gives '
+                    f'vocab_size {cfg.vocab_size} embedding rows; expected at most as many entries '
+                    'as rows (the tokenizer of another model?).')
+  params = device_backbone(tensors, cfg, tie)
   largest = max(x.nbytes for x in jax.tree.leaves(params))
   handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=max(0.15, 1.1 * largest / 1e9))
-  tokenizer = os.path.join(src, converted.TOKENIZER)
-  has_tokenizer = files.exists(tokenizer)
   with files.atomic_directory(dst, last=converted.MODEL_JSON) as tmp:
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(os.path.join(tmp, converted.PARAMS), args=ocp.args.PyTreeSave(params))
+    tokenizer_lib.copy_files(src, tmp)
     files.write_text(os.path.join(tmp, converted.MODEL_JSON), json.dumps(
         {'backbone': converted.config_to_json(cfg), 'tie_embeddings': tie, 'hf_config': source,
          'source': files.absolute(src)}, indent=1))
-    if has_tokenizer:
-      files.copy(tokenizer, os.path.join(tmp, converted.TOKENIZER))
-  if not has_tokenizer:
-    # Synthetic checkpoints have none, and training from dst needs one: say so now.
-    print(f'warning: {src} has no {converted.TOKENIZER}, so neither has {dst}; copy the LLM\'s '
-         f'sentencepiece {converted.TOKENIZER} into {dst} before training from it.',
-         file=sys.stderr, flush=True)
 
 
-def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_file: str,
+def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokenizer_dir: str,
                  source: Optional[Mapping], max_positions: int,
-                 special_ids: Optional[tuple[int, int, int]]) -> None:
-  """(name, LazyTensor) pairs of backbone_tensors -> a HF LlamaForCausalLM directory
-  (config.json + model.safetensors), written one tensor at a time. The tokenizer's
-  model_max_length is config.json's max_position_embeddings (the source's, when there is one;
-  else max_positions), so the two never disagree."""
+                 special_ids: Optional[tuple[Optional[int], int, int]]) -> None:
+  """(name, LazyTensor) pairs of backbone_tensors -> a HF checkpoint directory (config.json +
+  model.safetensors, and the tokenizer of tokenizer_dir), written one tensor at a time. The
+  tokenizer's model_max_length is config.json's max_position_embeddings (the source's, when there
+  is one; else max_positions), so the two never disagree."""
   dtype = np.dtype(tensors[0][1].dtype)
   torch_dtype = dtype.name if dtype in (np.float32, np.float16) else 'bfloat16'
   with files.atomic_directory(dst, last='config.json') as tmp:
     safetensors_io.write(os.path.join(tmp, safetensors_io.SINGLE_FILE), tensors, {'format': 'pt'})
-    config = hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)
+    config = hf_config.hf_config(cfg, tie, torch_dtype, source, max_positions, special_ids)
     files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
-    if tokenizer_file and files.exists(tokenizer_file):
-      files.copy(tokenizer_file, os.path.join(tmp, converted.TOKENIZER))
-      write_tokenizer_config(tmp, Tokenizer(tokenizer_file),
-                             config.get('max_position_embeddings', max_positions))
+    if tokenizer_lib.kind_file(tokenizer_dir):
+      write_tokenizer(tmp, tokenizer_lib.load(tokenizer_dir),
+                      config.get('max_position_embeddings', max_positions))
 
 
-def write_tokenizer_config(directory: str, tok: Tokenizer, context: int, extra_special=None,
-                           added_tokens_decoder=None, tokenizer_class: str = '') -> dict:
+def write_tokenizer(directory: str, tok: tokenizer_lib.Tokenizer, context: int) -> None:
+  """The tokenizer files HF's AutoTokenizer reads, encoding as training did."""
+  if isinstance(tok, tokenizer_lib.SentencePiece):
+    files.copy(tok.path, os.path.join(directory, tokenizer_lib.MODEL_FILE))
+    write_tokenizer_config(directory, tok, context)
+  else:
+    tok.write(directory, context)
+
+
+def write_tokenizer_config(directory: str, tok: tokenizer_lib.SentencePiece, context: int,
+                           extra_special=None, added_tokens_decoder=None,
+                           tokenizer_class: str = '') -> dict:
   """special_tokens_map.json and tokenizer_config.json beside tokenizer.model, so HF's
   AutoTokenizer adds BOS and not EOS, as LLaMA does (and lm-eval-harness then scores with
   BOS). Without a tokenizer_class, HF reads the sentencepiece model as it is; 'LlamaTokenizer'
@@ -267,6 +215,11 @@ def backbone_tensors(cfg: BackboneConfig, tie: bool, param: Callable[..., np.nda
     for i in range(cfg.depth):
       out.append((f'model.layers.{i}.{hf}.weight', lazy(hf_shape(cfg, ours), lambda o=ours, i=i: (
           kernel_to_hf(cfg, o, read('decoder', 'layers', *o, 'kernel')[i])))))
+  for ours in BIASED if cfg.attention_bias else ():
+    for i in range(cfg.depth):
+      out.append((f'model.layers.{i}.{LINEARS[ours]}.bias', lazy(
+          hf_shape(cfg, ours)[:1],
+          lambda o=ours, i=i: read('decoder', 'layers', *o, 'bias')[i].reshape(-1))))
   for norm in ('input_layernorm', 'post_attention_layernorm'):
     for i in range(cfg.depth):
       out.append((f'model.layers.{i}.{norm}.weight', lazy(

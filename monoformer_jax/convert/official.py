@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.convert import llama, torch_bin
-from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, Tokenizer
+from monoformer_jax.convert import hf_config, llama, torch_bin
+from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
 from monoformer_jax.nn import converted, model as model_lib
 from monoformer_jax.run import backbone
 from monoformer_jax.training import checkpoint, steps
@@ -110,7 +110,7 @@ def check_tokenizer(path: str, ids: dict[str, int]) -> None:
   """The tokenizer's pieces end below the official added tokens: a piece at one of their ids
   would make that token text, and `export-official` would then give the four tokens new ids
   and another vocabulary size than the checkpoint's."""
-  pieces = Tokenizer(path).num_pieces
+  pieces = SentencePiece(path).num_pieces
   taken = sorted(i for i in ids.values() if i < pieces)
   if taken:
     raise UserError(f'tokenizer {path} has {pieces} pieces, which collide with the official '
@@ -149,7 +149,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
       raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
   if vae_dir and not files.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
-  cfg, tie = llama.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
+  cfg, tie = hf_config.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
   ids = special_ids(hf, search)
   tokenizer = find_tokenizer(search, tokenizer)
   check_tokenizer(tokenizer, ids)

@@ -18,9 +18,9 @@ import numpy as np
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import llama, official, safetensors_io
+from monoformer_jax.convert import hf_config, llama, official, safetensors_io
 from monoformer_jax.convert.safetensors_io import LazyTensor
-from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE
+from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint
@@ -72,11 +72,15 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   """config.json: the source's (a workdir converted from official), else the LLaMA fields of
   the backbone and the MonoFormer fields of the config."""
   model, config = setup.model, setup.config
+  if model.backbone.attention_bias or not isinstance(setup.tok, SentencePiece):
+    raise UserError('the official code builds a LlamaForCausalLM with a sentencepiece tokenizer; '
+                    'export-official needs a workdir without attention bias and with '
+                    f'{MODEL_FILE} (this one started from another family: use export-llama).')
   if model.image_mask == MaskType.BIDIRECTIONAL:
     raise UserError('the official code has no fully bidirectional image mask; export-official '
                     'needs model.image_mask \'hybrid\' or \'causal\'.')
   special = None if source is not None else (setup.tok.bos_id, setup.tok.eos_id, ids['pad'])
-  out = llama.hf_config(model.backbone, model.tie_embeddings, dtype, source,
+  out = hf_config.hf_config(model.backbone, model.tie_embeddings, dtype, source,
                         config.model.context_length, special)
   img = model.image
   out.update(architectures=['MonoFormerForCausalLM'], vocab_size=vocab,

@@ -39,10 +39,10 @@ def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int,
   official = chat_format == ChatFormat.OFFICIAL
   for m in _last_exchange(messages) if official else messages:
     if official:
-      piece = ([tok.bos_id] + tok.encode(m['content']) if m['role'] == 'user'
+      piece = (tok.bos + tok.encode(m['content']) if m['role'] == 'user'
                else tok.encode(m['content']) + [tok.eos_id])
     elif m['role'] == 'user':
-      piece = [tok.bos_id] + tok.encode('### Human: ' + m['content'].strip())
+      piece = tok.bos + tok.encode('### Human: ' + m['content'].strip())
     else:
       piece = tok.encode('### Assistant: ' + m['content']) + [tok.eos_id]
     ids += piece

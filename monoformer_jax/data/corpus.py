@@ -31,7 +31,7 @@ def documents(data: ml_collections.ConfigDict) -> list[str]:
 
 def pack(docs: list[str], tok: tokenizer_lib.Tokenizer, length: int) -> np.ndarray:
   """`BOS doc EOS` streams cut into [num_chunks, S] int32 chunks."""
-  stream = [i for doc in docs for i in [tok.bos_id] + tok.encode(doc) + [tok.eos_id]]
+  stream = [i for doc in docs for i in tok.bos + tok.encode(doc) + [tok.eos_id]]
   n = len(stream) // length
   if n == 0:
     raise UserError(f'the text corpus has {len(stream)} tokens; expected at least '

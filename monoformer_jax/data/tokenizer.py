@@ -1,15 +1,18 @@
-"""Sentencepiece tokenizer with MonoFormer's special tokens.
+"""Tokenizers with MonoFormer's special tokens: sentencepiece, or HF tokenizer.json (hf_tokenizer).
 
-Models trained here have ids 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then
-<im_start> and <im_end> as user-defined pieces. A pretrained LLM's model (no
-such pieces, often no pad) gets them appended after its last piece, in the
-order <im_start>, <im_end>, <pad>; text never encodes to those ids.
+Which one a directory (a converted LLM, a workdir) holds is read from its files: tokenizer.model
+(sentencepiece, as TinyLlama and the models trained here have) before tokenizer.json (byte-level
+BPE, as SmolLM2, Llama-3 and Qwen2 have). Models trained here have ids 0 <unk>, 1 <s> (BOS),
+2 </s> (EOS), 3 <pad>, then <im_start> and <im_end> as user-defined pieces. A pretrained LLM's
+tokenizer without them (and often without a pad) gets them appended after its last entry, in the
+order <im_start>, <im_end>, <pad>.
 """
 
+import abc
 import dataclasses
 import os
 import tempfile
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -22,11 +25,72 @@ from monoformer_jax.base.errors import UserError
 
 IM_START, IM_END = '<im_start>', '<im_end>'
 MODEL_FILE = 'tokenizer.model'
+HF_FILE = 'tokenizer.json'
+# Read beside tokenizer.json: the special tokens, the chat template; tokenizer.json itself last,
+# so that a directory holding it holds the rest.
+HF_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json',
+            'chat_template.jinja', HF_FILE)
 SPECIALS_FILE = 'special_tokens.json'  # optional {"im_start", "im_end", "pad"} ids beside it
 
 
-class Tokenizer:
-  """Encodes text to ids and builds the fixed-length model inputs."""
+class Tokenizer(abc.ABC):
+  """Encodes text to ids and builds the fixed-length model inputs.
+
+  bos: the ids the source's tokenizer puts before a text ([BOS], or [] as for Qwen2);
+  num_pieces: the source's entries; vocab_size: with MonoFormer's tokens appended."""
+  path: str
+  bos: list[int]
+  bos_id: Optional[int]
+  eos_id: int
+  pad_id: int
+  im_start_id: int
+  im_end_id: int
+  num_pieces: int
+  vocab_size: int
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """The ids of text, without BOS or EOS."""
+
+  @abc.abstractmethod
+  def decode_pieces(self, ids: list[int]) -> str:
+    """Text of ids that are all the source's own entries."""
+
+  def decode(self, ids: Iterable[int]) -> str:
+    stop = [int(i) for i in ids]
+    if self.eos_id in stop:
+      stop = stop[:stop.index(self.eos_id)]
+    return self.decode_pieces([i for i in stop if i != self.pad_id and i < self.num_pieces])
+
+  def image_prompt(self, prompt: str, length: int,
+                   truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`BOS prompt <im_start>` left-padded to `length`: ids [P] int32, valid [P] bool.
+
+    An empty prompt gives the unconditional `BOS <im_start>` used for guidance. A
+    prompt too long is an error, or with truncate keeps its first tokens."""
+    ids = self.bos + (self.encode(prompt) if prompt else []) + [self.im_start_id]
+    if truncate and len(ids) > length:
+      ids = ids[:length - 1] + [self.im_start_id]
+    if len(ids) > length:
+      raise UserError(f'prompt {prompt!r} is {len(ids)} tokens with BOS and {IM_START}; '
+                      f'expected at most data.prompt_len = {length}.')
+    return self.left_pad(ids, length)
+
+  def text_prompt(self, prompt: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`BOS prompt` left-padded to `length` for generation."""
+    ids = self.bos + self.encode(prompt)
+    if len(ids) > length:
+      raise UserError(f'prompt {prompt!r} is {len(ids)} tokens with BOS; expected at most {length}.')
+    return self.left_pad(ids, length)
+
+  def left_pad(self, ids: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((length,), self.pad_id, np.int32)
+    tokens[length - len(ids):] = ids
+    return tokens, np.arange(length) >= length - len(ids)
+
+
+class SentencePiece(Tokenizer):
+  """A sentencepiece model; text that spells a special piece is plain text."""
 
   def __init__(self, path: str):
     if not files.exists(path):
@@ -39,6 +103,7 @@ class Tokenizer:
     self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
     if min(self.bos_id, self.eos_id) < 0:
       raise UserError(f'tokenizer model {path} has no BOS or EOS piece.')
+    self.bos = [self.bos_id]
     self.num_pieces = self.sp.get_piece_size()
     next_id = self.num_pieces
 
@@ -63,40 +128,40 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
-  def decode(self, ids: Iterable[int]) -> str:
-    stop = [int(i) for i in ids]
-    if self.eos_id in stop:
-      stop = stop[:stop.index(self.eos_id)]
-    return self.sp.decode([i for i in stop if i != self.pad_id and i < self.num_pieces])
-
-  def image_prompt(self, prompt: str, length: int,
-                   truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """`BOS prompt <im_start>` left-padded to `length`: ids [P] int32, valid [P] bool.
-
-    An empty prompt gives the unconditional `BOS <im_start>` used for guidance. A
-    prompt too long is an error, or with truncate keeps its first tokens."""
-    ids = [self.bos_id] + (self.encode(prompt) if prompt else []) + [self.im_start_id]
-    if truncate and len(ids) > length:
-      ids = ids[:length - 1] + [self.im_start_id]
-    if len(ids) > length:
-      raise UserError(f'prompt {prompt!r} is {len(ids)} tokens with BOS and {IM_START}; '
-                      f'expected at most data.prompt_len = {length}.')
-    return self.left_pad(ids, length)
-
-  def text_prompt(self, prompt: str, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """`BOS prompt` left-padded to `length` for generation."""
-    ids = [self.bos_id] + self.encode(prompt)
-    if len(ids) > length:
-      raise UserError(f'prompt {prompt!r} is {len(ids)} tokens with BOS; expected at most {length}.')
-    return self.left_pad(ids, length)
-
-  def left_pad(self, ids: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((length,), self.pad_id, np.int32)
-    tokens[length - len(ids):] = ids
-    return tokens, np.arange(length) >= length - len(ids)
+  def decode_pieces(self, ids: list[int]) -> str:
+    return self.sp.decode(ids)
 
 
-def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
+def kind_file(directory: str) -> Optional[str]:
+  """The file that says which tokenizer `directory` holds, or None."""
+  for name in (MODEL_FILE, HF_FILE):
+    if files.exists(os.path.join(directory, name)):
+      return name
+  return None
+
+
+def load(directory: str, what: str = '') -> Tokenizer:
+  """The tokenizer a directory holds; `what` names the directory in the error for none."""
+  name = kind_file(directory)
+  if name == MODEL_FILE:
+    return SentencePiece(os.path.join(directory, MODEL_FILE))
+  if name == HF_FILE:
+    from monoformer_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
+    return hf_tokenizer.HuggingFace(directory)
+  raise UserError(f'{what or directory} has no {MODEL_FILE} or {HF_FILE}; copy the LLM\'s '
+                  'tokenizer files into it.')
+
+
+def copy_files(src: str, dst: str) -> None:
+  """The tokenizer files of directory src into dst (the one that marks the kind last)."""
+  name = kind_file(src)
+  names = [MODEL_FILE, SPECIALS_FILE] if name == MODEL_FILE else HF_FILES
+  for n in sorted(names, key=lambda n: n == name):
+    if files.exists(os.path.join(src, n)):
+      files.copy(os.path.join(src, n), os.path.join(dst, n))
+
+
+def train(texts: Iterable[str], path: str, vocab_size: int) -> SentencePiece:
   """Trains a unigram model on `texts` and writes it atomically to `path`."""
   files.makedirs(os.path.dirname(files.absolute(path)))
   with tempfile.TemporaryDirectory() as tmp:  # the trainer reads and writes local files only
@@ -111,42 +176,39 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
         user_defined_symbols=[IM_START, IM_END], byte_fallback=True, num_threads=1,
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
     files.write_bytes(path, files.read_bytes(prefix + '.model'))
-  return Tokenizer(path)
+  return SentencePiece(path)
 
 
 def for_workdir(workdir: str, init_from: str, vocab_size: int,
                 texts: Callable[[], list[str]]) -> Tokenizer:
   """The workdir's tokenizer, made at first use: a copy of the pretrained LLM's when the
-  backbone comes from the converted directory init_from, else trained on texts()."""
-  path = os.path.join(workdir, MODEL_FILE)
+  backbone comes from the converted directory init_from, else a sentencepiece model trained
+  on texts()."""
   if jax.process_count() > 1:  # process 0 makes it; the others wait, then read it
-    if jax.process_index() == 0 and not files.exists(path):
-      _make(path, init_from, vocab_size, texts)
+    if jax.process_index() == 0 and not kind_file(workdir):
+      _make(workdir, init_from, vocab_size, texts)
     multihost_utils.sync_global_devices('tokenizer written')
-    if not files.exists(path):
-      raise UserError(f'{path} is not visible from host {jax.process_index()}; the workdir must '
-                      'be shared by all hosts.')
-  if files.exists(path):
-    return Tokenizer(path)
-  return _make(path, init_from, vocab_size, texts)
+    if not kind_file(workdir):
+      raise UserError(f'the tokenizer in {workdir} is not visible from host '
+                      f'{jax.process_index()}; the workdir must be shared by all hosts.')
+  if kind_file(workdir):
+    return load(workdir)
+  return _make(workdir, init_from, vocab_size, texts)
 
 
-def llm_model_file(init_from: str) -> str:
-  """The sentencepiece model of the converted LLM directory init_from. `convert llama` copies
-  one only when its source has one (synthetic checkpoints have none), so a missing one is
-  named with what to copy, rather than as a workdir tokenizer that training would create."""
-  source = os.path.join(init_from, MODEL_FILE)
-  if not files.exists(source):
-    raise UserError(f'{init_from} (config key model.init_from) has no {MODEL_FILE}; copy the '
-                    f'LLM\'s sentencepiece {MODEL_FILE} into it before training.')
-  return source
+def of_llm(init_from: str) -> Tokenizer:
+  """The tokenizer of the converted LLM directory init_from, named as a config key when absent
+  (rather than as a workdir tokenizer that training would create)."""
+  return load(init_from, f'{init_from} (config key model.init_from)')
 
 
-def _make(path: str, init_from: str, vocab_size: int, texts: Callable[[], list[str]]) -> Tokenizer:
+def _make(workdir: str, init_from: str, vocab_size: int,
+          texts: Callable[[], list[str]]) -> Tokenizer:
   if init_from:
-    files.write_bytes(path, files.read_bytes(llm_model_file(init_from)))
-    return Tokenizer(path)
-  return train(texts(), path, vocab_size)
+    of_llm(init_from)  # readable before anything is copied
+    copy_files(init_from, workdir)
+    return load(workdir)
+  return train(texts(), os.path.join(workdir, MODEL_FILE), vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,8 +60,8 @@ def encode_request(tok: Tokenizer, context: str, continuation: str, max_length: 
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
-  context_ids = [tok.bos_id] + tok.encode(context)
-  target = ([tok.bos_id] + tok.encode(context + continuation))[len(context_ids):]
+  context_ids = tok.bos + tok.encode(context)
+  target = (tok.bos + tok.encode(context + continuation))[len(context_ids):]
   if not target:
     raise UserError(f'{name} (continuation {continuation!r} after {context[-40:]!r}) adds no '
                     'token to its context; expected a continuation of at least one token, as '

@@ -33,7 +33,7 @@ from monoformer_jax.nn.model import MonoFormer
 @dataclasses.dataclass(frozen=True)
 class Specials:
   """The token ids generation needs (hashable: static under jit)."""
-  bos: int
+  bos: tuple[int, ...]  # what the tokenizer puts before a text: BOS, or nothing
   eos: int
   pad: int
   im_start: int
@@ -41,7 +41,7 @@ class Specials:
 
   @classmethod
   def of(cls, tok) -> 'Specials':
-    return cls(tok.bos_id, tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id)
+    return cls(tuple(tok.bos), tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +117,12 @@ def image_phase(model: MonoFormer, params, state: State, key: jax.Array, *,
   suffix = jnp.full((batch, 1), specials.im_end, jnp.int32)
   context_cache = cache
   if spec.guidance.scale != 1.0:
-    # The unconditional prefix `BOS <im_start>` in the two slots before the write index.
+    # The unconditional prefix `BOS <im_start>` in the slots before the write index.
+    null_ids = specials.bos + (specials.im_start,)
     null = KVCache(k=jnp.zeros_like(cache.k), v=jnp.zeros_like(cache.v),
-                   valid=jnp.zeros_like(cache.valid), index=cache.index - 2,
+                   valid=jnp.zeros_like(cache.valid), index=cache.index - len(null_ids),
                    next_position=jnp.zeros_like(cache.next_position))
-    prefix = jnp.tile(jnp.asarray([[specials.bos, specials.im_start]], jnp.int32), (batch, 1))
+    prefix = jnp.tile(jnp.asarray([null_ids], jnp.int32), (batch, 1))
     null = model.apply({'params': params}, prefix, jnp.ones(prefix.shape, bool),
                        mask_type=MaskType.CAUSAL, cache=null).cache
     context_cache, suffix = _stack(cache, null), jnp.concatenate([suffix, suffix])

@@ -70,7 +70,7 @@ def config_to_json(cfg: BackboneConfig) -> dict:
   r = cfg.rope_scaling
   return dict(vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
               num_kv_heads=cfg.num_kv_heads, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
-              norm_eps=cfg.norm_eps, head_width=cfg.head_width,
+              norm_eps=cfg.norm_eps, head_width=cfg.head_width, attention_bias=cfg.attention_bias,
               rope_scaling=None if r is None else dict(
                   kind=r.kind.value, factor=r.factor, low_freq_factor=r.low_freq_factor,
                   high_freq_factor=r.high_freq_factor, original_max_position=r.original_max_position))

@@ -69,6 +69,7 @@ class BackboneConfig:
   attention: AttentionImpl = AttentionImpl.XLA
 
   head_width: Optional[int] = None  # E when it is not width / num_heads (HF's head_dim)
+  attention_bias: bool = False  # q, k and v projections with a bias, o without (Qwen2)
 
   @property
   def head_dim(self) -> int:
@@ -133,13 +134,15 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """Bias-free linear map contracting x's last `in_dims` axes into `features`; the kernel keeps
-  its full multi-axis shape (e.g. [D, H, E]) so each axis can carry its own logical name."""
+  """Linear map contracting x's last `in_dims` axes into `features`; the kernel keeps its full
+  multi-axis shape (e.g. [D, H, E]) so each axis can carry its own logical name. The bias, when
+  there is one, has the features' shape (e.g. [H, E])."""
   features: tuple[int, ...]
   names: tuple[str, ...]
   in_dims: int
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -150,7 +153,12 @@ class Projection(nn.Module):
     # markedly slower than the same [B*T, ...] one; the reshapes are free.
     rows = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
     out = rows @ kernel.reshape(rows.shape[1], -1).astype(self.dtype)
-    return out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
+    out = out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.names[self.in_dims:]), self.features, self.param_dtype)
+      out = out + bias.astype(self.dtype)
+    return out
 
 
 def cudnn_fits(q: Array, k: Array) -> bool:
@@ -171,11 +179,14 @@ class Attention(nn.Module):
   def __call__(self, x: Array, positions: Array, mask: Array,
                cache: Optional[tuple[Array, Array]], cache_index: Array):
     cfg = self.cfg
-    dense = lambda features, names, name, in_dims=1: Projection(  # noqa: E731
-        features, names, in_dims, cfg.dtype, cfg.param_dtype, name=name)
-    q = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'q_proj')(x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'k_proj')(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'v_proj')(x)
+    dense = lambda features, names, name, in_dims=1, bias=False: Projection(  # noqa: E731
+        features, names, in_dims, cfg.dtype, cfg.param_dtype, bias, name=name)
+    bias = cfg.attention_bias
+    q = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'q_proj', bias=bias)(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'k_proj',
+              bias=bias)(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'v_proj',
+              bias=bias)(x)
     inv_freq = rope.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions)
     q = rope.apply(q, positions, inv_freq)
     k = rope.apply(k, positions, inv_freq)

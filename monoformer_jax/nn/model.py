@@ -317,7 +317,8 @@ def build(model_config) -> MonoFormer:
       dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
       remat=schema.choice(Remat, m.remat, 'model.remat'),
       layer_loop=schema.choice(LayerLoop, m.layer_loop, 'model.layer_loop'),
-      attention=schema.choice(AttentionImpl, m.attention, 'model.attention'), **_shape(m))
+      attention=schema.choice(AttentionImpl, m.attention, 'model.attention'),
+      attention_bias=m.attention_bias, **_shape(m))
   image = ImageConfig(patch_size=m.patch_size, height=m.image_size[0], width=m.image_size[1],
                       channels=m.image_channels, learn_sigma=m.learn_sigma,
                       use_pos_embed=m.use_pos_embed)

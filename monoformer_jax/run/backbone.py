@@ -22,6 +22,7 @@ def describe(model: ml_collections.ConfigDict, cfg: BackboneConfig, tie: bool) -
   model.width, model.depth, model.mlp_dim = cfg.width, cfg.depth, cfg.mlp_dim
   model.num_heads, model.num_kv_heads, model.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   model.rope_theta, model.norm_eps, model.tie_embeddings = cfg.rope_theta, cfg.norm_eps, tie
+  model.attention_bias = cfg.attention_bias
   r = cfg.rope_scaling
   model.rope_scaling.kind = 'none' if r is None else r.kind.value
   if r is not None:
@@ -42,7 +43,7 @@ def resolve_auto(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                     'set model.init_from to a converted LLM directory.')
   meta = converted.read_meta(path)
   cfg = converted.config_from_json(meta['backbone'])
-  tok = tokenizer_lib.Tokenizer(tokenizer_lib.llm_model_file(path))
+  tok = tokenizer_lib.of_llm(path)
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
     describe(resolved.model, cfg, bool(meta['tie_embeddings']))
@@ -60,7 +61,7 @@ def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
   cfg = converted.config_from_json(meta['backbone'])
   # These settings leave no trace in the parameter shapes, so they are compared here.
   for field in ('width', 'depth', 'num_heads', 'num_kv_heads', 'mlp_dim', 'head_dim', 'rope_theta',
-                'rope_scaling', 'norm_eps'):
+                'rope_scaling', 'norm_eps', 'attention_bias'):
     got, want = getattr(cfg, field), getattr(model_cfg, field)
     if got != want:
       raise UserError(f'{path} has {field} = {got}, but the model config gives {want}; set '

@@ -149,7 +149,7 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
   parameters (which must be finite); with params False, the setup and step alone."""
   ckpt = checkpoint.open_existing(workdir)
-  tok = tokenizer_lib.Tokenizer(os.path.join(workdir, tokenizer_lib.MODEL_FILE))
+  tok = tokenizer_lib.load(workdir)
 
   def load(step: int):
     config = ckpt.restore_config(step)

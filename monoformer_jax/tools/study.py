@@ -19,6 +19,7 @@ from monoformer_jax import train
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands as convert_commands
+from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted as converted_lib
 
 
@@ -74,8 +75,7 @@ def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
       config.model.init_from = llm
     else:  # the same tokenizer as init's, made before the workdir is first used
       files.makedirs(workdir)
-      files.write_bytes(os.path.join(workdir, 'tokenizer.model'),
-                        files.read_bytes(os.path.join(llm, 'tokenizer.model')))
+      tokenizer_lib.copy_files(llm, workdir)
     start = time.monotonic()
     train.train_and_evaluate(config, workdir)
     files.write_text(os.path.join(workdir, 'wall.json'),

@@ -15,7 +15,7 @@ from helpers import tiny_config
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands, safetensors_io
-from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.nn import converted
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.model import SIZES
@@ -156,7 +156,7 @@ def test_a_converted_llm_without_a_tokenizer_says_what_to_copy(tmp_path, capsys)
 
 
 def test_tokenizer_of_an_llm_gets_appended_specials(llm_dir):
-  tok = Tokenizer(os.path.join(llm_dir, 'tokenizer.model'))
+  tok = SentencePiece(os.path.join(llm_dir, 'tokenizer.model'))
   ids, valid = tok.image_prompt('an image of seven', 16)
   assert ids[valid][-1] == VOCAB and ids[valid][0] == tok.bos_id and ids[0] == VOCAB + 2
   assert max(tok.encode('an image of seven <im_start>')) < VOCAB

@@ -45,7 +45,7 @@ def test_center_crop_keeps_the_middle_of_a_wide_image():
 
 
 def test_batches_prompts_and_dropout(tmp_path, tokenizer_file):
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   config = imagenet_config(tmp_path)
   settings.validate(config)
   with tfds.testing.mock_data(num_examples=64):

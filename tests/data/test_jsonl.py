@@ -28,7 +28,7 @@ def _write(path, rows):
 
 @pytest.fixture
 def tok(tokenizer_file):
-  return tokenizer_lib.Tokenizer(tokenizer_file)
+  return tokenizer_lib.SentencePiece(tokenizer_file)
 
 
 def test_chat_template_and_assistant_only_mask(tok):

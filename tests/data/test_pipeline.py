@@ -5,12 +5,12 @@ import numpy as np
 from helpers import image_batches, text_batches, tiny_config
 
 from monoformer_jax.data import common, corpus, digits
-from monoformer_jax.data.tokenizer import Tokenizer
+from monoformer_jax.data.tokenizer import SentencePiece
 
 
 def test_image_batches(workdir):
   config = tiny_config()
-  tok = Tokenizer(f'{workdir}/tokenizer.model')
+  tok = SentencePiece(f'{workdir}/tokenizer.model')
   batch = next(image_batches(config, tok))
   assert batch['tokens'].shape == (8, 12) and batch['tokens'].dtype == np.int32
   assert batch['image'].shape == (8, 8, 8, 1) and batch['image'].dtype == np.float32
@@ -26,7 +26,7 @@ def test_image_batches(workdir):
 def test_guidance_dropout_rate(workdir):
   config = tiny_config()
   config.data.cfg_dropout = 0.3
-  tok = Tokenizer(f'{workdir}/tokenizer.model')
+  tok = SentencePiece(f'{workdir}/tokenizer.model')
   it = image_batches(config, tok)
   lengths = np.concatenate([next(it)['valid'].sum(1) for _ in range(200)])
   assert abs(np.mean(lengths == 2) - 0.3) < 0.05  # BOS <im_start> only
@@ -40,7 +40,7 @@ def test_splits_are_disjoint_and_fixed():
 
 def test_iterator_state_restores_the_next_batch(workdir):
   config = tiny_config()
-  tok = Tokenizer(f'{workdir}/tokenizer.model')
+  tok = SentencePiece(f'{workdir}/tokenizer.model')
   for make in (image_batches, text_batches):
     it = make(config, tok)
     for _ in range(3):
@@ -54,7 +54,7 @@ def test_iterator_state_restores_the_next_batch(workdir):
 
 def test_text_chunks_hold_out_documents(workdir):
   config = tiny_config()
-  tok = Tokenizer(f'{workdir}/tokenizer.model')
+  tok = SentencePiece(f'{workdir}/tokenizer.model')
   train = corpus.chunks(config.data, tok, heldout=False)
   held = corpus.chunks(config.data, tok, heldout=True)
   assert train.shape[1] == held.shape[1] == 32

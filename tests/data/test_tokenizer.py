@@ -12,7 +12,7 @@ from monoformer_jax.data import tokenizer as tokenizer_lib
 
 
 def test_special_tokens_stay_apart_from_text(tokenizer_file):
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   specials = {tok.im_start_id, tok.im_end_id, tok.pad_id}
   assert len(specials) == 3 and max(specials) < tok.vocab_size
   text = 'The quick brown fox'
@@ -21,7 +21,7 @@ def test_special_tokens_stay_apart_from_text(tokenizer_file):
 
 
 def test_prompts_are_left_padded_and_end_where_the_image_starts(tokenizer_file):
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   ids = tok.encode('a handwritten digit seven')
   tokens, valid = tok.image_prompt('a handwritten digit seven', 12)
   n = len(ids) + 2
@@ -44,6 +44,6 @@ def test_a_workdir_makes_its_tokenizer_once(tokenizer_file, tmp_path):
   tok = tokenizer_lib.for_workdir(str(tmp_path), '', 1024, never)
   assert os.path.getmtime(tmp_path / tokenizer_lib.MODEL_FILE) == before
   np.testing.assert_array_equal(tok.encode('seven'),
-                                tokenizer_lib.Tokenizer(tokenizer_file).encode('seven'))
-  with pytest.raises(UserError, match='has no tokenizer.model; copy the LLM'):
+                                tokenizer_lib.SentencePiece(tokenizer_file).encode('seven'))
+  with pytest.raises(UserError, match=r'has no tokenizer.model or tokenizer.json; copy the LLM'):
     tokenizer_lib.for_workdir(str(tmp_path / 'new'), str(tmp_path / 'empty_llm'), 1024, never)

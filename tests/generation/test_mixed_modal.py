@@ -20,7 +20,7 @@ PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
 
 @pytest.fixture(scope='module')
 def parts(tokenizer_file):
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   model = model_lib.build(tiny_config().model)
   return tok, model, signal_params(model, key=4)
 

@@ -94,7 +94,7 @@ def latents_config(latents_dir: str):
 
 def test_grain_source_samples_the_posterior(extracted, tokenizer_file):
   _, _, records, out, _, _ = extracted
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   config = latents_config(out)
   batch = next(image_batches(config, tok))
   assert batch['image'].shape == (8, 8, 8, 4) and batch['tokens'].shape == (8, 64)
@@ -128,7 +128,7 @@ def test_bad_latent_directories(extracted, tmp_path):
 
 def test_restored_iterator_yields_the_same_next_batch(extracted, tokenizer_file):
   _, _, _, out, _, _ = extracted
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   config = latents_config(out)
   config.data.image_batch_size = 4
   it = image_batches(config, tok)
@@ -167,7 +167,7 @@ def test_text_to_image_latents_carry_their_prompts(extracted, tmp_path, tokenize
   assert len(source) == 2  # the unreadable picture has no record
   assert [latents.decode(source[i])['prompt'] for i in range(2)] == [
       'a red square 0', 'a red square 2']
-  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  tok = tokenizer_lib.SentencePiece(tokenizer_file)
   out = latents.PromptedLatent(None, tok, config.data, info['latent_scale']).random_map(
       source[1], np.random.default_rng(0))
   np.testing.assert_array_equal(out['tokens'], tok.image_prompt(

@@ -1,0 +1,134 @@
+"""HF `tokenizer.json` tokenizers (byte-level BPE: SmolLM2, Llama-3, Qwen2) through `tokenizers`.
+
+The special tokens come from the files transformers reads beside tokenizer.json:
+tokenizer_config.json, then special_tokens_map.json, then generation_config.json. BOS is what
+tokenizer.json's post-processor puts before a text, as transformers encodes it (Llama-3: its
+<|begin_of_text|>; Qwen2: nothing). MonoFormer's tokens are added as special tokens after the
+source's entries, so text that spells one (or one of the source's) encodes to its id, as
+transformers does; export writes them into tokenizer.json, so HF tools read the same ids back.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import tokenizers
+
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import tokenizer as tokenizer_lib
+
+
+CONFIG_FILE, MAP_FILE, GENERATION_FILE = ('tokenizer_config.json', 'special_tokens_map.json',
+                                          'generation_config.json')
+CHAT_FILE = 'chat_template.jinja'
+PAD = '<pad>'
+
+
+def _content(value: Any) -> Optional[str]:
+  """A special token as the config files write it: a string or an AddedToken dict."""
+  return value.get('content') if isinstance(value, dict) else value
+
+
+def _read_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  if not files.exists(path):
+    return {}
+  try:
+    return dict(json.loads(files.read_text(path)))
+  except (ValueError, TypeError) as e:
+    raise UserError(f'{path} is not a JSON object ({e}).') from e
+
+
+class HuggingFace(tokenizer_lib.Tokenizer):
+  """The tokenizer.json of `directory`, with MonoFormer's tokens added."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.path = path = os.path.join(directory, tokenizer_lib.HF_FILE)
+    try:
+      self.tk = tokenizers.Tokenizer.from_str(files.read_text(path))
+    except Exception as e:  # the library raises a bare Exception for a malformed file
+      raise UserError(f'{path} is not a tokenizer.json that the tokenizers library reads '
+                      f'({str(e)[:200]}).') from e
+    self.config = _read_json(directory, CONFIG_FILE)
+    special_map = _read_json(directory, MAP_FILE)
+    generation = _read_json(directory, GENERATION_FILE)
+    self.num_pieces = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
+
+    def special(name: str) -> Optional[int]:
+      """The id of the bos/eos/pad token the files name, or None."""
+      content = _content(self.config.get(f'{name}_token')) or _content(
+          special_map.get(f'{name}_token'))
+      if content is not None:
+        token_id = self.tk.token_to_id(content)
+        if token_id is None:
+          raise UserError(f'{directory} names {content!r} as its {name} token, which '
+                          f'{tokenizer_lib.HF_FILE} does not hold.')
+        return token_id
+      value = generation.get(f'{name}_token_id')
+      return value[0] if isinstance(value, list) and value else value
+
+    self.bos_id, self.eos_id, pad_id = special('bos'), special('eos'), special('pad')
+    if self.eos_id is None:
+      raise UserError(f'{directory} names no EOS token (eos_token in {CONFIG_FILE} or '
+                      f'{MAP_FILE}, eos_token_id in {GENERATION_FILE}); expected one.')
+    self.bos = self._prefix()
+    self.im_start_id = self._own_or_added(tokenizer_lib.IM_START)
+    self.im_end_id = self._own_or_added(tokenizer_lib.IM_END)
+    self.pad_id = pad_id if pad_id is not None else self._own_or_added(PAD)
+    self.vocab_size = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
+
+  def _prefix(self) -> list[int]:
+    """What the post-processor adds before a text; it may add nothing after one."""
+    plain = self.tk.encode('a', add_special_tokens=False).ids
+    full = self.tk.encode('a', add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+      if full[start:start + len(plain)] == plain and start + len(plain) == len(full):
+        return full[:start]
+    raise UserError(f'{self.path} adds tokens after a text (its post_processor); expected '
+                    'at most a prefix such as BOS.')
+
+  def _own_or_added(self, content: str) -> int:
+    if self.tk.token_to_id(content) is None:
+      self.tk.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
+    return self.tk.token_to_id(content)
+
+  def encode(self, text: str) -> list[int]:
+    return self.tk.encode(text, add_special_tokens=False).ids
+
+  def decode_pieces(self, ids: list[int]) -> str:
+    return self.tk.decode(ids, skip_special_tokens=True)
+
+  def chat_template(self) -> Optional[str]:
+    """The source's Jinja chat template: chat_template.jinja, or tokenizer_config.json's (a
+    string, or the one named 'default' of a list)."""
+    path = os.path.join(self.directory, CHAT_FILE)
+    if files.exists(path):
+      return files.read_text(path)
+    template = self.config.get('chat_template')
+    if isinstance(template, list):
+      named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
+      template = named.get('default')
+    return template
+
+  def write(self, directory: str, context: int) -> None:
+    """tokenizer.json with MonoFormer's tokens, and tokenizer_config.json saying which are
+    special, as transformers and lm-eval-harness read them; the chat template and generation
+    config as the source has them."""
+    for name in (CHAT_FILE, GENERATION_FILE):
+      if files.exists(os.path.join(self.directory, name)):
+        files.copy(os.path.join(self.directory, name), os.path.join(directory, name))
+    config = dict(self.config)
+    decoder = dict(config.get('added_tokens_decoder') or {})
+    for token_id, token in self.tk.get_added_tokens_decoder().items():
+      decoder.setdefault(str(token_id), dict(
+          content=token.content, lstrip=token.lstrip, rstrip=token.rstrip,
+          normalized=token.normalized, single_word=token.single_word, special=token.special))
+    config['added_tokens_decoder'] = decoder
+    if config.get('pad_token') is None:
+      config['pad_token'] = self.tk.id_to_token(self.pad_id)
+    config.setdefault('eos_token', self.tk.id_to_token(self.eos_id))
+    config['model_max_length'] = context
+    files.write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=1))
+    files.write_text(os.path.join(directory, tokenizer_lib.HF_FILE), self.tk.to_str())
