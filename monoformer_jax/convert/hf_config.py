@@ -114,7 +114,7 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
   Every key of `source` (the config.json the backbone was converted from) is kept, its
   architecture, rope settings and context length included; the shape, vocabulary and dtype are
   the exported tensors'. Without a source it is a LlamaForCausalLM (a Qwen2ForCausalLM with
-  q/k/v bias). special_ids (bos, eos, pad) replace the source's ids."""
+  q/k/v bias). special_ids (bos, eos, pad) fill in the ids the source does not give."""
   out = dict(source or {})
   if source is None or out.get('model_type') not in FAMILIES:
     model_type = 'qwen2' if cfg.attention_bias else 'llama'
@@ -127,8 +127,9 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
     out.update(attention_bias=False, mlp_bias=False)
   if 'dtype' in out:
     out['dtype'] = dtype
-  if special_ids is not None:
-    out.update(bos_token_id=special_ids[0], eos_token_id=special_ids[1], pad_token_id=special_ids[2])
+  for key, value in zip(('bos_token_id', 'eos_token_id', 'pad_token_id'), special_ids or ()):
+    if source is None or out.get(key) is None:  # a source's own ids stay
+      out[key] = value
   if source is None:
     r = cfg.rope_scaling
     dynamic = r is not None and r.kind == RopeKind.DYNAMIC  # scaled past max_position_embeddings

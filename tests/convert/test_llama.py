@@ -51,10 +51,16 @@ def llm_dir(tmp_path_factory):
   return str(path)
 
 
+def with_tokenizer(path, llm_dir):
+  """The sentencepiece model of llm_dir beside a saved HF model."""
+  (path / 'tokenizer.model').write_bytes(open(os.path.join(llm_dir, 'tokenizer.model'), 'rb').read())
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_round_trip_is_identical(tmp_path, dtype):
+def test_round_trip_is_identical(tmp_path, dtype, llm_dir):
   src, conv, out = tmp_path / 'hf', tmp_path / 'conv', tmp_path / 'out'
   hf_model(dtype, tie_word_embeddings=True).save_pretrained(src, safe_serialization=True)
+  with_tokenizer(src, llm_dir)
   commands.run('llama', str(src), str(conv), use_ema=True)
   commands.run('export-llama', str(conv), str(out), use_ema=True)
   a, b = safetensors_io.SafetensorsDir(str(src)), safetensors_io.SafetensorsDir(str(out))
@@ -134,24 +140,26 @@ def test_export_gives_the_tokenizer_the_source_context(llm_dir, tmp_path):
   assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == want
 
 
-def test_a_converted_llm_without_a_tokenizer_says_what_to_copy(tmp_path, capsys):
-  """convert llama of a checkpoint without tokenizer.model warns in one line; training from
-  the result (model.size 'auto' or a named size) says to copy one in, not to train once."""
+def test_a_source_without_a_tokenizer_is_refused(tmp_path, llm_dir):
+  """convert llama of a checkpoint with neither tokenizer file: one sentence, nothing written;
+  training from a converted directory that lost its tokenizer names the config key."""
   src, conv = tmp_path / 'hf', tmp_path / 'conv'
   hf_model().save_pretrained(src, safe_serialization=True)
-  capsys.readouterr()
+  with pytest.raises(UserError, match=rf'^the HF checkpoint {re.escape(str(src))} has no '
+                                      r"tokenizer\.model or tokenizer\.json; copy the LLM's "
+                                      r'tokenizer files into it\.$'):
+    commands.run('llama', str(src), str(conv), use_ema=True)
+  assert not conv.exists()
+  with_tokenizer(src, llm_dir)
   commands.run('llama', str(src), str(conv), use_ema=True)
-  warnings = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
-  assert len(warnings) == 1 and warnings[0] == (
-      f"warning: {src} has no tokenizer.model, so neither has {conv}; copy the LLM's "
-      f'sentencepiece tokenizer.model into {conv} before training from it.')
+  os.remove(conv / 'tokenizer.model')
   for size in ('auto', 'tiny'):
     config = tiny_config(num_steps=1)
     config.model.init_from, config.model.size = str(conv), size
     config.model.vocab_size, config.data.tokenizer_vocab_size = VOCAB + 5, VOCAB
     with pytest.raises(UserError, match=rf"^{re.escape(str(conv))} \(config key model.init_from\) "
-                                        r"has no tokenizer\.model; copy the LLM's sentencepiece "
-                                        r'tokenizer\.model into it before training\.$'):
+                                        r"has no tokenizer\.model or tokenizer\.json; copy the "
+                                        r"LLM's tokenizer files into it\.$"):
       train.train_and_evaluate(config, str(tmp_path / f'work_{size}'))
 
 
@@ -168,7 +176,7 @@ def _write_config(path, **changes):
   (path / 'config.json').write_text(json.dumps(config))
 
 
-def test_bad_checkpoints_are_named(tmp_path):
+def test_bad_checkpoints_are_named(tmp_path, llm_dir):
   src = tmp_path / 'hf'
   hf_model().save_pretrained(src, safe_serialization=True)
   cases = []
@@ -179,18 +187,21 @@ def test_bad_checkpoints_are_named(tmp_path):
 
   unsupported = tmp_path / 'mistral'
   hf_model().save_pretrained(unsupported, safe_serialization=True)
-  _write_config(unsupported, model_type='mistral', architectures=['MistralForCausalLM'])
-  cases.append((unsupported, r'MistralForCausalLM .* only LlamaForCausalLM'))
+  _write_config(unsupported, model_type='gpt_neox', architectures=['GPTNeoXForCausalLM'])
+  cases.append((unsupported, r'GPTNeoXForCausalLM \(model_type .gpt_neox.\); supported: '
+                             r'LlamaForCausalLM \(llama\), MistralForCausalLM'))
 
   misshapen = tmp_path / 'misshapen'
   hf_model().save_pretrained(misshapen, safe_serialization=True)
   _write_config(misshapen, intermediate_size=80)
+  with_tokenizer(misshapen, llm_dir)
   cases.append((misshapen, r'tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\); '
                            r'the model config expects \(80, 32\)'))
 
   missing_tensor = tmp_path / 'missing_tensor'
   missing_tensor.mkdir()
   (missing_tensor / 'config.json').write_text((src / 'config.json').read_text())
+  with_tokenizer(missing_tensor, llm_dir)
   tensors = safetensors_io.SafetensorsDir(str(src))
   safetensors_io.write(str(missing_tensor / 'model.safetensors'),
                        [(k, tensors[k]) for k in tensors.keys() if k != 'model.norm.weight'], {})
@@ -220,10 +231,12 @@ class _Trap:
     return (open, (self.path, 'w'))
 
 
-def test_torch_bin_weights_are_read_as_tensors_only(tmp_path):
+def test_torch_bin_weights_are_read_as_tensors_only(tmp_path, llm_dir):
   model = hf_model(torch.bfloat16)
   model.save_pretrained(tmp_path / 'st', safe_serialization=True)
   (tmp_path / 'bin').mkdir()  # what transformers 4 writes with safe_serialization=False
+  for name in ('st', 'bin'):
+    with_tokenizer(tmp_path / name, llm_dir)
   (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'st' / 'config.json').read_text())
   torch.save(model.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
   for name in ('bin', 'st'):
