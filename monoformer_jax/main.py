@@ -76,7 +76,8 @@ _VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: the decoder fo
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', 'convert official: the LLM\'s sentencepiece model, '
                                  'for a checkpoint without tokenizer.model.')
 _SHAPE = flags.DEFINE_string('shape', 'tinyllama-1.1b', 'convert synthetic-llama: a named shape '
-                             'or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB.')
+                             '(tinyllama-1.1b, smollm2-135m, llama-3.2-1b, qwen2.5-0.5b) or '
+                             'WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB.')
 _OFFICIAL = flags.DEFINE_bool('official', False, 'convert synthetic-llama: an official MonoFormer '
                               'checkpoint around the LLaMA.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0.')

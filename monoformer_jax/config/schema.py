@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.chat_files = ''  # chat_jsonl: a glob of JSONL files
   # 'template': every turn, '### Human:'/'### Assistant:', assistant tokens learned; 'official':
   # the official training's reading (last exchange, no template, every token learned)
-  c.data.chat_format = 'template'
+  c.data.chat_format = 'template'  # 'template', 'official', or 'model' (the source's chat template)
   c.data.t2i_files = ''  # t2i_jsonl: a glob of JSONL files
   c.data.skip_bad_records = False  # skip (and count) unusable JSONL lines and images
   c.data.tfds_data_dir = ''  # '' = TFDS's default (~/tensorflow_datasets)

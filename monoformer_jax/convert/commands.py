@@ -12,10 +12,12 @@ from monoformer_jax.training import checkpoint
 
 
 KINDS = {
-    'llama': 'HF LlamaForCausalLM directory (safetensors) -> converted directory (Orbax params, '
-             'model.json, tokenizer.model)',
-    'export-llama': 'converted directory or training workdir -> HF LlamaForCausalLM directory '
-                    '(--ema=false for the raw params)',
+    'llama': 'HF LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM directory (safetensors, '
+             'tokenizer.model or tokenizer.json) -> converted directory (Orbax params, model.json, '
+             'the tokenizer files)',
+    'hf': 'the same as llama',
+    'export-llama': 'converted directory or training workdir -> HF directory of the source\'s '
+                    'architecture, with its tokenizer (--ema=false for the raw params)',
     'official': 'official MonoFormer checkpoint, safetensors or .bin, or its ema/ folder (--ema) '
                 '(+ --vae=converted VAE, --tokenizer=FILE if it has none) -> workdir',
     'export-official': 'workdir -> the whole MonoFormer as the official code loads it (--ema=false '
@@ -23,8 +25,10 @@ KINDS = {
     'inception': 'the FID Inception weights file (pytorch-fid\'s pt_inception-2015-12-05-*.pth) '
                  '-> converted Inception directory, for evaluate --fid_ref',
     'vae': 'diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory',
-    'synthetic-llama': '--dst and --shape only: a random bf16 HF LLaMA of a named shape '
-                       '(tinyllama-1.1b, llama-3.2-1b) or WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB; '
+    'synthetic-llama': '--dst and --shape only: a random bf16 HF checkpoint with a small '
+                       'tokenizer of its family\'s kind, of a named shape (tinyllama-1.1b, '
+                       'smollm2-135m, llama-3.2-1b, qwen2.5-0.5b) or '
+                       'WIDTH,DEPTH,HEADS,KV_HEADS,MLP,VOCAB; '
                        'with --official, an official MonoFormer checkpoint around it',
 }
 
@@ -74,7 +78,7 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokeniz
     return
   if not src or not dst:
     raise UserError(f'convert {kind} needs --src and --dst.')
-  if kind == 'llama':
+  if kind in ('llama', 'hf'):
     llama.convert_llama(src, dst)
   elif kind == 'vae':
     vae.convert_vae(src, dst)

@@ -1,9 +1,10 @@
 """Chat conversations (UltraChat style) for `ar` steps, from data.chat_files.
 
-Two formats (data.chat_format), right-padded or truncated to data.text_seq_len:
+Three formats (data.chat_format), right-padded or truncated to data.text_seq_len:
 - template: every turn, in the template of the official chat script
   (`BOS ### Human: ...` for the user, `### Assistant: ... EOS` for the assistant); only
   assistant tokens are predicted;
+- model: the source tokenizer's own chat template (tokenizer.json sources; chat_template.py);
 - official: what the official training reads (its configs set use_chat_template=False, so
   train_on_source holds): the last user turn and the assistant turn after it, untemplated,
   `BOS user assistant EOS`, every token predicted.
@@ -16,12 +17,14 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax.data import jsonl, tokenizer as tokenizer_lib
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import chat_template, hf_tokenizer, jsonl, tokenizer as tokenizer_lib
 
 
 class ChatFormat(enum.Enum):
   TEMPLATE = 'template'
   OFFICIAL = 'official'
+  MODEL = 'model'  # the source tokenizer's own chat template (chat_template.py)
 
 
 def _last_exchange(messages: list[dict]) -> list[dict]:
@@ -35,6 +38,8 @@ def _last_exchange(messages: list[dict]) -> list[dict]:
 def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int,
                 chat_format: ChatFormat = ChatFormat.TEMPLATE):
   """tokens [S] int32 (right-padded, truncated), valid [S] bool, loss_mask [S] bool."""
+  if chat_format == ChatFormat.MODEL:
+    return chat_template.chat_tokens(messages, tok, length)
   ids, learn = [], []
   official = chat_format == ChatFormat.OFFICIAL
   for m in _last_exchange(messages) if official else messages:
@@ -59,6 +64,10 @@ def chat_tokens(messages: list[dict], tok: tokenizer_lib.Tokenizer, length: int,
 def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, seed: int,
              chat_format: ChatFormat) -> grain.MapDataset:
   """Infinite shuffled {'tokens', 'valid', 'loss_mask'} conversations (not yet batched)."""
+  if chat_format == ChatFormat.MODEL and not isinstance(tok, hf_tokenizer.HuggingFace):
+    raise UserError('config key data.chat_format is \'model\', which renders chats with the '
+                    'chat template of a tokenizer.json source; this workdir\'s tokenizer is '
+                    f'{tok.path}: use \'template\' or \'official\'.')
   records = jsonl.read(jsonl.files(data.chat_files, 'data.chat_files'), jsonl.RecordKind.CHAT,
                        data.skip_bad_records)
   messages = [r['messages'] for r in records]

@@ -57,9 +57,12 @@ class HuggingFace(tokenizer_lib.Tokenizer):
     self.num_pieces = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def special(name: str) -> Optional[int]:
-      """The id of the bos/eos/pad token the files name, or None."""
-      content = _content(self.config.get(f'{name}_token')) or _content(
-          special_map.get(f'{name}_token'))
+      """The id of the bos/eos/pad token the files name, or None (also where the tokenizer's
+      files set it to null, as Qwen2's does for BOS, whatever generation_config.json says)."""
+      key = f'{name}_token'
+      content = _content(self.config.get(key)) or _content(special_map.get(key))
+      if content is None and (key in self.config or key in special_map):
+        return None
       if content is not None:
         token_id = self.tk.token_to_id(content)
         if token_id is None:
@@ -96,6 +99,18 @@ class HuggingFace(tokenizer_lib.Tokenizer):
 
   def encode(self, text: str) -> list[int]:
     return self.tk.encode(text, add_special_tokens=False).ids
+
+  def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+    """(ids of text, the character where each token's text starts)."""
+    encoding = self.tk.encode(text, add_special_tokens=False)
+    return encoding.ids, [start for start, _ in encoding.offsets]
+
+  def special_token_strings(self) -> dict[str, str]:
+    """bos_token, eos_token, ... as strings, for a chat template (those the source names)."""
+    named = {'bos_token': self.bos_id, 'eos_token': self.eos_id, 'pad_token': self.pad_id}
+    out = {k: self.tk.id_to_token(i) for k, i in named.items() if i is not None}
+    unk = _content(self.config.get('unk_token'))
+    return dict(out, unk_token=unk) if unk else out
 
   def decode_pieces(self, ids: list[int]) -> str:
     return self.tk.decode(ids, skip_special_tokens=True)

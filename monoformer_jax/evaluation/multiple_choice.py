@@ -2,13 +2,15 @@
 
 An item has one request per choice, a (context, continuation) pair of strings. Each request is
 tokenized as the harness's HF backend tokenizes for a causal LM: trailing spaces of the context move
-to the continuation; the context and the whole are each encoded with BOS, the continuation is the
+to the continuation; the context and the whole are each encoded with what the tokenizer puts
+before a text (BOS, or nothing as for Qwen2.5), the continuation is the
 whole's tokens after the context's, and the model reads the context's own tokens followed by those
 (not the whole's tokens: they differ where a continuation starts inside a word, as with an empty
-target delimiter); a request longer than the model's context keeps its last tokens. Its score is the
+target delimiter); an empty context is BOS (EOS for a tokenizer without one); a request longer than the model's context keeps its last tokens. Its score is the
 summed log-probability of the continuation. A continuation that adds no token is an error, as in the
-harness. Known difference: text that spells a special piece ('<s>', '</s>') is plain text here,
-where HF's tokenizer reads the special token. `acc` is how often the highest score is the gold
+harness. Known difference with a sentencepiece tokenizer: text that spells a special piece ('<s>',
+'</s>') is plain text here, where HF's tokenizer reads the special token (a tokenizer.json reads it
+as HF does). `acc` is how often the highest score is the gold
 choice, `acc_norm` the same with each score divided by its choice's length in characters; both with
 the standard error of a mean. Requests are scored in batches right-padded to a multiple of 32
 tokens, split over the devices of every host (each host scores its rows; the scores are gathered).
@@ -60,8 +62,13 @@ def encode_request(tok: Tokenizer, context: str, continuation: str, max_length: 
   spaces = len(context) - len(context.rstrip())
   if spaces:
     context, continuation = context[:-spaces], context[-spaces:] + continuation
-  context_ids = tok.bos + tok.encode(context)
-  target = (tok.bos + tok.encode(context + continuation))[len(context_ids):]
+  if context:
+    context_ids = tok.bos + tok.encode(context)
+    target = (tok.bos + tok.encode(context + continuation))[len(context_ids):]
+  else:  # the harness conditions on BOS, or EOS where the tokenizer has none
+    context_ids, target = [tok.eos_id if tok.bos_id is None else tok.bos_id], tok.encode(continuation)
+    if target[:1] == context_ids:
+      context_ids, target = target[:1], target[1:]
   if not target:
     raise UserError(f'{name} (continuation {continuation!r} after {context[-40:]!r}) adds no '
                     'token to its context; expected a continuation of at least one token, as '

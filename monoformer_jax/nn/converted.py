@@ -6,7 +6,8 @@ A converted LLM directory holds
                    the blocks stored one by one under decoder/layers/{0..L-1}
   model.json       {'backbone': the BackboneConfig, 'tie_embeddings', 'hf_config': the
                    source's config.json, 'source'}
-  tokenizer.model  the source's sentencepiece model, when it has one
+  tokenizer files  the source's: tokenizer.model, or tokenizer.json with the JSON files
+                   beside it that name its special tokens and chat template
 Dimension letters: L layers.
 """
 
@@ -25,7 +26,7 @@ from monoformer_jax.nn.layers import BackboneConfig
 from monoformer_jax.nn.rope import RopeKind, RopeScaling
 
 
-PARAMS, MODEL_JSON, TOKENIZER = 'params', 'model.json', 'tokenizer.model'
+PARAMS, MODEL_JSON = 'params', 'model.json'
 SOURCE_JSON = 'llm_source.json'  # a workdir's copy of the model.json its backbone started from
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from monoformer_jax.convert import llama
+from monoformer_jax.convert import hf_config as hf_config_lib, llama
 from monoformer_jax.nn import converted
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.model import ImageConfig, MonoFormer
@@ -48,7 +48,7 @@ def _models(heads, kv_heads, tied, theta, scaling):
         weight.normal_(1.0, 0.1)
       elif name.endswith(('q_proj.weight', 'k_proj.weight')):
         weight.mul_(10.0)
-  cfg, tie = llama.config_from_hf(hf_config.to_dict(), 'test config')
+  cfg, tie = hf_config_lib.config_from_hf(hf_config.to_dict(), 'test config')
   assert tie == tied
   model = MonoFormer(cfg, ImageConfig(patch_size=2, height=4, width=4, channels=1), tied)
   tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

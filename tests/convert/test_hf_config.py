@@ -179,9 +179,10 @@ def test_lm_eval_harness_scores_the_qwen_export_as_we_do(qwen):
            mc.Item.shared_context('Question: 2 + 2 = ?\nAnswer:', [' 4', ' 22', ' four'], 0, ''),
            mc.Item.shared_context('naïve café, dé', ['jà vu', 'j\u00e0 vu!'], 1, ''),
            mc.Item.shared_context('Code: print(', ['"hi")', "'hi')"], 0, ''),
-           mc.Item.shared_context('She said  ', ['yes.', 'no <im_start> way'], 0)]
+           mc.Item.shared_context('She said  ', ['yes.', 'no <im_start> way'], 0),
+           mc.Item.shared_context('', ['Once upon a time', '<|im_end|> starts'], 0, '')]
   requests = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
-  for context, continuation in requests:
+  for context, continuation in requests[:-2]:  # the harness encodes an empty context apart
     ids, n = mc.encode_request(setup.tok, context, continuation, 256)
     want = lm._encode_pair(context, continuation)  # pylint: disable=protected-access
     assert (ids[:len(ids) - n], ids[len(ids) - n:]) == want, (context, continuation)
