@@ -15,7 +15,7 @@ from helpers import tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import commands
+from monoformer_jax.convert import commands, safetensors_io
 from monoformer_jax.convert.synthetic_tokenizer import TokenizerFamily, train_bpe
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.evaluation import multiple_choice as mc
@@ -233,3 +233,18 @@ def test_bad_sources_are_one_sentence(smollm2, tmp_path):
   mistral = variant('mistral', dict(model_type='mistral', architectures=['MistralForCausalLM'],
                                     sliding_window=256))
   commands.run('llama', str(mistral), str(tmp_path / 'out_mistral'), use_ema=True)
+
+
+def test_a_qwen2_source_round_trips_bit_identical(qwen, tmp_path):
+  """HF -> converted -> HF: every tensor (the q/k/v biases and the padding rows included) and
+  every config key come back as they were."""
+  _, src, work, _ = qwen
+  out = tmp_path / 'back'
+  commands.run('export-llama', os.path.join(os.path.dirname(work), 'llm'), str(out), use_ema=True)
+  a, b = safetensors_io.SafetensorsDir(str(src)), safetensors_io.SafetensorsDir(str(out))
+  assert sorted(a.keys()) == sorted(b.keys()) and sum('bias' in k for k in a.keys()) == 6
+  for name in a.keys():
+    np.testing.assert_array_equal(a[name].view(np.uint8), b[name].view(np.uint8))
+  source = json.loads((src / 'config.json').read_text())
+  assert {k: v for k, v in json.loads((out / 'config.json').read_text()).items()
+          if k in source} == source
