@@ -44,6 +44,6 @@ def paper_config(platform: str) -> ml_collections.ConfigDict:
   # 2,048-token cross-entropy chunks (0.26 GB of fp32 logits): the 8 x 2,048 text step took
   # 329.8 ms against 341.1 with 512 on one H200 (README, Performance).
   c.train.loss_chunk = 2048
-  c.sample.sampler, c.sample.steps = 'ddpm', 250
+  c.sample.sampler, c.sample.steps = 'auto', 250  # ddpm (or euler with diffusion.process=flow)
   c.mesh.data, c.mesh.fsdp = preset['data'], preset['fsdp']
   return c

@@ -15,7 +15,7 @@ from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.convert import commands as convert_commands
-from monoformer_jax.diffusion import Sampler
+from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import benchmarks
 from monoformer_jax.generation.mixed_modal import Decoding
 from monoformer_jax.run import inference, scoring
@@ -32,6 +32,9 @@ _OUT = flags.DEFINE_string('out', 'samples.png', 'PNG grid to write; FILE.npz is
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config).')
 _SAMPLER = flags.DEFINE_enum_class('sampler', None, Sampler, 'Sampler (default: the config).',
                                    case_sensitive=False)
+_TIME_SPACING = flags.DEFINE_enum_class('time_spacing', None, TimeSpacing, 'dpmpp_2m: its steps '
+                                        'evenly in time or in log-SNR (default: the config).',
+                                        case_sensitive=False)
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the config).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
@@ -106,7 +109,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _choice() -> inference.SamplingChoice:
-  return inference.SamplingChoice(_SAMPLER.value, _STEPS.value, _CFG_SCALE.value, _VAE.value)
+  return inference.SamplingChoice(_SAMPLER.value, _STEPS.value, _CFG_SCALE.value, _VAE.value,
+                                  _TIME_SPACING.value)
 
 
 def _decoding() -> Decoding:

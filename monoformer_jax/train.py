@@ -150,7 +150,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     if fresh and jax.process_index() == 0:
       files.rmtree(workdir)
     raise
-  step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective)
+  step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective,
+                                             settings.diffusion)
   step_fns = steps.jit_steps(model, tx, step_config, layout, shardings)
   return _Run(setup, ckpt, iterators, step_fns, encode, state, start)
 

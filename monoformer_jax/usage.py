@@ -13,7 +13,7 @@ from monoformer_jax.base.errors import UserError
 
 ENTRY = 'python -m monoformer_jax'
 _MULTIHOST = ('coordinator_address', 'num_processes', 'process_id', 'multihost')
-_SAMPLER = ('sampler', 'steps', 'cfg_scale', 'seed', 'ema', 'vae')
+_SAMPLER = ('sampler', 'steps', 'time_spacing', 'cfg_scale', 'seed', 'ema', 'vae')
 
 
 class Command:

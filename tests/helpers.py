@@ -58,7 +58,8 @@ def tiny_config(**train_overrides):
 
 def step_config(config, im_end_id: int):
   """The StepConfig of the config, its objective parsed as training parses it."""
-  return steps.StepConfig.from_config(config, im_end_id, settings.validate(config).objective)
+  checked = settings.validate(config)
+  return steps.StepConfig.from_config(config, im_end_id, checked.objective, checked.diffusion)
 
 
 def image_batches(config, tok):
@@ -272,7 +273,7 @@ def final_state(workdir, config):
   step = ckpt.latest_step()
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
-  abstract, _ = steps.abstract_state(model_lib.build(config.model), tx, layout)
+  abstract, _ = steps.abstract_state(model_lib.build(config.model, config.diffusion), tx, layout)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return step, state

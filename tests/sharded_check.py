@@ -48,7 +48,7 @@ def make_config(mesh: dict):
 
 def run(config, workdir, devices, num_steps=3, state=None):
   tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
-  model = model_lib.build(config.model)
+  model = model_lib.build(config.model, config.diffusion)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh, devices)
   _, shardings = steps.abstract_state(model, tx, layout)
@@ -127,7 +127,7 @@ def samplers_under_mesh(workdir):
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
     config = make_config(mesh)
     tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
-    model = model_lib.build(config.model)
+    model = model_lib.build(config.model, config.diffusion)
     tx = steps.make_optimizer(config.optim, 1)
     layout = sharding.make_layout(config.mesh, devices)
     _, shardings = steps.abstract_state(model, tx, layout)
@@ -150,7 +150,7 @@ def across_meshes(workdir, state):
   """Save the state trained under all three axes, restore it on 1 device and continue; compare
   with continuing under the mesh."""
   config = make_config(MESHES[ALL_AXES])
-  model = model_lib.build(config.model)
+  model = model_lib.build(config.model, config.diffusion)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch'))
   ckpt.save(3, state, {}, config)

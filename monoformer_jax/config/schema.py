@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000
+  # 'ddpm' (the paper's: eps and a learned variance) or 'flow' (flow matching: velocity of the
+  # straight line from data to noise; no learned variance, so model.learn_sigma is not used).
+  c.diffusion.process = 'ddpm'
+  c.diffusion.flow_time = 'logit_normal'  # flow: how training draws t ('uniform', 'logit_normal')
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-4
@@ -123,10 +127,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_chunk = 512  # tokens per cross-entropy chunk (bounds the fp32 logits); 0 = all
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = 'ddpm'
+  # 'auto' (the process's own: ddpm, or euler for flow), 'ddpm', 'ddim', 'dpmpp_2m' (DPM-Solver++
+  # 2M) for ddpm models; 'euler', 'heun' for flow models.
+  c.sample.sampler = 'auto'
   c.sample.steps = 250
   c.sample.cfg_scale = 1.5
   c.sample.guidance_channels = 'all'
+  c.sample.time_spacing = 'time'  # dpmpp_2m's steps: evenly in 'time' or in 'logsnr'
   c.sample.use_ema = True
 
   c.eval = ml_collections.ConfigDict()

@@ -159,7 +159,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   params.update(monoformer_params(tensors))
   config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '')
 
-  model = model_lib.build(config.model)
+  model = model_lib.build(config.model, config.diffusion)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   abstract, _ = steps.abstract_state(model, tx, sharding.make_layout(config.mesh))
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])

@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from monoformer_jax import diffusion
 from monoformer_jax.base import files, progress
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import corpus, digits
@@ -91,18 +90,17 @@ def heldout_diffusion_losses(setup, params) -> dict[str, float]:
   images, labels = digits.subset(config.data.heldout_fraction, heldout=True)
   tokens, valid = map(np.stack, zip(*[tok.image_prompt(config.eval.prompt_template.format(
       name=digits.CLASS_NAMES[c]), config.data.prompt_len) for c in labels]))
-  num_t = config.diffusion.num_timesteps
-  schedule = diffusion.make_schedule(num_t)
+  num_t, process = config.diffusion.num_timesteps, setup.settings.diffusion
   rng = np.random.default_rng(0)  # the same noise at every evaluation
   noise = rng.standard_normal(images.shape).astype(np.float32)
 
   @jax.jit
   def loss_sum(params, tokens, valid, x0, t, noise):
-    xt = diffusion.q_sample(schedule, x0, t, noise)
+    xt = process.corrupt_at(x0, t, noise)
     suffix = jnp.full((x0.shape[0], 1), tok.im_end_id, jnp.int32)
     out = model.apply({'params': params}, tokens, valid, mask_type=model.image_mask, image=xt,
                       t=t, suffix=suffix).image
-    return diffusion.training_loss(schedule, out, x0, xt, t, noise)['loss'].sum()
+    return process.loss(out, x0, xt, t, noise)['loss'].sum()
 
   losses, batch = {}, config.data.image_batch_size
   for quarter in range(4):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from monoformer_jax import diffusion
 from monoformer_jax.base import files, images as images_lib
 from monoformer_jax.generation import sampling
 from monoformer_jax.nn.layers import KVCache, MaskType
@@ -113,7 +114,7 @@ def image_phase(model: MonoFormer, params, state: State, key: jax.Array, *,
   count), written into the cache; waiting rows then emit <im_end>."""
   cache, img = state.cache, model.image
   batch = state.count.shape[0]
-  _, denoise = sampling.make_denoiser(model, spec)
+  _, predict = sampling.make_denoiser(model, spec)
   suffix = jnp.full((batch, 1), specials.im_end, jnp.int32)
   context_cache = cache
   if spec.guidance.scale != 1.0:
@@ -130,7 +131,7 @@ def image_phase(model: MonoFormer, params, state: State, key: jax.Array, *,
   context = (empty, empty.astype(bool), suffix, context_cache)
   init_key, loop_key = jax.random.split(key)
   x = jax.random.normal(init_key, (batch, img.height, img.width, img.channels), jnp.float32)
-  x = jax.lax.fori_loop(0, spec.steps, lambda i, x: denoise(params, context, x, i, loop_key), x)
+  x = diffusion.integrate(spec.solver, lambda x, t: predict(params, context, x, t), x, loop_key)
   written = model.apply({'params': params}, empty[:batch], empty[:batch].astype(bool),
                         mask_type=model.image_mask, image=x, t=jnp.zeros((batch,), jnp.int32),
                         cache=cache).cache

@@ -1,4 +1,4 @@
-"""Compiled samplers: images by DDPM / DDIM with classifier-free guidance, text
+"""Compiled samplers: images by any of diffusion.Sampler with classifier-free guidance, text
 by a KV-cached decode loop. Each whole loop is one XLA program.
 
 Dimension letters: B batch, P prompt length, H/W/C image, V vocabulary.
@@ -13,8 +13,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from monoformer_jax import diffusion
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.diffusion import Guidance, GuidanceChannels, Sampler
+from monoformer_jax.diffusion import (Guidance, GuidanceChannels, Process, Sampler, Solver,
+                                      TimeSpacing)
 from monoformer_jax.nn.layers import KVCache, MaskType
 from monoformer_jax.nn.model import MonoFormer
 
@@ -26,35 +28,57 @@ class ImageSampling:
   steps: int
   guidance: Guidance
   num_timesteps: int = 1000
+  spacing: TimeSpacing = TimeSpacing.TIME  # DPM-Solver++'s steps
   # The prompt never attends to the image (unless the mask is bidirectional), so
   # its keys and values are computed once instead of at every step.
   cache_prefix: bool = True
 
   @classmethod
-  def from_config(cls, sample, num_timesteps: int) -> 'ImageSampling':
-    """The config's `sample` section: the one place its choices are parsed."""
-    return cls(schema.choice(Sampler, sample.sampler, 'sample.sampler'), sample.steps,
-           Guidance(sample.cfg_scale, schema.choice(
-               GuidanceChannels, sample.guidance_channels, 'sample.guidance_channels')),
-           num_timesteps)
+  def from_config(cls, sample, diffusion_config) -> 'ImageSampling':
+    """The config's `sample` section: the one place its choices are parsed ('auto' is the
+    sampler of the config's diffusion.process)."""
+    process = schema.choice(Process, diffusion_config.process, 'diffusion.process')
+    sampler = (Sampler.default_for(process) if sample.sampler == 'auto'
+               else schema.choice(Sampler, sample.sampler, 'sample.sampler'))
+    return cls(sampler, sample.steps, Guidance(sample.cfg_scale, schema.choice(
+        GuidanceChannels, sample.guidance_channels, 'sample.guidance_channels')),
+               diffusion_config.num_timesteps,
+               schema.choice(TimeSpacing, sample.time_spacing, 'sample.time_spacing'))
 
   def but(self, sampler: Sampler | None = None, steps: int | None = None,
-          cfg_scale: float | None = None) -> 'ImageSampling':
+          cfg_scale: float | None = None, spacing: TimeSpacing | None = None) -> 'ImageSampling':
     """This spec with the given settings (command-line flags) replacing its own."""
     guidance = self.guidance if cfg_scale is None else dataclasses.replace(self.guidance,
                                                                            scale=cfg_scale)
     return dataclasses.replace(self, sampler=self.sampler if sampler is None else sampler,
-                               steps=self.steps if steps is None else steps, guidance=guidance)
+                               steps=self.steps if steps is None else steps, guidance=guidance,
+                               spacing=self.spacing if spacing is None else spacing)
+
+  @property
+  def solver(self) -> Solver:
+    return Solver(self.sampler, self.steps, self.num_timesteps, self.spacing)
+
+
+def check_fits(spec: ImageSampling, process: Process, where: str) -> None:
+  """A UserError when spec cannot sample a model of `process`; `where` names what set the
+  sampler and its steps (flags, config keys)."""
+  if spec.sampler.process != process:
+    fitting = ', '.join(s.value for s in Sampler if s.process == process)
+    raise UserError(f'the sampler {spec.sampler.value!r} ({where}) samples {spec.sampler.process.value} '
+                    f'models, and this one is {process.value} (diffusion.process); expected one of '
+                    f'{fitting}.')
+  try:
+    spec.solver.check()
+  except ValueError as e:
+    raise UserError(f'{spec.steps} steps of {spec.sampler.value} ({where}): {e}.') from None
 
 
 def make_denoiser(model: MonoFormer, spec: ImageSampling):
-  """(prepare, denoise) for one sampling run.
+  """(prepare, predict) for one sampling run.
 
   prepare(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q]) -> context
-  denoise(params, context, x [B, H, W, C], i, key) -> x one step less noisy (step i of
-  spec.steps, counting from the noisiest)."""
-  schedule = diffusion.make_schedule(spec.num_timesteps, spec.steps)
-  step_fn = diffusion.ddpm_step if spec.sampler == Sampler.DDPM else diffusion.ddim_step
+  predict(params, context, x [B, H, W, C], t [B]) -> the guided network output at the network's
+  time t, what spec.solver steps with."""
   guided = spec.guidance.scale != 1.0
   use_cache = spec.cache_prefix and model.image_mask != MaskType.BIDIRECTIONAL
 
@@ -70,29 +94,23 @@ def make_denoiser(model: MonoFormer, spec: ImageSampling):
                         cache=cache, return_hidden=True).cache
     return prompt[:, :0], valid[:, :0], suffix, cache
 
-  def denoise(params, context, x, i, key):
+  def predict(params, context, x, t):
     tokens, valid, suffix, cache = context
     batch = x.shape[0]
-    t = jnp.full((batch,), schedule.num_timesteps - 1 - i, jnp.int32)
-    model_t = schedule.timestep_map[t]
-    if guided:
-      x_in, t_in = jnp.concatenate([x, x]), jnp.concatenate([model_t, model_t])
-    else:
-      x_in, t_in = x, model_t
+    x_in, t_in = (jnp.concatenate([x, x]), jnp.concatenate([t, t])) if guided else (x, t)
     out = model.apply({'params': params}, tokens, valid, mask_type=model.image_mask, image=x_in,
                       t=t_in, suffix=suffix, cache=cache).image
     if guided:
       out = spec.guidance.combine(out[:batch], out[batch:], model.image.channels)
-    noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    return step_fn(schedule, out, x, t, noise)
+    return out
 
-  return prepare, denoise
+  return prepare, predict
 
 
 @functools.lru_cache(maxsize=8)  # one compilation per model and spec, however often sampled
 def make_image_sampler(model: MonoFormer, spec: ImageSampling):
   """Returns jitted fn(params, prompt [B, P], valid, null_prompt, null_valid, suffix [B, Q], key)."""
-  prepare, denoise = make_denoiser(model, spec)
+  prepare, predict = make_denoiser(model, spec)
   img = model.image
 
   @jax.jit
@@ -101,8 +119,8 @@ def make_image_sampler(model: MonoFormer, spec: ImageSampling):
     x = jax.random.normal(init_key, (prompt.shape[0], img.height, img.width, img.channels),
                           jnp.float32)
     context = prepare(params, prompt, valid, null_prompt, null_valid, suffix)
-    return jax.lax.fori_loop(0, spec.steps,
-                             lambda i, x: denoise(params, context, x, i, loop_key), x)
+    return diffusion.integrate(spec.solver, lambda x, t: predict(params, context, x, t), x,
+                               loop_key)
 
   return sample
 

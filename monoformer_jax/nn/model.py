@@ -19,6 +19,7 @@ import numpy as np
 
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
+from monoformer_jax.diffusion.process import Process
 from monoformer_jax.nn import splash
 from monoformer_jax.nn.layers import (Array, AttentionImpl, BackboneConfig, Decoder, KVCache,
                                       LayerLoop, MaskType, Remat, RMSNorm, attention_mask,
@@ -306,9 +307,11 @@ def _shape(m) -> dict:
               mlp_dim=m.mlp_dim, head_width=None if head_dim == m.width // m.num_heads else head_dim)
 
 
-def build(model_config) -> MonoFormer:
-  """The module from the config's `model` section: the one place its choices are parsed."""
+def build(model_config, diffusion_config) -> MonoFormer:
+  """The module from the config's `model` section: the one place its choices are parsed. The
+  output has variance channels only where the `diffusion` section's process learns them."""
   m, r = model_config, model_config.rope_scaling
+  learn_sigma = m.learn_sigma and diffusion_config.process == Process.DDPM.value
   scaling = None if r.kind == 'none' else RopeScaling(
       schema.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor, r.low_freq_factor,
       r.high_freq_factor, r.original_max_position)
@@ -320,7 +323,7 @@ def build(model_config) -> MonoFormer:
       attention=schema.choice(AttentionImpl, m.attention, 'model.attention'),
       attention_bias=m.attention_bias, **_shape(m))
   image = ImageConfig(patch_size=m.patch_size, height=m.image_size[0], width=m.image_size[1],
-                      channels=m.image_channels, learn_sigma=m.learn_sigma,
+                      channels=m.image_channels, learn_sigma=learn_sigma,
                       use_pos_embed=m.use_pos_embed)
   return MonoFormer(backbone, image, m.tie_embeddings,
                     schema.choice(MaskType, m.image_mask, 'model.image_mask'))

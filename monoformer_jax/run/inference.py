@@ -10,7 +10,7 @@ import numpy as np
 
 from monoformer_jax.base import files, images as images_lib, progress
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.diffusion import Sampler
+from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import fid_samples
 from monoformer_jax.generation import mixed_modal, sampling
 from monoformer_jax.nn import vae
@@ -26,13 +26,16 @@ class SamplingChoice:
   steps: Optional[int] = None
   cfg_scale: Optional[float] = None
   vae: str = ''
+  spacing: Optional[TimeSpacing] = None
 
   def resolve(self, setup: workdir_lib.Setup) -> tuple[sampling.ImageSampling, str]:
     """The sampling spec and the VAE directory that decodes its latents ('' for pixels)."""
     config = setup.config
-    spec = setup.settings.sampling.but(self.sampler, self.steps, self.cfg_scale)
+    spec = setup.settings.sampling.but(self.sampler, self.steps, self.cfg_scale, self.spacing)
     if spec.steps > config.diffusion.num_timesteps or spec.steps < 1:
       raise UserError(f'--steps is {spec.steps}; expected 1..{config.diffusion.num_timesteps}.')
+    sampling.check_fits(spec, setup.settings.diffusion.process,
+                        '--sampler and --steps, else the config\'s sample.sampler and sample.steps')
     vae_dir = self.vae or config.model.vae
     if vae_dir and not files.isdir(vae_dir):
       raise UserError(f'the VAE directory {vae_dir} (--vae, else config key model.vae) does not '

@@ -10,13 +10,14 @@ import dataclasses
 
 import ml_collections
 
+from monoformer_jax import diffusion
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.data.chat import ChatFormat
 from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
 from monoformer_jax.evaluation import text_tasks
-from monoformer_jax.generation.sampling import ImageSampling
+from monoformer_jax.generation.sampling import ImageSampling, check_fits
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import ImageSequence
 from monoformer_jax.run import backbone
@@ -28,6 +29,7 @@ from monoformer_jax.training.objective import Objective
 class Settings:
   """The typed choices of a validated config (the model section's are nn.model.build's)."""
   sampling: ImageSampling  # the config's sampler, guidance and step count
+  diffusion: diffusion.Training  # the process and how training draws its times
   image_source: ImageSource
   text_source: TextSource
   latents_source: LatentsSource
@@ -71,7 +73,11 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
                     '(height, width), both positive.')
   image_source = schema.choice(ImageSource, config.data.image_source, 'data.image_source')
   settings = Settings(
-      sampling=ImageSampling.from_config(config.sample, config.diffusion.num_timesteps),
+      sampling=ImageSampling.from_config(config.sample, config.diffusion),
+      diffusion=diffusion.Training(
+          schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process'),
+          config.diffusion.num_timesteps,
+          schema.choice(diffusion.FlowTime, config.diffusion.flow_time, 'diffusion.flow_time')),
       image_source=image_source,
       text_source=schema.choice(TextSource, config.data.text_source, 'data.text_source'),
       latents_source=schema.choice(LatentsSource, config.data.latents_source,
@@ -122,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   if config.sample.steps > config.diffusion.num_timesteps:
     raise UserError(f'config key sample.steps ({config.sample.steps}) exceeds '
                     f'diffusion.num_timesteps ({config.diffusion.num_timesteps}).')
+  check_fits(settings.sampling, settings.diffusion.process,
+             'config keys sample.sampler and sample.steps')
   if config.train.ar_weight + config.train.diffusion_weight <= 0:
     raise UserError('config keys train.ar_weight and train.diffusion_weight must have a '
                     'positive sum.')

@@ -164,7 +164,8 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours."""
   repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
-  step_config = steps.StepConfig.from_config(config, 2, objective.Objective.ALTERNATE)
+  step_config = steps.StepConfig.from_config(config, 2, objective.Objective.ALTERNATE,
+                                             settings.validate(config).diffusion)
   fns = {}
   for joint in (False, True):  # whatever train.objective says, both kinds can be timed
     fns |= steps.jit_steps(model, tx, dataclasses.replace(step_config, joint=joint), layout,
@@ -244,16 +245,19 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
 def _python_loop_sampler(model, spec: sampling.ImageSampling, args: tuple, num: int):
   """A blocking callable: the sampler as a Python loop over a jitted denoising step."""
   params, key = args[0], args[-1]
-  prepare, denoise = map(jax.jit, sampling.make_denoiser(model, spec))
+  prepare, predict = sampling.make_denoiser(model, spec)
+  prepare, solver = jax.jit(prepare), spec.solver
+  step = jax.jit(lambda params, context, state, i: solver.step(
+      state, lambda x, t: predict(params, context, x, t), i, key))
   context = prepare(*args[:-1])
   img = model.image
   x0 = jax.random.normal(jax.random.key(1), (num, img.height, img.width, img.channels))
 
   def python_loop():
-    x = x0
+    state = solver.init(x0)
     for i in range(spec.steps):
-      x = denoise(params, context, x, i, key)
-    x.block_until_ready()
+      state = step(params, context, state, i)
+    solver.result(state).block_until_ready()
 
   return python_loop
 
@@ -307,7 +311,7 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
   if compare_torch:
     bench_torch.modules()  # a missing torch stops the command now, not after the JAX side's setup
   parts = parts_of(config.bench)
-  model = model_lib.build(config.model)
+  model = model_lib.build(config.model, config.diffusion)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)

@@ -36,7 +36,7 @@ class LossConfig:
   """The loss settings of a step (hashable: static under jit)."""
   lm_loss_weight: float
   diffusion_loss_weight: float
-  num_timesteps: int
+  diffusion: diffusion.Training
   im_end_id: int
   loss_chunk: int = 0  # tokens per cross-entropy chunk; 0 = the whole batch at once
   prompt_lm_loss: bool = False
@@ -74,11 +74,8 @@ def image_inputs(batch: dict, key: jax.Array, cfg: LossConfig) -> dict:
   drawn for the whole batch (so that microbatching changes none of them), and the prompt's
   cross-entropy weights."""
   x0 = batch['image']
-  t_key, noise_key = jax.random.split(key)
-  t = jax.random.randint(t_key, x0.shape[:1], 0, cfg.num_timesteps)
-  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  xt = diffusion.q_sample(diffusion.make_schedule(cfg.num_timesteps), x0, t, noise)
-  return dict(tokens=batch['tokens'], valid=batch['valid'], x0=x0, xt=xt, t=t, noise=noise,
+  return dict(tokens=batch['tokens'], valid=batch['valid'], x0=x0,
+              **cfg.diffusion.corrupt(key, x0),
               weights=next_token_weights(batch['valid'], batch['valid']))
 
 
@@ -96,9 +93,7 @@ def image_pass(model: MonoFormer, params, image: dict, cfg: LossConfig) -> tuple
   out = model.apply({'params': params}, image['tokens'], image['valid'],
                     mask_type=model.image_mask, image=image['xt'], t=image['t'], suffix=suffix,
                     return_hidden=cfg.prompt_lm_loss)
-  schedule = diffusion.make_schedule(cfg.num_timesteps)
-  terms = diffusion.training_loss(schedule, out.image, image['x0'], image['xt'], image['t'],
-                                  image['noise'])
+  terms = cfg.diffusion.loss(out.image, image['x0'], image['xt'], image['t'], image['noise'])
   prompt_ce = jnp.zeros((), jnp.float32)
   if cfg.prompt_lm_loss:
     prompt_ce = cross_entropy_sum(model, params, out.hidden, image['tokens'], image['weights'],

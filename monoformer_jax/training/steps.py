@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from monoformer_jax import diffusion
 from monoformer_jax.base import sharding
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
@@ -52,11 +53,12 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int,
-                  kind: objective.Objective) -> 'StepConfig':
-    """From the config's numbers and its objective, parsed once (run.settings)."""
+                  kind: objective.Objective, process: diffusion.Training) -> 'StepConfig':
+    """From the config's numbers, its objective and diffusion process, parsed once
+    (run.settings)."""
     t = config.train
-    loss = objective.LossConfig(t.lm_loss_weight, t.diffusion_loss_weight,
-                                config.diffusion.num_timesteps, im_end_id, t.loss_chunk,
+    loss = objective.LossConfig(t.lm_loss_weight, t.diffusion_loss_weight, process, im_end_id,
+                                t.loss_chunk,
                                 t.prompt_lm_loss, t.grad_accum)
     return cls(loss, t.ema_decay, learning_rate(config.optim, t.num_steps),
                kind == objective.Objective.JOINT)

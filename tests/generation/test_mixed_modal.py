@@ -21,7 +21,8 @@ PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
 @pytest.fixture(scope='module')
 def parts(tokenizer_file):
   tok = tokenizer_lib.SentencePiece(tokenizer_file)
-  model = model_lib.build(tiny_config().model)
+  config = tiny_config()
+  model = model_lib.build(config.model, config.diffusion)
   return tok, model, signal_params(model, key=4)
 
 

@@ -28,7 +28,7 @@ from helpers import tiny_config
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.tools import bench_torch
 config = tiny_config()
-steps, about = bench_torch.make_steps(config, model_lib.build(config.model).backbone)
+steps, about = bench_torch.make_steps(config, model_lib.build(config.model, config.diffusion).backbone)
 steps['ar']()
 steps['diffusion']()
 print('steps ran with torch', about['torch'])

@@ -6,8 +6,6 @@ Schedules are precomputed in float64 like the reference and used in float32.
 Shapes: x [B, H, W, C]; model_out [B, H, W, C or 2C]; t [B] schedule indices.
 """
 
-import dataclasses
-import enum
 import math
 from typing import Sequence, Union
 
@@ -215,33 +213,3 @@ def ddim_step(s: Schedule, model_out: Array, xt: Array, t: Array, noise: Array,
   mean = p['x0'] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma**2) * eps
   nonzero = (t != 0).astype(xt.dtype).reshape(t.shape + (1,) * (xt.ndim - 1))
   return mean + nonzero * sigma * noise
-
-
-class Sampler(enum.Enum):
-  DDPM = 'ddpm'  # ancestral steps, ddpm_step
-  DDIM = 'ddim'  # deterministic steps, ddim_step with eta 0
-
-
-class GuidanceChannels(enum.Enum):
-  """Which eps channels classifier-free guidance moves."""
-  ALL = 'all'
-  FIRST_THREE = 'first_three'  # what the official sampler does, whatever the channel count
-
-  def count(self, eps_channels: int) -> int:
-    return eps_channels if self == GuidanceChannels.ALL else 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Guidance:
-  """Classifier-free guidance: its scale and the channels it moves."""
-  scale: float
-  channels: GuidanceChannels = GuidanceChannels.ALL
-
-  def combine(self, cond: Array, uncond: Array, eps_channels: int) -> Array:
-    """Guided output from [B, ..., C_out] conditional and unconditional outputs.
-
-    The guided channels get uncond + scale * (cond - uncond); the rest (the variance part, and with
-    FIRST_THREE any eps channel past the third) are the conditional ones."""
-    n = self.channels.count(eps_channels)
-    guided = uncond[..., :n] + self.scale * (cond[..., :n] - uncond[..., :n])
-    return jnp.concatenate([guided, cond[..., n:]], axis=-1)
