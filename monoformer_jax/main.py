@@ -19,7 +19,7 @@ from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import benchmarks
 from monoformer_jax.generation.mixed_modal import Decoding
 from monoformer_jax.run import inference, scoring
-from monoformer_jax.tools import bench, extract_latents, study
+from monoformer_jax.tools import bench, extract_latents, study, sweep
 from monoformer_jax.training import checkpoint, guards
 
 
@@ -39,7 +39,7 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'Guidance scale (default: the
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _EMA = flags.DEFINE_bool('ema', True, 'Use the EMA parameters (else the raw ones).')
 _MAX_TOKENS = flags.DEFINE_integer('max_tokens', 64, 'Tokens to generate.')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'study: seeds per variant.')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'study: seeds per variant; sweep: training seeds.')
 _MAX_IMAGES = flags.DEFINE_integer('max_images', 1, 'generate --out: images per row at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.')
@@ -137,7 +137,7 @@ def _run(command: str, argv: list[str]) -> str:
     workdir = files.absolute(workdir)  # one spelling per bucket workdir (one lease)
   if command in ('train', 'bench', 'extract_latents') and _CONFIG.value is None:
     raise UserError(f'{command} needs --config=configs/FILE.py.')
-  if command in ('train', 'sample', 'generate', 'study') and not workdir:
+  if command in ('train', 'sample', 'generate', 'study', 'sweep') and not workdir:
     raise UserError('--workdir is required.')
   if command == 'train':
     train.train_and_evaluate(_CONFIG.value, workdir)
@@ -169,6 +169,8 @@ def _run(command: str, argv: list[str]) -> str:
     return extract_latents.command(_CONFIG.value, _VAE.value, _DST.value)
   elif command == 'study':
     return study.command(workdir, _SEEDS.value)
+  elif command == 'sweep':
+    return sweep.command(workdir, _SEEDS.value)
   return ''
 
 

@@ -65,6 +65,10 @@ COMMANDS = {
     'study': Command('--workdir=DIR [--seeds=3]',
                      'the paper\'s three ablations in miniature (configs/ablations.py)',
                      ('workdir', 'seeds'), multihost=False),
+    'sweep': Command('--workdir=DIR [--seeds=3]',
+                     'the samplers at equal cost: DDPM and flow models of the default, every '
+                     'sampler and step count, accuracy, digit FD and images/s',
+                     ('workdir', 'seeds'), multihost=False),
 }
 
 

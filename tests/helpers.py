@@ -273,7 +273,7 @@ def final_state(workdir, config):
   step = ckpt.latest_step()
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
-  abstract, _ = steps.abstract_state(model_lib.build(config.model, config.diffusion), tx, layout)
+  abstract, _ = steps.abstract_state(settings.build_model(config), tx, layout)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return step, state

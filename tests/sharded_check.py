@@ -19,7 +19,7 @@ from helpers import (image_batches, signal_params,  # pylint: disable=wrong-impo
 
 from monoformer_jax.base import sharding  # pylint: disable=wrong-import-position
 from monoformer_jax.data.tokenizer import SentencePiece  # pylint: disable=wrong-import-position
-from monoformer_jax.nn import model as model_lib  # pylint: disable=wrong-import-position
+from monoformer_jax.run import settings as settings_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-import-position
 from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
 
@@ -48,7 +48,7 @@ def make_config(mesh: dict):
 
 def run(config, workdir, devices, num_steps=3, state=None):
   tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh, devices)
   _, shardings = steps.abstract_state(model, tx, layout)
@@ -127,7 +127,7 @@ def samplers_under_mesh(workdir):
                               ('one', jax.devices()[:1], dict(data=1, fsdp=1, tensor=1))):
     config = make_config(mesh)
     tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
-    model = model_lib.build(config.model, config.diffusion)
+    model = settings_lib.build_model(config)
     tx = steps.make_optimizer(config.optim, 1)
     layout = sharding.make_layout(config.mesh, devices)
     _, shardings = steps.abstract_state(model, tx, layout)
@@ -150,7 +150,7 @@ def across_meshes(workdir, state):
   """Save the state trained under all three axes, restore it on 1 device and continue; compare
   with continuing under the mesh."""
   config = make_config(MESHES[ALL_AXES])
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'mesh_switch'))
   ckpt.save(3, state, {}, config)

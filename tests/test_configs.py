@@ -44,7 +44,7 @@ def _with_stand_in_paths(config, tmp_path):
       config[section][key] = str(tmp_path / key)
       os.makedirs(config[section][key], exist_ok=True)
   if config.model.init_from:
-    backbone = dataclasses.replace(model_lib.build(config.model, config.diffusion).backbone,
+    backbone = dataclasses.replace(settings.build_model(config).backbone,
                                    vocab_size=config.data.tokenizer_vocab_size)
     (tmp_path / 'init_from' / converted.MODEL_JSON).write_text(json.dumps(dict(
         backbone=converted.config_to_json(backbone), tie_embeddings=config.model.tie_embeddings)))
@@ -56,7 +56,7 @@ def test_config_loads(path, tmp_path):
   module = _load(path)
   config = _with_stand_in_paths(module.get_config(), tmp_path)
   assert config.is_locked
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings.build_model(config)
   settings.check_inputs(config, settings.validate(config), model)
   assert 'python -m monoformer_jax' in open(path).read()
   shapes = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
@@ -79,7 +79,7 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
   config = _with_stand_in_paths(_load(path).get_config(platform), tmp_path)
   if objective == 'joint':
     config.train.objective, config.train.grad_accum, config.train.prompt_lm_loss = 'joint', 2, True
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   abstract, shardings = steps.abstract_state(model, tx, layout)
@@ -152,7 +152,7 @@ def test_bench_measures_only_the_parts_asked_for():
   config.sample.steps = 2
   report = bench.measure(config)
   assert set(report['steps']) == {'joint'} and 'decode' not in report
-  joint, model = report['steps']['joint'], model_lib.build(config.model, config.diffusion)
+  joint, model = report['steps']['joint'], settings.build_model(config)
   tokens = sum(bench.tokens_per_step(config, model, k) for k in (StepKind.AR, StepKind.DIFFUSION))
   assert joint['tokens_per_s'] * joint['median_ms'] / 1e3 == pytest.approx(tokens)
   assert report['sampling']['compiled_images_per_s'] > 0
@@ -184,7 +184,7 @@ def test_model_flops_agree_with_xla_cost_analysis(kind):
   config.model.layer_loop = 'unrolled'  # XLA counts a loop body once, not once per layer
   config.data.text_seq_len = 512  # long enough that attention is a fifth of the FLOPs
   config.model.image_size, config.model.image_channels = (32, 32), 4  # 256 patches
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings.build_model(config)
   params = nn.unbox(jax.eval_shape(lambda: model.init(
       jax.random.key(0), *model_lib.example_inputs(model), method=model.init_all))['params'])
   length = bench.sequence_length(config, model, kind)

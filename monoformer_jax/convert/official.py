@@ -23,8 +23,8 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.convert import hf_config, llama, torch_bin
 from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
-from monoformer_jax.nn import converted, model as model_lib
-from monoformer_jax.run import backbone
+from monoformer_jax.nn import converted
+from monoformer_jax.run import backbone, settings as settings_lib
 from monoformer_jax.training import checkpoint, steps
 
 
@@ -159,7 +159,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   params.update(monoformer_params(tensors))
   config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '')
 
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   abstract, _ = steps.abstract_state(model, tx, sharding.make_layout(config.mesh))
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])

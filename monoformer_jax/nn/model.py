@@ -19,7 +19,6 @@ import numpy as np
 
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.diffusion.process import Process
 from monoformer_jax.nn import splash
 from monoformer_jax.nn.layers import (Array, AttentionImpl, BackboneConfig, Decoder, KVCache,
                                       LayerLoop, MaskType, Remat, RMSNorm, attention_mask,
@@ -307,11 +306,11 @@ def _shape(m) -> dict:
               mlp_dim=m.mlp_dim, head_width=None if head_dim == m.width // m.num_heads else head_dim)
 
 
-def build(model_config, diffusion_config) -> MonoFormer:
-  """The module from the config's `model` section: the one place its choices are parsed. The
-  output has variance channels only where the `diffusion` section's process learns them."""
+def build(model_config, learn_sigma: bool) -> MonoFormer:
+  """The module from the config's `model` section: the one place its choices are parsed.
+  learn_sigma: whether the output carries variance channels (model.learn_sigma, where the
+  diffusion process learns a variance: run.settings.build_model decides)."""
   m, r = model_config, model_config.rope_scaling
-  learn_sigma = m.learn_sigma and diffusion_config.process == Process.DDPM.value
   scaling = None if r.kind == 'none' else RopeScaling(
       schema.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor, r.low_freq_factor,
       r.high_freq_factor, r.original_max_position)

@@ -146,6 +146,13 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   return settings
 
 
+def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
+  """The network of a config: its model section, with variance channels only where the
+  diffusion process learns a variance (flow matching learns none)."""
+  learns_variance = config.diffusion.process == diffusion.Process.DDPM.value
+  return model_lib.build(config.model, config.model.learn_sigma and learns_variance)
+
+
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,
                  model: model_lib.MonoFormer) -> None:
   """The files and directories training reads exist, and a converted LLM fits the model (a

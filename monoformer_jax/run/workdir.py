@@ -66,7 +66,7 @@ def for_training(config: ml_collections.ConfigDict, workdir: str,
   """Checks the config, its model, its inputs and the workdir; then creates the workdir, takes
   its lock and makes its tokenizer. Nothing is created until the checks pass."""
   settings = settings_lib.validate(config)
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   settings_lib.check_inputs(config, settings, model)
   check_workdir(workdir)
   files.makedirs(workdir)
@@ -105,7 +105,7 @@ def _state_shapes(config: ml_collections.ConfigDict,
   path and shape, nothing allocated."""
   settings_lib.validate(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  state = steps.abstract_state(model_lib.build(config.model, config.diffusion), tx, layout)[0]
+  state = steps.abstract_state(settings_lib.build_model(config), tx, layout)[0]
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -154,7 +154,8 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   def load(step: int):
     config = ckpt.restore_config(step)
     _check_vocabulary(config, tok)
-    setup = Setup(config, settings_lib.validate(config), model_lib.build(config.model, config.diffusion), tok,
+    setup = Setup(config, settings_lib.validate(config),
+                  settings_lib.build_model(config), tok,
                   sharding.make_layout(config.mesh))
     if not params:
       return setup, None

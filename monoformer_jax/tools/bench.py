@@ -26,7 +26,6 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.diffusion import Sampler
 from monoformer_jax.generation import sampling
-from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.run import settings
 from monoformer_jax.tools import bench_storage, bench_torch
@@ -311,7 +310,7 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
   if compare_torch:
     bench_torch.modules()  # a missing torch stops the command now, not after the JAX side's setup
   parts = parts_of(config.bench)
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   _, shardings = steps.abstract_state(model, tx, layout)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from monoformer_jax.base import files, sharding
-from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import settings as settings_lib
 from monoformer_jax.training import checkpoint, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 
@@ -51,7 +51,7 @@ def _one_round(config, state, abstract, directory: str, rows: int) -> dict:
 
 def measure(config: ml_collections.ConfigDict, directories: list[str], rows: int = 200) -> dict:
   """{directory: medians of save_s, restore_s, metrics_write_ms, metrics_flush_ms}."""
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   abstract, _ = steps.abstract_state(model, tx, layout)

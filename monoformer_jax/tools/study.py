@@ -37,17 +37,22 @@ FINDINGS = (
 METRICS = ('fd/overall', 'accuracy/overall', 'next_line/acc', 'text/perplexity')
 
 
-def _variant_config(variant: str, overrides: dict):
+def config_file(name: str, *args, overrides: dict | None = None):
+  """get_config(*args) of configs/NAME.py, with {'section.key': value} overrides applied."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      'configs', 'ablations.py')
-  spec = importlib.util.spec_from_file_location('ablations_config', path)
+                      'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
+  config = module.get_config(*args)
+  for key, value in (overrides or {}).items():
+    section, key_name = key.split('.')
+    config[section][key_name] = value
   return config
+
+
+def _variant_config(variant: str, overrides: dict):
+  return config_file('ablations', variant, overrides=overrides)
 
 
 def _pretrained(out: str, overrides: dict) -> str:

@@ -11,7 +11,7 @@ from helpers import cli, signal_params, tiny_config
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Guidance, Sampler
 from monoformer_jax.generation import mixed_modal, sampling
-from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import settings as settings_lib
 from monoformer_jax.nn.layers import KVCache, MaskType
 
 
@@ -22,7 +22,7 @@ PROMPTS = ['a handwritten digit seven', 'The', 'a handwritten digit one please']
 def parts(tokenizer_file):
   tok = tokenizer_lib.SentencePiece(tokenizer_file)
   config = tiny_config()
-  model = model_lib.build(config.model, config.diffusion)
+  model = settings_lib.build_model(config)
   return tok, model, signal_params(model, key=4)
 
 

@@ -26,9 +26,10 @@ except Exception as e:  # transformers words it as its version does; the cause i
   print('without the fix:', repr(e.__cause__ or e))
 from helpers import tiny_config
 from monoformer_jax.nn import model as model_lib
+from monoformer_jax.run import settings as settings_lib
 from monoformer_jax.tools import bench_torch
 config = tiny_config()
-steps, about = bench_torch.make_steps(config, model_lib.build(config.model, config.diffusion).backbone)
+steps, about = bench_torch.make_steps(config, settings_lib.build_model(config).backbone)
 steps['ar']()
 steps['diffusion']()
 print('steps ran with torch', about['torch'])

@@ -1,0 +1,172 @@
+"""`sweep`: the samplers against each other at equal cost, on the default (configs/digits.py).
+
+For each seed it trains the default DDPM model and the same with diffusion.process 'flow' (same
+steps, same data), then samples the evaluation's 200 prompted digits (same prompts, same sampling
+key) with each sampler and step count of GRID: prompt accuracy, digit FD, and for the first seed
+the images/s of a second, compiled run. OUT/sweep.json holds every figure, OUT/sweep.md the table
+of means and standard deviations over the seeds, with the goal's verdict. Each run keeps its rows
+in RUN/sweep_rows.json, so a stopped sweep resumes where it was.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from monoformer_jax import train
+from monoformer_jax.base import files
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import digits
+from monoformer_jax.diffusion import Sampler, TimeSpacing
+from monoformer_jax.evaluation import default_eval, digit_fd
+from monoformer_jax.generation import sampling
+from monoformer_jax.run import workdir as workdir_lib
+from monoformer_jax.tools import bench, study
+
+# (sampler, spacing, step counts) per process; spacing matters to DPM-Solver++ alone.
+GRID = {
+    'ddpm': ((Sampler.DDPM, TimeSpacing.TIME, (250, 50, 25)),
+             (Sampler.DDIM, TimeSpacing.TIME, (50, 20, 10)),
+             (Sampler.DPMPP_2M, TimeSpacing.TIME, (25, 20, 15, 10)),
+             (Sampler.DPMPP_2M, TimeSpacing.LOGSNR, (25, 20, 10))),
+    'flow': ((Sampler.EULER, TimeSpacing.TIME, (250, 50, 20, 10)),
+             (Sampler.HEUN, TimeSpacing.TIME, (25, 10, 5))),
+}
+REFERENCE = ('ddpm', 'ddpm', 'time', 250)  # the paper's sampler, the default's step count
+GOAL_EVALUATIONS = 25  # DPM-Solver++ at this many or fewer should match the reference's FD
+ROWS_FILE = 'sweep_rows.json'
+
+
+def _row_key(process: str, sampler: Sampler, spacing: TimeSpacing, steps: int) -> tuple:
+  return process, sampler.value, spacing.value, steps
+
+
+def _train(out: str, process: str, seed: int, overrides: dict) -> str:
+  workdir = os.path.join(out, f'{process}_seed{seed}')
+  if not files.exists(os.path.join(workdir, default_eval.EVAL_FILE)):  # written at the end
+    config = study.config_file('digits', overrides={**overrides, 'diffusion.process': process})
+    config.seed = seed
+    train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _measure(workdir: str, process: str, grid, timed: bool) -> list[dict]:
+  """This run's rows: one per (sampler, spacing, steps), computed where not saved yet."""
+  path = os.path.join(workdir, ROWS_FILE)
+  rows = files.read_json(path) if files.exists(path) else []
+  done = {tuple(r['key']) for r in rows}
+  todo = [(s, sp, n) for s, sp, counts in grid for n in counts
+          if _row_key(process, s, sp, n) not in done]
+  if not todo:
+    return rows
+  restored = workdir_lib.for_inference(workdir, use_ema=True)
+  setup, params = restored.setup, restored.params
+  config = setup.config
+  key = jax.random.fold_in(jax.random.key(config.seed), 2**30)  # the evaluation's own
+  labels = np.repeat(np.arange(len(digits.CLASS_NAMES)), config.eval.samples_per_class)
+  prompts = [config.eval.prompt_template.format(name=name) for name in digits.CLASS_NAMES
+             for _ in range(config.eval.samples_per_class)]
+  for sampler, spacing, steps in todo:
+    spec = setup.settings.sampling.but(sampler, steps, spacing=spacing)
+    accuracy, images = default_eval.prompt_accuracy(setup, params, key, spec)
+    row = dict(key=list(_row_key(process, sampler, spacing, steps)),
+               evaluations=spec.solver.evaluations, accuracy=accuracy['accuracy/overall'],
+               fd=digit_fd.distances(config.data, images, labels)['overall'])
+    if timed:  # compiled by the run above: this one is the sampler alone
+      start = time.perf_counter()
+      sampling.images_for_prompts(setup.model, params, setup.tok, prompts,
+                                  config.data.prompt_len, spec, key)
+      row['images_per_s'] = len(prompts) / (time.perf_counter() - start)
+    rows.append(row)
+    files.write_text(path, json.dumps(rows, indent=1))
+  return rows
+
+
+def _stats(values: list[float]) -> dict:
+  return dict(values=values, mean=float(np.mean(values)),
+              std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[dict], anchors: list[dict]) -> dict:
+  """Rows of every run -> one entry per (process, sampler, spacing, steps) with the seeds'
+  statistics, the FD floor and ceiling, and the goal's verdict for each DPM-Solver++ entry."""
+  grouped: dict[tuple, list[dict]] = {}
+  for r in rows:
+    grouped.setdefault(tuple(r['key']), []).append(r)
+  entries = []
+  for key, runs in grouped.items():
+    entry = dict(process=key[0], sampler=key[1], spacing=key[2], steps=key[3],
+                 evaluations=runs[0]['evaluations'],
+                 accuracy=_stats([r['accuracy'] for r in runs]), fd=_stats([r['fd'] for r in runs]))
+    timed = [r['images_per_s'] for r in runs if 'images_per_s' in r]
+    if timed:
+      entry['images_per_s'] = timed[0]
+    entries.append(entry)
+  entries.sort(key=lambda e: (e['process'], e['sampler'], e['spacing'], -e['steps']))
+  reference = next((e for e in entries
+                    if (e['process'], e['sampler'], e['spacing'], e['steps']) == REFERENCE), None)
+  verdicts = []
+  for e in entries if reference else []:
+    if e['sampler'] == Sampler.DPMPP_2M.value and e['evaluations'] <= GOAL_EVALUATIONS:
+      difference = e['fd']['mean'] - reference['fd']['mean']
+      spread = math.hypot(e['fd']['std'], reference['fd']['std'])
+      verdicts.append(dict(spacing=e['spacing'], steps=e['steps'], difference=difference,
+                           spread=spread, within=bool(difference <= spread),
+                           fewer_evaluations=reference['evaluations'] / e['evaluations']))
+  return dict(entries=entries, verdicts=verdicts,
+              fd_floor=_stats([a['fd_floor/overall'] for a in anchors]),
+              fd_ceiling=_stats([a['fd_ceiling/overall'] for a in anchors]))
+
+
+def markdown(summary: dict, seeds: int) -> str:
+  lines = [f'| process | sampler | spacing | steps | network evaluations | prompt accuracy '
+           f'({seeds} seeds) | digit FD ({seeds} seeds) | images/s |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for e in summary['entries']:
+    speed = f'{e["images_per_s"]:.3g}' if 'images_per_s' in e else ''
+    spacing = e['spacing'] if e['sampler'] == Sampler.DPMPP_2M.value else ''
+    lines.append(f'| {e["process"]} | {e["sampler"]} | {spacing} | {e["steps"]} | '
+                 f'{e["evaluations"]} | {100 * e["accuracy"]["mean"]:.1f}% ± '
+                 f'{100 * e["accuracy"]["std"]:.1f} | {e["fd"]["mean"]:.2f} ± '
+                 f'{e["fd"]["std"]:.2f} | {speed} |')
+  floor, ceiling = summary['fd_floor'], summary['fd_ceiling']
+  lines += ['', f'FD floor (held-out digits) {floor["mean"]:.2f}, ceiling (the untrained model, '
+            f'each process\'s default sampler) {ceiling["mean"]:.2f}.', '',
+            '| DPM-Solver++ 2M | FD - DDPM 250 | spread | within the spread | fewer evaluations |',
+            '| --- | --- | --- | --- | --- |']
+  for v in summary['verdicts']:
+    lines.append(f'| {v["spacing"]}, {v["steps"]} steps | {v["difference"]:+.2f} | '
+                 f'{v["spread"]:.2f} | {"yes" if v["within"] else "no"} | '
+                 f'{v["fewer_evaluations"]:.0f}x |')
+  return '\n'.join(lines) + '\n'
+
+
+def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | None = None) -> dict:
+  """Trains and measures both processes for seeds 0..seeds-1; writes and returns the summary.
+  overrides ({'section.key': value}) apply to every run, grid replaces GRID (the tests shrink
+  both)."""
+  overrides, grid = overrides or {}, grid or GRID
+  files.makedirs(out)
+  start = time.monotonic()
+  rows, anchors = [], []
+  for seed in range(seeds):
+    for process, process_grid in grid.items():
+      workdir = _train(out, process, seed, overrides)
+      rows += _measure(workdir, process, process_grid, timed=seed == 0)
+      anchors.append(default_eval.saved_metrics(workdir))
+  summary = summarize(rows, anchors)
+  summary.update(seeds=seeds, overrides=overrides, machine=bench.machine(),
+                 minutes=(time.monotonic() - start) / 60)
+  files.write_text(os.path.join(out, 'sweep.json'), json.dumps(summary, indent=1))
+  files.write_text(os.path.join(out, 'sweep.md'), markdown(summary, seeds))
+  return summary
+
+
+def command(out: str, seeds: int) -> str:
+  """`sweep`: the sweep in `out` for `seeds` training seeds; its markdown table."""
+  if seeds < 1:
+    raise UserError(f'--seeds is {seeds}; expected at least 1.')
+  return markdown(run_sweep(out, seeds), seeds).rstrip('\n')
