@@ -51,13 +51,21 @@ def _with_stand_in_paths(config, tmp_path):
   return config
 
 
+@pytest.mark.parametrize('process', ['ddpm', 'flow'])
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
-def test_config_loads(path, tmp_path):
+def test_config_loads(path, process, tmp_path):
+  """Every config, as written and with diffusion.process 'flow' (its own sampler, no variance
+  channels)."""
   module = _load(path)
   config = _with_stand_in_paths(module.get_config(), tmp_path)
   assert config.is_locked
+  config.diffusion.process = process
   model = settings.build_model(config)
-  settings.check_inputs(config, settings.validate(config), model)
+  checked = settings.validate(config)
+  settings.check_inputs(config, checked, model)
+  assert checked.sampling.sampler.process.value == process
+  assert model.image.out_channels == config.model.image_channels * (
+      2 if config.model.learn_sigma and process == 'ddpm' else 1)
   assert 'python -m monoformer_jax' in open(path).read()
   shapes = jax.eval_shape(lambda k: model.init(k, *model_lib.example_inputs(model),
                                                method=model.init_all), jax.random.key(0))
@@ -135,8 +143,9 @@ def test_bench_report_has_every_field(tmp_path):
     assert r['runs'] == 5 and r['median_ms'] > 0 and r['compile_s'] > 0 and 0 < r['mfu']
     assert r['torch_ms'] > 0 and r['xla_flops'] > 0 and r['program_bytes'] > 0
   s = report['sampling']
-  for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop'):
+  for name in ('compiled', 'compiled_no_prefix_cache', 'python_loop', 'dpmpp_2m_20', 'ddim_20'):
     assert s[f'{name}_images_per_s'] > 0
+  assert [(f['sampler'], f['steps']) for f in s['few_steps']] == [('dpmpp_2m', 20), ('ddim', 20)]
   assert 0 < s['mfu'] and s['model_flops_per_run'] > 0
   assert [d['batch'] for d in report['decode']] == [1, 2]
   for d in report['decode']:
@@ -158,6 +167,13 @@ def test_bench_measures_only_the_parts_asked_for():
   assert report['sampling']['compiled_images_per_s'] > 0
   assert 'python_loop_images_per_s' not in report['sampling']
   bench.print_table(report)
+  # A flow model's own samplers are timed: Euler at the config's steps, then Euler and Heun.
+  config.diffusion.process = 'flow'
+  config.bench.parts = ('sampling',)
+  sampling_report = bench.measure(config)['sampling']
+  assert sampling_report['sampler'] == 'euler'
+  assert [(f['sampler'], f['evaluations']) for f in sampling_report['few_steps']] == [
+      ('euler', 20), ('heun', 19)]
 
 
 @pytest.mark.parametrize('key, value, expected', [

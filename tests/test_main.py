@@ -51,6 +51,16 @@ def _bad_inputs(tmp_path):
       (['train', *TINY, f'--workdir={tmp_path / "a_file" / "below"}'], 'is a file'),
       (['trian', '--workdir={new}'], 'trian'),  # an unknown command
       (['sample', '--workdir={trained}', '--num=abc'], 'num'),
+      # Samplers: a name that does not exist, no steps, one for the other process, too many
+      # steps for DPM-Solver++'s spacing, a process that does not exist.
+      (['sample', '--workdir={trained}', '--sampler=dpmpp_3m'], 'dpmpp_3m'),
+      (['sample', '--workdir={trained}', '--steps=0'], '--steps is 0; expected 1..1000'),
+      (['sample', '--workdir={trained}', '--sampler=heun'], "the sampler 'heun' (--sampler"),
+      (['sample', '--workdir={trained}', '--sampler=dpmpp_2m', '--steps=1000'],
+       'repeat a timestep'),
+      (train + ['--config.diffusion.process=flwo'], "config key diffusion.process is 'flwo'"),
+      (train + ['--config.diffusion.process=flow', '--config.sample.sampler=ddim'],
+       'config keys sample.sampler and sample.steps'),
       (['generate', '--workdir={trained}', '--prompt=The', '--max_tokens=100000'],
        'model.context_length'),
       (['convert', 'gguf', f'--src={tmp_path}', '--dst={new}'], 'gguf'),
@@ -140,6 +150,31 @@ def test_sample_generate_evaluate(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'is trained to step 2 and evaluated (eval.json); nothing to do' in result.stdout
   assert 'eval:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_flow_workdir_end_to_end(tmp_path):
+  """Trained with diffusion.process=flow, sampled with its own samplers, refused with the other
+  process's."""
+  workdir = tmp_path / 'flow'
+  result = cli('train', *TINY, '--config.diffusion.process=flow', '--config.sample.steps=3',
+               '--config.eval.samples_per_class=1', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'eval: sampling 10 digits (euler, 3 steps)' in result.stdout  # 'auto' for flow
+  for sampler in ('heun', 'euler'):
+    out = tmp_path / f'{sampler}.png'
+    result = cli('sample', f'--workdir={workdir}', '--prompt=a handwritten digit one', '--num=2',
+                 f'--out={out}', '--steps=3', f'--sampler={sampler}')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.load(tmp_path / f'{sampler}.npz')['images'].shape == (2, 8, 8, 1)
+  result = cli('sample', f'--workdir={workdir}', '--prompt=x', '--sampler=dpmpp_2m')
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert result.returncode == 2 and len(errors) == 1
+  assert "samples ddpm models, and this one is flow" in errors[0], errors
+  back = tmp_path / 'official'
+  result = cli('convert', 'export-official', f'--src={workdir}', f'--dst={back}')
+  assert result.returncode == 2 and "diffusion.process is 'flow'" in result.stderr, result.stderr
+  assert not back.exists()
 
 
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):

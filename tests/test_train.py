@@ -55,12 +55,14 @@ def test_mixture_schedule_follows_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('objective', ['alternate', 'joint'])
-def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, objective):
+@pytest.mark.parametrize('objective,process', [('alternate', 'ddpm'), ('joint', 'ddpm'),
+                                               ('alternate', 'flow')])
+def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, objective, process):
   def config(**overrides):
     c = tiny_config(**overrides, objective=objective)
     if objective == 'joint':  # with the official objective's other settings too
       c.train.grad_accum, c.train.prompt_lm_loss = 2, True
+    c.diffusion.process = process
     return c
 
   straight = workdir
@@ -76,6 +78,9 @@ def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, obj
   a, b = metrics_rows(straight), metrics_rows(resumed)
   assert [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
   assert {r['kind'] for r in a} == ({'ar', 'diffusion'} if objective == 'alternate' else {'joint'})
+  # A flow model learns no variance: no VB term, and the velocity's MSE is the whole loss.
+  diffusion_rows = [r for r in a if r['kind'] == 'diffusion']
+  assert all(('vb' in r) == (process == 'ddpm') for r in diffusion_rows)
   assert a == b
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.diffusion import Process
 from monoformer_jax.convert import hf_config, llama, official, safetensors_io
 from monoformer_jax.convert.safetensors_io import LazyTensor
 from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
@@ -79,6 +80,10 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   if model.image_mask == MaskType.BIDIRECTIONAL:
     raise UserError('the official code has no fully bidirectional image mask; export-official '
                     'needs model.image_mask \'hybrid\' or \'causal\'.')
+  if setup.settings.diffusion.process != Process.DDPM:
+    raise UserError('the official code trains and samples DDPM models; this workdir\'s '
+                    f'diffusion.process is {setup.settings.diffusion.process.value!r}, which '
+                    'export-official cannot carry (export-llama takes its backbone).')
   special = None if source is not None else (setup.tok.bos_id, setup.tok.eos_id, ids['pad'])
   out = hf_config.hf_config(model.backbone, model.tie_embeddings, dtype, source,
                         config.model.context_length, special)

@@ -24,7 +24,7 @@ import numpy as np
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.diffusion import Sampler
+from monoformer_jax.diffusion import Process, Sampler
 from monoformer_jax.generation import sampling
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.run import settings
@@ -201,22 +201,35 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   return results, state
 
 
+# Few-step samplers timed beside the config's (as many network evaluations as 20 steps, or about).
+FEW_STEPS = {Process.DDPM: ((Sampler.DPMPP_2M, 20), (Sampler.DDIM, 20)),
+             Process.FLOW: ((Sampler.EULER, 20), (Sampler.HEUN, 10))}
+
+
 def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: float,
                   repeats: int) -> dict:
-  """Images/s of DDPM with CFG (scale 1.5 if spec has none): the compiled loop and, with
-  bench.sampler_baselines, the same without the prefix cache and a Python loop calling a
+  """Images/s with CFG (scale 1.5 if spec has none) of the process's own sampler at spec's steps
+  (DDPM, or Euler for flow) compiled, of the few-step samplers (FEW_STEPS) and, with
+  bench.sampler_baselines, of the first without the prefix cache and as a Python loop calling a
   jitted single denoising step (timed in turn, so drift hits all alike)."""
   num = config.bench.sample_images
-  spec = spec.but(Sampler.DDPM, cfg_scale=1.5 if spec.guidance.scale == 1.0 else None)
+  process = spec.sampler.process
+  spec = spec.but(Sampler.default_for(process), cfg_scale=1.5 if spec.guidance.scale == 1.0 else None)
   batch = random_batch(config, StepKind.DIFFUSION, np.random.default_rng(1))
   prompt = jnp.asarray(batch['tokens'][:1].repeat(num, 0))
   valid = jnp.ones(prompt.shape, bool)
   null_valid = valid.at[:, :-1].set(False)
   suffix = jnp.full((num, 1), 2, jnp.int32)
   args = (params, prompt, valid, prompt, null_valid, suffix, jax.random.key(0))
-  result = dict(images=num, steps=spec.steps, cfg_scale=spec.guidance.scale)
+  result = dict(images=num, sampler=spec.sampler.value, steps=spec.steps,
+                cfg_scale=spec.guidance.scale, few_steps=[])
   runs = {}
   variants = [('compiled', spec)]
+  for sampler, count in FEW_STEPS[process]:
+    few = spec.but(sampler, min(count, spec.num_timesteps))
+    variants.append((f'{sampler.value}_{few.steps}', few))
+    result['few_steps'].append(dict(name=variants[-1][0], sampler=sampler.value, steps=few.steps,
+                                    evaluations=few.solver.evaluations))
   if config.bench.sampler_baselines:
     variants.append(('compiled_no_prefix_cache', dataclasses.replace(spec, cache_prefix=False)))
   for name, sampler_spec in variants:
@@ -228,11 +241,14 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
     runs['python_loop'] = _python_loop_sampler(model, spec, args, num)
   for name, seconds in interleaved_medians(runs, repeats, 1).items():
     result[f'{name}_images_per_s'] = num / seconds
+  for few in result['few_steps']:
+    few['images_per_s'] = result[f'{few["name"]}_images_per_s']
+    few['speedup'] = few['images_per_s'] / result['compiled_images_per_s']
   # With the prefix cached, each step computes the image part against the whole sequence.
   length = sequence_length(config, model, StepKind.DIFFUSION)
   sequences = num * (2 if spec.guidance.scale != 1.0 else 1)
-  flops = spec.steps * forward_flops(model, params, StepKind.DIFFUSION, sequences,
-                                     length - config.data.prompt_len, length)
+  flops = spec.solver.evaluations * forward_flops(model, params, StepKind.DIFFUSION, sequences,
+                                                  length - config.data.prompt_len, length)
   result['model_flops_per_run'] = flops
   result['mfu'] = flops * result['compiled_images_per_s'] / num / peak
   if config.bench.sampler_baselines:
@@ -362,8 +378,12 @@ def print_table(report: dict) -> None:
                  f'{s["python_loop_images_per_s"]:.2f} in a Python loop '
                  f'({s["speedup_vs_python_loop"]:.2f}x); ' if 'python_loop_images_per_s' in s
                  else '')
-    print(f'sampling {s["images"]} images, DDPM {s["steps"]} steps, CFG {s["cfg_scale"]}: '
-          f'{s["compiled_images_per_s"]:.2f} images/s compiled, {baselines}MFU {s["mfu"]:.1%}')
+    print(f'sampling {s["images"]} images, {s["sampler"]} {s["steps"]} steps, CFG '
+          f'{s["cfg_scale"]}: {s["compiled_images_per_s"]:.2f} images/s compiled, {baselines}'
+          f'MFU {s["mfu"]:.1%}')
+    for few in s['few_steps']:
+      print(f'  {few["sampler"]} {few["steps"]} steps ({few["evaluations"]} evaluations): '
+            f'{few["images_per_s"]:.2f} images/s, {few["speedup"]:.1f}x')
   for d in report.get('decode', []):
     print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} '
           f'tokens/s with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing '

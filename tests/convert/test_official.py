@@ -110,6 +110,14 @@ def _sample_through_the_vae(workdir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   images = np.load(tmp_path / 'official.npz')['images']
   assert images.shape == (2, LATENT * 8, LATENT * 8, 3) and images.dtype == np.uint8
+  # DPM-Solver++ takes the official checkpoint as it is (its learned variance channels unused).
+  out = tmp_path / 'dpm.png'
+  result = cli('sample', f'--workdir={workdir}', '--prompt=goldfish', '--num=2',
+               '--sampler=dpmpp_2m', '--steps=20', f'--out={out}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'dpmpp_2m' not in result.stderr  # no complaint about the sampler
+  dpm = np.load(tmp_path / 'dpm.npz')['images']
+  assert dpm.shape == images.shape and not np.array_equal(dpm, images)
 
 
 def test_unsupported_official_variants_are_refused(official_dir, tmp_path):
