@@ -90,9 +90,10 @@ def _stats(values: list[float]) -> dict:
               std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
 
 
-def summarize(rows: list[dict], anchors: list[dict]) -> dict:
+def summarize(rows: list[dict], evaluations: dict[str, list[dict]]) -> dict:
   """Rows of every run -> one entry per (process, sampler, spacing, steps) with the seeds'
-  statistics, the FD floor and ceiling, and the goal's verdict for each DPM-Solver++ entry."""
+  statistics, the goal's verdict for each DPM-Solver++ entry, and per process the training's own
+  evaluation (eval.json: the FD floor and ceiling, held-out perplexity)."""
   grouped: dict[tuple, list[dict]] = {}
   for r in rows:
     grouped.setdefault(tuple(r['key']), []).append(r)
@@ -105,7 +106,9 @@ def summarize(rows: list[dict], anchors: list[dict]) -> dict:
     if timed:
       entry['images_per_s'] = timed[0]
     entries.append(entry)
-  entries.sort(key=lambda e: (e['process'], e['sampler'], e['spacing'], -e['steps']))
+  order = [s.value for s in Sampler]  # as the enum lists them: ddpm, ddim, dpmpp_2m, ...
+  entries.sort(key=lambda e: (e['process'], order.index(e['sampler']), e['spacing'] != 'time',
+                              -e['steps']))
   reference = next((e for e in entries
                     if (e['process'], e['sampler'], e['spacing'], e['steps']) == REFERENCE), None)
   verdicts = []
@@ -116,9 +119,10 @@ def summarize(rows: list[dict], anchors: list[dict]) -> dict:
       verdicts.append(dict(spacing=e['spacing'], steps=e['steps'], difference=difference,
                            spread=spread, within=bool(difference <= spread),
                            fewer_evaluations=reference['evaluations'] / e['evaluations']))
-  return dict(entries=entries, verdicts=verdicts,
-              fd_floor=_stats([a['fd_floor/overall'] for a in anchors]),
-              fd_ceiling=_stats([a['fd_ceiling/overall'] for a in anchors]))
+  processes = {process: {name: _stats([e[key] for e in runs]) for name, key in (
+      ('fd_floor', 'fd_floor/overall'), ('fd_ceiling', 'fd_ceiling/overall'),
+      ('perplexity', 'text/perplexity'))} for process, runs in evaluations.items()}
+  return dict(entries=entries, verdicts=verdicts, processes=processes)
 
 
 def markdown(summary: dict, seeds: int) -> str:
@@ -132,10 +136,13 @@ def markdown(summary: dict, seeds: int) -> str:
                  f'{e["evaluations"]} | {100 * e["accuracy"]["mean"]:.1f}% ± '
                  f'{100 * e["accuracy"]["std"]:.1f} | {e["fd"]["mean"]:.2f} ± '
                  f'{e["fd"]["std"]:.2f} | {speed} |')
-  floor, ceiling = summary['fd_floor'], summary['fd_ceiling']
-  lines += ['', f'FD floor (held-out digits) {floor["mean"]:.2f}, ceiling (the untrained model, '
-            f'each process\'s default sampler) {ceiling["mean"]:.2f}.', '',
-            '| DPM-Solver++ 2M | FD - DDPM 250 | spread | within the spread | fewer evaluations |',
+  lines += ['', '| process | FD floor (held-out digits) | FD ceiling (untrained, its 250-step '
+            'sampler) | held-out perplexity |', '| --- | --- | --- | --- |']
+  for process, e in summary['processes'].items():
+    lines.append(f'| {process} | {e["fd_floor"]["mean"]:.2f} | {e["fd_ceiling"]["mean"]:.2f} ± '
+                 f'{e["fd_ceiling"]["std"]:.2f} | {e["perplexity"]["mean"]:.2f} ± '
+                 f'{e["perplexity"]["std"]:.2f} |')
+  lines += ['', '| DPM-Solver++ 2M | FD - DDPM 250 | spread | within the spread | fewer evaluations |',
             '| --- | --- | --- | --- | --- |']
   for v in summary['verdicts']:
     lines.append(f'| {v["spacing"]}, {v["steps"]} steps | {v["difference"]:+.2f} | '
@@ -151,13 +158,13 @@ def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | 
   overrides, grid = overrides or {}, grid or GRID
   files.makedirs(out)
   start = time.monotonic()
-  rows, anchors = [], []
+  rows, evaluations = [], {process: [] for process in grid}
   for seed in range(seeds):
     for process, process_grid in grid.items():
       workdir = _train(out, process, seed, overrides)
       rows += _measure(workdir, process, process_grid, timed=seed == 0)
-      anchors.append(default_eval.saved_metrics(workdir))
-  summary = summarize(rows, anchors)
+      evaluations[process].append(default_eval.saved_metrics(workdir))
+  summary = summarize(rows, evaluations)
   summary.update(seeds=seeds, overrides=overrides, machine=bench.machine(),
                  minutes=(time.monotonic() - start) / 60)
   files.write_text(os.path.join(out, 'sweep.json'), json.dumps(summary, indent=1))

@@ -32,6 +32,8 @@ def test_a_tiny_sweep_writes_a_finite_table(tmp_path, monkeypatch):
   assert len(set(entries['ddpm', 'ddpm', 4]['fd']['values'])) == 2
   [verdict] = summary['verdicts']
   assert verdict['steps'] == 3 and verdict['fewer_evaluations'] == 4 / 3
+  assert set(summary['processes']) == {'ddpm', 'flow'}
+  assert all(len(p['perplexity']['values']) == 2 for p in summary['processes'].values())
   table = (tmp_path / 'sweep.md').read_text()
   assert table.count('\n| flow | heun |') == 1 and '| logsnr, 3 steps |' in table
   again = sweep.run_sweep(str(tmp_path), 2, overrides=TINY, grid=GRID)
