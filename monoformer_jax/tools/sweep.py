@@ -165,8 +165,9 @@ def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | 
       rows += _measure(workdir, process, process_grid, timed=seed == 0)
       evaluations[process].append(default_eval.saved_metrics(workdir))
   summary = summarize(rows, evaluations)
+  # A rerun reads finished runs and rows instead of redoing them: only this call's time is known.
   summary.update(seeds=seeds, overrides=overrides, machine=bench.machine(),
-                 minutes=(time.monotonic() - start) / 60)
+                 minutes_this_invocation=(time.monotonic() - start) / 60)
   files.write_text(os.path.join(out, 'sweep.json'), json.dumps(summary, indent=1))
   files.write_text(os.path.join(out, 'sweep.md'), markdown(summary, seeds))
   return summary
