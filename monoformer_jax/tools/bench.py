@@ -130,7 +130,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
   return results, state
 
 
-# Few-step samplers timed beside the config's (as many network evaluations as 20 steps, or about).
+# Few-step samplers timed beside the config's (about 20 network evaluations; at most its steps).
 FEW_STEPS = {Process.DDPM: ((Sampler.DPMPP_2M, 20), (Sampler.DDIM, 20)),
              Process.FLOW: ((Sampler.EULER, 20), (Sampler.HEUN, 10))}
 
@@ -155,7 +155,7 @@ def bench_sampler(config, model, spec: sampling.ImageSampling, params, peak: flo
   runs = {}
   variants = [('compiled', spec)]
   for sampler, count in FEW_STEPS[process]:
-    few = spec.but(sampler, min(count, spec.num_timesteps))
+    few = spec.but(sampler, min(count, spec.steps))  # never more steps than the config's
     variants.append((f'{sampler.value}_{few.steps}', few))
     result['few_steps'].append(dict(name=variants[-1][0], sampler=sampler.value, steps=few.steps,
                                     evaluations=few.solver.evaluations))

@@ -10,7 +10,7 @@ from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.tools import sweep
 
 TINY = {'model.size': 'tiny', 'train.num_steps': 3, 'sample.steps': 3,
-        'eval.samples_per_class': 2, 'eval.text_questions': 8, 'eval.text_batches': 1,
+        'eval.samples_per_class': 2, 'eval.text_questions': 0, 'eval.text_batches': 1,
         'train.log_every': 1}
 GRID = {'ddpm': ((Sampler.DDPM, TimeSpacing.TIME, (4,)),
                  (Sampler.DPMPP_2M, TimeSpacing.LOGSNR, (3,))),
