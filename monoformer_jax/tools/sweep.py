@@ -19,7 +19,7 @@ import numpy as np
 from monoformer_jax import train
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.data import digits
+from monoformer_jax.data import digits, tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import default_eval, digit_fd
 from monoformer_jax.generation import sampling
@@ -44,11 +44,16 @@ def _row_key(process: str, sampler: Sampler, spacing: TimeSpacing, steps: int) -
   return process, sampler.value, spacing.value, steps
 
 
-def _train(out: str, process: str, seed: int, overrides: dict) -> str:
+def _train(out: str, process: str, seed: int, overrides: dict, tokenizer_from: str) -> str:
+  """The run's workdir, trained and evaluated (once); every run after the first takes the first
+  one's tokenizer, so that only the process and the seed differ."""
   workdir = os.path.join(out, f'{process}_seed{seed}')
   if not files.exists(os.path.join(workdir, default_eval.EVAL_FILE)):  # written at the end
     config = study.config_file('digits', overrides={**overrides, 'diffusion.process': process})
     config.seed = seed
+    if tokenizer_from and not files.exists(workdir):
+      files.makedirs(workdir)
+      tokenizer_lib.copy_files(tokenizer_from, workdir)
     train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -158,10 +163,11 @@ def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | 
   overrides, grid = overrides or {}, grid or GRID
   files.makedirs(out)
   start = time.monotonic()
-  rows, evaluations = [], {process: [] for process in grid}
+  rows, evaluations, first = [], {process: [] for process in grid}, ''
   for seed in range(seeds):
     for process, process_grid in grid.items():
-      workdir = _train(out, process, seed, overrides)
+      workdir = _train(out, process, seed, overrides, first)
+      first = first or workdir
       rows += _measure(workdir, process, process_grid, timed=seed == 0)
       evaluations[process].append(default_eval.saved_metrics(workdir))
   summary = summarize(rows, evaluations)
