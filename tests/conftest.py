@@ -64,8 +64,7 @@ LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'base/test
                  'training/test_cross_entropy.py', 'run/test_workdir.py', 'test_train.py',
                  'evaluation/test_multiple_choice.py', 'generation/test_sampling.py',
                  'nn/test_layers.py', 'run/test_backbone.py', 'tools/test_sweep.py',
-                 'tools/test_study.py',
-                 'tools/test_extract_latents.py', 'nn/test_splash.py')
+                 'tools/test_study.py', 'tools/test_extract_latents.py', 'nn/test_splash.py')
 
 
 def pytest_collection_modifyitems(items):
