@@ -59,7 +59,7 @@ def tables(num_timesteps: int, steps: int, spacing: TimeSpacing) -> Tables:
   timesteps, sigmas = noise_levels(num_timesteps, steps, spacing)
   alphas = 1.0 / np.sqrt(sigmas**2 + 1.0)
   with np.errstate(divide='ignore'):  # lambda is +inf at the final sigma 0
-    lambdas = np.log(alphas) - np.log(sigmas * alphas)
+    lambdas = -np.log(sigmas)
   a, b, c = np.zeros(steps), np.zeros(steps), np.zeros(steps)
   for i in range(steps):
     if i == steps - 1:  # to sigma 0: the x_0 predicted here

@@ -16,7 +16,7 @@ from monoformer_jax import diffusion
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.diffusion import (Guidance, GuidanceChannels, Process, Sampler, Solver,
-                                      TimeSpacing)
+                                      TimeSpacing, Training)
 from monoformer_jax.nn.layers import KVCache, MaskType
 from monoformer_jax.nn.model import MonoFormer
 
@@ -34,15 +34,14 @@ class ImageSampling:
   cache_prefix: bool = True
 
   @classmethod
-  def from_config(cls, sample, diffusion_config) -> 'ImageSampling':
+  def from_config(cls, sample, process: Training) -> 'ImageSampling':
     """The config's `sample` section: the one place its choices are parsed ('auto' is the
-    sampler of the config's diffusion.process)."""
-    process = schema.choice(Process, diffusion_config.process, 'diffusion.process')
-    sampler = (Sampler.default_for(process) if sample.sampler == 'auto'
+    sampler of the model's diffusion process)."""
+    sampler = (Sampler.default_for(process.process) if sample.sampler == 'auto'
                else schema.choice(Sampler, sample.sampler, 'sample.sampler'))
     return cls(sampler, sample.steps, Guidance(sample.cfg_scale, schema.choice(
         GuidanceChannels, sample.guidance_channels, 'sample.guidance_channels')),
-               diffusion_config.num_timesteps,
+               process.num_timesteps,
                schema.choice(TimeSpacing, sample.time_spacing, 'sample.time_spacing'))
 
   def but(self, sampler: Sampler | None = None, steps: int | None = None,
@@ -64,9 +63,9 @@ def check_fits(spec: ImageSampling, process: Process, where: str) -> None:
   sampler and its steps (flags, config keys)."""
   if spec.sampler.process != process:
     fitting = ', '.join(s.value for s in Sampler if s.process == process)
-    raise UserError(f'the sampler {spec.sampler.value!r} ({where}) samples {spec.sampler.process.value} '
-                    f'models, and this one is {process.value} (diffusion.process); expected one of '
-                    f'{fitting}.')
+    raise UserError(f'the sampler {spec.sampler.value!r} ({where}) samples '
+                    f'{spec.sampler.process.value} models, and this one is {process.value} '
+                    f'(diffusion.process); expected one of {fitting}.')
   try:
     spec.solver.check()
   except ValueError as e:

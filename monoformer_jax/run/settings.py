@@ -72,12 +72,12 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
     raise UserError(f'config key model.image_size is {tuple(config.model.image_size)}; expected '
                     '(height, width), both positive.')
   image_source = schema.choice(ImageSource, config.data.image_source, 'data.image_source')
+  process = diffusion.Training(
+      _process(config), config.diffusion.num_timesteps,
+      schema.choice(diffusion.FlowTime, config.diffusion.flow_time, 'diffusion.flow_time'))
   settings = Settings(
-      sampling=ImageSampling.from_config(config.sample, config.diffusion),
-      diffusion=diffusion.Training(
-          schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process'),
-          config.diffusion.num_timesteps,
-          schema.choice(diffusion.FlowTime, config.diffusion.flow_time, 'diffusion.flow_time')),
+      sampling=ImageSampling.from_config(config.sample, process),
+      diffusion=process,
       image_source=image_source,
       text_source=schema.choice(TextSource, config.data.text_source, 'data.text_source'),
       latents_source=schema.choice(LatentsSource, config.data.latents_source,
@@ -146,10 +146,14 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   return settings
 
 
+def _process(config: ml_collections.ConfigDict) -> diffusion.Process:
+  return schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process')
+
+
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
   """The network of a config: its model section, with variance channels only where the
   diffusion process learns a variance (flow matching learns none)."""
-  learns_variance = config.diffusion.process == diffusion.Process.DDPM.value
+  learns_variance = _process(config) == diffusion.Process.DDPM
   return model_lib.build(config.model, config.model.learn_sigma and learns_variance)
 
 

@@ -88,11 +88,26 @@ def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
   return files.read_json(done)
 
 
+def over_seeds(values: list[float]) -> dict:
+  """The values over seeds, their mean and standard deviation (0 for one seed)."""
+  return dict(values=values, mean=float(np.mean(values)),
+              std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def write_summary(out: str, name: str, summary: dict, table: str) -> None:
+  """OUT/NAME.json (the source of every figure) and OUT/NAME.md (its table)."""
+  files.write_text(os.path.join(out, f'{name}.json'), json.dumps(summary, indent=1))
+  files.write_text(os.path.join(out, f'{name}.md'), table)
+
+
+def check_seeds(seeds: int) -> None:
+  if seeds < 1:
+    raise UserError(f'--seeds is {seeds}; expected at least 1.')
+
+
 def summarize(results: dict[str, list[dict]]) -> dict:
   """{variant: {metric: {mean, std, values}}} and each finding's difference and direction."""
-  table = {v: {m: dict(values=[r[m] for r in runs], mean=float(np.mean([r[m] for r in runs])),
-                       std=float(np.std([r[m] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
-               for m in METRICS}
+  table = {v: {m: over_seeds([r[m] for r in runs]) for m in METRICS}
            for v, runs in results.items()}
   findings = []
   for f in FINDINGS:
@@ -133,13 +148,11 @@ def run_study(out: str, seeds: int, variants=('scratch', 'init', 'causal'),
   results = {v: [_run(out, v, seed, llm, overrides) for seed in range(seeds)] for v in variants}
   summary = summarize(results)
   summary.update(seeds=seeds, overrides=overrides, minutes=(time.monotonic() - start) / 60)
-  files.write_text(os.path.join(out, 'study.json'), json.dumps(summary, indent=1))
-  files.write_text(os.path.join(out, 'study.md'), markdown(summary, seeds))
+  write_summary(out, 'study', summary, markdown(summary, seeds))
   return summary
 
 
 def command(out: str, seeds: int) -> str:
   """`study`: the study in `out` for `seeds` seeds per variant; its markdown table."""
-  if seeds < 1:
-    raise UserError(f'--seeds is {seeds}; expected at least 1.')
+  check_seeds(seeds)
   return markdown(run_study(out, seeds), seeds).rstrip('\n')

@@ -18,7 +18,6 @@ import numpy as np
 
 from monoformer_jax import train
 from monoformer_jax.base import files
-from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import digits, tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import default_eval, digit_fd
@@ -90,11 +89,6 @@ def _measure(workdir: str, process: str, grid, timed: bool) -> list[dict]:
   return rows
 
 
-def _stats(values: list[float]) -> dict:
-  return dict(values=values, mean=float(np.mean(values)),
-              std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-
-
 def summarize(rows: list[dict], evaluations: dict[str, list[dict]]) -> dict:
   """Rows of every run -> one entry per (process, sampler, spacing, steps) with the seeds'
   statistics, the goal's verdict for each DPM-Solver++ entry, and per process the training's own
@@ -106,7 +100,8 @@ def summarize(rows: list[dict], evaluations: dict[str, list[dict]]) -> dict:
   for key, runs in grouped.items():
     entry = dict(process=key[0], sampler=key[1], spacing=key[2], steps=key[3],
                  evaluations=runs[0]['evaluations'],
-                 accuracy=_stats([r['accuracy'] for r in runs]), fd=_stats([r['fd'] for r in runs]))
+                 accuracy=study.over_seeds([r['accuracy'] for r in runs]),
+                 fd=study.over_seeds([r['fd'] for r in runs]))
     timed = [r['images_per_s'] for r in runs if 'images_per_s' in r]
     if timed:
       entry['images_per_s'] = timed[0]
@@ -124,7 +119,7 @@ def summarize(rows: list[dict], evaluations: dict[str, list[dict]]) -> dict:
       verdicts.append(dict(spacing=e['spacing'], steps=e['steps'], difference=difference,
                            spread=spread, within=bool(difference <= spread),
                            fewer_evaluations=reference['evaluations'] / e['evaluations']))
-  processes = {process: {name: _stats([e[key] for e in runs]) for name, key in (
+  processes = {process: {name: study.over_seeds([e[key] for e in runs]) for name, key in (
       ('fd_floor', 'fd_floor/overall'), ('fd_ceiling', 'fd_ceiling/overall'),
       ('perplexity', 'text/perplexity'))} for process, runs in evaluations.items()}
   return dict(entries=entries, verdicts=verdicts, processes=processes)
@@ -174,13 +169,11 @@ def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | 
   # A rerun reads finished runs and rows instead of redoing them: only this call's time is known.
   summary.update(seeds=seeds, overrides=overrides, machine=bench.machine(),
                  minutes_this_invocation=(time.monotonic() - start) / 60)
-  files.write_text(os.path.join(out, 'sweep.json'), json.dumps(summary, indent=1))
-  files.write_text(os.path.join(out, 'sweep.md'), markdown(summary, seeds))
+  study.write_summary(out, 'sweep', summary, markdown(summary, seeds))
   return summary
 
 
 def command(out: str, seeds: int) -> str:
   """`sweep`: the sweep in `out` for `seeds` training seeds; its markdown table."""
-  if seeds < 1:
-    raise UserError(f'--seeds is {seeds}; expected at least 1.')
+  study.check_seeds(seeds)
   return markdown(run_sweep(out, seeds), seeds).rstrip('\n')
