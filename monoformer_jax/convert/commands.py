@@ -4,7 +4,7 @@ import os
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import inception, llama, official, official_export, synthetic, vae
+from monoformer_jax.convert import clip, inception, llama, official, official_export, synthetic, vae
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted
 from monoformer_jax.run import workdir as workdir_lib
@@ -25,6 +25,8 @@ KINDS = {
     'inception': 'the FID Inception weights file (pytorch-fid\'s pt_inception-2015-12-05-*.pth) '
                  '-> converted Inception directory, for evaluate --fid_ref',
     'vae': 'diffusers AutoencoderKL directory (e.g. sd-vae-ft-mse) -> converted VAE directory',
+    'clip': 'HF CLIPModel or CLIPVisionModel directory (e.g. openai/clip-vit-large-patch14) -> '
+            'converted CLIP vision tower, for model.vision_encoder=clip',
     'synthetic-llama': '--dst and --shape only: a random bf16 HF checkpoint with a small '
                        'tokenizer of its family\'s kind, of a named shape (tinyllama-1.1b, '
                        'smollm2-135m, llama-3.2-1b, qwen2.5-0.5b) or '
@@ -82,6 +84,8 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokeniz
     llama.convert_llama(src, dst)
   elif kind == 'vae':
     vae.convert_vae(src, dst)
+  elif kind == 'clip':
+    clip.convert_clip(src, dst)
   elif kind == 'inception':
     inception.convert_inception(src, dst)
   elif kind == 'official':

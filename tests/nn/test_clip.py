@@ -1,0 +1,84 @@
+"""The Flax CLIP vision tower against transformers' CLIPVisionModel (converted by `convert clip`
+from a CLIPModel directory), and the tensors' names both ways."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import cli, error_line
+
+from monoformer_jax.convert import clip as clip_convert, commands, torch_bin
+from monoformer_jax.nn import clip
+
+
+def _sharpen(model: torch.nn.Module) -> None:
+  """Weights that make every part matter: norms near 1 with spread, q/k scaled up, position
+  embeddings and biases large enough to move the attention."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'layer_norm' in name or 'layrnorm' in name or 'layernorm' in name:
+        p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith('weight') else 0.2 * torch.randn_like(p))
+      elif 'q_proj.weight' in name or 'k_proj.weight' in name:
+        p.mul_(4.0)
+      elif 'embedding' in name or name.endswith('bias'):
+        p.copy_(0.5 * torch.randn_like(p))
+
+
+@pytest.fixture(scope='module')
+def towers(tmp_path_factory):
+  """(transformers' vision model, our converted tower and params, the CLIPModel directory):
+  odd sizes (width 48, 3 heads, 20 px images of 4 px patches, 3 blocks)."""
+  torch.manual_seed(0)
+  config = transformers.CLIPConfig(
+      vision_config=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                         num_attention_heads=3, image_size=20, patch_size=4),
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=99), projection_dim=16)
+  full = transformers.CLIPModel(config).eval()
+  _sharpen(full.vision_model)
+  src = tmp_path_factory.mktemp('clip_hf')
+  full.save_pretrained(src, safe_serialization=True)
+  dst = str(tmp_path_factory.mktemp('clip') / 'converted')
+  commands.run('clip', str(src), dst, use_ema=True)
+  reference = transformers.CLIPVisionModel.from_pretrained(src).eval()
+  tower, params = clip.load(dst)
+  return reference, tower, params, src
+
+
+def test_features_match_the_second_to_last_layer(towers):
+  reference, tower, params, _ = towers
+  pixels = torch.randn(3, 3, 20, 20)
+  with torch.no_grad():
+    out = reference(pixels, output_hidden_states=True)
+  ours = tower.apply({'params': params}, pixels.numpy().transpose(0, 2, 3, 1),
+                     method=clip.VisionTower.features)
+  want = out.hidden_states[-2][:, 1:].numpy()
+  assert ours.shape == (3, 25, 48)
+  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # the whole tower (last block and post-norm) through the pooled output
+  pooled = tower.apply({'params': params}, pixels.numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(pooled, out.pooler_output.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_names_round_trip(towers):
+  _, _, params, src = towers
+  source = torch_bin.open_weights(str(src))
+  tensors = dict(clip_convert.tensors_from_params(params))
+  vision = {k for k in source.keys() if k.startswith('vision_model.')
+            and not k.endswith('position_ids')}
+  assert set(tensors) == vision
+  for name in vision:
+    np.testing.assert_array_equal(tensors[name], np.asarray(source[name], np.float32))
+
+
+def test_bad_clip_directories(tmp_path):
+  result = cli('convert', 'clip', f'--src={tmp_path / "none"}', f'--dst={tmp_path / "out"}')
+  assert result.returncode != 0
+  assert error_line(result).startswith('error: CLIP directory')
+  (tmp_path / 'llama').mkdir()
+  (tmp_path / 'llama' / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+  result = cli('convert', 'clip', f'--src={tmp_path / "llama"}', f'--dst={tmp_path / "out"}')
+  assert "describes a 'llama' model" in error_line(result)
+  assert not (tmp_path / 'out').exists()
