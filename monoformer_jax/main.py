@@ -76,6 +76,8 @@ _DST = flags.DEFINE_string('dst', None, 'convert: destination directory (must no
 _VAE = flags.DEFINE_string('vae', '', 'A converted VAE directory: the decoder for sample (default: '
                            'the config\'s model.vae), the encoder for extract_latents, the one '
                            'convert official records.')
+_CLIP = flags.DEFINE_string('clip', '', 'convert official: the converted CLIP tower (convert clip) '
+                            'of a checkpoint that reads images with CLIP.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', 'convert official: the LLM\'s sentencepiece model, '
                                  'for a checkpoint without tokenizer.model.')
 _SHAPE = flags.DEFINE_string('shape', 'tinyllama-1.1b', 'convert synthetic-llama: a named shape '
@@ -164,7 +166,7 @@ def _run(command: str, argv: list[str]) -> str:
     bench.run(_CONFIG.value, _BENCH_OUT.value, _COMPARE_TORCH.value, _STORAGE.value)
   elif command == 'convert':
     convert_commands.run(argv[2], _SRC.value, _DST.value, _EMA.value, _VAE.value,
-                         _TOKENIZER.value, _SHAPE.value, _OFFICIAL.value)
+                         _TOKENIZER.value, _SHAPE.value, _OFFICIAL.value, _CLIP.value)
   elif command == 'extract_latents':
     return extract_latents.command(_CONFIG.value, _VAE.value, _DST.value)
   elif command == 'study':

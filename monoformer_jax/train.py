@@ -25,7 +25,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae
-from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
+from monoformer_jax.run import backbone, vision, workdir as workdir_lib, workdir_lock
 from monoformer_jax.training import checkpoint, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
@@ -94,6 +94,7 @@ class _Run:
   iterators: dict
   step_fns: dict
   encode: Any  # pixels -> latents on the devices, or None
+  see: Any  # images to understand -> their features (model.vision_encoder), or None
   state: steps.TrainState
   start: int
 
@@ -122,6 +123,12 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
                                            settings.chat_format),
         StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
                                                    config.seed, image_shape)}
+    see = None
+    if settings.understanding:
+      datasets[StepKind.UNDERSTANDING] = pipeline.understanding_dataset(
+          config.data, settings.understanding_source, tok, config.seed,
+          model.understanding.tokens_per_image)
+      see = vision.feature_encoder(config, settings.vision_encoder, layout)
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_saves=settings.async_saves.enabled())
@@ -151,9 +158,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       files.rmtree(workdir)
     raise
   step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective,
-                                             settings.diffusion)
+                                             settings.diffusion, settings.understanding)
   step_fns = steps.jit_steps(model, tx, step_config, layout, shardings)
-  return _Run(setup, ckpt, iterators, step_fns, encode, state, start)
+  return _Run(setup, ckpt, iterators, step_fns, encode, see, state, start)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -197,7 +204,8 @@ def _train(run: _Run, workdir: str) -> dict:
   try:
     with sharding.activate(layout):
       for step in range(run.start, t.num_steps):
-        kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight, joint)
+        kind = steps.step_kind(config.seed, step, t.ar_weight, t.diffusion_weight, joint,
+                               t.understanding_weight)
         # Steps are dispatched asynchronously, so the next batch is read and sent while
         # the device still runs this one; what the loop waits here is the input's cost.
         wait_start = time.perf_counter()
@@ -205,8 +213,11 @@ def _train(run: _Run, workdir: str) -> dict:
         log.input_wait_s += time.perf_counter() - wait_start
         step_key = jax.random.fold_in(seed_key, step)
         images = batch['image'] if kind == StepKind.JOINT else batch
-        if run.encode is not None and kind != StepKind.AR:
+        if run.encode is not None and kind in (StepKind.DIFFUSION, StepKind.JOINT):
           images['image'] = run.encode(images['image'], jax.random.fold_in(step_key, 1))
+        read = batch.get('understand') if kind == StepKind.JOINT else batch
+        if run.see is not None and read is not None and 'images' in read:
+          read['features'] = run.see(read.pop('images'), jax.random.fold_in(step_key, 3))
         with log.compiling(kind.value):  # a step kind's first call compiles it, synchronously
           state, metrics = run.step_fns[kind](state, batch, step_key)
         done = step + 1
@@ -261,8 +272,11 @@ def _finished_eval(workdir: str, start: int, t: ml_collections.ConfigDict) -> Op
 def _next_batch(iterators: dict, kind: StepKind, layout: sharding.Layout) -> dict:
   """The next global batch of a step kind; a joint step's is {'text': ..., 'image': ...}."""
   if kind == StepKind.JOINT:
-    return dict(text=_next_batch(iterators, StepKind.AR, layout),
-                image=_next_batch(iterators, StepKind.DIFFUSION, layout))
+    batch = dict(text=_next_batch(iterators, StepKind.AR, layout),
+                 image=_next_batch(iterators, StepKind.DIFFUSION, layout))
+    if StepKind.UNDERSTANDING in iterators:
+      batch['understand'] = _next_batch(iterators, StepKind.UNDERSTANDING, layout)
+    return batch
   batch = next(iterators[kind])
   batch.pop('label', None)
   return sharding.global_batch(batch, layout)

@@ -53,32 +53,56 @@ def sincos_grid(dim, grid):
 def official_forward(llm, extras, input_ids, x_t, t, pad=PAD, image=IMAGE):
   """eps/sigma prediction [B, 2C, H, W] of the official model for one image per row, and the
   text logits at every position."""
-  D, C, LATENT = llm.config.hidden_size, x_t.shape[1], x_t.shape[-1]  # noqa: N806
-  P = int(round((extras.x_embedder.in_features / C)**0.5))  # noqa: N806
+  out, logits = multimodal_forward(llm, extras, None, input_ids, [[0]] * len(input_ids), x_t,
+                                   [], t, pad, image)
+  return torch.stack(out), logits
+
+
+def multimodal_forward(llm, extras, im_embedder, input_ids, flags, x_t, features, t, pad=PAD,
+                       image=IMAGE):
+  """The main branch's forward: the k-th `image` token of row b is an image to generate
+  (flags[b][k] == 0: x_t[b] through x_embedder, the sin-cos grid, attended bidirectionally) or
+  to understand (1: the next of `features` [n, M, E] through im_embedder); each comes after a
+  time token of t[b]. Returns the predictions [2C, H, W] of the rows that generate, and the
+  logits [B, S, V] at every position (right-padded)."""
+  D = llm.config.hidden_size  # noqa: N806
+  P = int(round((extras.x_embedder.in_features / x_t.shape[1])**0.5))  # noqa: N806
+  C, LATENT = x_t.shape[1], x_t.shape[-1]  # noqa: N806
   t_emb = extras.t_embedder.mlp(timestep_embedding(t))
   t_tok = extras.t_projector(t_emb)
   h = LATENT // P
   patches = x_t.view(-1, C, h, P, h, P).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
-  x_emb = extras.x_embedder(patches) + sincos_grid(D, h)[None]
+  x_emb = extras.x_embedder(patches)
+  understood = iter(im_embedder(features) if len(features) else [])
+  embed = llm.model.embed_tokens
   rows, spans = [], []
   for b, ids in enumerate(input_ids):
     ids = ids[ids != pad]
-    at = int(torch.where(ids == image)[0])
-    embed = llm.model.embed_tokens
-    row = torch.cat([embed(ids[:at]), t_tok[b:b + 1], x_emb[b], embed(ids[at + 1:])])
-    rows.append(row)
-    spans.append((at + 1, at + 1 + h * h))
-  length = max(len(r) for r in rows)
-  batch = len(rows)
+    at = torch.where(ids == image)[0].tolist()
+    parts, span, start = [], None, 0
+    for k, where in enumerate(at):
+      parts += [embed(ids[start:where]), t_tok[b:b + 1]]
+      first = sum(len(x) for x in parts)
+      parts.append(x_emb[b] if flags[b][k] == 0 else next(understood))
+      if flags[b][k] == 0:
+        span = (first, first + h * h)
+      start = where + 1
+    parts.append(embed(ids[start:]))
+    rows.append(torch.cat(parts))
+    spans.append(span)
+  length, batch = max(len(r) for r in rows), len(rows)
   embeds = torch.zeros(batch, length, D)
   valid = torch.zeros(batch, length, dtype=torch.bool)
   positions = torch.zeros(batch, length, dtype=torch.long)
   in_image = torch.zeros(batch, length, dtype=torch.bool)
+  grid = sincos_grid(D, h)
   for b, row in enumerate(rows):  # right padding, as the official collator
     embeds[b, :len(row)] = row
     valid[b, :len(row)] = True
     positions[b, :len(row)] = torch.arange(len(row))
-    in_image[b, spans[b][0]:spans[b][1]] = True
+    if spans[b]:  # the grid goes on the generated image only (the first layer's input)
+      in_image[b, spans[b][0]:spans[b][1]] = True
+      embeds[b, spans[b][0]:spans[b][1]] += grid
   causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
   allowed = (causal[None] | (in_image[:, :, None] & in_image[:, None, :])) & valid[:, None, :]
   allowed |= torch.eye(length, dtype=torch.bool)[None]  # keep padded query rows finite
@@ -87,7 +111,21 @@ def official_forward(llm, extras, input_ids, x_t, t, pad=PAD, image=IMAGE):
   shift, scale = extras.final_layer.adaLN_modulation(t_emb).chunk(2, dim=1)
   out = []
   for b in range(batch):
+    if spans[b] is None:
+      continue
     x = extras.final_layer.norm_final(hidden[b, spans[b][0]:spans[b][1]])
     x = extras.final_layer.linear(x * (1 + scale[b]) + shift[b])
     out.append(x.view(h, h, P, P, 2 * C).permute(4, 0, 2, 1, 3).flatten(3, 4).flatten(1, 2))
-  return torch.stack(out), llm.lm_head(hidden)
+  return out, llm.lm_head(hidden)
+
+
+def converted_vae(tmp_path) -> str:
+  """A tiny SD-VAE-shaped autoencoder (downsampling 8), converted."""
+  from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  from monoformer_jax.convert import commands  # pylint: disable=g-import-not-at-top
+  vae_src, vae_dst = tmp_path / 'vae_src', tmp_path / 'vae'
+  AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=('DownEncoderBlock2D',) * 4,
+                up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=1, norm_num_groups=4,
+                latent_channels=C).save_pretrained(vae_src, safe_serialization=True)
+  commands.run('vae', str(vae_src), str(vae_dst), use_ema=True)
+  return str(vae_dst)

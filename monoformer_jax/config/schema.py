@@ -44,6 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_batch_size = 32
   c.data.heldout_fraction = 0.15
   c.data.cfg_dropout = 0.1
+  # Images to understand: 'none', 'digits' (questions on the bundled digits, one and two images),
+  # 'llava_json' (LLaVA conversation JSON: data.llava_files, `<image>` placeholders).
+  c.data.understanding_source = 'none'
+  c.data.llava_files = ''  # llava_json: a glob of JSON files (a list of conversations each)
+  c.data.llava_image_dir = ''  # where their `image` paths start ('' = beside each JSON file)
+  c.data.images_per_sample = 2  # the most images a sample reads (a static shape)
+  c.data.understanding_seq_len = 128  # tokens of an understanding sample, image slots included
+  c.data.understanding_batch_size = 32
   c.data.templates = ('a handwritten digit {name}', '{name}', 'an image of the digit {name}.',
                       'Please draw the number {name}.')
 
@@ -76,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.learn_sigma = True
   c.model.use_pos_embed = True
   c.model.image_mask = 'hybrid'
+  # What reads images to understand: 'none', 'vae' (the image in the diffusion space, patchified
+  # like the generation input: SD-VAE latents, or the pixels of a pixel-space model) or 'clip'.
+  c.model.vision_encoder = 'none'
+  c.model.clip = ''  # a converted CLIP vision tower (convert clip), for vision_encoder 'clip'
   c.model.dtype = 'float32'  # compute
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'
@@ -106,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.objective = 'alternate'
   c.train.ar_weight = 1.0  # how often a step is an AR step ...
   c.train.diffusion_weight = 1.0  # ... or a diffusion step
+  c.train.understanding_weight = 0.0  # ... or an understanding step (data.understanding_source)
   c.train.prompt_lm_loss = False  # cross-entropy on image samples' prompts, <im_start> included
   c.train.grad_accum = 1  # microbatches per update (each batch size must divide by it)
   c.train.lm_loss_weight = 0.01

@@ -104,7 +104,11 @@ def convert_clip(src: str, dst: str) -> None:
     raise UserError(f'{config_path} does not exist; expected a HF CLIPModel or CLIPVisionModel '
                     'directory.')
   cfg = config_from_hf(files.read_json(config_path), config_path)
-  params = params_from_tensors(torch_bin.open_weights(src))
+  tensors = torch_bin.open_weights(src)
+  # CLIPModel files (and older CLIPVisionModel ones) name the tower vision_model.*; newer
+  # CLIPVisionModel files name it from its embeddings on.
+  prefix = HF_PREFIX if any(k.startswith(HF_PREFIX) for k in tensors.keys()) else ''
+  params = params_from_tensors(tensors, prefix)
   vae_convert.check_against(params, nn.unbox(abstract_params(cfg)), src, 'the CLIP vision tower')
   with files.atomic_directory(dst, last=clip.CLIP_JSON) as tmp:
     with ocp.StandardCheckpointer() as ckptr:

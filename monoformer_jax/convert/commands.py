@@ -19,7 +19,8 @@ KINDS = {
     'export-llama': 'converted directory or training workdir -> HF directory of the source\'s '
                     'architecture, with its tokenizer (--ema=false for the raw params)',
     'official': 'official MonoFormer checkpoint, safetensors or .bin, or its ema/ folder (--ema) '
-                '(+ --vae=converted VAE, --tokenizer=FILE if it has none) -> workdir',
+                '(+ --vae=converted VAE, --clip=converted CLIP for an understanding model, '
+                '--tokenizer=FILE if it has none) -> workdir',
     'export-official': 'workdir -> the whole MonoFormer as the official code loads it (--ema=false '
                        'for the raw params)',
     'inception': 'the FID Inception weights file (pytorch-fid\'s pt_inception-2015-12-05-*.pth) '
@@ -69,7 +70,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
 
 
 def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokenizer: str = '',
-        shape: str = 'tinyllama-1.1b', official_layout: bool = False) -> None:
+        shape: str = 'tinyllama-1.1b', official_layout: bool = False, clip_dir: str = '') -> None:
   if kind not in KINDS:
     raise UserError(f'convert kind {kind!r} is unknown; expected one of {", ".join(KINDS)}.')
   if kind == 'synthetic-llama':
@@ -89,7 +90,7 @@ def run(kind: str, src: str, dst: str, use_ema: bool, vae_dir: str = '', tokeniz
   elif kind == 'inception':
     inception.convert_inception(src, dst)
   elif kind == 'official':
-    official.convert_official(src, dst, vae_dir, use_ema, tokenizer)
+    official.convert_official(src, dst, vae_dir, use_ema, tokenizer, clip_dir)
   elif kind == 'export-official':
     official_export.export_official(src, dst, use_ema)
   else:

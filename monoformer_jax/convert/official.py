@@ -37,6 +37,10 @@ MODULES = {  # official Linear -> our Dense path
     'final_layer.linear': ('final_layer', 'linear'),
     'final_layer.adaLN_modulation.1': ('final_layer', 'adaLN_modulation'),
 }
+UNDERSTANDING_MODULES = {  # the main branch's understanding models add these
+    'im_embedder.0': ('im_embedder', 'fc1'),
+    'im_embedder.2': ('im_embedder', 'fc2'),
+}
 # The official added tokens, in the order its train.py adds them after the LLM's vocabulary.
 OFFICIAL_TOKENS = {'pad': '<PAD>', 'image': '<image>', 'im_start': '<|im_start|>',
                    'im_end': '<|im_end|>'}
@@ -46,10 +50,11 @@ SOURCE_FILE = 'official_source.json'  # in a converted workdir: {'config': confi
 _COMMITTED = os.path.join('checkpoints', '0', ocp.path.atomicity_types.COMMIT_SUCCESS_FILE)
 
 
-def monoformer_params(tensors) -> dict:
-  """MonoFormer's own modules (float32) from the official tensors."""
+def monoformer_params(tensors, understanding: bool = False) -> dict:
+  """MonoFormer's own modules (float32) from the official tensors (with the im_embedder of an
+  understanding model)."""
   params = {}
-  for name, path in MODULES.items():
+  for name, path in (MODULES | UNDERSTANDING_MODULES if understanding else MODULES).items():
     for leaf, hf_leaf in (('kernel', 'weight'), ('bias', 'bias')):
       key = f'{name}.{hf_leaf}'
       if key not in tensors:
@@ -119,7 +124,25 @@ def check_tokenizer(path: str, ids: dict[str, int]) -> None:
                     f'{min(ids.values())}.')
 
 
-def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
+def vision_encoder(hf: dict, source: str, vae_dir: str, clip_dir: str) -> str:
+  """The config's model.vision_encoder for an official config.json, checked against the
+  directories the conversion was given ('none' without one)."""
+  encoder = hf.get('vision_encoder') or 'none'
+  if encoder not in ('none', 'vae', 'clip'):
+    raise UserError(f'{source} sets vision_encoder = {encoder!r}; expected \'clip\' or \'vae\'.')
+  if encoder == 'clip' and not clip_dir:
+    raise UserError(f'{source} reads images with a CLIP tower ({hf.get("vision_encoder_path")}); '
+                    'pass --clip=DIR with it converted (`convert clip --src=HF_CLIP_DIR`).')
+  if encoder == 'vae' and not vae_dir:
+    raise UserError(f'{source} reads images with the SD-VAE; pass --vae=DIR with it converted '
+                    '(`convert vae`).')
+  if clip_dir and not files.isdir(clip_dir):
+    raise UserError(f'--clip names {clip_dir}, which does not exist.')
+  return encoder
+
+
+def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str, encoder: str = 'none',
+                   clip_dir: str = ''):
   config = schema.base_config()
   m = config.model
   backbone.describe(m, cfg, tie)
@@ -131,6 +154,7 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
   m.image_mask = 'hybrid' if hf.get('use_bi_attn_img_tokens', True) else 'causal'
   m.context_length = hf.get('max_position_embeddings', m.context_length)
   m.vae = vae_dir
+  m.vision_encoder, m.clip = encoder, clip_dir
   config.data.tokenizer_vocab_size = cfg.vocab_size
   config.data.prompt_len = 64
   config.sample.guidance_channels = 'first_three'  # the official sampler's guidance
@@ -139,7 +163,7 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str):
 
 
 def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
-                     tokenizer: str = '') -> None:
+                     tokenizer: str = '', clip_dir: str = '') -> None:
   weights, search = locate(src, use_ema)
   hf = llama.read_hf_config(weights)
   source = os.path.join(weights, 'config.json')
@@ -149,6 +173,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
       raise UserError(f'{source} sets {key} = {hf.get(key)!r}; only {value!r} is supported.')
   if vae_dir and not files.isdir(vae_dir):
     raise UserError(f'--vae names {vae_dir}, which does not exist.')
+  encoder = vision_encoder(hf, source, vae_dir, clip_dir)
   cfg, tie = hf_config.config_from_hf(dict(hf, architectures=['LlamaForCausalLM']), source)
   ids = special_ids(hf, search)
   tokenizer = find_tokenizer(search, tokenizer)
@@ -156,8 +181,9 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   tensors = torch_bin.open_weights(weights)
   params = llama.device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name
-  params.update(monoformer_params(tensors))
-  config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '')
+  params.update(monoformer_params(tensors, encoder != 'none'))
+  config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '', encoder,
+                          files.absolute(clip_dir) if clip_dir else '')
 
   model = settings_lib.build_model(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)

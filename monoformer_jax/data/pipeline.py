@@ -10,8 +10,9 @@ import enum
 import grain
 import ml_collections
 
-from monoformer_jax.data import (chat, common, corpus, digits, imagenet, latents, t2i,
-                                 tokenizer as tokenizer_lib)
+from monoformer_jax.data import (chat, common, corpus, digits, digits_vqa, imagenet, latents,
+                                 t2i, tokenizer as tokenizer_lib)
+from monoformer_jax.data.understanding import UnderstandingSource
 
 
 class ImageSource(enum.Enum):
@@ -65,11 +66,22 @@ def text_dataset(data: ml_collections.ConfigDict, source: TextSource, tok: token
   return common.host_batches(examples, data.text_batch_size)
 
 
+def understanding_dataset(data: ml_collections.ConfigDict, source: UnderstandingSource,
+                          tok: tokenizer_lib.Tokenizer, seed: int,
+                          tokens_per_image: int) -> grain.MapDataset:
+  """This host's batches of samples that read images ({'tokens', 'valid', 'loss_mask', 'slot',
+  'offset', 'images' [I, ...]}), each image taking 1 + tokens_per_image slots."""
+  examples = digits_vqa.examples(data, tok, seed, tokens_per_image)
+  return common.host_batches(examples, data.understanding_batch_size)
+
+
 def class_names(source: ImageSource) -> list[str]:
   """The classes of a class-conditional source (digits; ImageNet and its latents)."""
   return list(digits.CLASS_NAMES) if source == ImageSource.DIGITS else imagenet.class_names()
 
 
 def tokenizer_texts(data: ml_collections.ConfigDict) -> list[str]:
-  """What a tokenizer trained here learns from: the corpus and the digit prompts."""
-  return corpus.documents(data) + digits.prompts(data) * 20
+  """What a tokenizer trained here learns from: the corpus and the digit prompts (and the
+  digit questions, when they are trained)."""
+  questions = digits_vqa.texts() * 20 if data.understanding_source == 'digits' else []
+  return corpus.documents(data) + digits.prompts(data) * 20 + questions

@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from monoformer_jax.base import files, progress
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import corpus, digits
-from monoformer_jax.evaluation import digit_fd, text_tasks
+from monoformer_jax.data.understanding import UnderstandingSource
+from monoformer_jax.evaluation import digit_fd, text_tasks, understanding_eval
 from monoformer_jax.generation import mixed_modal, sampling
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.training import objective
@@ -176,6 +177,8 @@ def evaluate(setup, params, workdir: str, step: int,
   if setup.config.eval.text_questions:
     metrics.update(text_tasks.metrics_of(text_tasks.score(setup, params, ['next_line'])))
     metrics['next_line/chance'] = text_tasks.TASKS['next_line'].chance
+  if setup.settings.understanding_source == UnderstandingSource.DIGITS:
+    metrics.update(understanding_eval.digit_questions(setup, params))
   if setup.config.train.prompt_lm_loss:  # the model learned to start images by itself
     metrics.update(drawn_digits(setup, params, jax.random.fold_in(key, 1),
                                 setup.config.eval.samples_per_class, spec))

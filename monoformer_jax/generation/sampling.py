@@ -142,11 +142,12 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=('model', 'max_tokens', 'top_k', 'top_p', 'use_cache'))
 def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *,
              max_tokens: int, temperature: float, top_k: int, top_p: float, eos_id: int,
-             pad_id: int, use_cache: bool = True) -> jax.Array:
+             pad_id: int, use_cache: bool = True, understand=None) -> jax.Array:
   """Continues left-padded prompts [B, P]; returns [B, max_tokens] (pad after EOS).
 
   With use_cache=False every step recomputes the whole prefix (the reference
-  the cached loop is measured against)."""
+  the cached loop is measured against). understand: the images the prompts read (an
+  nn.understanding.Understanding over the P prompt slots)."""
   batch, length = prompt.shape
   total = length + max_tokens
 
@@ -155,17 +156,20 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
     sampled = jax.random.categorical(jax.random.fold_in(key, i), logits)
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
-  def run(tokens, tok_valid, cache):
+  def run(tokens, tok_valid, cache, read=None):
     return model.apply({'params': params}, tokens, tok_valid, mask_type=MaskType.CAUSAL,
-                       cache=cache)
+                       cache=cache, understand=read)
 
   if use_cache:
-    out = run(prompt, valid, KVCache.empty(model.backbone, batch, total))
+    out = run(prompt, valid, KVCache.empty(model.backbone, batch, total), understand)
     state = (out.logits[:, -1], out.cache)
   else:
     seq = jnp.concatenate([prompt, jnp.full((batch, max_tokens), pad_id, prompt.dtype)], axis=1)
     seq_valid = jnp.concatenate([valid, jnp.zeros((batch, max_tokens), bool)], axis=1)
-    state = (run(prompt, valid, None).logits[:, -1], (seq, seq_valid))
+    state = (run(prompt, valid, None, understand).logits[:, -1], (seq, seq_valid))
+    if understand is not None:  # the whole sequence's slots: none among the generated tokens
+      grow = lambda a: jnp.pad(a, ((0, 0), (0, max_tokens)))  # noqa: E731
+      understand = understand.replace(slot=grow(understand.slot), offset=grow(understand.offset))
 
   def body(carry, i):
     logits, done, state_rest = carry
@@ -178,7 +182,7 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
       seq, seq_valid = state_rest
       seq = seq.at[:, length + i].set(token)
       seq_valid = seq_valid.at[:, length + i].set(alive)
-      logits_all = run(seq, seq_valid, None).logits
+      logits_all = run(seq, seq_valid, None, understand).logits
       next_logits, new_rest = logits_all[:, length + i], (seq, seq_valid)
     return (next_logits, done | (token == eos_id), new_rest), token
 

@@ -132,9 +132,13 @@ def load(path: str, dtype: str = '') -> tuple[VisionTower, dict]:
   return VisionTower(cfg), params
 
 
+def load_config(path: str) -> ClipConfig:
+  return ClipConfig(**converted.read_meta(path, CLIP_JSON, 'clip'))
+
+
 def feature_shape(path: str) -> tuple[int, int]:
   """(N tokens, D features) per image of a converted CLIP directory."""
-  cfg = ClipConfig(**converted.read_meta(path, CLIP_JSON, 'clip'))
+  cfg = load_config(path)
   return cfg.num_patches, cfg.width
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.nn import splash
+from monoformer_jax.nn import splash, understanding as understanding_lib
 from monoformer_jax.nn.layers import (Array, AttentionImpl, BackboneConfig, Decoder, KVCache,
                                       LayerLoop, MaskType, Remat, RMSNorm, attention_mask,
                                       dense_init)
@@ -83,6 +83,14 @@ class ImageSequence:
     return self.image_end + self.suffix
 
 
+@dataclasses.dataclass(frozen=True)
+class UnderstandingShape:
+  """The images a pass may read (model.vision_encoder): M feature tokens of E features each
+  (E = 0: the model reads no images and has no im_embedder)."""
+  tokens_per_image: int = 0
+  features: int = 0
+
+
 # Biases of the DiT-side layers: zero, and replicated (small and read everywhere).
 ZERO_BIAS = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
 
@@ -139,23 +147,47 @@ class Activation(enum.Enum):
   GELU = 'gelu'  # the exact erf form, as torch's nn.GELU()
 
 
+class Init(enum.Enum):
+  """How an Mlp2's kernels start (biases: zero, except TORCH)."""
+  NORMAL = 'normal'  # N(0, 0.02), the official re-initialization of the DiT-side modules
+  ZERO = 'zero'
+  TORCH = 'torch'  # torch.nn.Linear's own: U(+-1/sqrt(fan_in)) for kernel and bias (im_embedder)
+
+
+def _torch_bias(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  return nn.with_logical_partitioning(
+      lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound),
+      (None,))
+
+
 class Mlp2(nn.Module):
-  """Dense -> activation -> Dense with biases (the DiT-side MLPs)."""
+  """Dense -> activation -> Dense with biases (the DiT-side MLPs and the im_embedder)."""
   width: int
   activation: Activation
-  zero_init: bool
+  kernels: Init
   dtype: jnp.dtype
   param_dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    init = (nn.with_logical_partitioning(nn.initializers.zeros, ('embed', 'mlp'))
-            if self.zero_init else dense_init('embed', 'mlp'))
-    dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
-                                  kernel_init=init, bias_init=ZERO_BIAS, name=name)
-    x = dense('fc1')(x)
+    def dense(name, fan_in):
+      if self.kernels == Init.TORCH:
+        # the input side unsharded: the encoder's features need not divide over the mesh
+        kernel = nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+            (None, 'mlp') if name == 'fc1' else ('embed', 'mlp'))
+        bias = _torch_bias(fan_in)
+      else:
+        kernel = (nn.with_logical_partitioning(nn.initializers.zeros, ('embed', 'mlp'))
+                  if self.kernels == Init.ZERO else dense_init('embed', 'mlp'))
+        bias = ZERO_BIAS
+      return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=kernel, bias_init=bias, name=name)
+
+    x = dense('fc1', x.shape[-1])(x)
     x = nn.silu(x) if self.activation == Activation.SILU else nn.gelu(x, approximate=False)
-    return dense('fc2')(x)
+    return dense('fc2', self.width)(x)
 
 
 class ImageHead(nn.Module):
@@ -183,6 +215,7 @@ class MonoFormer(nn.Module):
   image: ImageConfig
   tie_embeddings: bool = False
   image_mask: MaskType = MaskType.HYBRID
+  understanding: UnderstandingShape = UnderstandingShape()  # the images a pass may read
 
   def setup(self):
     cfg, img = self.backbone, self.image
@@ -197,14 +230,17 @@ class MonoFormer(nn.Module):
     zeros = nn.with_logical_partitioning(nn.initializers.zeros, ('mlp', 'embed'))
     self.x_embedder = nn.Dense(cfg.width, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                kernel_init=zeros, bias_init=ZERO_BIAS)
-    self.t_embedder = Mlp2(cfg.width, Activation.SILU, False, cfg.dtype, cfg.param_dtype)
-    self.t_projector = Mlp2(cfg.width, Activation.GELU, True, cfg.dtype, cfg.param_dtype)
+    self.t_embedder = Mlp2(cfg.width, Activation.SILU, Init.NORMAL, cfg.dtype, cfg.param_dtype)
+    self.t_projector = Mlp2(cfg.width, Activation.GELU, Init.ZERO, cfg.dtype, cfg.param_dtype)
     self.final_layer = ImageHead(img.patch_size**2 * img.out_channels, cfg.dtype, cfg.param_dtype)
+    if self.understanding.features:
+      self.im_embedder = Mlp2(cfg.width, Activation.GELU, Init.TORCH, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, tokens: Array, valid: Array, *, mask_type: MaskType,
                image: Optional[Array] = None, t: Optional[Array] = None,
                suffix: Optional[Array] = None, cache: Optional[KVCache] = None,
-               return_hidden: bool = False) -> ModelOutput:
+               return_hidden: bool = False,
+               understand: Optional[understanding_lib.Understanding] = None) -> ModelOutput:
     """Text pass (image None): logits for every position, optionally through a cache; with
     return_hidden, the final-norm states instead (for a chunked loss).
 
@@ -212,9 +248,17 @@ class MonoFormer(nn.Module):
     prediction at the image tokens, unpatchified (with return_hidden, also the prefix's final-norm
     states). With a cache that already holds the prefix (a text pass over it), tokens may be [B, 0]:
     only the image part is computed, attending to the cached prefix; the returned cache holds it too
-    (the time token, the image tokens and the suffix after the prefix)."""
+    (the time token, the image tokens and the suffix after the prefix).
+
+    understand: images read by `tokens` (text, or an image pass's prefix) at its slots
+    (understanding.py); their features go through the im_embedder."""
     cfg, img = self.backbone, self.image
     embeds = self.embed_tokens(tokens)
+    if understand is not None:
+      time_tokens = self.t_projector(self.t_embedder(
+          timestep_features(understand.t).astype(cfg.dtype)))
+      embeds = understanding_lib.place(embeds, understand, time_tokens,
+                                       self.im_embedder(understand.features.astype(cfg.dtype)))
     span = jnp.zeros(tokens.shape, jnp.int32)
     if image is not None:
       t_emb = self.t_embedder(timestep_features(t).astype(cfg.dtype))
@@ -279,8 +323,11 @@ class MonoFormer(nn.Module):
     return logits.astype(jnp.float32)
 
   def init_all(self, tokens: Array, valid: Array, image: Array, t: Array) -> ModelOutput:
-    """Touches every parameter (text and image paths) for `init`."""
-    self(tokens, valid, mask_type=MaskType.CAUSAL)
+    """Touches every parameter (text, understanding and image paths) for `init`."""
+    u = self.understanding
+    understand = None if not u.features else understanding_lib.example(
+        tokens.shape[0], tokens.shape[1], 1, u.tokens_per_image, u.features)
+    self(tokens, valid, mask_type=MaskType.CAUSAL, understand=understand)
     return self(tokens, valid, mask_type=MaskType.HYBRID, image=image, t=t)
 
 
@@ -306,10 +353,12 @@ def _shape(m) -> dict:
               mlp_dim=m.mlp_dim, head_width=None if head_dim == m.width // m.num_heads else head_dim)
 
 
-def build(model_config, learn_sigma: bool) -> MonoFormer:
+def build(model_config, learn_sigma: bool,
+          understanding: UnderstandingShape = UnderstandingShape()) -> MonoFormer:
   """The module from the config's `model` section: the one place its choices are parsed.
   learn_sigma: whether the output carries variance channels (model.learn_sigma, where the
-  diffusion process learns a variance: run.settings.build_model decides)."""
+  diffusion process learns a variance), understanding: what its vision encoder gives
+  (run.settings.build_model decides both)."""
   m, r = model_config, model_config.rope_scaling
   scaling = None if r.kind == 'none' else RopeScaling(
       schema.choice(RopeKind, r.kind, 'model.rope_scaling.kind'), r.factor, r.low_freq_factor,
@@ -325,7 +374,7 @@ def build(model_config, learn_sigma: bool) -> MonoFormer:
                       channels=m.image_channels, learn_sigma=learn_sigma,
                       use_pos_embed=m.use_pos_embed)
   return MonoFormer(backbone, image, m.tie_embeddings,
-                    schema.choice(MaskType, m.image_mask, 'model.image_mask'))
+                    schema.choice(MaskType, m.image_mask, 'model.image_mask'), understanding)
 
 
 def example_inputs(model: MonoFormer, batch: int = 1, length: int = 4):

@@ -16,9 +16,11 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.data.chat import ChatFormat
 from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
+from monoformer_jax.data.understanding import UnderstandingSource
 from monoformer_jax.evaluation import text_tasks
 from monoformer_jax.generation.sampling import ImageSampling, check_fits
-from monoformer_jax.nn import model as model_lib
+from monoformer_jax.nn import clip, model as model_lib
+from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.nn.model import ImageSequence
 from monoformer_jax.run import backbone
 from monoformer_jax.training.checkpoint import AsyncSaves
@@ -36,6 +38,13 @@ class Settings:
   async_saves: AsyncSaves
   objective: Objective
   chat_format: ChatFormat
+  understanding_source: UnderstandingSource
+  vision_encoder: VisionEncoder
+
+  @property
+  def understanding(self) -> bool:
+    """Whether samples that read images are trained."""
+    return self.understanding_source != UnderstandingSource.NONE
 
 
 # Numeric keys and what each must be; a value outside fails with the key named.
@@ -55,7 +64,8 @@ _RANGES = (
         'train.diffusion_weight', 'train.lm_loss_weight', 'train.diffusion_loss_weight',
         'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
         'train.text_eval_every', 'eval.task_limit', 'train.profile_start', 'train.profile_steps',
-        'sample.cfg_scale', 'eval.text_batches', 'eval.text_questions', 'bench.warmup')),
+        'sample.cfg_scale', 'eval.text_batches', 'eval.text_questions', 'bench.warmup',
+        'train.understanding_weight')),
     (lambda v: 0 <= v < 1, 'a fraction in [0, 1)', (
         'data.cfg_dropout', 'optim.b1', 'optim.b2', 'train.ema_decay')),
     (lambda v: 0 < v < 1, 'a fraction in (0, 1)', ('data.heldout_fraction',)),
@@ -85,7 +95,11 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
       async_saves=schema.choice(AsyncSaves, config.train.async_checkpoints,
                             'train.async_checkpoints'),
       objective=schema.choice(Objective, config.train.objective, 'train.objective'),
-      chat_format=schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format'))
+      chat_format=schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format'),
+      understanding_source=schema.choice(UnderstandingSource, config.data.understanding_source,
+                                         'data.understanding_source'),
+      vision_encoder=vision_encoder(config.model))
+  _check_understanding(config, settings)
   if image_source.pixels and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
     if tuple(config.model.image_size) + (config.model.image_channels,) != pixels:
@@ -146,15 +160,63 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
   return settings
 
 
+def _check_understanding(config: ml_collections.ConfigDict, settings: Settings) -> None:
+  d, t = config.data, config.train
+  if settings.understanding and settings.vision_encoder == VisionEncoder.NONE:
+    raise UserError(f'config key data.understanding_source is {d.understanding_source!r}, whose '
+                    'images need a vision encoder; set model.vision_encoder to \'vae\' or '
+                    '\'clip\'.')
+  if settings.understanding_source == UnderstandingSource.DIGITS and (
+      settings.vision_encoder != VisionEncoder.VAE or config.model.vae
+      or tuple(config.model.image_size) + (config.model.image_channels,) != (8, 8, 1)):
+    raise UserError('config key data.understanding_source \'digits\' reads the 8 x 8 digits '
+                    'in the diffusion space: it needs model.vision_encoder \'vae\', no '
+                    'model.vae, and model.image_size (8, 8) with model.image_channels 1.')
+  if settings.understanding and not (t.understanding_weight > 0 or
+                                     settings.objective == Objective.JOINT):
+    raise UserError(f'config key data.understanding_source is {d.understanding_source!r} but '
+                    'train.understanding_weight is 0, so no step would read it; give it a '
+                    'positive weight (or use train.objective \'joint\').')
+  if t.understanding_weight and not settings.understanding:
+    raise UserError(f'config key train.understanding_weight is {t.understanding_weight!r} but '
+                    'data.understanding_source is \'none\'; name a source or set the weight '
+                    'to 0.')
+  for key in ('images_per_sample', 'understanding_seq_len', 'understanding_batch_size'):
+    if not d[key] > 0:
+      raise UserError(f'config key data.{key} is {d[key]!r}; expected a positive number.')
+
+
 def _process(config: ml_collections.ConfigDict) -> diffusion.Process:
   return schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process')
 
 
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
   """The network of a config: its model section, with variance channels only where the
-  diffusion process learns a variance (flow matching learns none)."""
+  diffusion process learns a variance (flow matching learns none), and an im_embedder for the
+  features of its vision encoder."""
   learns_variance = _process(config) == diffusion.Process.DDPM
-  return model_lib.build(config.model, config.model.learn_sigma and learns_variance)
+  return model_lib.build(config.model, config.model.learn_sigma and learns_variance,
+                         understanding_shape(config.model))
+
+
+def vision_encoder(model_config: ml_collections.ConfigDict) -> VisionEncoder:
+  return schema.choice(VisionEncoder, model_config.vision_encoder, 'model.vision_encoder')
+
+
+def understanding_shape(m: ml_collections.ConfigDict) -> model_lib.UnderstandingShape:
+  """Feature tokens per image and features per token of model.vision_encoder's output."""
+  encoder = vision_encoder(m)
+  if encoder == VisionEncoder.VAE:
+    p = m.patch_size
+    return model_lib.UnderstandingShape((m.image_size[0] // p) * (m.image_size[1] // p),
+                                        p * p * m.image_channels)
+  if encoder == VisionEncoder.CLIP:
+    if not (m.clip and files.isfile(clip.meta_path(m.clip))):
+      raise UserError(f'config key model.clip is {m.clip!r}, which is not a converted CLIP '
+                      'directory; model.vision_encoder \'clip\' needs one (`python -m '
+                      'monoformer_jax convert clip --src=HF_CLIP_DIR --dst=DIR`).')
+    return model_lib.UnderstandingShape(*clip.feature_shape(m.clip))
+  return model_lib.UnderstandingShape()
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,

@@ -23,7 +23,12 @@ import jax.numpy as jnp
 from monoformer_jax import diffusion
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.model import MonoFormer
+from monoformer_jax.nn.understanding import Understanding
 from monoformer_jax.training import cross_entropy
+
+
+# The cross-entropy passes an update may hold: text, and samples that read images.
+TEXT_KINDS = ('text', 'understand')
 
 
 class Objective(enum.Enum):
@@ -63,10 +68,16 @@ def cross_entropy_sum(model: MonoFormer, params, hidden: jax.Array, tokens: jax.
                                               labels.reshape(-1), weights.reshape(-1), chunk)
 
 
-def text_inputs(batch: dict) -> dict:
-  """A text batch {'tokens', 'valid', 'loss_mask'} with its cross-entropy weights."""
-  return dict(tokens=batch['tokens'], valid=batch['valid'],
-              weights=next_token_weights(batch['valid'], batch['valid'] & batch['loss_mask']))
+def text_inputs(batch: dict, key: jax.Array | None = None, num_timesteps: int = 1000) -> dict:
+  """A text batch {'tokens', 'valid', 'loss_mask'} with its cross-entropy weights; an
+  understanding batch (also 'features', 'slot', 'offset') with its images' time tokens drawn
+  uniformly over the timesteps from key, as the official training draws every row's."""
+  out = dict(tokens=batch['tokens'], valid=batch['valid'],
+             weights=next_token_weights(batch['valid'], batch['valid'] & batch['loss_mask']))
+  if 'features' in batch:
+    t = jax.random.randint(key, batch['tokens'].shape[:1], 0, num_timesteps)
+    out['understand'] = Understanding(batch['features'], batch['slot'], batch['offset'], t)
+  return out
 
 
 def image_inputs(batch: dict, key: jax.Array, cfg: LossConfig) -> dict:
@@ -82,7 +93,8 @@ def image_inputs(batch: dict, key: jax.Array, cfg: LossConfig) -> dict:
 def text_pass(model: MonoFormer, params, text: dict, chunk: int) -> jax.Array:
   """Summed cross-entropy of a text (micro)batch under the causal mask."""
   hidden = model.apply({'params': params}, text['tokens'], text['valid'],
-                       mask_type=MaskType.CAUSAL, return_hidden=True).hidden
+                       mask_type=MaskType.CAUSAL, return_hidden=True,
+                       understand=text.get('understand')).hidden
   return cross_entropy_sum(model, params, hidden, text['tokens'], text['weights'], chunk)
 
 
@@ -108,14 +120,15 @@ def loss_fn(model: MonoFormer, cfg: LossConfig, counts: dict) -> Callable:
   def fn(params, inputs: dict) -> tuple[jax.Array, dict]:
     metrics, ce = {}, jnp.zeros((), jnp.float32)
     weighted = jnp.zeros((), jnp.float32)
-    if 'text' in inputs:
-      ce = ce + text_pass(model, params, inputs['text'], cfg.loss_chunk)
+    for kind in TEXT_KINDS:
+      if kind in inputs:
+        ce = ce + text_pass(model, params, inputs[kind], cfg.loss_chunk)
     if 'image' in inputs:
       terms, prompt_ce = image_pass(model, params, inputs['image'], cfg)
       metrics = {k: v.sum() / counts['examples'] for k, v in terms.items()}
       weighted = cfg.diffusion_loss_weight * metrics['loss']
       ce = ce + prompt_ce
-    if 'text' in inputs or cfg.prompt_lm_loss:
+    if any(kind in inputs for kind in TEXT_KINDS) or cfg.prompt_lm_loss:
       metrics['ce'] = ce / counts['tokens']
       weighted = weighted + cfg.lm_loss_weight * metrics['ce']
     return weighted, metrics
@@ -126,8 +139,9 @@ def loss_fn(model: MonoFormer, cfg: LossConfig, counts: dict) -> Callable:
 def counts_of(inputs: dict, cfg: LossConfig) -> dict:
   """The whole batch's image count and cross-entropy token count (see loss_fn)."""
   tokens = jnp.zeros((), jnp.float32)
-  if 'text' in inputs:
-    tokens = tokens + inputs['text']['weights'].sum()
+  for kind in TEXT_KINDS:
+    if kind in inputs:
+      tokens = tokens + inputs[kind]['weights'].sum()
   image = inputs.get('image')
   if image is not None and cfg.prompt_lm_loss:
     tokens = tokens + image['weights'].sum()

@@ -33,6 +33,7 @@ class StepKind(enum.Enum):
   AR = 'ar'
   DIFFUSION = 'diffusion'
   JOINT = 'joint'  # train.objective 'joint': a text batch and an image batch in one update
+  UNDERSTANDING = 'understanding'  # cross-entropy on samples that read images
 
 
 @flax.struct.dataclass
@@ -50,32 +51,42 @@ class StepConfig:
   ema_decay: float
   learning_rate: Callable[[jax.Array], jax.Array] = optax.constant_schedule(0.0)  # for the logs
   joint: bool = False  # train.objective is 'joint'
+  understanding: bool = False  # samples that read images are trained (their own batches)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int,
-                  kind: objective.Objective, process: diffusion.Training) -> 'StepConfig':
+                  kind: objective.Objective, process: diffusion.Training,
+                  understanding: bool = False) -> 'StepConfig':
     """From the config's numbers, its objective and diffusion process, parsed once
-    (run.settings)."""
+    (run.settings); understanding: whether it has a source of samples that read images."""
     t = config.train
     loss = objective.LossConfig(t.lm_loss_weight, t.diffusion_loss_weight, process, im_end_id,
                                 t.loss_chunk,
                                 t.prompt_lm_loss, t.grad_accum)
     return cls(loss, t.ema_decay, learning_rate(config.optim, t.num_steps),
-               kind == objective.Objective.JOINT)
+               kind == objective.Objective.JOINT, understanding)
 
   @property
   def kinds(self) -> tuple[StepKind, ...]:
-    return (StepKind.JOINT,) if self.joint else (StepKind.AR, StepKind.DIFFUSION)
+    if self.joint:
+      return (StepKind.JOINT,)
+    return (StepKind.AR, StepKind.DIFFUSION) + ((StepKind.UNDERSTANDING,) if self.understanding
+                                                 else ())
 
 
 def step_kind(seed: int, step: int, ar_weight: float, diffusion_weight: float,
-              joint: bool = False) -> StepKind:
+              joint: bool = False, understanding_weight: float = 0.0) -> StepKind:
   """The kind of step `step`: always `joint` under that objective, else the seeded mixture
-  schedule's pick, a pure function of (seed, step)."""
+  schedule's pick, a pure function of (seed, step). Without understanding steps the picks
+  are those of the two-kind schedule."""
   if joint:
     return StepKind.JOINT
   u = np.random.default_rng([seed, step]).random()
-  return StepKind.AR if u < ar_weight / (ar_weight + diffusion_weight) else StepKind.DIFFUSION
+  total = ar_weight + diffusion_weight + understanding_weight
+  if u < ar_weight / total:
+    return StepKind.AR
+  return StepKind.DIFFUSION if u < (ar_weight + diffusion_weight) / total else (
+      StepKind.UNDERSTANDING)
 
 
 def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -156,10 +167,11 @@ def _update(state: TrainState, inputs: dict, *, model: MonoFormer, tx, cfg: Step
 
 def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
             tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
-  """One language-model step on batch {'tokens', 'valid', 'loss_mask'} (each [B, S])."""
-  del key  # no randomness in the text step
-  state, metrics, _ = _update(state, dict(text=objective.text_inputs(batch)), model=model, tx=tx,
-                              cfg=cfg)
+  """One language-model step on batch {'tokens', 'valid', 'loss_mask'} (each [B, S]); an
+  understanding step when the batch also has the images' 'features' [B, I, M, E], 'slot' and
+  'offset' [B, S] (key draws their time tokens)."""
+  text = objective.text_inputs(batch, key, cfg.loss.diffusion.num_timesteps)
+  state, metrics, _ = _update(state, dict(text=text), model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, loss=metrics.pop('ce'))
 
 
@@ -173,10 +185,14 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: Mon
 
 def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
                tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
-  """One update on batch {'text': an `ar` batch, 'image': a `diffusion` batch}, as the
-  official code: metric `loss` is the weighted sum, `diffusion` and `ce` its two terms."""
+  """One update on batch {'text': an `ar` batch, 'image': a `diffusion` batch[, 'understand':
+  an understanding batch]}, as the official code: metric `loss` is the weighted sum, `diffusion`
+  and `ce` its two terms (ce over the text and understanding tokens together)."""
   inputs = dict(text=objective.text_inputs(batch['text']),
                 image=objective.image_inputs(batch['image'], key, cfg.loss))
+  if 'understand' in batch:
+    inputs['understand'] = objective.text_inputs(batch['understand'], jax.random.fold_in(key, 2),
+                                                 cfg.loss.diffusion.num_timesteps)
   state, metrics, value = _update(state, inputs, model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, diffusion=metrics.pop('loss'), loss=value)
 
@@ -185,7 +201,8 @@ def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
               state_shardings) -> dict[StepKind, Any]:
   """Both step kinds jitted with state shardings in and out and the state donated."""
   replicated = sharding.replicated(layout)
-  fns = {StepKind.AR: ar_step, StepKind.DIFFUSION: diffusion_step, StepKind.JOINT: joint_step}
+  fns = {StepKind.AR: ar_step, StepKind.DIFFUSION: diffusion_step, StepKind.JOINT: joint_step,
+         StepKind.UNDERSTANDING: ar_step}
   return {kind: jax.jit(functools.partial(fns[kind], model=model, tx=tx, cfg=cfg),
                         in_shardings=(state_shardings, sharding.batch_sharding(layout), replicated),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)

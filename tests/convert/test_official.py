@@ -12,7 +12,7 @@ import torch
 import transformers
 from helpers import cli, error_line
 from official_reference import (IM_END, IM_START, IMAGE, LATENT, PAD, C, D, OfficialExtras, P,
-                                official_forward)
+                                converted_vae, official_forward)
 from torch import nn
 
 from monoformer_jax.base.errors import UserError
@@ -53,7 +53,7 @@ def official_dir(tmp_path_factory, tokenizer_file):
 def test_converted_official_predictions_match(official_dir, tmp_path):
   llm, extras, src = official_dir
   dst = str(tmp_path / 'work')
-  commands.run('official', src, dst, use_ema=True, vae_dir=_converted_vae(tmp_path))
+  commands.run('official', src, dst, use_ema=True, vae_dir=converted_vae(tmp_path))
   restored = workdir_lib.for_inference(dst, use_ema=True)
   tok, model, params = restored.setup.tok, restored.setup.model, restored.params
   assert restored.step == 0
@@ -89,17 +89,6 @@ def test_converted_official_predictions_match(official_dir, tmp_path):
   logits = model.apply({'params': params}, text, np.ones(text.shape, bool),
                        mask_type=MaskType.CAUSAL).logits
   np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4)
-
-
-def _converted_vae(tmp_path) -> str:
-  """A tiny SD-VAE-shaped autoencoder (downsampling 8), converted."""
-  from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
-  vae_src, vae_dst = tmp_path / 'vae_src', tmp_path / 'vae'
-  AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=('DownEncoderBlock2D',) * 4,
-                up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=1, norm_num_groups=4,
-                latent_channels=C).save_pretrained(vae_src, safe_serialization=True)
-  commands.run('vae', str(vae_src), str(vae_dst), use_ema=True)
-  return str(vae_dst)
 
 
 def _sample_through_the_vae(workdir, tmp_path):

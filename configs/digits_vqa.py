@@ -1,0 +1,23 @@
+r"""The embedded default that also answers questions about digits it reads: "Which digit is
+this?" on one image, "Are these the same digit?" on two (data/digits_vqa.py). The digits are
+read as the generation input is (model.vision_encoder 'vae' in pixel space): nothing downloaded.
+
+  python -m monoformer_jax train --config=configs/digits_vqa.py --workdir=workdirs/digits_vqa
+  python -m monoformer_jax generate --workdir=workdirs/digits_vqa --image=digit.png \
+      --prompt="Which digit is this?"
+"""
+
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.model.vision_encoder = 'vae'
+  config.data.understanding_source = 'digits'
+  config.data.images_per_sample = 2
+  config.data.understanding_seq_len = 48
+  config.data.understanding_batch_size = 32
+  # The default's 400 text and 1,600 diffusion steps stay; 600 understanding steps join them.
+  config.train.understanding_weight = 1.5
+  config.train.num_steps = 2600
+  return config

@@ -1,0 +1,133 @@
+"""Samples that read images: conversations with `<image>` placeholders, laid out as the official
+training lays out its LLaVA data, for `understanding` steps.
+
+A conversation is LLaVA's: turns {'from': 'human' | 'gpt', 'value': text}. The official configs
+read them untemplated with every token learned (use_chat_template False, train_on_source True):
+a human turn is `BOS value` cut to 128 tokens, a gpt turn `value EOS` cut to 512. Each `<image>`
+(one token when cut) becomes its image's 1 + M slots: a time token and M feature tokens, none
+learned; the i-th placeholder reads the i-th image. The sequence is cut to
+data.understanding_seq_len, ending before an image whose slots would not all fit (the official
+code cuts inside the image and then misplaces it; see the README).
+Dimension letters: S sequence, I images per sample.
+"""
+
+import dataclasses
+import enum
+
+import numpy as np
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import tokenizer as tokenizer_lib
+
+PLACEHOLDER = '<image>'
+HUMAN_MAX, GPT_MAX = 128, 512  # the official source_max_len and target_max_len
+_IMAGE = -1  # a placeholder among the ids, before it is expanded
+
+
+class UnderstandingSource(enum.Enum):
+  NONE = 'none'
+  DIGITS = 'digits'  # questions on the bundled digits (digits_vqa.py)
+  LLAVA_JSON = 'llava_json'  # LLaVA conversation JSON (llava.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One sample's arrays, each [S]: tokens, valid, loss_mask, and per slot which image (slot:
+  1 + i, 0 at text) and where in it (offset: 0 at the time token, 1 + m at feature m)."""
+  tokens: np.ndarray
+  valid: np.ndarray
+  loss_mask: np.ndarray
+  slot: np.ndarray
+  offset: np.ndarray
+  images_placed: int
+
+  def as_dict(self) -> dict:
+    return dict(tokens=self.tokens, valid=self.valid, loss_mask=self.loss_mask, slot=self.slot,
+                offset=self.offset)
+
+
+def count_placeholders(turns: list[dict]) -> int:
+  return sum(t['value'].count(PLACEHOLDER) for t in turns)
+
+
+def _turn_ids(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
+  """The ids of text with _IMAGE for each placeholder (the pieces between encoded apart, as a
+  HF tokenizer splits text at an added token)."""
+  ids = []
+  for i, piece in enumerate(text.split(PLACEHOLDER)):
+    if i:
+      ids.append(_IMAGE)
+    if piece:
+      ids += tok.encode(piece)
+  return ids
+
+
+def conversation_ids(turns: list[dict], tok: tokenizer_lib.Tokenizer) -> list[int]:
+  """The whole conversation's ids, turns cut as the official tokenization cuts them."""
+  ids = []
+  for turn in turns:
+    if turn['from'] == 'human':
+      ids += (tok.bos + _turn_ids(turn['value'], tok))[:HUMAN_MAX]
+    else:
+      ids += (_turn_ids(turn['value'], tok) + [tok.eos_id])[:GPT_MAX]
+  return ids
+
+
+def lay_out(ids: list[int], tok: tokenizer_lib.Tokenizer, tokens_per_image: int,
+            length: int) -> Layout:
+  """ids (with _IMAGE placeholders) expanded and right-padded to `length`."""
+  tokens = np.full(length, tok.pad_id, np.int32)
+  learn = np.zeros(length, bool)
+  slot = np.zeros(length, np.int32)
+  offset = np.zeros(length, np.int32)
+  at, image = 0, 0
+  for token in ids:
+    size = tokens_per_image + 1 if token == _IMAGE else 1
+    if at + size > length:
+      break
+    if token == _IMAGE:
+      image += 1
+      tokens[at:at + size] = tok.pad_id
+      slot[at:at + size] = image
+      offset[at:at + size] = np.arange(size)
+    else:
+      tokens[at], learn[at] = token, True
+    at += size
+  valid = np.arange(length) < at
+  return Layout(tokens, valid, learn, slot, offset, image)
+
+
+def sample(turns: list[dict], images: np.ndarray, tok: tokenizer_lib.Tokenizer,
+           tokens_per_image: int, length: int) -> dict:
+  """{'tokens', 'valid', 'loss_mask', 'slot', 'offset', 'images'} of one conversation, whose
+  placeholders read images [I, ...] in order (rows past its pictures: zeros)."""
+  layout = lay_out(conversation_ids(turns, tok), tok, tokens_per_image, length)
+  return dict(layout.as_dict(), images=images)
+
+
+def padded(pictures: list[np.ndarray], most: int, shape: tuple[int, ...]) -> np.ndarray:
+  """[most, *shape] float32: the pictures, then zeros."""
+  out = np.zeros((most, *shape), np.float32)
+  for i, picture in enumerate(pictures):
+    out[i] = picture
+  return out
+
+
+def check_placeholders(turns: list[dict], num_images: int, most: int, where: str) -> None:
+  """The conversation has one placeholder per image and at most `most` images."""
+  found = count_placeholders(turns)
+  if found != num_images:
+    raise UserError(f'{where} has {found} {PLACEHOLDER} placeholder(s) for {num_images} '
+                    'image(s); expected one per image.')
+  if num_images > most:
+    raise UserError(f'{where} has {num_images} images; config key data.images_per_sample '
+                    f'allows {most}.')
+
+
+def check_turns(turns, where: str) -> None:
+  """LLaVA's conversation shape: a list of {'from': 'human' | 'gpt', 'value': str}."""
+  if not isinstance(turns, list) or not turns or not all(
+      isinstance(t, dict) and t.get('from') in ('human', 'gpt') and isinstance(t.get('value'), str)
+      for t in turns):
+    raise UserError(f'{where}: "conversations" must be a non-empty list of {{"from": "human" or '
+                    '"gpt", "value": text}.')

@@ -1,0 +1,73 @@
+"""How well the model answers questions about images it reads: the embedded default's held-out
+digits ("Which digit is this?", "Are these the same digit?"), answered greedily.
+
+Each prompt is the question's human turn (images in their slots, the time tokens at t = 0 as the
+official inference sets it); the answer counts when its decoded text, stripped, is the expected
+word.
+Dimension letters: B batch, P prompt length, I images per question.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monoformer_jax.base import progress
+from monoformer_jax.data import digits_vqa, understanding
+from monoformer_jax.generation import sampling
+from monoformer_jax.nn.understanding import Understanding
+from monoformer_jax.run import vision
+
+_ROWS = 128  # questions per generate call
+
+
+def left_aligned(layout: understanding.Layout) -> dict:
+  """A right-padded layout's arrays moved to the end of their length (a left-padded prompt)."""
+  shift = len(layout.tokens) - int(layout.valid.sum())
+  return {k: np.roll(v, shift) for k, v in layout.as_dict().items()}
+
+
+def prompts(setup, conversations: list[list[dict]], length: int) -> dict:
+  """Left-padded prompts of each conversation without its answer: tokens, valid, slot, offset
+  [B, length]."""
+  u = setup.model.understanding
+  rows = [left_aligned(understanding.lay_out(
+      understanding.conversation_ids(turns[:-1], setup.tok), setup.tok, u.tokens_per_image,
+      length)) for turns in conversations]
+  return {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'valid', 'slot', 'offset')}
+
+
+def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
+            max_tokens: int = 4) -> list[str]:
+  """The model's greedy answer to each conversation's questions (its last turn left out),
+  reading images [B, I, ...]."""
+  tok, config = setup.tok, setup.config
+  see = vision.feature_encoder(config, setup.settings.vision_encoder, setup.layout)
+  length = config.data.understanding_seq_len
+  out = []
+  for start in range(0, len(conversations), _ROWS):
+    chunk = conversations[start:start + _ROWS]
+    n = len(chunk)
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], _ROWS - n, 0)])  # noqa: E731
+    p = {k: pad(v) for k, v in prompts(setup, chunk, length).items()}
+    features = see(jnp.asarray(pad(images[start:start + n])), jax.random.key(0))
+    read = Understanding(features, jnp.asarray(p['slot']), jnp.asarray(p['offset']),
+                         jnp.zeros((_ROWS,), jnp.int32))
+    ids = sampling.generate(setup.model, params, jnp.asarray(p['tokens']),
+                            jnp.asarray(p['valid']), jax.random.key(0), max_tokens=max_tokens,
+                            temperature=0.0, top_k=0, top_p=1.0, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id, understand=read)
+    out += [tok.decode(row).strip() for row in np.asarray(ids)[:n]]
+  return out
+
+
+def digit_questions(setup, params, pairs: int = 200) -> dict[str, float]:
+  """understanding/one_image and understanding/two_images: the fractions answered right."""
+  questions = digits_vqa.heldout_questions(setup.config.data, pairs)
+  with progress.phase(f'eval: {len(questions)} questions on held-out digits'):
+    got = answers(setup, params, [q for q, _ in questions], np.stack([i for _, i in questions]))
+  right = np.array([a == q[-1]['value'] for a, (q, _) in zip(got, questions)])
+  two = np.array([understanding.count_placeholders(q) == 2 for q, _ in questions])
+  metrics = {'understanding/one_image': float(right[~two].mean())}
+  if two.any():
+    metrics['understanding/two_images'] = float(right[two].mean())
+  return metrics
