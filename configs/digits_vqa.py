@@ -15,9 +15,9 @@ def get_config():
   config.model.vision_encoder = 'vae'
   config.data.understanding_source = 'digits'
   config.data.images_per_sample = 2
-  config.data.understanding_seq_len = 48
-  config.data.understanding_batch_size = 32
-  # The default's 400 text and 1,600 diffusion steps stay; 600 understanding steps join them.
-  config.train.understanding_weight = 1.5
-  config.train.num_steps = 2600
+  config.data.understanding_seq_len = 64
+  config.data.understanding_batch_size = 64
+  # The default's 400 text and 1,600 diffusion steps stay; 800 understanding steps join them.
+  config.train.understanding_weight = 2.0
+  config.train.num_steps = 2800
   return config

@@ -28,6 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train an
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, logs, tokenizer.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text prompt for sample / generate.')
 _NUM = flags.DEFINE_integer('num', 16, 'Number of images to sample.')
+_IMAGE = flags.DEFINE_multi_string('image', [], 'generate: a picture the prompt reads (repeatable; '
+                                   'at the prompt\'s <image> placeholders, else before it).')
 _OUT = flags.DEFINE_string('out', 'samples.png', 'PNG grid to write; FILE.npz is written beside.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config).')
 _SAMPLER = flags.DEFINE_enum_class('sampler', None, Sampler, 'Sampler (default: the config).',
@@ -155,7 +157,8 @@ def _run(command: str, argv: list[str]) -> str:
                                      _EMA.value)
     return '\n'.join(f'{r}: {_PROMPT.value} {text}' for r, text in enumerate(texts))
   elif command == 'generate':
-    return inference.generate(workdir, _PROMPT.value, _decoding(), _SEED.value, _EMA.value)
+    return inference.generate(workdir, _PROMPT.value, _decoding(), _SEED.value, _EMA.value,
+                              _IMAGE.value)
   elif command == 'evaluate':
     return _evaluate(workdir)
   elif command == 'prepare':

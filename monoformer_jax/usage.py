@@ -35,10 +35,10 @@ COMMANDS = {
                       ('workdir', 'prompt', 'num', 'out', 'fid_npz', 'fid_batch', 'prompt_file')
                       + _SAMPLER),
     'generate': Command('--workdir=DIR --prompt=TEXT --max_tokens=N',
-                        'text continuation with a KV cache; with --out=DIR, text with the images '
-                        'the model starts by itself',
+                        'text continuation with a KV cache (--image=FILE: pictures the prompt '
+                        'reads); with --out=DIR, text with the images the model starts by itself',
                         ('workdir', 'prompt', 'max_tokens', 'temperature', 'top_k', 'top_p',
-                         'out', 'num', 'max_images') + _SAMPLER),
+                         'out', 'num', 'max_images', 'image') + _SAMPLER),
     'evaluate': Command('--workdir=DIR',
                         'prompt accuracy, digit FD and held-out perplexity (the default); '
                         '--fid_ref=REF.npz --num=N: FID-N; --fid_npz=FILE: FID of a sample file; '
@@ -57,7 +57,7 @@ COMMANDS = {
                      ('config', 'bench_out', 'compare_torch', 'storage')),
     'convert': Command('KIND --src=DIR --dst=DIR',
                        'weight conversion; the kinds are listed below',
-                       ('src', 'dst', 'ema', 'vae', 'tokenizer', 'shape', 'official'),
+                       ('src', 'dst', 'ema', 'vae', 'tokenizer', 'shape', 'official', 'clip'),
                        multihost=False),
     'extract_latents': Command('--config=configs/imagenet256.py --vae=DIR --dst=DIR',
                                'SD-VAE latents of every training image in resumable shards',

@@ -56,6 +56,14 @@ def tiny_config(**train_overrides):
   return config
 
 
+def reading_digits(c):
+  """The config c also trains questions on digits it reads (configs/digits_vqa.py's source)."""
+  c.model.vision_encoder, c.data.understanding_source = 'vae', 'digits'
+  c.data.understanding_batch_size, c.data.understanding_seq_len = 4, 64
+  c.train.understanding_weight = 2.0 if c.train.objective == 'alternate' else 0.0
+  return c
+
+
 def step_config(config, im_end_id: int):
   """The StepConfig of the config, its objective parsed as training parses it."""
   checked = settings.validate(config)

@@ -5,8 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from helpers import cli, devices_env, error_line, one_and_two_processes
+from helpers import (cli, devices_env, error_line, one_and_two_processes, reading_digits,
+                     tiny_config)
+from monoformer_jax import train
+from monoformer_jax.data import digits
 
 TINY = ['--config=configs/digits.py', '--config.model.size=tiny', '--config.train.num_steps=2']
 
@@ -63,6 +67,16 @@ def _bad_inputs(tmp_path):
        'config keys sample.sampler and sample.steps'),
       (['generate', '--workdir={trained}', '--prompt=The', '--max_tokens=100000'],
        'model.context_length'),
+      # Images to understand: an encoder that does not exist, CLIP without its directory, a
+      # source without an encoder, a conversion from a directory that is not there.
+      (train + ['--config.model.vision_encoder=siglip'],
+       "config key model.vision_encoder is 'siglip'; expected one of 'none', 'vae', 'clip'"),
+      (train + ['--config.model.vision_encoder=clip', f'--config.model.clip={tmp_path / "nope"}'],
+       'which is not a converted CLIP directory'),
+      (train + ['--config.data.understanding_source=digits',
+                '--config.train.understanding_weight=1'], 'needs a vision encoder'),
+      (['convert', 'clip', f'--src={tmp_path / "no_clip"}', '--dst={new}'],
+       'error: CLIP directory'),
       (['convert', 'gguf', f'--src={tmp_path}', '--dst={new}'], 'gguf'),
       (['convert', 'llama', f'--src={tmp_path / "no_weights"}', '--dst={new}'], 'model.safetensors'),
       (['convert', 'llama', f'--src={truncated}', '--dst={new}'], 'model.safetensors'),
@@ -173,6 +187,28 @@ def test_a_flow_workdir_end_to_end(tmp_path):
   result = cli('convert', 'export-official', f'--src={workdir}', f'--dst={back}')
   assert result.returncode == 2 and "diffusion.process is 'flow'" in result.stderr, result.stderr
   assert not back.exists()
+
+
+def test_generate_reads_pictures(trained, workdir, tmp_path):
+  """generate --image: the prompt reads the pictures (a digit PNG), or one error sentence."""
+  train.train_and_evaluate(reading_digits(tiny_config(num_steps=2)), workdir)
+  images, _ = digits.subset(0.25, heldout=True)
+  picture = tmp_path / 'digit.png'
+  Image.fromarray(np.round((images[0, ..., 0] + 1) * 127.5).astype(np.uint8)).save(picture)
+  result = cli('generate', f'--workdir={workdir}', f'--image={picture}', '--max_tokens=3',
+               '--prompt=Which digit is this?', '--temperature=0')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('<image>\nWhich digit is this?')
+  (tmp_path / 'notes.png').write_text('not a picture')
+  for args, named in (
+      ([f'--workdir={trained}', f'--image={picture}'], 'needs a model that reads images'),
+      ([f'--workdir={workdir}', f'--image={tmp_path / "notes.png"}'],
+       'notes.png is not an image file that can be read'),
+      ([f'--workdir={workdir}', f'--image={picture}', '--prompt=<image> and <image>?'],
+       'the prompt (--prompt) has 2 <image> placeholder(s) for 1 image(s)')):
+    result = cli('generate', *args, '--max_tokens=2')
+    assert result.returncode == 2 and named in error_line(result), result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
 
 
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):

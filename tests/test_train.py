@@ -7,7 +7,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import image_batches, metrics_rows, step_config, text_batches, tiny_config
+from helpers import (image_batches, metrics_rows, reading_digits, step_config, text_batches,
+                     tiny_config)
 
 from monoformer_jax import train
 from monoformer_jax.base import sharding
@@ -54,16 +55,26 @@ def test_mixture_schedule_follows_weights():
   assert kinds != [steps.step_kind(4, s, 1.0, 3.0) for s in range(4000)]
 
 
+def test_understanding_steps_join_the_schedule_without_moving_the_others():
+  two = [steps.step_kind(3, s, 1.0, 4.0) for s in range(2000)]
+  assert two == [steps.step_kind(3, s, 1.0, 4.0, understanding_weight=0.0) for s in range(2000)]
+  three = [steps.step_kind(3, s, 1.0, 4.0, understanding_weight=1.5) for s in range(4000)]
+  assert abs(three.count(StepKind.UNDERSTANDING) / 4000 - 1.5 / 6.5) < 0.03
+  assert abs(three.count(StepKind.AR) / 4000 - 1.0 / 6.5) < 0.03
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('objective,process', [('alternate', 'ddpm'), ('joint', 'ddpm'),
-                                               ('alternate', 'flow')])
-def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, objective, process):
+@pytest.mark.parametrize('objective,process,reads', [
+    ('alternate', 'ddpm', False), ('joint', 'ddpm', True), ('alternate', 'flow', False),
+    ('alternate', 'ddpm', True)])
+def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, objective, process,
+                                          reads):
   def config(**overrides):
     c = tiny_config(**overrides, objective=objective)
     if objective == 'joint':  # with the official objective's other settings too
       c.train.grad_accum, c.train.prompt_lm_loss = 2, True
     c.diffusion.process = process
-    return c
+    return reading_digits(c) if reads else c
 
   straight = workdir
   train.train_and_evaluate(config(num_steps=6), straight)
@@ -77,7 +88,8 @@ def test_resume_matches_uninterrupted_run(workdir, tmp_path, tokenizer_file, obj
 
   a, b = metrics_rows(straight), metrics_rows(resumed)
   assert [r['step'] for r in b] == [1, 2, 3, 4, 5, 6]
-  assert {r['kind'] for r in a} == ({'ar', 'diffusion'} if objective == 'alternate' else {'joint'})
+  kinds = {'ar', 'diffusion'} | ({'understanding'} if reads else set())
+  assert {r['kind'] for r in a} == (kinds if objective == 'alternate' else {'joint'})
   # A flow model learns no variance: no VB term, and the velocity's MSE is the whole loss.
   diffusion_rows = [r for r in a if r['kind'] == 'diffusion']
   assert all(('vb' in r) == (process == 'ddpm') for r in diffusion_rows)

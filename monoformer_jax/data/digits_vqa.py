@@ -1,5 +1,6 @@
 """Questions on the bundled digits, the embedded default's images to understand: "<image>
-Which digit is this?" -> "seven", and "<image><image> Are these the same digit?" -> "yes" or "no".
+Which digit is this?" -> "seven", and "<image><image> Are these the same digit?" -> "seven and
+three: no" (the answer names what it compares, then the verdict).
 
 Training asks about the training digits (half one-image, half two-image questions, half of the
 pairs the same digit); evaluation asks about the held-out digits, the same questions every time.
@@ -23,17 +24,13 @@ _EVAL_SEED = 20241013
 def conversation(labels: list[int], question: str = '') -> list[dict]:
   """The turns asking about one or two digits of these labels, with their answer."""
   placeholders = understanding.PLACEHOLDER * len(labels)
+  names = [digits.CLASS_NAMES[label] for label in labels]
   if len(labels) == 1:
-    answer = digits.CLASS_NAMES[labels[0]]
+    answer = names[0]
   else:
-    answer = 'yes' if labels[0] == labels[1] else 'no'
+    answer = f'{names[0]} and {names[1]}: {"yes" if labels[0] == labels[1] else "no"}'
   return [{'from': 'human', 'value': f'{placeholders}\n{question or TWO_IMAGES}'},
           {'from': 'gpt', 'value': answer}]
-
-
-def texts() -> list[str]:
-  """What the tokenizer learns of these questions."""
-  return list(ONE_IMAGE) + [TWO_IMAGES, 'yes', 'no'] + list(digits.CLASS_NAMES)
 
 
 def _pair(rng: np.random.Generator, first: int, labels: np.ndarray) -> int:

@@ -81,7 +81,5 @@ def class_names(source: ImageSource) -> list[str]:
 
 
 def tokenizer_texts(data: ml_collections.ConfigDict) -> list[str]:
-  """What a tokenizer trained here learns from: the corpus and the digit prompts (and the
-  digit questions, when they are trained)."""
-  questions = digits_vqa.texts() * 20 if data.understanding_source == 'digits' else []
-  return corpus.documents(data) + digits.prompts(data) * 20 + questions
+  """What a tokenizer trained here learns from: the corpus and the digit prompts."""
+  return corpus.documents(data) + digits.prompts(data) * 20

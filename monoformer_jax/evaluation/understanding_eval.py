@@ -2,8 +2,8 @@
 digits ("Which digit is this?", "Are these the same digit?"), answered greedily.
 
 Each prompt is the question's human turn (images in their slots, the time tokens at t = 0 as the
-official inference sets it); the answer counts when its decoded text, stripped, is the expected
-word.
+official inference sets it). A one-image answer counts when its decoded text, stripped, is the
+digit's name; a two-image answer when its verdict (the last word: yes or no) is right.
 Dimension letters: B batch, P prompt length, I images per question.
 """
 
@@ -37,26 +37,31 @@ def prompts(setup, conversations: list[list[dict]], length: int) -> dict:
 
 
 def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
-            max_tokens: int = 4) -> list[str]:
-  """The model's greedy answer to each conversation's questions (its last turn left out),
-  reading images [B, I, ...]."""
+            max_tokens: int = 10, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            key: jax.Array | None = None) -> list[list[int]]:
+  """The ids the model continues each conversation with (its last turn, the answer, left out;
+  greedy by default), reading images [B, I, ...]; key draws the samples (default: key 0)."""
+  key = jax.random.key(0) if key is None else key
   tok, config = setup.tok, setup.config
   see = vision.feature_encoder(config, setup.settings.vision_encoder, setup.layout)
-  length = config.data.understanding_seq_len
+  u = setup.model.understanding
+  length = max(len(understanding.conversation_ids(c[:-1], tok))
+               + u.tokens_per_image * understanding.count_placeholders(c) for c in conversations)
   out = []
   for start in range(0, len(conversations), _ROWS):
     chunk = conversations[start:start + _ROWS]
-    n = len(chunk)
-    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], _ROWS - n, 0)])  # noqa: E731
+    rows = len(chunk) if len(conversations) <= _ROWS else _ROWS
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], rows - len(chunk), 0)])  # noqa: E731
     p = {k: pad(v) for k, v in prompts(setup, chunk, length).items()}
-    features = see(jnp.asarray(pad(images[start:start + n])), jax.random.key(0))
+    features = see(jnp.asarray(pad(images[start:start + len(chunk)])), key)
     read = Understanding(features, jnp.asarray(p['slot']), jnp.asarray(p['offset']),
-                         jnp.zeros((_ROWS,), jnp.int32))
+                         jnp.zeros((rows,), jnp.int32))
     ids = sampling.generate(setup.model, params, jnp.asarray(p['tokens']),
-                            jnp.asarray(p['valid']), jax.random.key(0), max_tokens=max_tokens,
-                            temperature=0.0, top_k=0, top_p=1.0, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, understand=read)
-    out += [tok.decode(row).strip() for row in np.asarray(ids)[:n]]
+                            jnp.asarray(p['valid']), jax.random.fold_in(key, start),
+                            max_tokens=max_tokens, temperature=temperature,
+                            top_k=min(top_k, setup.model.backbone.vocab_size), top_p=top_p,
+                            eos_id=tok.eos_id, pad_id=tok.pad_id, understand=read)
+    out += np.asarray(ids)[:len(chunk)].tolist()
   return out
 
 
@@ -64,9 +69,12 @@ def digit_questions(setup, params, pairs: int = 200) -> dict[str, float]:
   """understanding/one_image and understanding/two_images: the fractions answered right."""
   questions = digits_vqa.heldout_questions(setup.config.data, pairs)
   with progress.phase(f'eval: {len(questions)} questions on held-out digits'):
-    got = answers(setup, params, [q for q, _ in questions], np.stack([i for _, i in questions]))
-  right = np.array([a == q[-1]['value'] for a, (q, _) in zip(got, questions)])
+    ids = answers(setup, params, [q for q, _ in questions], np.stack([i for _, i in questions]))
+  got = [setup.tok.decode(row).strip() for row in ids]
   two = np.array([understanding.count_placeholders(q) == 2 for q, _ in questions])
+  verdict = lambda text: text.split()[-1] if text.split() else ''  # noqa: E731
+  right = np.array([(verdict(a) == verdict(q[-1]['value'])) if pair else a == q[-1]['value']
+                    for a, (q, _), pair in zip(got, questions, two)])
   metrics = {'understanding/one_image': float(right[~two].mean())}
   if two.any():
     metrics['understanding/two_images'] = float(right[two].mean())

@@ -21,9 +21,6 @@ from monoformer_jax.nn import converted
 from monoformer_jax.nn.layers import Array
 
 CLIP_JSON = 'clip.json'
-# CLIPImageProcessor's normalization of [0, 1] pixels (the OpenAI CLIP statistics).
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Activation(enum.Enum):
@@ -85,7 +82,8 @@ class EncoderLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-  """pixels [B, R, R, 3] (normalized as CLIPImageProcessor does) -> hidden states."""
+  """pixels [B, R, R, 3] (normalized as CLIPImageProcessor does: data.vision_input) -> hidden
+  states."""
   cfg: ClipConfig
 
   def setup(self):

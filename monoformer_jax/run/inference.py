@@ -3,7 +3,7 @@ inference, then pictures or text written (process 0 writes; every host computes)
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -11,11 +11,15 @@ import numpy as np
 from monoformer_jax.base import files, images as images_lib, progress
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.diffusion import Sampler, TimeSpacing
-from monoformer_jax.evaluation import fid_samples
+from monoformer_jax.data import vision_input
+from monoformer_jax.data.understanding import (PLACEHOLDER, check_placeholders,
+                                               conversation_ids)
+from monoformer_jax.evaluation import fid_samples, understanding_eval
 from monoformer_jax.generation import mixed_modal, sampling
 from monoformer_jax.nn import vae
 from monoformer_jax.nn.layers import MaskType
-from monoformer_jax.run import settings, workdir as workdir_lib
+from monoformer_jax.nn.understanding import VisionEncoder
+from monoformer_jax.run import settings, vision, workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +116,14 @@ def _check_decoding(decoding: mixed_modal.Decoding) -> None:
 
 
 def generate(workdir: str, prompt: str, decoding: mixed_modal.Decoding, seed: int,
-             use_ema: bool) -> str:
-  """The prompt and its continuation, decoded with the KV cache."""
+             use_ema: bool, pictures: Sequence[str] = ()) -> str:
+  """The prompt and its continuation, decoded with the KV cache; with pictures, the prompt
+  reads them (at its `<image>` placeholders, or all before the text)."""
   _check_decoding(decoding)
   restored = workdir_lib.for_inference(workdir, use_ema)
   setup = restored.setup
+  if pictures:
+    return _generate_reading(restored, prompt, decoding, seed, pictures)
   tok, model = setup.tok, setup.model
   tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
   _check_context(setup, int(valid.sum()) + decoding.max_tokens, decoding.max_tokens)
@@ -126,6 +133,30 @@ def generate(workdir: str, prompt: str, decoding: mixed_modal.Decoding, seed: in
                           top_p=decoding.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
   # Decode prompt and continuation together so the piece boundary keeps its space.
   return tok.decode(tok.encode(prompt) + np.asarray(out[0]).tolist())
+
+
+def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, seed: int,
+                      pictures: Sequence[str]) -> str:
+  setup = restored.setup
+  encoder = setup.settings.vision_encoder
+  if encoder == VisionEncoder.NONE:
+    raise UserError('generate --image needs a model that reads images (model.vision_encoder); '
+                    'this workdir\'s is \'none\'.')
+  if PLACEHOLDER not in prompt:
+    prompt = PLACEHOLDER * len(pictures) + '\n' + prompt
+  turns = [{'from': 'human', 'value': prompt}, {'from': 'gpt', 'value': ''}]
+  check_placeholders(turns, len(pictures), len(pictures), 'the prompt (--prompt)')
+  shape = vision.input_shape(setup.config, encoder)
+  images = np.stack([vision_input.encoder_input(vision_input.read_picture(p),
+                                                vision.picture_format(encoder), shape)
+                     for p in pictures])[None]
+  u = setup.model.understanding
+  _check_context(setup, len(conversation_ids(turns[:1], setup.tok)) + decoding.max_tokens
+                 + len(pictures) * u.tokens_per_image, decoding.max_tokens)
+  ids = understanding_eval.answers(setup, restored.params, [turns], images, decoding.max_tokens,
+                                   decoding.temperature, decoding.top_k, decoding.top_p,
+                                   jax.random.key(seed))[0]
+  return prompt + setup.tok.decode(ids)
 
 
 def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: int,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from monoformer_jax.base import sharding
+from monoformer_jax.data.vision_input import PictureFormat
 from monoformer_jax.nn import clip, vae
 from monoformer_jax.nn.model import patchify
 from monoformer_jax.nn.understanding import VisionEncoder
@@ -27,6 +28,10 @@ def input_shape(config: ml_collections.ConfigDict, encoder: VisionEncoder) -> tu
   if m.vae:
     return (config.data.image_resolution,) * 2 + (3,)
   return (*m.image_size, m.image_channels)
+
+
+def picture_format(encoder: VisionEncoder) -> PictureFormat:
+  return PictureFormat.CLIP if encoder == VisionEncoder.CLIP else PictureFormat.DIFFUSION
 
 
 def feature_encoder(config: ml_collections.ConfigDict, encoder: VisionEncoder,

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import cli, error_line
+from PIL import Image
 
+from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import clip as clip_convert, commands, torch_bin
+from monoformer_jax.data import vision_input
 from monoformer_jax.nn import clip
 
 
@@ -73,12 +75,23 @@ def test_tensor_names_round_trip(towers):
     np.testing.assert_array_equal(tensors[name], np.asarray(source[name], np.float32))
 
 
-def test_bad_clip_directories(tmp_path):
-  result = cli('convert', 'clip', f'--src={tmp_path / "none"}', f'--dst={tmp_path / "out"}')
-  assert result.returncode != 0
-  assert error_line(result).startswith('error: CLIP directory')
+def test_a_directory_of_another_model_is_refused(tmp_path):
   (tmp_path / 'llama').mkdir()
   (tmp_path / 'llama' / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
-  result = cli('convert', 'clip', f'--src={tmp_path / "llama"}', f'--dst={tmp_path / "out"}')
-  assert "describes a 'llama' model" in error_line(result)
+  with pytest.raises(UserError, match="describes a 'llama' model; expected a CLIP"):
+    commands.run('clip', str(tmp_path / 'llama'), str(tmp_path / 'out'), use_ema=True)
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('size', [(37, 23), (20, 31), (64, 64)])
+def test_pictures_are_prepared_as_clip_image_processor_prepares_them(size):
+  rng = np.random.default_rng(0)
+  picture = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+  # the PIL processor: what CLIPImageProcessor was when the official code was written (newer
+  # transformers default to a torchvision one that rounds a few pixels differently)
+  processor = transformers.CLIPImageProcessorPil(size={'shortest_edge': 20},
+                                                 crop_size={'height': 20, 'width': 20})
+  want = processor(picture, return_tensors='np')['pixel_values'][0].transpose(1, 2, 0)
+  got = vision_input.clip_pixels(picture, 20)
+  assert got.shape == want.shape == (20, 20, 3)
+  np.testing.assert_allclose(got, want, atol=1e-5)

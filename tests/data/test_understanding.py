@@ -1,0 +1,82 @@
+"""Samples that read images laid out as the official training lays out LLaVA data, and the
+digit questions of the embedded default."""
+
+import numpy as np
+import pytest
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.data import digits_vqa, understanding
+from monoformer_jax.data.tokenizer import SentencePiece
+from helpers import tiny_config
+
+
+@pytest.fixture(scope='module')
+def tok(tokenizer_file):
+  return SentencePiece(tokenizer_file)
+
+
+def test_placeholders_become_time_and_feature_slots(tok):
+  turns = [{'from': 'human', 'value': '<image>\nWhat is<image> this?'},
+           {'from': 'gpt', 'value': 'a digit'}]
+  m, length = 3, 40
+  layout = understanding.lay_out(understanding.conversation_ids(turns, tok), tok, m, length)
+  text = (tok.bos + tok.encode('\nWhat is') + tok.encode(' this?') + tok.encode('a digit')
+          + [tok.eos_id])
+  n = len(text) + 2 * (m + 1)
+  assert layout.images_placed == 2 and layout.valid.sum() == n
+  # BOS, then image 1's time token and features, then text, then image 2
+  first = 1 + len(tok.bos) - 1
+  np.testing.assert_array_equal(layout.slot[first:first + m + 1], 1)
+  np.testing.assert_array_equal(layout.offset[first:first + m + 1], np.arange(m + 1))
+  assert (layout.slot == 2).sum() == m + 1 and (layout.slot[n:] == 0).all()
+  # every text token is learned (the official train_on_source), no image slot is
+  assert not layout.loss_mask[layout.slot > 0].any()
+  np.testing.assert_array_equal(layout.tokens[layout.loss_mask], text)
+  assert (layout.tokens[n:] == tok.pad_id).all() and not layout.loss_mask[n:].any()
+
+
+def test_an_image_that_does_not_fit_ends_the_sequence(tok):
+  turns = [{'from': 'human', 'value': 'look <image>'}, {'from': 'gpt', 'value': 'ok'}]
+  ids = understanding.conversation_ids(turns, tok)
+  before = ids.index(-1)
+  layout = understanding.lay_out(ids, tok, tokens_per_image=8, length=before + 5)
+  assert layout.images_placed == 0 and layout.valid.sum() == before
+  assert (layout.slot == 0).all()
+
+
+def test_turns_are_cut_as_the_official_tokenizer_calls_cut_them(tok):
+  long = ' '.join(['word'] * 300)
+  turns = [{'from': 'human', 'value': long}, {'from': 'gpt', 'value': long}]
+  ids = understanding.conversation_ids(turns, tok)
+  human = (tok.bos + tok.encode(long))[:understanding.HUMAN_MAX]
+  assert ids[:len(human)] == human and len(human) == understanding.HUMAN_MAX
+  assert ids[len(human):] == (tok.encode(long) + [tok.eos_id])[:understanding.GPT_MAX]
+
+
+def test_placeholder_count_must_match_the_images():
+  turns = [{'from': 'human', 'value': '<image><image> same?'}, {'from': 'gpt', 'value': 'no'}]
+  understanding.check_placeholders(turns, 2, 2, 'x.json, record 3')
+  with pytest.raises(UserError, match=r'x.json, record 3 has 2 <image> placeholder\(s\) for 1'):
+    understanding.check_placeholders(turns, 1, 2, 'x.json, record 3')
+  with pytest.raises(UserError, match='data.images_per_sample allows 1'):
+    understanding.check_placeholders(turns, 2, 1, 'x.json, record 3')
+
+
+def test_digit_questions(tok):
+  data = tiny_config().data
+  data.understanding_seq_len = 64
+  ds = digits_vqa.examples(data, tok, seed=0, tokens_per_image=16)
+  rows = [ds[i] for i in range(64)]
+  reads = [int(r['slot'].max()) for r in rows]
+  assert set(reads) == {1, 2} and 20 < reads.count(2) < 44
+  for r in rows:  # unread image rows are zeros, read ones are digits in [-1, 1]
+    assert r['images'].shape == (2, 8, 8, 1)
+    assert (r['images'][int(r['slot'].max()):] == 0).all()
+    said = tok.decode(r['tokens'][r['loss_mask']])
+    assert said.split()[-1] in ('yes', 'no', *digits_vqa.digits.CLASS_NAMES), said
+  questions = digits_vqa.heldout_questions(data, pairs=40)
+  two = [q for q, _ in questions if understanding.count_placeholders(q) == 2]
+  assert len(two) == 40 and 10 < sum(q[-1]['value'] == 'yes' for q in two) < 30
+  again = digits_vqa.heldout_questions(data, pairs=40)  # the same questions every time
+  assert [q for q, _ in again] == [q for q, _ in questions]
+  assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(again, questions))
