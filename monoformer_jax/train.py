@@ -127,7 +127,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     if settings.understanding:
       datasets[StepKind.UNDERSTANDING] = pipeline.understanding_dataset(
           config.data, settings.understanding_source, tok, config.seed,
-          model.understanding.tokens_per_image)
+          model.understanding.tokens_per_image, vision.picture_format(settings.vision_encoder),
+          vision.input_shape(config, settings.vision_encoder))
       see = vision.feature_encoder(config, settings.vision_encoder, layout)
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,

@@ -67,7 +67,8 @@ def reading_digits(c):
 def step_config(config, im_end_id: int):
   """The StepConfig of the config, its objective parsed as training parses it."""
   checked = settings.validate(config)
-  return steps.StepConfig.from_config(config, im_end_id, checked.objective, checked.diffusion)
+  return steps.StepConfig.from_config(config, im_end_id, checked.objective, checked.diffusion,
+                                      checked.understanding)
 
 
 def image_batches(config, tok):

@@ -17,7 +17,7 @@ from helpers import ROOT, step_config, tiny_config
 from monoformer_jax.base import sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
-from monoformer_jax.nn import converted, model as model_lib
+from monoformer_jax.nn import clip, converted, model as model_lib
 from monoformer_jax.run import settings
 from monoformer_jax.tools import bench
 from monoformer_jax.training import steps
@@ -39,10 +39,14 @@ def _load(path):
 def _with_stand_in_paths(config, tmp_path):
   """The config with its input directories (converted LLM, VAE, latents) made to exist; the
   LLM's model.json describes the backbone the config asks for."""
-  for section, key in (('model', 'init_from'), ('model', 'vae'), ('data', 'latents_dir')):
+  for section, key in (('model', 'init_from'), ('model', 'vae'), ('data', 'latents_dir'),
+                       ('model', 'clip')):
     if config[section][key]:
       config[section][key] = str(tmp_path / key)
       os.makedirs(config[section][key], exist_ok=True)
+  if config.model.clip:  # ViT-L/14's shape, as `convert clip` describes it
+    (tmp_path / 'clip' / clip.CLIP_JSON).write_text(json.dumps(dataclasses.asdict(
+        clip.ClipConfig())))
   if config.model.init_from:
     backbone = dataclasses.replace(settings.build_model(config).backbone,
                                    vocab_size=config.data.tokenizer_vocab_size)
@@ -91,6 +95,7 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh)
   abstract, shardings = steps.abstract_state(model, tx, layout)
+  checked = settings.validate(config)
   fns = steps.jit_steps(model, tx, step_config(config, 1), layout, shardings)
   d, m = config.data, config.model
   batches = {
@@ -102,10 +107,16 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
           valid=((d.image_batch_size, d.prompt_len), bool),
           image=((d.image_batch_size, *m.image_size, m.image_channels), jnp.float32)),
   }
+  u, b, s = model.understanding, d.understanding_batch_size, d.understanding_seq_len
+  batches[steps.StepKind.UNDERSTANDING] = dict(
+      tokens=((b, s), jnp.int32), valid=((b, s), bool), loss_mask=((b, s), bool),
+      slot=((b, s), jnp.int32), offset=((b, s), jnp.int32),
+      features=((b, d.images_per_sample, u.tokens_per_image, u.features), jnp.float32))
   batches[steps.StepKind.JOINT] = dict(text=batches[steps.StepKind.AR],
                                        image=batches[steps.StepKind.DIFFUSION])
   weights = {steps.StepKind.AR: config.train.ar_weight,
-             steps.StepKind.DIFFUSION: config.train.diffusion_weight, steps.StepKind.JOINT: 1.0}
+             steps.StepKind.DIFFUSION: config.train.diffusion_weight, steps.StepKind.JOINT: 1.0,
+             steps.StepKind.UNDERSTANDING: config.train.understanding_weight}
   key = jax.eval_shape(lambda: jax.random.key(0))
   compiled = 0
   with sharding.activate(layout):
@@ -118,7 +129,8 @@ def test_real_config_steps_compile_at_full_size(path, platform, objective, tmp_p
       # The whole state is an argument: 1.1B parameters with AdamW moments and EMA in fp32.
       assert memory.argument_size_in_bytes > 16 * 1.0e9
       compiled += 1
-  assert compiled == (1 if objective == 'joint' else 2 - (0 in weights.values()))
+  assert compiled == len([k for k in fns if weights[k]]) >= 1
+  assert (steps.StepKind.UNDERSTANDING in fns) == (checked.understanding and objective != 'joint')
 
 
 def test_unknown_key_is_refused():

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.images_per_sample = 2  # the most images a sample reads (a static shape)
   c.data.understanding_seq_len = 128  # tokens of an understanding sample, image slots included
   c.data.understanding_batch_size = 32
+  c.data.learn_questions = True  # cross-entropy on the human turns too (official train_on_source)
   c.data.templates = ('a handwritten digit {name}', '{name}', 'an image of the digit {name}.',
                       'Please draw the number {name}.')
 

@@ -59,7 +59,7 @@ class DigitQuestion(grain.transforms.RandomMap):
     images = understanding.padded([self.images[i] for i in chosen], self.data.images_per_sample,
                                   self.images.shape[1:])
     return understanding.sample(turns, images, self.tok, self.tokens_per_image,
-                                self.data.understanding_seq_len)
+                                self.data.understanding_seq_len, self.data.learn_questions)
 
 
 def examples(data: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, seed: int,

@@ -11,7 +11,7 @@ import grain
 import ml_collections
 
 from monoformer_jax.data import (chat, common, corpus, digits, digits_vqa, imagenet, latents,
-                                 t2i, tokenizer as tokenizer_lib)
+                                 llava, t2i, tokenizer as tokenizer_lib, vision_input)
 from monoformer_jax.data.understanding import UnderstandingSource
 
 
@@ -67,11 +67,16 @@ def text_dataset(data: ml_collections.ConfigDict, source: TextSource, tok: token
 
 
 def understanding_dataset(data: ml_collections.ConfigDict, source: UnderstandingSource,
-                          tok: tokenizer_lib.Tokenizer, seed: int,
-                          tokens_per_image: int) -> grain.MapDataset:
+                          tok: tokenizer_lib.Tokenizer, seed: int, tokens_per_image: int,
+                          picture: vision_input.PictureFormat,
+                          shape: tuple[int, ...]) -> grain.MapDataset:
   """This host's batches of samples that read images ({'tokens', 'valid', 'loss_mask', 'slot',
-  'offset', 'images' [I, ...]}), each image taking 1 + tokens_per_image slots."""
-  examples = digits_vqa.examples(data, tok, seed, tokens_per_image)
+  'offset', 'images' [I, ...]}), each image taking 1 + tokens_per_image slots and given as the
+  encoder takes it (picture format, shape)."""
+  if source == UnderstandingSource.LLAVA_JSON:
+    examples = llava.examples(data, tok, seed, tokens_per_image, picture, shape)
+  else:
+    examples = digits_vqa.examples(data, tok, seed, tokens_per_image)
   return common.host_batches(examples, data.understanding_batch_size)
 
 

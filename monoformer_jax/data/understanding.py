@@ -62,26 +62,31 @@ def _turn_ids(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
   return ids
 
 
-def conversation_ids(turns: list[dict], tok: tokenizer_lib.Tokenizer) -> list[int]:
-  """The whole conversation's ids, turns cut as the official tokenization cuts them."""
-  ids = []
+def conversation_ids(turns: list[dict], tok: tokenizer_lib.Tokenizer,
+                     learn_questions: bool = True) -> tuple[list[int], list[bool]]:
+  """The whole conversation's ids, turns cut as the official tokenization cuts them, and
+  whether each is learned (the human turns' only with learn_questions)."""
+  ids, learned = [], []
   for turn in turns:
     if turn['from'] == 'human':
-      ids += (tok.bos + _turn_ids(turn['value'], tok))[:HUMAN_MAX]
+      piece = (tok.bos + _turn_ids(turn['value'], tok))[:HUMAN_MAX]
     else:
-      ids += (_turn_ids(turn['value'], tok) + [tok.eos_id])[:GPT_MAX]
-  return ids
+      piece = (_turn_ids(turn['value'], tok) + [tok.eos_id])[:GPT_MAX]
+    ids += piece
+    learned += [learn_questions or turn['from'] == 'gpt'] * len(piece)
+  return ids, learned
 
 
-def lay_out(ids: list[int], tok: tokenizer_lib.Tokenizer, tokens_per_image: int,
-            length: int) -> Layout:
-  """ids (with _IMAGE placeholders) expanded and right-padded to `length`."""
+def lay_out(ids: tuple[list[int], list[bool]], tok: tokenizer_lib.Tokenizer,
+            tokens_per_image: int, length: int) -> Layout:
+  """ids (with _IMAGE placeholders) and their learned flags, expanded and right-padded to
+  `length`."""
   tokens = np.full(length, tok.pad_id, np.int32)
   learn = np.zeros(length, bool)
   slot = np.zeros(length, np.int32)
   offset = np.zeros(length, np.int32)
   at, image = 0, 0
-  for token in ids:
+  for token, learned in zip(*ids):
     size = tokens_per_image + 1 if token == _IMAGE else 1
     if at + size > length:
       break
@@ -91,17 +96,17 @@ def lay_out(ids: list[int], tok: tokenizer_lib.Tokenizer, tokens_per_image: int,
       slot[at:at + size] = image
       offset[at:at + size] = np.arange(size)
     else:
-      tokens[at], learn[at] = token, True
+      tokens[at], learn[at] = token, learned
     at += size
   valid = np.arange(length) < at
   return Layout(tokens, valid, learn, slot, offset, image)
 
 
 def sample(turns: list[dict], images: np.ndarray, tok: tokenizer_lib.Tokenizer,
-           tokens_per_image: int, length: int) -> dict:
+           tokens_per_image: int, length: int, learn_questions: bool = True) -> dict:
   """{'tokens', 'valid', 'loss_mask', 'slot', 'offset', 'images'} of one conversation, whose
   placeholders read images [I, ...] in order (rows past its pictures: zeros)."""
-  layout = lay_out(conversation_ids(turns, tok), tok, tokens_per_image, length)
+  layout = lay_out(conversation_ids(turns, tok, learn_questions), tok, tokens_per_image, length)
   return dict(layout.as_dict(), images=images)
 
 
@@ -113,21 +118,30 @@ def padded(pictures: list[np.ndarray], most: int, shape: tuple[int, ...]) -> np.
   return out
 
 
-def check_placeholders(turns: list[dict], num_images: int, most: int, where: str) -> None:
-  """The conversation has one placeholder per image and at most `most` images."""
+def placeholder_problem(turns: list[dict], num_images: int, most: int) -> str:
+  """'' when the conversation has one placeholder per image and at most `most` images, else
+  what is wrong."""
   found = count_placeholders(turns)
   if found != num_images:
-    raise UserError(f'{where} has {found} {PLACEHOLDER} placeholder(s) for {num_images} '
-                    'image(s); expected one per image.')
+    return (f'has {found} {PLACEHOLDER} placeholder(s) for {num_images} image(s); expected one '
+            'per image')
   if num_images > most:
-    raise UserError(f'{where} has {num_images} images; config key data.images_per_sample '
-                    f'allows {most}.')
+    return f'has {num_images} images; config key data.images_per_sample allows {most}'
+  return ''
 
 
-def check_turns(turns, where: str) -> None:
-  """LLaVA's conversation shape: a list of {'from': 'human' | 'gpt', 'value': str}."""
+def check_placeholders(turns: list[dict], num_images: int, most: int, where: str) -> None:
+  problem = placeholder_problem(turns, num_images, most)
+  if problem:
+    raise UserError(f'{where} {problem}.')
+
+
+def turns_problem(turns) -> str:
+  """'' for LLaVA's conversation shape (a list of {'from': 'human' | 'gpt', 'value': str}),
+  else what is wrong."""
   if not isinstance(turns, list) or not turns or not all(
       isinstance(t, dict) and t.get('from') in ('human', 'gpt') and isinstance(t.get('value'), str)
       for t in turns):
-    raise UserError(f'{where}: "conversations" must be a non-empty list of {{"from": "human" or '
-                    '"gpt", "value": text}.')
+    return ('"conversations" must be a non-empty list of {"from": "human" or "gpt", "value": '
+            'text}')
+  return ''

@@ -45,7 +45,7 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
   tok, config = setup.tok, setup.config
   see = vision.feature_encoder(config, setup.settings.vision_encoder, setup.layout)
   u = setup.model.understanding
-  length = max(len(understanding.conversation_ids(c[:-1], tok))
+  length = max(len(understanding.conversation_ids(c[:-1], tok)[0])
                + u.tokens_per_image * understanding.count_placeholders(c) for c in conversations)
   out = []
   for start in range(0, len(conversations), _ROWS):

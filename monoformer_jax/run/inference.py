@@ -151,7 +151,7 @@ def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, see
                                                 vision.picture_format(encoder), shape)
                      for p in pictures])[None]
   u = setup.model.understanding
-  _check_context(setup, len(conversation_ids(turns[:1], setup.tok)) + decoding.max_tokens
+  _check_context(setup, len(conversation_ids(turns[:1], setup.tok)[0]) + decoding.max_tokens
                  + len(pictures) * u.tokens_per_image, decoding.max_tokens)
   ids = understanding_eval.answers(setup, restored.params, [turns], images, decoding.max_tokens,
                                    decoding.temperature, decoding.top_k, decoding.top_p,

@@ -1,13 +1,19 @@
-"""Samples that read images laid out as the official training lays out LLaVA data, and the
-digit questions of the embedded default."""
+"""Samples that read images laid out as the official training lays out LLaVA data: the layout,
+LLaVA JSON records and their pictures, and the digit questions of the embedded default."""
+
+import json
+import re
 
 import numpy as np
 import pytest
+from helpers import tiny_config
+from PIL import Image
 
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.data import digits_vqa, understanding
+from monoformer_jax.data import digits_vqa, llava, pipeline, understanding, vision_input
 from monoformer_jax.data.tokenizer import SentencePiece
-from helpers import tiny_config
+from monoformer_jax.data.understanding import UnderstandingSource
+from monoformer_jax.data.vision_input import PictureFormat
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +44,7 @@ def test_placeholders_become_time_and_feature_slots(tok):
 def test_an_image_that_does_not_fit_ends_the_sequence(tok):
   turns = [{'from': 'human', 'value': 'look <image>'}, {'from': 'gpt', 'value': 'ok'}]
   ids = understanding.conversation_ids(turns, tok)
-  before = ids.index(-1)
+  before = ids[0].index(-1)
   layout = understanding.lay_out(ids, tok, tokens_per_image=8, length=before + 5)
   assert layout.images_placed == 0 and layout.valid.sum() == before
   assert (layout.slot == 0).all()
@@ -47,10 +53,13 @@ def test_an_image_that_does_not_fit_ends_the_sequence(tok):
 def test_turns_are_cut_as_the_official_tokenizer_calls_cut_them(tok):
   long = ' '.join(['word'] * 300)
   turns = [{'from': 'human', 'value': long}, {'from': 'gpt', 'value': long}]
-  ids = understanding.conversation_ids(turns, tok)
+  ids, learned = understanding.conversation_ids(turns, tok)
   human = (tok.bos + tok.encode(long))[:understanding.HUMAN_MAX]
   assert ids[:len(human)] == human and len(human) == understanding.HUMAN_MAX
   assert ids[len(human):] == (tok.encode(long) + [tok.eos_id])[:understanding.GPT_MAX]
+  assert all(learned)  # the official train_on_source
+  _, answers_only = understanding.conversation_ids(turns, tok, learn_questions=False)
+  assert answers_only == [False] * len(human) + [True] * (len(ids) - len(human))
 
 
 def test_placeholder_count_must_match_the_images():
@@ -76,7 +85,74 @@ def test_digit_questions(tok):
     assert said.split()[-1] in ('yes', 'no', *digits_vqa.digits.CLASS_NAMES), said
   questions = digits_vqa.heldout_questions(data, pairs=40)
   two = [q for q, _ in questions if understanding.count_placeholders(q) == 2]
-  assert len(two) == 40 and 10 < sum(q[-1]['value'] == 'yes' for q in two) < 30
+  assert len(two) == 40 and 10 < sum(q[-1]['value'].endswith(': yes') for q in two) < 30
   again = digits_vqa.heldout_questions(data, pairs=40)  # the same questions every time
   assert [q for q, _ in again] == [q for q, _ in questions]
   assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(again, questions))
+
+
+def _llava_files(tmp_path, records):
+  (tmp_path / 'pics').mkdir(exist_ok=True)
+  rng = np.random.default_rng(0)
+  for name in ('a.png', 'b.jpg'):
+    Image.fromarray(rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)).save(tmp_path / 'pics' / name)
+  (tmp_path / 'notes.png').write_text('not a picture')
+  path = tmp_path / 'llava.json'
+  path.write_text(json.dumps(records))
+  data = tiny_config().data
+  data.understanding_source, data.llava_files = 'llava_json', str(path)
+  data.understanding_seq_len = 64
+  return data
+
+
+def _conversation(question, answer='fine'):
+  return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
+
+
+def test_llava_records_read_their_pictures(tok, tmp_path):
+  data = _llava_files(tmp_path, [
+      {'id': 1, 'image': 'pics/a.png', 'conversations': _conversation('<image>\nWhat is it?')},
+      {'id': 2, 'image': ['pics/b.jpg', 'pics/a.png'],
+       'conversations': _conversation('<image> or <image>?', 'the first')},
+      {'id': 3, 'conversations': _conversation('Hello?')}])
+  ds = pipeline.understanding_dataset(data, UnderstandingSource.LLAVA_JSON, tok, 0, 16,
+                                      PictureFormat.DIFFUSION, (8, 8, 1))
+  rows = [ds[0][k] for k in ('images', 'slot', 'tokens', 'loss_mask')]
+  seen = {int(slot.max()) for slot in ds[0]['slot']}
+  assert seen == {0, 1, 2}  # the three records, shuffled into one batch of 4
+  picture = vision_input.encoder_input(Image.open(tmp_path / 'pics' / 'a.png').convert('RGB'),
+                                       PictureFormat.DIFFUSION, (8, 8, 1))
+  assert picture.shape == (8, 8, 1) and -1 <= picture.min() and picture.max() <= 1
+  one = [i for i, slot in enumerate(rows[1]) if slot.max() == 1][0]
+  np.testing.assert_allclose(rows[0][one, 0], picture)
+  assert (rows[0][one, 1] == 0).all()
+
+
+@pytest.mark.parametrize('record,named', [
+    ({'image': 'pics/a.png', 'conversations': _conversation('<image><image> twice?')},
+     'has 2 <image> placeholder(s) for 1 image(s)'),
+    ({'image': ['pics/a.png'] * 3, 'conversations': _conversation('<image>' * 3)},
+     'has 3 images; config key data.images_per_sample allows 2'),
+    ({'image': 'pics/a.png', 'conversations': [{'from': 'bot', 'value': 'x'}]},
+     '"conversations" must be a non-empty list'),
+])
+def test_bad_llava_records_are_named_or_skipped(tok, tmp_path, record, named):
+  good = {'image': 'pics/a.png', 'conversations': _conversation('<image> ok?')}
+  data = _llava_files(tmp_path, [good, record])
+  with pytest.raises(UserError, match=re.escape(f'llava.json, record 1: {named}')):
+    llava.records(data)
+  data.skip_bad_records = True
+  assert len(llava.records(data)) == 1
+
+
+def test_an_unreadable_picture_is_named_or_skipped(tok, tmp_path):
+  data = _llava_files(tmp_path, [
+      {'image': 'notes.png', 'conversations': _conversation('<image> ok?')},
+      {'image': 'pics/a.png', 'conversations': _conversation('<image> ok?')}])
+  listed = llava.records(data)
+  reader = llava.Conversation(listed, tok, data, 16, PictureFormat.DIFFUSION, (8, 8, 1))
+  with pytest.raises(UserError, match='llava.json, record 0: .*notes.png is not an image file'):
+    reader.map(0)
+  data.skip_bad_records = True
+  sample = llava.Conversation(listed, tok, data, 16, PictureFormat.DIFFUSION, (8, 8, 1)).map(0)
+  assert sample['slot'].max() == 1 and sample['images'][0].any()
