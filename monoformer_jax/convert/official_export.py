@@ -19,10 +19,13 @@ import numpy as np
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.diffusion import Process
-from monoformer_jax.convert import hf_config, llama, official, safetensors_io
+from monoformer_jax.convert import (clip as clip_convert, hf_config, llama, official,
+                                    safetensors_io, vae as vae_convert)
 from monoformer_jax.convert.safetensors_io import LazyTensor
 from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
+from monoformer_jax.nn import clip, vae
 from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint
 
@@ -61,12 +64,37 @@ def _tensors(setup, shapes, param: Callable, dtype: np.dtype, new_rows: dict[int
   """(official name, LazyTensor) for every tensor: the backbone, then MonoFormer's modules."""
   model = setup.model
   out = llama.backbone_tensors(model.backbone, model.tie_embeddings, param, dtype, new_rows)
-  for name, path in official.MODULES.items():
+  modules = dict(official.MODULES)
+  if model.understanding.features:
+    modules.update(official.UNDERSTANDING_MODULES)
+  for name, path in modules.items():
     shape = shapes[path + ('kernel',)]
     out.append((f'{name}.weight', LazyTensor(
         shape[::-1], dtype, lambda p=path: np.ascontiguousarray(param(*p, 'kernel').T))))
     out.append((f'{name}.bias', LazyTensor((shape[1],), dtype, lambda p=path: param(*p, 'bias'))))
-  return out
+  return out + _vision_tower(setup, dtype)
+
+
+# Where the official model keeps its vision encoder's own weights (they load with it).
+TOWER = 'vision_encoder.vision_tower.'
+
+
+def _vision_tower(setup, dtype: np.dtype) -> list:
+  """The frozen encoder's tensors under the official names: CLIP's (model.clip) or the
+  SD-VAE's (model.vae)."""
+  encoder, m = setup.settings.vision_encoder, setup.config.model
+  if encoder == VisionEncoder.CLIP:
+    pairs = clip_convert.tensors_from_params(clip.load(m.clip)[1], TOWER + clip_convert.HF_PREFIX)
+  elif encoder == VisionEncoder.VAE:
+    if not m.vae:
+      raise UserError('the official VAE encoder reads pictures through the SD-VAE; this '
+                      'workdir reads the pixels of a pixel-space model, which export-official '
+                      'cannot carry.')
+    pairs = vae_convert.tensors_from_params(vae.load_vae(m.vae)[1], TOWER)
+  else:
+    return []
+  return [(name, LazyTensor(value.shape, dtype, lambda v=value: v.astype(dtype)))
+          for name, value in pairs]
 
 
 def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
@@ -98,6 +126,13 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   if source is None:
     out.update(tokenizer_max_length=config.data.prompt_len, tokenizer_padding_side='right',
                use_flash_attn=False)
+  encoder = setup.settings.vision_encoder
+  if encoder != VisionEncoder.NONE and not (source or {}).get('vision_encoder'):
+    out.update(vision_encoder=encoder.value,
+               vision_encoder_path=config.model.clip if encoder == VisionEncoder.CLIP
+               else config.model.vae,
+               vision_encoder_args={} if encoder == VisionEncoder.CLIP else dict(
+                   patch_size=model.image.patch_size, resolution=config.data.image_resolution))
   return out
 
 

@@ -61,6 +61,19 @@ def params_from_diffusers(tensors) -> dict:
   return params
 
 
+def tensors_from_params(params: dict, prefix: str = '') -> list[tuple[str, np.ndarray]]:
+  """The inverse of params_from_diffusers: (diffusers name, float32 array) pairs."""
+  out = []
+  for keys, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    *modules, leaf = [k.key for k in keys]
+    name = re.sub(r'(\.\d+)_', r'\1.', re.sub(r'_(\d+)', r'.\1', '.'.join(modules)))
+    value = np.asarray(value, np.float32)
+    if leaf == 'kernel':
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T  # HWIO -> OIHW
+    out.append((f'{prefix}{name}.{"bias" if leaf == "bias" else "weight"}', value))
+  return out
+
+
 def check_against(params: dict, abstract: dict, source: str, model_name: str = 'the VAE') -> None:
   """Every parameter of the Flax model present with its shape, and nothing else."""
   want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}

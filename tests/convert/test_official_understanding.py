@@ -13,7 +13,7 @@ from official_reference import (IM_END, IM_START, IMAGE, LATENT, PAD, C, D, Offi
 from torch import nn
 
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import commands, safetensors_io
+from monoformer_jax.convert import commands, official_export, safetensors_io
 from monoformer_jax.data import understanding
 from monoformer_jax.nn import clip, model as model_lib
 from monoformer_jax.nn.layers import MaskType
@@ -157,6 +157,25 @@ def test_understanding_checkpoint_matches_the_official_forward(encoder, tmp_path
   p = len(prefix_ids) + m
   np.testing.assert_allclose(np.asarray(prefix_logits)[0, 2:], want_logits[1, :p].numpy(),
                              rtol=1e-5, atol=1e-5 * float(want_logits.abs().max()))
+
+  # back to the official layout: every source tensor as it was, the encoder's own beside them
+  back = tmp_path / 'exported'
+  commands.run('export-official', dst, str(back), use_ema=True)
+  exported = safetensors_io.SafetensorsDir(str(back))
+  source = safetensors_io.SafetensorsDir(src)
+  for name in source.keys():
+    np.testing.assert_array_equal(exported[name], source[name], err_msg=name)
+  config = json.loads((back / 'config.json').read_text())
+  assert config['vision_encoder'] == encoder
+  tower = {k[len(official_export.TOWER):] for k in exported.keys()
+           if k.startswith(official_export.TOWER)}
+  if encoder == 'clip':
+    want_tower = {f'vision_model.{k}' for k in safetensors_io.SafetensorsDir(
+        str(tmp_path / 'clip_hf')).keys()}
+  else:
+    want_tower = set(safetensors_io.SafetensorsDir(str(tmp_path / 'vae_src'),
+                                                   'diffusion_pytorch_model.safetensors').keys())
+  assert tower == want_tower
 
 
 def test_an_understanding_checkpoint_needs_its_encoder(tmp_path, tokenizer_file):

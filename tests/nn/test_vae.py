@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import commands
+from monoformer_jax.convert import commands, vae as vae_convert
 from monoformer_jax.nn.vae import LATENT_SCALE, load_vae
 
 
@@ -94,3 +94,12 @@ def test_sd_vae_ft_mse_architecture(tmp_path):
   assert got.shape == (1, 4, 4, 4)
   np.testing.assert_allclose(model.apply({'params': params}, got, method=model.decode), nhwc(decoded),
                              atol=1e-4)
+
+
+def test_tensor_names_round_trip(vaes):
+  reference, _, params, _ = vaes
+  tensors = dict(vae_convert.tensors_from_params(params))
+  state = reference.state_dict()
+  assert set(tensors) == set(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(tensors[name], value.numpy())
