@@ -17,7 +17,6 @@ def get_config():
   config.data.images_per_sample = 2
   config.data.understanding_seq_len = 64
   config.data.understanding_batch_size = 64
-  config.data.learn_questions = False  # the answers only: the questions are a few templates
   # The default's 400 text and 1,600 diffusion steps stay; 800 understanding steps join them.
   config.train.understanding_weight = 2.0
   config.train.num_steps = 2800
