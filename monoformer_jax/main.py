@@ -154,7 +154,7 @@ def _run(command: str, argv: list[str]) -> str:
   elif command == 'generate' and flags.FLAGS['out'].present:
     texts = inference.generate_mixed(workdir, _PROMPT.value, _OUT.value, _NUM.value,
                                      _MAX_IMAGES.value, _decoding(), _choice(), _SEED.value,
-                                     _EMA.value)
+                                     _EMA.value, _IMAGE.value)
     return '\n'.join(f'{r}: {_PROMPT.value} {text}' for r, text in enumerate(texts))
   elif command == 'generate':
     return inference.generate(workdir, _PROMPT.value, _decoding(), _SEED.value, _EMA.value,

@@ -24,8 +24,8 @@ from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
-from monoformer_jax.nn import converted, vae
-from monoformer_jax.run import backbone, vision, workdir as workdir_lib, workdir_lock
+from monoformer_jax.nn import converted, vae, vision
+from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
 from monoformer_jax.training import checkpoint, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
@@ -121,14 +121,17 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     datasets = {
         StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed,
                                            settings.chat_format),
-        StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
-                                                   config.seed, image_shape)}
+        StepKind.DIFFUSION: pipeline.image_dataset(
+            config.data, settings.image_source, tok, config.seed, image_shape,
+            (model.understanding.tokens_per_image, vision.picture_format(settings.vision_encoder),
+             vision.input_shape(config, settings.vision_encoder)))}
     see = None
     if settings.understanding:
       datasets[StepKind.UNDERSTANDING] = pipeline.understanding_dataset(
           config.data, settings.understanding_source, tok, config.seed,
           model.understanding.tokens_per_image, vision.picture_format(settings.vision_encoder),
           vision.input_shape(config, settings.vision_encoder))
+    if settings.understanding or settings.image_source == pipeline.ImageSource.LLAVA_JSON:
       see = vision.feature_encoder(config, settings.vision_encoder, layout)
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
@@ -216,9 +219,10 @@ def _train(run: _Run, workdir: str) -> dict:
         images = batch['image'] if kind == StepKind.JOINT else batch
         if run.encode is not None and kind in (StepKind.DIFFUSION, StepKind.JOINT):
           images['image'] = run.encode(images['image'], jax.random.fold_in(step_key, 1))
-        read = batch.get('understand') if kind == StepKind.JOINT else batch
-        if run.see is not None and read is not None and 'images' in read:
-          read['features'] = run.see(read.pop('images'), jax.random.fold_in(step_key, 3))
+        parts = [batch.get('understand'), batch['image']] if kind == StepKind.JOINT else [batch]
+        for part in parts:  # pictures read (understanding, interleaved prompts) -> features
+          if run.see is not None and part is not None and 'images' in part:
+            part['features'] = run.see(part.pop('images'), jax.random.fold_in(step_key, 3))
         with log.compiling(kind.value):  # a step kind's first call compiles it, synchronously
           state, metrics = run.step_fns[kind](state, batch, step_key)
         done = step + 1

@@ -62,6 +62,7 @@ LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'base/test
                  'test_main.py', 'base/test_sharding.py', 'test_configs.py',
                  'training/test_objective.py', 'training/test_checkpoint.py',
                  'training/test_cross_entropy.py', 'run/test_workdir.py', 'test_train.py',
+                 'convert/test_official.py',
                  'evaluation/test_multiple_choice.py', 'generation/test_sampling.py',
                  'nn/test_layers.py', 'run/test_backbone.py', 'tools/test_sweep.py',
                  'tools/test_study.py', 'tools/test_extract_latents.py', 'nn/test_splash.py')

@@ -3,8 +3,12 @@ steps: each file a JSON list of {"image": path (or a list of paths), "conversati
 "human" | "gpt", "value": text with <image> placeholders}, ...]}; a record without "image" is a
 text conversation. Paths are relative to data.llava_image_dir, or to the JSON file's directory.
 
-The i-th placeholder reads the i-th picture (the official code reads every LLaVA picture, and
-only one, as an image to understand). A record whose placeholders are not one per picture, or
+The i-th placeholder stands for the i-th picture. In a human turn it is read (the official code
+reads every LLaVA picture, and only one, as an image to understand); a placeholder in a gpt turn
+(this project's extension; at most one per record, as the official model draws at most one per
+sample) is drawn: such records are interleaved samples for `diffusion` steps
+(data.image_source 'llava_json'), which read the pictures before it in their prompt and learn to
+draw it; the others are `understanding` samples. A record whose placeholders are not one per picture, or
 with more pictures than data.images_per_sample, or not of this shape, is an error naming its file
 and record, as is an unreadable picture (the official reader puts a black square in its place);
 with data.skip_bad_records such records are skipped and counted.
@@ -22,7 +26,7 @@ from absl import logging
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.data import jsonl, understanding, vision_input
+from monoformer_jax.data import common, jsonl, understanding, vision_input
 
 
 def _pictures(record: dict) -> list[str]:
@@ -40,8 +44,25 @@ def _problem(record: Any, most: int) -> str:
   if not isinstance(pictures, list) or not all(isinstance(p, str) for p in pictures):
     return '"image" is neither a path nor a list of paths'
   turns = record.get('conversations')
-  return (understanding.turns_problem(turns)
-          or understanding.placeholder_problem(turns, len(pictures), most))
+  problem = understanding.turns_problem(turns)
+  if problem:
+    return problem
+  drawn = _drawn(turns)
+  if len(drawn) > 1:
+    return f'draws {len(drawn)} images (placeholders in gpt turns); at most one can be drawn'
+  # the drawn picture is not read: data.images_per_sample bounds the others
+  return understanding.placeholder_problem(turns, len(pictures), most + len(drawn))
+
+
+def _drawn(turns: list[dict]) -> list[int]:
+  """The indexes (among all placeholders) of those in gpt turns: the pictures to draw."""
+  out, seen = [], 0
+  for turn in turns:
+    count = turn['value'].count(understanding.PLACEHOLDER)
+    if turn['from'] == 'gpt':
+      out += range(seen, seen + count)
+    seen += count
+  return out
 
 
 def records(data: ml_collections.ConfigDict) -> list[dict]:
@@ -67,7 +88,9 @@ def records(data: ml_collections.ConfigDict) -> list[dict]:
           raise UserError(f'{where}: {problem} (set data.skip_bad_records to skip such records).')
         skipped += 1
         continue
+      drawn = _drawn(record['conversations'])
       out.append(dict(conversations=record['conversations'], where=where,
+                      draws=drawn[0] if drawn else None,
                       pictures=[p if files.is_remote(p) else os.path.join(root, p)
                                 for p in _pictures(record)]))
   if skipped:
@@ -110,9 +133,87 @@ class Conversation(grain.transforms.Map):
     raise UserError('no picture of the LLaVA records can be read.')
 
 
+def _of_kind(data: ml_collections.ConfigDict, drawing: bool) -> list[dict]:
+  listed = [r for r in records(data) if (r['draws'] is not None) == drawing]
+  if not listed:
+    raise UserError(f'{data.llava_files} (data.llava_files) holds no LLaVA record that '
+                    f'{"draws a picture (a placeholder in a gpt turn)" if drawing else "only reads"}.')
+  return listed
+
+
 def examples(data: ml_collections.ConfigDict, tok, seed: int, tokens_per_image: int,
              picture: vision_input.PictureFormat, shape: tuple[int, ...]) -> grain.MapDataset:
-  """Infinite shuffled conversations (not yet batched)."""
-  listed = records(data)
+  """Infinite shuffled conversations that only read (not yet batched)."""
+  listed = _of_kind(data, drawing=False)
   transform = Conversation(listed, tok, data, tokens_per_image, picture, shape)
   return grain.MapDataset.range(len(listed)).shuffle(seed=seed + 2).repeat().map(transform)
+
+
+class Drawing(grain.transforms.RandomMap):
+  """Record index -> an interleaved image sample: the prompt (the conversation up to the drawn
+  placeholder, then <im_start>, left-padded to data.prompt_len) with the pictures it reads in
+  its slots, and the drawn picture as the target ('image', center-cropped to
+  data.image_resolution as the text-to-image pictures). At data.cfg_dropout the prompt is the
+  unconditional `BOS <im_start>` and reads nothing."""
+
+  def __init__(self, listed: list[dict], reader: Conversation):
+    self.records, self.reader = listed, reader
+
+  def _prompt(self, record: dict) -> understanding.Layout:
+    tok, data = self.reader.tok, self.reader.data
+    turns, draws = record['conversations'], record['draws']
+    seen, ids, learned = 0, [], []
+    for k, turn in enumerate(turns):
+      count = turn['value'].count(understanding.PLACEHOLDER)
+      if seen + count > draws:  # the drawing turn: its text up to the placeholder
+        before = understanding.PLACEHOLDER.join(
+            turn['value'].split(understanding.PLACEHOLDER)[:draws - seen + 1])
+        ids, learned = understanding.conversation_ids(turns[:k], tok)
+        ids += understanding.turn_ids(before, tok) + [tok.im_start_id]
+        break
+      seen += count
+    layout = understanding.lay_out((ids, [True] * len(ids)), tok, self.reader.tokens_per_image,
+                                   data.prompt_len)
+    if layout.valid.sum() < len(ids) + layout.images_placed * self.reader.tokens_per_image:
+      raise UserError(f'{record["where"]}: its prompt does not fit in data.prompt_len '
+                      f'({data.prompt_len} tokens, each read picture taking '
+                      f'{self.reader.tokens_per_image + 1}).')
+    return layout
+
+  def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+    reader, data = self.reader, self.reader.data
+    for offset in range(len(self.records)):
+      record = self.records[(int(index) + offset) % len(self.records)]
+      pictures = reader._read(dict(record, pictures=record['pictures'][:record['draws']]))
+      if pictures is None:
+        continue
+      try:
+        target = vision_input.read_picture(record['pictures'][record['draws']])
+        layout = self._prompt(record)
+      except UserError:
+        if not data.skip_bad_records:
+          raise
+        reader.skipped += 1
+        continue
+      image = common.to_unit_range(common.center_crop(np.asarray(target),
+                                                      data.image_resolution))
+      if rng.random() < data.cfg_dropout:
+        tokens, valid = reader.tok.image_prompt('', data.prompt_len)
+        zeros = np.zeros(data.prompt_len, np.int32)
+        prompt, pictures = dict(tokens=tokens, valid=valid, slot=zeros, offset=zeros), []
+      else:
+        prompt = layout.left_aligned()
+        del prompt['loss_mask']
+      images = understanding.padded(pictures, data.images_per_sample, reader.shape)
+      return dict(prompt, images=images, image=image)
+    raise UserError('no LLaVA record that draws a picture can be read.')
+
+
+def drawing_examples(data: ml_collections.ConfigDict, tok, seed: int, tokens_per_image: int,
+                     picture: vision_input.PictureFormat,
+                     shape: tuple[int, ...]) -> grain.MapDataset:
+  """Infinite shuffled interleaved samples (not yet batched)."""
+  listed = _of_kind(data, drawing=True)
+  transform = Drawing(listed, Conversation(listed, tok, data, tokens_per_image, picture, shape))
+  return grain.MapDataset.range(len(listed)).shuffle(seed=seed).repeat().random_map(
+      transform, seed=seed)

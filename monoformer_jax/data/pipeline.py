@@ -21,11 +21,13 @@ class ImageSource(enum.Enum):
   IMAGENET = 'imagenet'  # TFDS imagenet2012, ADM center crop to data.image_resolution
   LATENTS = 'latents'  # SD-VAE latents from `extract_latents` (data.latents_dir)
   T2I_JSONL = 't2i_jsonl'  # {"image", "prompt"} lines of data.t2i_files
+  # LLaVA records of data.llava_files that draw a picture (interleaved: they read some first)
+  LLAVA_JSON = 'llava_json'
 
   @property
   def pixels(self) -> bool:
     """Whether the source gives RGB pixels at data.image_resolution (for a VAE to encode)."""
-    return self in (ImageSource.IMAGENET, ImageSource.T2I_JSONL)
+    return self in (ImageSource.IMAGENET, ImageSource.T2I_JSONL, ImageSource.LLAVA_JSON)
 
 
 class TextSource(enum.Enum):
@@ -41,11 +43,14 @@ class LatentsSource(enum.Enum):
 
 
 def image_dataset(data: ml_collections.ConfigDict, source: ImageSource,
-                  tok: tokenizer_lib.Tokenizer, seed: int,
-                  image_shape: tuple[int, ...]) -> grain.MapDataset:
+                  tok: tokenizer_lib.Tokenizer, seed: int, image_shape: tuple[int, ...],
+                  reading: tuple = ()) -> grain.MapDataset:
   """This host's batches of prompted training images; image_shape [H, W, C] is the
-  model's (what latents must have)."""
-  if source == ImageSource.IMAGENET:
+  model's (what latents must have). reading (tokens per image, picture format, shape): how
+  the prompts of interleaved sources read pictures."""
+  if source == ImageSource.LLAVA_JSON:
+    examples = llava.drawing_examples(data, tok, seed, *reading)
+  elif source == ImageSource.IMAGENET:
     examples = imagenet.examples(data, tok, seed)
   elif source == ImageSource.LATENTS:
     examples = latents.examples(data, tok, seed, image_shape)

@@ -45,12 +45,17 @@ class Layout:
     return dict(tokens=self.tokens, valid=self.valid, loss_mask=self.loss_mask, slot=self.slot,
                 offset=self.offset)
 
+  def left_aligned(self) -> dict:
+    """The arrays moved to the end of their length (a left-padded prompt)."""
+    shift = len(self.tokens) - int(self.valid.sum())
+    return {k: np.roll(v, shift) for k, v in self.as_dict().items()}
+
 
 def count_placeholders(turns: list[dict]) -> int:
   return sum(t['value'].count(PLACEHOLDER) for t in turns)
 
 
-def _turn_ids(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
+def turn_ids(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
   """The ids of text with _IMAGE for each placeholder (the pieces between encoded apart, as a
   HF tokenizer splits text at an added token)."""
   ids = []
@@ -69,9 +74,9 @@ def conversation_ids(turns: list[dict], tok: tokenizer_lib.Tokenizer,
   ids, learned = [], []
   for turn in turns:
     if turn['from'] == 'human':
-      piece = (tok.bos + _turn_ids(turn['value'], tok))[:HUMAN_MAX]
+      piece = (tok.bos + turn_ids(turn['value'], tok))[:HUMAN_MAX]
     else:
-      piece = (_turn_ids(turn['value'], tok) + [tok.eos_id])[:GPT_MAX]
+      piece = (turn_ids(turn['value'], tok) + [tok.eos_id])[:GPT_MAX]
     ids += piece
     learned += [learn_questions or turn['from'] == 'gpt'] * len(piece)
   return ids, learned

@@ -15,25 +15,35 @@ from monoformer_jax.base import progress
 from monoformer_jax.data import digits_vqa, understanding
 from monoformer_jax.generation import sampling
 from monoformer_jax.nn.understanding import Understanding
-from monoformer_jax.run import vision
+from monoformer_jax.nn import vision
 
 _ROWS = 128  # questions per generate call
-
-
-def left_aligned(layout: understanding.Layout) -> dict:
-  """A right-padded layout's arrays moved to the end of their length (a left-padded prompt)."""
-  shift = len(layout.tokens) - int(layout.valid.sum())
-  return {k: np.roll(v, shift) for k, v in layout.as_dict().items()}
 
 
 def prompts(setup, conversations: list[list[dict]], length: int) -> dict:
   """Left-padded prompts of each conversation without its answer: tokens, valid, slot, offset
   [B, length]."""
   u = setup.model.understanding
-  rows = [left_aligned(understanding.lay_out(
-      understanding.conversation_ids(turns[:-1], setup.tok), setup.tok, u.tokens_per_image,
-      length)) for turns in conversations]
+  rows = [understanding.lay_out(understanding.conversation_ids(turns[:-1], setup.tok), setup.tok,
+                                u.tokens_per_image, length).left_aligned()
+          for turns in conversations]
   return {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'valid', 'slot', 'offset')}
+
+
+def reading(setup, conversations: list[list[dict]], images: np.ndarray, key: jax.Array,
+            length: int = 0) -> tuple[dict, Understanding]:
+  """Left-padded prompts ('tokens', 'valid' [B, length]) of conversations without their last
+  turn, and what they read: images [B, I, ...] through the config's vision encoder, the time
+  tokens at t = 0 (as the official inference). length 0: the longest prompt's."""
+  u = setup.model.understanding
+  length = length or max(
+      len(understanding.conversation_ids(c[:-1], setup.tok)[0])
+      + u.tokens_per_image * understanding.count_placeholders(c[:-1]) for c in conversations)
+  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  p = prompts(setup, conversations, length)
+  read = Understanding(see(jnp.asarray(images), key), jnp.asarray(p['slot']),
+                       jnp.asarray(p['offset']), jnp.zeros((len(conversations),), jnp.int32))
+  return dict(tokens=jnp.asarray(p['tokens']), valid=jnp.asarray(p['valid'])), read
 
 
 def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
@@ -42,26 +52,20 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
   """The ids the model continues each conversation with (its last turn, the answer, left out;
   greedy by default), reading images [B, I, ...]; key draws the samples (default: key 0)."""
   key = jax.random.key(0) if key is None else key
-  tok, config = setup.tok, setup.config
-  see = vision.feature_encoder(config, setup.settings.vision_encoder, setup.layout)
-  u = setup.model.understanding
-  length = max(len(understanding.conversation_ids(c[:-1], tok)[0])
-               + u.tokens_per_image * understanding.count_placeholders(c) for c in conversations)
+  tok = setup.tok
   out = []
   for start in range(0, len(conversations), _ROWS):
-    chunk = conversations[start:start + _ROWS]
-    rows = len(chunk) if len(conversations) <= _ROWS else _ROWS
-    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], rows - len(chunk), 0)])  # noqa: E731
-    p = {k: pad(v) for k, v in prompts(setup, chunk, length).items()}
-    features = see(jnp.asarray(pad(images[start:start + len(chunk)])), key)
-    read = Understanding(features, jnp.asarray(p['slot']), jnp.asarray(p['offset']),
-                         jnp.zeros((rows,), jnp.int32))
-    ids = sampling.generate(setup.model, params, jnp.asarray(p['tokens']),
-                            jnp.asarray(p['valid']), jax.random.fold_in(key, start),
-                            max_tokens=max_tokens, temperature=temperature,
+    chunk, pictures = conversations[start:start + _ROWS], images[start:start + _ROWS]
+    n = len(chunk)
+    rows = n if len(conversations) <= _ROWS else _ROWS  # chunks of one shape: one compile
+    prompt, read = reading(setup, chunk + chunk[-1:] * (rows - n),
+                           np.concatenate([pictures, np.repeat(pictures[-1:], rows - n, 0)]), key)
+    ids = sampling.generate(setup.model, params, prompt['tokens'], prompt['valid'],
+                            jax.random.fold_in(key, start), max_tokens=max_tokens,
+                            temperature=temperature,
                             top_k=min(top_k, setup.model.backbone.vocab_size), top_p=top_p,
                             eos_id=tok.eos_id, pad_id=tok.pad_id, understand=read)
-    out += np.asarray(ids)[:len(chunk)].tolist()
+    out += np.asarray(ids)[:n].tolist()
   return out
 
 

@@ -148,14 +148,16 @@ class Generation:
 
 def generate(model: MonoFormer, params, prompt: np.ndarray, valid: np.ndarray, key: jax.Array,
              *, tok, spec: sampling.ImageSampling, decoding: Decoding,
-             max_images: int) -> list[Generation]:
-  """Continues left-padded prompts [B, P] with text and up to max_images images per row."""
+             max_images: int, understand=None) -> list[Generation]:
+  """Continues left-padded prompts [B, P] with text and up to max_images images per row;
+  understand: the pictures the prompts read (an nn.understanding.Understanding over P)."""
   specials = Specials.of(tok)
   batch, length = prompt.shape
   span = model.image.num_patches + 1  # the time token and the image tokens
   total = length + decoding.max_tokens + max_images * span + 1
   out = model.apply({'params': params}, jnp.asarray(prompt), jnp.asarray(valid),
-                    mask_type=MaskType.CAUSAL, cache=KVCache.empty(model.backbone, batch, total))
+                    mask_type=MaskType.CAUSAL, cache=KVCache.empty(model.backbone, batch, total),
+                    understand=understand)
   state = State(cache=out.cache, logits=out.logits[:, -1],
                 tokens=jnp.full((batch, decoding.max_tokens), specials.pad, jnp.int32),
                 count=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),

@@ -16,10 +16,10 @@ from monoformer_jax.data.understanding import (PLACEHOLDER, check_placeholders,
                                                conversation_ids)
 from monoformer_jax.evaluation import fid_samples, understanding_eval
 from monoformer_jax.generation import mixed_modal, sampling
-from monoformer_jax.nn import vae
+from monoformer_jax.nn import vae, vision
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.understanding import VisionEncoder
-from monoformer_jax.run import settings, vision, workdir as workdir_lib
+from monoformer_jax.run import settings, workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +135,9 @@ def generate(workdir: str, prompt: str, decoding: mixed_modal.Decoding, seed: in
   return tok.decode(tok.encode(prompt) + np.asarray(out[0]).tolist())
 
 
-def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, seed: int,
-                      pictures: Sequence[str]) -> str:
-  setup = restored.setup
+def _reading(setup, prompt: str, pictures: Sequence[str]) -> tuple[str, list[dict], np.ndarray]:
+  """(the prompt with its placeholders, its conversation, the pictures [1, I, ...] as the
+  vision encoder takes them) for --image."""
   encoder = setup.settings.vision_encoder
   if encoder == VisionEncoder.NONE:
     raise UserError('generate --image needs a model that reads images (model.vision_encoder); '
@@ -150,9 +150,16 @@ def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, see
   images = np.stack([vision_input.encoder_input(vision_input.read_picture(p),
                                                 vision.picture_format(encoder), shape)
                      for p in pictures])[None]
-  u = setup.model.understanding
+  return prompt, turns, images
+
+
+def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, seed: int,
+                      pictures: Sequence[str]) -> str:
+  setup = restored.setup
+  prompt, turns, images = _reading(setup, prompt, pictures)
   _check_context(setup, len(conversation_ids(turns[:1], setup.tok)[0]) + decoding.max_tokens
-                 + len(pictures) * u.tokens_per_image, decoding.max_tokens)
+                 + len(pictures) * setup.model.understanding.tokens_per_image,
+                 decoding.max_tokens)
   ids = understanding_eval.answers(setup, restored.params, [turns], images, decoding.max_tokens,
                                    decoding.temperature, decoding.top_k, decoding.top_p,
                                    jax.random.key(seed))[0]
@@ -161,9 +168,10 @@ def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, see
 
 def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: int,
                    decoding: mixed_modal.Decoding, choice: SamplingChoice, seed: int,
-                   use_ema: bool) -> list[str]:
+                   use_ema: bool, pictures: Sequence[str] = ()) -> list[str]:
   """generate --out=DIR: `num` rows of text with the images the model starts by itself, as
-  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders."""
+  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders. With
+  pictures, the prompt reads them first (--image)."""
   _check_decoding(decoding)
   if num < 1 or max_images < 0:
     raise UserError(f'--num is {num} and --max_images {max_images}; expected at least 1 and 0.')
@@ -177,11 +185,19 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
     raise UserError('generate --out needs a model whose prompt does not attend to its image '
                     '(model.image_mask \'hybrid\' or \'causal\'); this one is bidirectional.')
   spec, vae_dir = choice.resolve(setup)
-  tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
+  read = None
+  if pictures:
+    prompt, turns, images = _reading(setup, prompt, pictures)
+    given, read = understanding_eval.reading(setup, [turns] * num, np.repeat(images, num, 0),
+                                             jax.random.key(seed))
+    tokens, valid = np.asarray(given['tokens'][0]), np.asarray(given['valid'][0])
+  else:
+    tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
   _check_context(setup, int(valid.sum()) + decoding.max_tokens
                  + max_images * (model.image.num_patches + 1), decoding.max_tokens)
   decoding = dataclasses.replace(decoding, top_k=min(decoding.top_k, model.backbone.vocab_size))
   rows = mixed_modal.generate(model, restored.params, np.repeat(tokens[None], num, 0),
                               np.repeat(valid[None], num, 0), jax.random.key(seed), tok=tok,
-                              spec=spec, decoding=decoding, max_images=max_images)
+                              spec=spec, decoding=decoding, max_images=max_images,
+                              understand=read)
   return mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))

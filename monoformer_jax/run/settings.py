@@ -162,6 +162,10 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
 
 def _check_understanding(config: ml_collections.ConfigDict, settings: Settings) -> None:
   d, t = config.data, config.train
+  if (settings.image_source == ImageSource.LLAVA_JSON
+      and settings.vision_encoder == VisionEncoder.NONE):
+    raise UserError('config key data.image_source is \'llava_json\', whose prompts read '
+                    'pictures; set model.vision_encoder to \'vae\' or \'clip\'.')
   if settings.understanding and settings.vision_encoder == VisionEncoder.NONE:
     raise UserError(f'config key data.understanding_source is {d.understanding_source!r}, whose '
                     'images need a vision encoder; set model.vision_encoder to \'vae\' or '

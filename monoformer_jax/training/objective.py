@@ -83,11 +83,14 @@ def text_inputs(batch: dict, key: jax.Array | None = None, num_timesteps: int = 
 def image_inputs(batch: dict, key: jax.Array, cfg: LossConfig) -> dict:
   """An image batch {'tokens', 'valid', 'image'} with its noise, timesteps and noised images
   drawn for the whole batch (so that microbatching changes none of them), and the prompt's
-  cross-entropy weights."""
+  cross-entropy weights; prompts that read pictures also have 'features', 'slot', 'offset'."""
   x0 = batch['image']
-  return dict(tokens=batch['tokens'], valid=batch['valid'], x0=x0,
-              **cfg.diffusion.corrupt(key, x0),
-              weights=next_token_weights(batch['valid'], batch['valid']))
+  text = batch['valid'] & (batch['slot'] == 0) if 'slot' in batch else batch['valid']
+  out = dict(tokens=batch['tokens'], valid=batch['valid'], x0=x0,
+             **cfg.diffusion.corrupt(key, x0), weights=next_token_weights(batch['valid'], text))
+  if 'features' in batch:  # prompts that read pictures: their time tokens take the image's t
+    out['understand'] = Understanding(batch['features'], batch['slot'], batch['offset'], out['t'])
+  return out
 
 
 def text_pass(model: MonoFormer, params, text: dict, chunk: int) -> jax.Array:
@@ -104,7 +107,7 @@ def image_pass(model: MonoFormer, params, image: dict, cfg: LossConfig) -> tuple
   suffix = jnp.full(image['t'].shape + (1,), cfg.im_end_id, jnp.int32)
   out = model.apply({'params': params}, image['tokens'], image['valid'],
                     mask_type=model.image_mask, image=image['xt'], t=image['t'], suffix=suffix,
-                    return_hidden=cfg.prompt_lm_loss)
+                    return_hidden=cfg.prompt_lm_loss, understand=image.get('understand'))
   terms = cfg.diffusion.loss(out.image, image['x0'], image['xt'], image['t'], image['noise'])
   prompt_ce = jnp.zeros((), jnp.float32)
   if cfg.prompt_lm_loss:

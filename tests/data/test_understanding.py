@@ -6,11 +6,13 @@ import re
 
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import metrics_rows, tiny_config
 from PIL import Image
 
+from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.data import digits_vqa, llava, pipeline, understanding, vision_input
+from monoformer_jax.data import (common, digits_vqa, llava, pipeline, understanding,
+                                 vision_input)
 from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.data.understanding import UnderstandingSource
 from monoformer_jax.data.vision_input import PictureFormat
@@ -156,3 +158,51 @@ def test_an_unreadable_picture_is_named_or_skipped(tok, tmp_path):
   data.skip_bad_records = True
   sample = llava.Conversation(listed, tok, data, 16, PictureFormat.DIFFUSION, (8, 8, 1)).map(0)
   assert sample['slot'].max() == 1 and sample['images'][0].any()
+
+
+def _drawing_config(tmp_path):
+  """A pixel-space model of 8 x 8 RGB pictures that reads (vision_encoder 'vae') and draws
+  LLaVA records: one that reads a picture, one that reads one and draws another."""
+  data = _llava_files(tmp_path, [
+      {'image': 'pics/a.png', 'conversations': _conversation('<image>\nWhat is it?')},
+      {'image': ['pics/a.png', 'pics/b.jpg'],
+       'conversations': _conversation('<image> Draw it again.', 'Here: <image>')}])
+  config = tiny_config(num_steps=3, understanding_weight=1.0)
+  config.data = data
+  config.data.image_source, config.data.image_resolution = 'llava_json', 8
+  config.data.prompt_len, config.data.cfg_dropout = 40, 0.0
+  config.model.vision_encoder, config.model.image_size, config.model.image_channels = 'vae', (8, 8), 3
+  return config
+
+
+def test_a_record_that_draws_is_an_interleaved_image_sample(tok, tmp_path):
+  config = _drawing_config(tmp_path)
+  ds = pipeline.image_dataset(config.data, pipeline.ImageSource.LLAVA_JSON, tok, 0, (8, 8, 3),
+                              (16, PictureFormat.DIFFUSION, (8, 8, 3)))
+  row = {k: v[0] for k, v in ds[0].items()}
+  # the prompt: BOS, the read picture's 17 slots, the text, "Here:", <im_start>; left-padded
+  ids, _ = understanding.conversation_ids(_conversation('<image> Draw it again.')[:1], tok)
+  ids += tok.encode('Here: ') + [tok.im_start_id]
+  assert row['valid'].sum() == len(ids) + 16 and row['tokens'][-1] == tok.im_start_id
+  assert (row['slot'] == 1).sum() == 17 and row['slot'].max() == 1
+  drawn = np.asarray(Image.open(tmp_path / 'pics' / 'b.jpg').convert('RGB'))
+  np.testing.assert_allclose(row['image'], common.to_unit_range(common.center_crop(drawn, 8)))
+  read = vision_input.encoder_input(Image.open(tmp_path / 'pics' / 'a.png').convert('RGB'),
+                                    PictureFormat.DIFFUSION, (8, 8, 3))
+  np.testing.assert_allclose(row['images'][0], read)
+  assert (row['images'][1] == 0).all()
+  config.data.prompt_len = len(ids) + 15  # one slot short
+  with pytest.raises(UserError, match=r'llava.json, record 1: its prompt does not fit in '
+                                      r'data.prompt_len'):
+    pipeline.image_dataset(config.data, pipeline.ImageSource.LLAVA_JSON, tok, 0, (8, 8, 3),
+                           (16, PictureFormat.DIFFUSION, (8, 8, 3)))[0]
+
+
+@pytest.mark.slow
+def test_training_reads_and_draws_llava_records(workdir, tmp_path):
+  config = _drawing_config(tmp_path)
+  config.train.ar_weight, config.train.num_steps = 0.0, 6
+  train.train_and_evaluate(config, workdir)
+  rows = metrics_rows(workdir)
+  assert {r['kind'] for r in rows} == {'diffusion', 'understanding'}
+  assert all(np.isfinite(r['loss']) for r in rows)

@@ -13,9 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import image_batches, signal_params, step_config, text_batches, tiny_config
+from helpers import (image_batches, reading_digits, signal_params, step_config, text_batches,
+                     tiny_config)
 
+from monoformer_jax.data import pipeline
+from monoformer_jax.data.understanding import UnderstandingSource
+from monoformer_jax.data.vision_input import PictureFormat
+from monoformer_jax.nn import vision
 from monoformer_jax.nn.layers import MaskType
+from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import objective, steps
 from monoformer_jax.training.steps import StepKind
@@ -23,7 +29,7 @@ from monoformer_jax.training.steps import StepKind
 
 TX = optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(0.5))
 STEPS = {StepKind.AR: steps.ar_step, StepKind.DIFFUSION: steps.diffusion_step,
-         StepKind.JOINT: steps.joint_step}
+         StepKind.JOINT: steps.joint_step, StepKind.UNDERSTANDING: steps.ar_step}
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +37,7 @@ def setting(tmp_path_factory, tokenizer_file):
   """(config, tokenizer, model, params, batches {kind: batch}) on the default's data."""
   workdir = tmp_path_factory.mktemp('objective')
   (workdir / 'tokenizer.model').write_bytes(open(tokenizer_file, 'rb').read())
-  config = tiny_config()
+  config = reading_digits(tiny_config())  # the model also reads digits (an im_embedder)
   config.train.lm_loss_weight, config.train.diffusion_loss_weight = 0.5, 1.0
   setup = workdir_lib.for_training(config, str(workdir))
   setup.lock.close()
@@ -40,8 +46,14 @@ def setting(tmp_path_factory, tokenizer_file):
   text['loss_mask'][3, :5] = False
   image = next(image_batches(config, setup.tok))
   image.pop('label')
+  u = setup.model.understanding
+  reads = dict(pipeline.understanding_dataset(config.data, UnderstandingSource.DIGITS, setup.tok,
+                                              0, u.tokens_per_image, PictureFormat.DIFFUSION,
+                                              (8, 8, 1))[0])
+  reads['features'] = vision.feature_encoder(config, VisionEncoder.VAE, setup.layout)(
+      reads.pop('images'), None)
   params = signal_params(setup.model, key=3)
-  batches = {StepKind.AR: text, StepKind.DIFFUSION: image,
+  batches = {StepKind.AR: text, StepKind.DIFFUSION: image, StepKind.UNDERSTANDING: reads,
              StepKind.JOINT: dict(text=text, image=image)}
   return config, setup.tok, setup.model, params, batches
 
