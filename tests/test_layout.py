@@ -5,6 +5,8 @@ import ast
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -114,3 +116,18 @@ def test_tests_mirror_the_package():
     if not package and module in ('layout', 'configs'):
       continue
     assert f'{package}.{module}'.lstrip('.') in modules, f'tests/{name}.py mirrors no module'
+
+
+def test_importing_the_package_touches_no_device():
+  """Commands fork from a server that has the package imported: a backend started at import
+  (a jax.random.key as a default argument, say) would be copied into every fork without its
+  threads, and XLA would then wait for them forever."""
+  names = [n for n in _modules() if n not in ('__main__', '__init__')]
+  code = ('import importlib, sys\n'
+          'from jax._src import xla_bridge\n'
+          'for name in sys.argv[1:]:\n'
+          '  importlib.import_module("monoformer_jax." + name)\n'
+          'assert not xla_bridge._backends, list(xla_bridge._backends)\n')
+  result = subprocess.run([sys.executable, '-c', code, *names], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
