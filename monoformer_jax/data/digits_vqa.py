@@ -2,8 +2,8 @@
 Which digit is this?" -> "seven", and "<image><image> Are these the same digit?" -> "seven and
 three: no" (the answer names what it compares, then the verdict).
 
-Training asks about the training digits (a quarter one-image, three quarters two-image questions,
-whose answers name both digits too; half of the pairs the same digit); evaluation asks about the held-out digits, the same questions every time.
+Training asks about the training digits (half one-image, half two-image questions, half of the
+pairs the same digit); evaluation asks about the held-out digits, the same questions every time.
 Images are the diffusion's own [8, 8, 1] in [-1, 1] (model.vision_encoder 'vae' reads them
 patchified, as the generation input).
 """
@@ -19,9 +19,6 @@ from monoformer_jax.data import digits, tokenizer as tokenizer_lib, understandin
 ONE_IMAGE = ('Which digit is this?', 'What number is shown?', 'Name this digit.')
 TWO_IMAGES = 'Are these the same digit?'
 _EVAL_SEED = 20241013
-# Of the training questions, those on two digits: comparing is what the small model learns last
-# (with half, one training seed of three never did).
-TWO_IMAGE_SHARE = 0.75
 
 
 def conversation(labels: list[int], question: str = '') -> list[dict]:
@@ -54,7 +51,7 @@ class DigitQuestion(grain.transforms.RandomMap):
   def random_map(self, index, rng: np.random.Generator) -> dict[str, Any]:
     chosen = [int(index)]
     question = ''
-    if rng.random() >= TWO_IMAGE_SHARE or self.data.images_per_sample < 2:
+    if rng.random() < 0.5 or self.data.images_per_sample < 2:
       question = ONE_IMAGE[rng.integers(len(ONE_IMAGE))]
     else:
       chosen.append(_pair(rng, chosen[0], self.labels))

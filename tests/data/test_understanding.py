@@ -79,7 +79,7 @@ def test_digit_questions(tok):
   ds = digits_vqa.examples(data, tok, seed=0, tokens_per_image=16)
   rows = [ds[i] for i in range(64)]
   reads = [int(r['slot'].max()) for r in rows]
-  assert set(reads) == {1, 2} and 38 < reads.count(2) < 58  # three quarters
+  assert set(reads) == {1, 2} and 20 < reads.count(2) < 44
   for r in rows:  # unread image rows are zeros, read ones are digits in [-1, 1]
     assert r['images'].shape == (2, 8, 8, 1)
     assert (r['images'][int(r['slot'].max()):] == 0).all()
