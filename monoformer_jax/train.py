@@ -116,23 +116,20 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution,
                                  image_shape)
     abstract, shardings = steps.abstract_state(model, tx, layout)
+    reading = vision.reading(config, settings.vision_encoder, model.understanding)
     # The data is read before the checkpoint manager starts its background clean-up, which
     # must not race the removal of a new workdir when a data file is bad.
     datasets = {
         StepKind.AR: pipeline.text_dataset(config.data, settings.text_source, tok, config.seed,
                                            settings.chat_format),
-        StepKind.DIFFUSION: pipeline.image_dataset(
-            config.data, settings.image_source, tok, config.seed, image_shape,
-            (model.understanding.tokens_per_image, vision.picture_format(settings.vision_encoder),
-             vision.input_shape(config, settings.vision_encoder)))}
+        StepKind.DIFFUSION: pipeline.image_dataset(config.data, settings.image_source, tok,
+                                                   config.seed, image_shape, reading)}
     see = None
     if settings.understanding:
       datasets[StepKind.UNDERSTANDING] = pipeline.understanding_dataset(
-          config.data, settings.understanding_source, tok, config.seed,
-          model.understanding.tokens_per_image, vision.picture_format(settings.vision_encoder),
-          vision.input_shape(config, settings.vision_encoder))
+          config.data, settings.understanding_source, tok, config.seed, reading)
     if settings.understanding or settings.image_source == pipeline.ImageSource.LLAVA_JSON:
-      see = vision.feature_encoder(config, settings.vision_encoder, layout)
+      see = vision.feature_encoder(config, settings.vision_encoder, layout, encode)
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_saves=settings.async_saves.enabled())

@@ -24,6 +24,7 @@ from monoformer_jax.config import schema
 from monoformer_jax.convert import hf_config, llama, torch_bin
 from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
 from monoformer_jax.nn import converted
+from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import backbone, settings as settings_lib
 from monoformer_jax.training import checkpoint, steps
 
@@ -124,16 +125,19 @@ def check_tokenizer(path: str, ids: dict[str, int]) -> None:
                     f'{min(ids.values())}.')
 
 
-def vision_encoder(hf: dict, source: str, vae_dir: str, clip_dir: str) -> str:
-  """The config's model.vision_encoder for an official config.json, checked against the
-  directories the conversion was given ('none' without one)."""
-  encoder = hf.get('vision_encoder') or 'none'
-  if encoder not in ('none', 'vae', 'clip'):
-    raise UserError(f'{source} sets vision_encoder = {encoder!r}; expected \'clip\' or \'vae\'.')
-  if encoder == 'clip' and not clip_dir:
+def vision_encoder(hf: dict, source: str, vae_dir: str, clip_dir: str) -> VisionEncoder:
+  """The encoder an official config.json reads images with (NONE without one), checked against
+  the directories the conversion was given."""
+  name = hf.get('vision_encoder') or VisionEncoder.NONE.value
+  try:
+    encoder = VisionEncoder(name)
+  except (ValueError, TypeError):
+    raise UserError(f'{source} sets vision_encoder = {name!r}; expected \'clip\' or '
+                    '\'vae\'.') from None
+  if encoder == VisionEncoder.CLIP and not clip_dir:
     raise UserError(f'{source} reads images with a CLIP tower ({hf.get("vision_encoder_path")}); '
                     'pass --clip=DIR with it converted (`convert clip --src=HF_CLIP_DIR`).')
-  if encoder == 'vae' and not vae_dir:
+  if encoder == VisionEncoder.VAE and not vae_dir:
     raise UserError(f'{source} reads images with the SD-VAE; pass --vae=DIR with it converted '
                     '(`convert vae`).')
   if clip_dir and not files.isdir(clip_dir):
@@ -141,8 +145,8 @@ def vision_encoder(hf: dict, source: str, vae_dir: str, clip_dir: str) -> str:
   return encoder
 
 
-def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str, encoder: str = 'none',
-                   clip_dir: str = ''):
+def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str,
+                   encoder: VisionEncoder = VisionEncoder.NONE, clip_dir: str = ''):
   config = schema.base_config()
   m = config.model
   backbone.describe(m, cfg, tie)
@@ -154,7 +158,7 @@ def workdir_config(hf: dict, cfg, tie: bool, vae_dir: str, encoder: str = 'none'
   m.image_mask = 'hybrid' if hf.get('use_bi_attn_img_tokens', True) else 'causal'
   m.context_length = hf.get('max_position_embeddings', m.context_length)
   m.vae = vae_dir
-  m.vision_encoder, m.clip = encoder, clip_dir
+  m.vision_encoder, m.clip = encoder.value, clip_dir
   config.data.tokenizer_vocab_size = cfg.vocab_size
   config.data.prompt_len = 64
   config.sample.guidance_channels = 'first_three'  # the official sampler's guidance
@@ -181,7 +185,7 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   tensors = torch_bin.open_weights(weights)
   params = llama.device_backbone(tensors, cfg, tie)  # the source's dtype; cast when restored
   dtype = np.dtype(params['norm']['scale'].dtype).name
-  params.update(monoformer_params(tensors, encoder != 'none'))
+  params.update(monoformer_params(tensors, encoder != VisionEncoder.NONE))
   config = workdir_config(hf, cfg, tie, files.absolute(vae_dir) if vae_dir else '', encoder,
                           files.absolute(clip_dir) if clip_dir else '')
 

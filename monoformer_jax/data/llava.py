@@ -8,9 +8,9 @@ reads every LLaVA picture, and only one, as an image to understand); a placehold
 (this project's extension; at most one per record, as the official model draws at most one per
 sample) is drawn: such records are interleaved samples for `diffusion` steps
 (data.image_source 'llava_json'), which read the pictures before it in their prompt and learn to
-draw it; the others are `understanding` samples. A record whose placeholders are not one per picture, or
-with more pictures than data.images_per_sample, or not of this shape, is an error naming its file
-and record, as is an unreadable picture (the official reader puts a black square in its place);
+draw it; the others are `understanding` samples. A record whose placeholders are not one per
+picture, or with more pictures than data.images_per_sample, or not of this shape, is an error
+naming its file and record, as is an unreadable picture (the official reader puts a black square in its place);
 with data.skip_bad_records such records are skipped and counted.
 Dimension letters: I images per sample.
 """
@@ -104,15 +104,16 @@ class Conversation(grain.transforms.Map):
   """Record index -> an understanding sample; pictures made what the encoder takes."""
 
   def __init__(self, listed: list[dict], tok, data: ml_collections.ConfigDict,
-               tokens_per_image: int, picture: vision_input.PictureFormat,
-               shape: tuple[int, ...]):
-    self.records, self.tok, self.data = listed, tok, data
-    self.tokens_per_image, self.picture, self.shape = tokens_per_image, picture, shape
+               reading: understanding.Reading):
+    self.records, self.tok, self.data, self.reading = listed, tok, data, reading
     self.skipped = 0
 
-  def _read(self, record: dict) -> list[np.ndarray] | None:
+  def pictures_of(self, record: dict) -> list[np.ndarray] | None:
+    """The record's pictures as the encoder takes them; None for an unreadable one when bad
+    records may be skipped (then counted)."""
+    r = self.reading
     try:
-      return [vision_input.encoder_input(vision_input.read_picture(p), self.picture, self.shape)
+      return [vision_input.encoder_input(vision_input.read_picture(p), r.picture, r.shape)
               for p in record['pictures']]
     except UserError as e:
       if not self.data.skip_bad_records:
@@ -124,28 +125,29 @@ class Conversation(grain.transforms.Map):
   def map(self, index: int) -> dict[str, Any]:
     for offset in range(len(self.records)):  # the first record from index on that reads
       record = self.records[(int(index) + offset) % len(self.records)]
-      pictures = self._read(record)
+      pictures = self.pictures_of(record)
       if pictures is not None:
-        images = understanding.padded(pictures, self.data.images_per_sample, self.shape)
+        images = understanding.padded(pictures, self.data.images_per_sample, self.reading.shape)
         return understanding.sample(record['conversations'], images, self.tok,
-                                    self.tokens_per_image, self.data.understanding_seq_len,
-                                    self.data.learn_questions)
+                                    self.reading.tokens_per_image,
+                                    self.data.understanding_seq_len, self.data.learn_questions)
     raise UserError('no picture of the LLaVA records can be read.')
 
 
 def _of_kind(data: ml_collections.ConfigDict, drawing: bool) -> list[dict]:
   listed = [r for r in records(data) if (r['draws'] is not None) == drawing]
   if not listed:
+    wanted = 'draws a picture (a placeholder in a gpt turn)' if drawing else 'only reads'
     raise UserError(f'{data.llava_files} (data.llava_files) holds no LLaVA record that '
-                    f'{"draws a picture (a placeholder in a gpt turn)" if drawing else "only reads"}.')
+                    f'{wanted}.')
   return listed
 
 
-def examples(data: ml_collections.ConfigDict, tok, seed: int, tokens_per_image: int,
-             picture: vision_input.PictureFormat, shape: tuple[int, ...]) -> grain.MapDataset:
+def examples(data: ml_collections.ConfigDict, tok, seed: int,
+             reading: understanding.Reading) -> grain.MapDataset:
   """Infinite shuffled conversations that only read (not yet batched)."""
   listed = _of_kind(data, drawing=False)
-  transform = Conversation(listed, tok, data, tokens_per_image, picture, shape)
+  transform = Conversation(listed, tok, data, reading)
   return grain.MapDataset.range(len(listed)).shuffle(seed=seed + 2).repeat().map(transform)
 
 
@@ -162,29 +164,28 @@ class Drawing(grain.transforms.RandomMap):
   def _prompt(self, record: dict) -> understanding.Layout:
     tok, data = self.reader.tok, self.reader.data
     turns, draws = record['conversations'], record['draws']
-    seen, ids, learned = 0, [], []
+    m = self.reader.reading.tokens_per_image
+    seen, ids = 0, []
     for k, turn in enumerate(turns):
       count = turn['value'].count(understanding.PLACEHOLDER)
       if seen + count > draws:  # the drawing turn: its text up to the placeholder
         before = understanding.PLACEHOLDER.join(
             turn['value'].split(understanding.PLACEHOLDER)[:draws - seen + 1])
-        ids, learned = understanding.conversation_ids(turns[:k], tok)
+        ids = understanding.conversation_ids(turns[:k], tok)[0]
         ids += understanding.turn_ids(before, tok) + [tok.im_start_id]
         break
       seen += count
-    layout = understanding.lay_out((ids, [True] * len(ids)), tok, self.reader.tokens_per_image,
-                                   data.prompt_len)
-    if layout.valid.sum() < len(ids) + layout.images_placed * self.reader.tokens_per_image:
+    layout = understanding.lay_out((ids, [True] * len(ids)), tok, m, data.prompt_len)
+    if layout.valid.sum() < len(ids) + layout.images_placed * m:
       raise UserError(f'{record["where"]}: its prompt does not fit in data.prompt_len '
-                      f'({data.prompt_len} tokens, each read picture taking '
-                      f'{self.reader.tokens_per_image + 1}).')
+                      f'({data.prompt_len} tokens, each read picture taking {m + 1}).')
     return layout
 
   def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
     reader, data = self.reader, self.reader.data
     for offset in range(len(self.records)):
       record = self.records[(int(index) + offset) % len(self.records)]
-      pictures = reader._read(dict(record, pictures=record['pictures'][:record['draws']]))
+      pictures = reader.pictures_of(dict(record, pictures=record['pictures'][:record['draws']]))
       if pictures is None:
         continue
       try:
@@ -204,16 +205,15 @@ class Drawing(grain.transforms.RandomMap):
       else:
         prompt = layout.left_aligned()
         del prompt['loss_mask']
-      images = understanding.padded(pictures, data.images_per_sample, reader.shape)
+      images = understanding.padded(pictures, data.images_per_sample, reader.reading.shape)
       return dict(prompt, images=images, image=image)
     raise UserError('no LLaVA record that draws a picture can be read.')
 
 
-def drawing_examples(data: ml_collections.ConfigDict, tok, seed: int, tokens_per_image: int,
-                     picture: vision_input.PictureFormat,
-                     shape: tuple[int, ...]) -> grain.MapDataset:
+def drawing_examples(data: ml_collections.ConfigDict, tok, seed: int,
+                     reading: understanding.Reading) -> grain.MapDataset:
   """Infinite shuffled interleaved samples (not yet batched)."""
   listed = _of_kind(data, drawing=True)
-  transform = Drawing(listed, Conversation(listed, tok, data, tokens_per_image, picture, shape))
+  transform = Drawing(listed, Conversation(listed, tok, data, reading))
   return grain.MapDataset.range(len(listed)).shuffle(seed=seed).repeat().random_map(
       transform, seed=seed)

@@ -11,8 +11,8 @@ import grain
 import ml_collections
 
 from monoformer_jax.data import (chat, common, corpus, digits, digits_vqa, imagenet, latents,
-                                 llava, t2i, tokenizer as tokenizer_lib, vision_input)
-from monoformer_jax.data.understanding import UnderstandingSource
+                                 llava, t2i, tokenizer as tokenizer_lib)
+from monoformer_jax.data.understanding import Reading, UnderstandingSource
 
 
 class ImageSource(enum.Enum):
@@ -44,12 +44,12 @@ class LatentsSource(enum.Enum):
 
 def image_dataset(data: ml_collections.ConfigDict, source: ImageSource,
                   tok: tokenizer_lib.Tokenizer, seed: int, image_shape: tuple[int, ...],
-                  reading: tuple = ()) -> grain.MapDataset:
+                  reading: Reading | None = None) -> grain.MapDataset:
   """This host's batches of prompted training images; image_shape [H, W, C] is the
-  model's (what latents must have). reading (tokens per image, picture format, shape): how
-  the prompts of interleaved sources read pictures."""
+  model's (what latents must have); reading: how the prompts of interleaved sources read
+  pictures."""
   if source == ImageSource.LLAVA_JSON:
-    examples = llava.drawing_examples(data, tok, seed, *reading)
+    examples = llava.drawing_examples(data, tok, seed, reading)
   elif source == ImageSource.IMAGENET:
     examples = imagenet.examples(data, tok, seed)
   elif source == ImageSource.LATENTS:
@@ -72,16 +72,14 @@ def text_dataset(data: ml_collections.ConfigDict, source: TextSource, tok: token
 
 
 def understanding_dataset(data: ml_collections.ConfigDict, source: UnderstandingSource,
-                          tok: tokenizer_lib.Tokenizer, seed: int, tokens_per_image: int,
-                          picture: vision_input.PictureFormat,
-                          shape: tuple[int, ...]) -> grain.MapDataset:
+                          tok: tokenizer_lib.Tokenizer, seed: int,
+                          reading: Reading) -> grain.MapDataset:
   """This host's batches of samples that read images ({'tokens', 'valid', 'loss_mask', 'slot',
-  'offset', 'images' [I, ...]}), each image taking 1 + tokens_per_image slots and given as the
-  encoder takes it (picture format, shape)."""
+  'offset', 'images' [I, ...]}), read as `reading` says."""
   if source == UnderstandingSource.LLAVA_JSON:
-    examples = llava.examples(data, tok, seed, tokens_per_image, picture, shape)
+    examples = llava.examples(data, tok, seed, reading)
   else:
-    examples = digits_vqa.examples(data, tok, seed, tokens_per_image)
+    examples = digits_vqa.examples(data, tok, seed, reading.tokens_per_image)
   return common.host_batches(examples, data.understanding_batch_size)
 
 

@@ -18,16 +18,26 @@ import numpy as np
 
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import tokenizer as tokenizer_lib
+from monoformer_jax.data.vision_input import PictureFormat
 
 PLACEHOLDER = '<image>'
 HUMAN_MAX, GPT_MAX = 128, 512  # the official source_max_len and target_max_len
-_IMAGE = -1  # a placeholder among the ids, before it is expanded
+IMAGE = -1  # a placeholder among the ids, before it is expanded
 
 
 class UnderstandingSource(enum.Enum):
   NONE = 'none'
   DIGITS = 'digits'  # questions on the bundled digits (digits_vqa.py)
   LLAVA_JSON = 'llava_json'  # LLaVA conversation JSON (llava.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """How samples read pictures: each takes 1 + tokens_per_image slots and is given to the vision
+  encoder as `picture` of `shape` (nn.vision.reading makes it from a config)."""
+  tokens_per_image: int
+  picture: PictureFormat
+  shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +66,12 @@ def count_placeholders(turns: list[dict]) -> int:
 
 
 def turn_ids(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
-  """The ids of text with _IMAGE for each placeholder (the pieces between encoded apart, as a
+  """The ids of text with IMAGE for each placeholder (the pieces between encoded apart, as a
   HF tokenizer splits text at an added token)."""
   ids = []
   for i, piece in enumerate(text.split(PLACEHOLDER)):
     if i:
-      ids.append(_IMAGE)
+      ids.append(IMAGE)
     if piece:
       ids += tok.encode(piece)
   return ids
@@ -84,7 +94,7 @@ def conversation_ids(turns: list[dict], tok: tokenizer_lib.Tokenizer,
 
 def lay_out(ids: tuple[list[int], list[bool]], tok: tokenizer_lib.Tokenizer,
             tokens_per_image: int, length: int) -> Layout:
-  """ids (with _IMAGE placeholders) and their learned flags, expanded and right-padded to
+  """ids (with IMAGE placeholders) and their learned flags, expanded and right-padded to
   `length`."""
   tokens = np.full(length, tok.pad_id, np.int32)
   learn = np.zeros(length, bool)
@@ -92,10 +102,10 @@ def lay_out(ids: tuple[list[int], list[bool]], tok: tokenizer_lib.Tokenizer,
   offset = np.zeros(length, np.int32)
   at, image = 0, 0
   for token, learned in zip(*ids):
-    size = tokens_per_image + 1 if token == _IMAGE else 1
+    size = tokens_per_image + 1 if token == IMAGE else 1
     if at + size > length:
       break
-    if token == _IMAGE:
+    if token == IMAGE:
       image += 1
       tokens[at:at + size] = tok.pad_id
       slot[at:at + size] = image

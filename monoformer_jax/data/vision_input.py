@@ -24,7 +24,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class PictureFormat(enum.Enum):
-  """What a vision encoder takes (run.vision says which)."""
+  """What a vision encoder takes (nn.vision says which)."""
   CLIP = 'clip'
   DIFFUSION = 'diffusion'  # the diffusion's own pixels, or pixels a VAE encodes
 
@@ -66,7 +66,7 @@ def clip_pixels(picture: Image.Image, size: int) -> np.ndarray:
 
 
 def encoder_input(picture: Image.Image, kind: PictureFormat, shape: tuple[int, ...]) -> np.ndarray:
-  """The picture as the encoder takes it; shape: run.vision.input_shape's [R, R, 3] or [H, W, C]."""
+  """The picture as the encoder takes it; shape: nn.vision.input_shape's [R, R, 3] or [H, W, C]."""
   if kind == PictureFormat.CLIP:
     return clip_pixels(picture, shape[0])
   height, width, channels = shape

@@ -14,33 +14,29 @@ import numpy as np
 from monoformer_jax.base import progress
 from monoformer_jax.data import digits_vqa, understanding
 from monoformer_jax.generation import sampling
-from monoformer_jax.nn.understanding import Understanding
 from monoformer_jax.nn import vision
+from monoformer_jax.nn.understanding import Understanding
 
 _ROWS = 128  # questions per generate call
 
 
-def prompts(setup, conversations: list[list[dict]], length: int) -> dict:
-  """Left-padded prompts of each conversation without its answer: tokens, valid, slot, offset
-  [B, length]."""
-  u = setup.model.understanding
-  rows = [understanding.lay_out(understanding.conversation_ids(turns[:-1], setup.tok), setup.tok,
-                                u.tokens_per_image, length).left_aligned()
-          for turns in conversations]
+def prompts(setup, conversations: list[list[dict]]) -> dict:
+  """Left-padded prompts of each conversation without its answer, as long as the longest:
+  tokens, valid, slot, offset [B, P]."""
+  m = setup.model.understanding.tokens_per_image
+  ids = [understanding.conversation_ids(turns[:-1], setup.tok) for turns in conversations]
+  length = max(len(i) + m * i.count(understanding.IMAGE) for i, _ in ids)
+  rows = [understanding.lay_out(i, setup.tok, m, length).left_aligned() for i in ids]
   return {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'valid', 'slot', 'offset')}
 
 
 def reading(setup, conversations: list[list[dict]], images: np.ndarray, key: jax.Array,
-            length: int = 0) -> tuple[dict, Understanding]:
-  """Left-padded prompts ('tokens', 'valid' [B, length]) of conversations without their last
-  turn, and what they read: images [B, I, ...] through the config's vision encoder, the time
-  tokens at t = 0 (as the official inference). length 0: the longest prompt's."""
-  u = setup.model.understanding
-  length = length or max(
-      len(understanding.conversation_ids(c[:-1], setup.tok)[0])
-      + u.tokens_per_image * understanding.count_placeholders(c[:-1]) for c in conversations)
-  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
-  p = prompts(setup, conversations, length)
+            see=None) -> tuple[dict, Understanding]:
+  """Left-padded prompts ('tokens', 'valid' [B, P]) of conversations without their last
+  turn, and what they read: images [B, I, ...] through `see` (default: the config's vision
+  encoder), the time tokens at t = 0 (as the official inference)."""
+  see = see or vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  p = prompts(setup, conversations)
   read = Understanding(see(jnp.asarray(images), key), jnp.asarray(p['slot']),
                        jnp.asarray(p['offset']), jnp.zeros((len(conversations),), jnp.int32))
   return dict(tokens=jnp.asarray(p['tokens']), valid=jnp.asarray(p['valid'])), read
@@ -53,13 +49,15 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
   greedy by default), reading images [B, I, ...]; key draws the samples (default: key 0)."""
   key = jax.random.key(0) if key is None else key
   tok = setup.tok
+  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
   out = []
   for start in range(0, len(conversations), _ROWS):
     chunk, pictures = conversations[start:start + _ROWS], images[start:start + _ROWS]
     n = len(chunk)
     rows = n if len(conversations) <= _ROWS else _ROWS  # chunks of one shape: one compile
     prompt, read = reading(setup, chunk + chunk[-1:] * (rows - n),
-                           np.concatenate([pictures, np.repeat(pictures[-1:], rows - n, 0)]), key)
+                           np.concatenate([pictures, np.repeat(pictures[-1:], rows - n, 0)]), key,
+                           see)
     ids = sampling.generate(setup.model, params, prompt['tokens'], prompt['valid'],
                             jax.random.fold_in(key, start), max_tokens=max_tokens,
                             temperature=temperature,

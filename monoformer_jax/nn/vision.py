@@ -4,16 +4,17 @@ features, on the devices, outside the differentiated step.
 Dimension letters: B batch, I images per sample, M feature tokens, E features, R resolution.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from monoformer_jax.base import sharding
+from monoformer_jax.data.understanding import Reading
 from monoformer_jax.data.vision_input import PictureFormat
 from monoformer_jax.nn import clip, vae
-from monoformer_jax.nn.model import patchify
+from monoformer_jax.nn.model import UnderstandingShape, patchify
 from monoformer_jax.nn.understanding import VisionEncoder
 
 
@@ -30,20 +31,26 @@ def input_shape(config: ml_collections.ConfigDict, encoder: VisionEncoder) -> tu
   return (*m.image_size, m.image_channels)
 
 
-def picture_format(encoder: VisionEncoder) -> PictureFormat:
-  return PictureFormat.CLIP if encoder == VisionEncoder.CLIP else PictureFormat.DIFFUSION
+def reading(config: ml_collections.ConfigDict, encoder: VisionEncoder,
+            shape: UnderstandingShape) -> Reading:
+  """How the config's samples read pictures (the model's understanding shape, the encoder's
+  input)."""
+  picture = PictureFormat.CLIP if encoder == VisionEncoder.CLIP else PictureFormat.DIFFUSION
+  return Reading(shape.tokens_per_image, picture, input_shape(config, encoder))
 
 
 def feature_encoder(config: ml_collections.ConfigDict, encoder: VisionEncoder,
-                    layout: sharding.Layout) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """fn(images [B, I, ...] as input_shape says, key) -> features [B, I, M, E] float32."""
+                    layout: sharding.Layout, latents: Optional[Callable] = None
+                    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """fn(images [B, I, ...] as input_shape says, key) -> features [B, I, M, E] float32.
+  latents: the VAE's pixel encoder when the caller holds one already (else it is loaded)."""
   m = config.model
   if encoder == VisionEncoder.CLIP:
     tower = clip.encoder(m.clip, layout, m.dtype)
     per_image = lambda x, key: tower(x)  # noqa: E731
   elif m.vae:  # the official VAE encoder: a posterior sample x 0.18215, patchified
-    latents = vae.pixel_encoder(m.vae, layout, config.data.image_resolution,
-                                (*m.image_size, m.image_channels))
+    latents = latents or vae.pixel_encoder(m.vae, layout, config.data.image_resolution,
+                                           (*m.image_size, m.image_channels))
     to_patches = jax.jit(lambda z: patchify(z, m.patch_size))
     per_image = lambda x, key: to_patches(latents(x, key))  # noqa: E731
   else:

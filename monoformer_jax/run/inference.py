@@ -146,9 +146,8 @@ def _reading(setup, prompt: str, pictures: Sequence[str]) -> tuple[str, list[dic
     prompt = PLACEHOLDER * len(pictures) + '\n' + prompt
   turns = [{'from': 'human', 'value': prompt}, {'from': 'gpt', 'value': ''}]
   check_placeholders(turns, len(pictures), len(pictures), 'the prompt (--prompt)')
-  shape = vision.input_shape(setup.config, encoder)
-  images = np.stack([vision_input.encoder_input(vision_input.read_picture(p),
-                                                vision.picture_format(encoder), shape)
+  r = vision.reading(setup.config, encoder, setup.model.understanding)
+  images = np.stack([vision_input.encoder_input(vision_input.read_picture(p), r.picture, r.shape)
                      for p in pictures])[None]
   return prompt, turns, images
 

@@ -267,7 +267,7 @@ def _official_checkpoint(tmp_path, tokenizer_file, encoder: str, features: int):
 
 def _ours(ids: list[int], tok, tokens_per_image: int, length: int) -> dict:
   """Our arrays for official ids: each IMAGE placeholder expanded into its slots."""
-  marked = [-1 if i == IMAGE else i for i in ids]
+  marked = [understanding.IMAGE if i == IMAGE else i for i in ids]
   layout = understanding.lay_out((marked, [True] * len(marked)), tok, tokens_per_image, length)
   assert layout.valid.sum() == len(ids) + tokens_per_image * ids.count(IMAGE)
   return layout.as_dict()

@@ -14,8 +14,12 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import (common, digits_vqa, llava, pipeline, understanding,
                                  vision_input)
 from monoformer_jax.data.tokenizer import SentencePiece
-from monoformer_jax.data.understanding import UnderstandingSource
+from monoformer_jax.data.understanding import Reading, UnderstandingSource
 from monoformer_jax.data.vision_input import PictureFormat
+
+# 8 x 8 pictures read as 16 tokens, the model's own grey or RGB pixels
+GREY = Reading(16, PictureFormat.DIFFUSION, (8, 8, 1))
+RGB = Reading(16, PictureFormat.DIFFUSION, (8, 8, 3))
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +50,7 @@ def test_placeholders_become_time_and_feature_slots(tok):
 def test_an_image_that_does_not_fit_ends_the_sequence(tok):
   turns = [{'from': 'human', 'value': 'look <image>'}, {'from': 'gpt', 'value': 'ok'}]
   ids = understanding.conversation_ids(turns, tok)
-  before = ids[0].index(-1)
+  before = ids[0].index(understanding.IMAGE)
   layout = understanding.lay_out(ids, tok, tokens_per_image=8, length=before + 5)
   assert layout.images_placed == 0 and layout.valid.sum() == before
   assert (layout.slot == 0).all()
@@ -117,8 +121,7 @@ def test_llava_records_read_their_pictures(tok, tmp_path):
       {'id': 2, 'image': ['pics/b.jpg', 'pics/a.png'],
        'conversations': _conversation('<image> or <image>?', 'the first')},
       {'id': 3, 'conversations': _conversation('Hello?')}])
-  ds = pipeline.understanding_dataset(data, UnderstandingSource.LLAVA_JSON, tok, 0, 16,
-                                      PictureFormat.DIFFUSION, (8, 8, 1))
+  ds = pipeline.understanding_dataset(data, UnderstandingSource.LLAVA_JSON, tok, 0, GREY)
   rows = [ds[0][k] for k in ('images', 'slot', 'tokens', 'loss_mask')]
   seen = {int(slot.max()) for slot in ds[0]['slot']}
   assert seen == {0, 1, 2}  # the three records, shuffled into one batch of 4
@@ -152,11 +155,11 @@ def test_an_unreadable_picture_is_named_or_skipped(tok, tmp_path):
       {'image': 'notes.png', 'conversations': _conversation('<image> ok?')},
       {'image': 'pics/a.png', 'conversations': _conversation('<image> ok?')}])
   listed = llava.records(data)
-  reader = llava.Conversation(listed, tok, data, 16, PictureFormat.DIFFUSION, (8, 8, 1))
+  reader = llava.Conversation(listed, tok, data, GREY)
   with pytest.raises(UserError, match='llava.json, record 0: .*notes.png is not an image file'):
     reader.map(0)
   data.skip_bad_records = True
-  sample = llava.Conversation(listed, tok, data, 16, PictureFormat.DIFFUSION, (8, 8, 1)).map(0)
+  sample = llava.Conversation(listed, tok, data, GREY).map(0)
   assert sample['slot'].max() == 1 and sample['images'][0].any()
 
 
@@ -171,14 +174,15 @@ def _drawing_config(tmp_path):
   config.data = data
   config.data.image_source, config.data.image_resolution = 'llava_json', 8
   config.data.prompt_len, config.data.cfg_dropout = 40, 0.0
-  config.model.vision_encoder, config.model.image_size, config.model.image_channels = 'vae', (8, 8), 3
+  config.model.vision_encoder = 'vae'
+  config.model.image_size, config.model.image_channels = (8, 8), 3
   return config
 
 
 def test_a_record_that_draws_is_an_interleaved_image_sample(tok, tmp_path):
   config = _drawing_config(tmp_path)
   ds = pipeline.image_dataset(config.data, pipeline.ImageSource.LLAVA_JSON, tok, 0, (8, 8, 3),
-                              (16, PictureFormat.DIFFUSION, (8, 8, 3)))
+                              RGB)
   row = {k: v[0] for k, v in ds[0].items()}
   # the prompt: BOS, the read picture's 17 slots, the text, "Here:", <im_start>; left-padded
   ids, _ = understanding.conversation_ids(_conversation('<image> Draw it again.')[:1], tok)
@@ -195,7 +199,7 @@ def test_a_record_that_draws_is_an_interleaved_image_sample(tok, tmp_path):
   with pytest.raises(UserError, match=r'llava.json, record 1: its prompt does not fit in '
                                       r'data.prompt_len'):
     pipeline.image_dataset(config.data, pipeline.ImageSource.LLAVA_JSON, tok, 0, (8, 8, 3),
-                           (16, PictureFormat.DIFFUSION, (8, 8, 3)))[0]
+                           RGB)[0]
 
 
 @pytest.mark.slow

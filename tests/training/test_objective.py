@@ -17,7 +17,7 @@ from helpers import (image_batches, reading_digits, signal_params, step_config, 
                      tiny_config)
 
 from monoformer_jax.data import pipeline
-from monoformer_jax.data.understanding import UnderstandingSource
+from monoformer_jax.data.understanding import Reading, UnderstandingSource
 from monoformer_jax.data.vision_input import PictureFormat
 from monoformer_jax.nn import vision
 from monoformer_jax.nn.layers import MaskType
@@ -47,9 +47,9 @@ def setting(tmp_path_factory, tokenizer_file):
   image = next(image_batches(config, setup.tok))
   image.pop('label')
   u = setup.model.understanding
-  reads = dict(pipeline.understanding_dataset(config.data, UnderstandingSource.DIGITS, setup.tok,
-                                              0, u.tokens_per_image, PictureFormat.DIFFUSION,
-                                              (8, 8, 1))[0])
+  reads = dict(pipeline.understanding_dataset(
+      config.data, UnderstandingSource.DIGITS, setup.tok, 0,
+      Reading(u.tokens_per_image, PictureFormat.DIFFUSION, (8, 8, 1)))[0])
   reads['features'] = vision.feature_encoder(config, VisionEncoder.VAE, setup.layout)(
       reads.pop('images'), None)
   params = signal_params(setup.model, key=3)
