@@ -1,6 +1,6 @@
 """The LLMs users start from today, in and out: SmolLM2-, Llama-3.2- and Qwen2.5-shaped sources
 (odd widths, heads and kv heads; llama3 scaling; tied; q/k/v bias; theta 1e6; a padded embedding)
-with byte-level BPE tokenizer.json files trained here, converted, trained 3 steps with
+with byte-level BPE tokenizer.json files trained here, converted, trained 3 text steps with
 model.size 'auto' and exported: transformers' logits and tokenization equal ours, and
 lm-eval-harness scores the Qwen2.5-shaped export as we do."""
 
@@ -111,7 +111,7 @@ def _make(name: str, tmp_path_factory):
   (src / 'tokenizer.json').write_text(tk.to_str())
   (src / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
   commands.run('llama', str(src), str(root / 'llm'), use_ema=True)
-  run_config = tiny_config(num_steps=3)
+  run_config = tiny_config(num_steps=3, diffusion_weight=0.0)  # export-llama writes the LLM alone
   run_config.model.size, run_config.model.init_from = 'auto', str(root / 'llm')
   run_config.data.prompt_len = 24
   train.train_and_evaluate(run_config, str(root / 'work'))
