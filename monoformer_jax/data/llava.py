@@ -10,8 +10,8 @@ sample) is drawn: such records are interleaved samples for `diffusion` steps
 (data.image_source 'llava_json'), which read the pictures before it in their prompt and learn to
 draw it; the others are `understanding` samples. A record whose placeholders are not one per
 picture, or with more pictures than data.images_per_sample, or not of this shape, is an error
-naming its file and record, as is an unreadable picture (the official reader puts a black square in its place);
-with data.skip_bad_records such records are skipped and counted.
+naming its file and record, as is an unreadable picture (the official reader puts a black
+square in its place); with data.skip_bad_records such records are skipped and counted.
 Dimension letters: I images per sample.
 """
 

@@ -30,16 +30,20 @@ def prompts(setup, conversations: list[list[dict]]) -> dict:
   return {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'valid', 'slot', 'offset')}
 
 
-def reading(setup, conversations: list[list[dict]], images: np.ndarray, key: jax.Array,
-            see=None) -> tuple[dict, Understanding]:
-  """Left-padded prompts ('tokens', 'valid' [B, P]) of conversations without their last
-  turn, and what they read: images [B, I, ...] through `see` (default: the config's vision
-  encoder), the time tokens at t = 0 (as the official inference)."""
-  see = see or vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
-  p = prompts(setup, conversations)
+def _read(p: dict, images: np.ndarray, see, key: jax.Array) -> tuple[dict, Understanding]:
+  """Prompts p ('tokens', 'valid') and what they read: images [B, I, ...] through see, the time
+  tokens at t = 0 (as the official inference)."""
   read = Understanding(see(jnp.asarray(images), key), jnp.asarray(p['slot']),
-                       jnp.asarray(p['offset']), jnp.zeros((len(conversations),), jnp.int32))
+                       jnp.asarray(p['offset']), jnp.zeros((len(images),), jnp.int32))
   return dict(tokens=jnp.asarray(p['tokens']), valid=jnp.asarray(p['valid'])), read
+
+
+def reading(setup, conversations: list[list[dict]], images: np.ndarray,
+            key: jax.Array) -> tuple[dict, Understanding]:
+  """Left-padded prompts ('tokens', 'valid' [B, P]) of conversations without their last
+  turn, and what they read: images [B, I, ...] through the config's vision encoder."""
+  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  return _read(prompts(setup, conversations), images, see, key)
 
 
 def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
@@ -50,14 +54,13 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
   key = jax.random.key(0) if key is None else key
   tok = setup.tok
   see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  every = prompts(setup, conversations)  # one length for every chunk
   out = []
   for start in range(0, len(conversations), _ROWS):
-    chunk, pictures = conversations[start:start + _ROWS], images[start:start + _ROWS]
-    n = len(chunk)
+    n = min(_ROWS, len(conversations) - start)
     rows = n if len(conversations) <= _ROWS else _ROWS  # chunks of one shape: one compile
-    prompt, read = reading(setup, chunk + chunk[-1:] * (rows - n),
-                           np.concatenate([pictures, np.repeat(pictures[-1:], rows - n, 0)]), key,
-                           see)
+    picked = np.minimum(np.arange(start, start + rows), start + n - 1)  # the last row repeated
+    prompt, read = _read({k: v[picked] for k, v in every.items()}, images[picked], see, key)
     ids = sampling.generate(setup.model, params, prompt['tokens'], prompt['valid'],
                             jax.random.fold_in(key, start), max_tokens=max_tokens,
                             temperature=temperature,
