@@ -28,8 +28,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (train an
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Work directory: checkpoints, logs, tokenizer.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text prompt for sample / generate.')
 _NUM = flags.DEFINE_integer('num', 16, 'Number of images to sample.')
-_IMAGE = flags.DEFINE_multi_string('image', [], 'generate: a picture the prompt reads (repeatable; '
-                                   'at the prompt\'s <image> placeholders, else before it).')
+_IMAGE = flags.DEFINE_multi_string('image', [], 'generate: a picture the prompt reads, at the '
+                                   'prompt\'s <image> placeholders or else before it (repeat the '
+                                   'flag for more pictures).')
 _OUT = flags.DEFINE_string('out', 'samples.png', 'PNG grid to write; FILE.npz is written beside.')
 _STEPS = flags.DEFINE_integer('steps', None, 'Sampling steps (default: the config).')
 _SAMPLER = flags.DEFINE_enum_class('sampler', None, Sampler, 'Sampler (default: the config).',
@@ -123,6 +124,10 @@ def _decoding() -> Decoding:
 
 def _evaluate(workdir: str) -> str:
   if _FID_REF.value or _FID_NPZ.value or _FID_STATS_OUT.value:
+    if workdir and not _FID_NPZ.value and not flags.FLAGS['num'].present:
+      raise UserError('evaluate --fid_ref measures the FID of --num samples of the model; give '
+                      '--num=N (50000 for the paper\'s FID-50K: FID over fewer samples reads '
+                      'higher).')
     request = scoring.FidRequest(_FID_REF.value, _INCEPTION.value, _FID_BATCH.value,
                                  _FID_STATS_OUT.value, _FID_NPZ.value, _NUM.value,
                                  _PROMPT_FILE.value)
@@ -155,7 +160,8 @@ def _run(command: str, argv: list[str]) -> str:
     texts = inference.generate_mixed(workdir, _PROMPT.value, _OUT.value, _NUM.value,
                                      _MAX_IMAGES.value, _decoding(), _choice(), _SEED.value,
                                      _EMA.value, _IMAGE.value)
-    return '\n'.join(f'{r}: {_PROMPT.value} {text}' for r, text in enumerate(texts))
+    *rows, written = texts
+    return '\n'.join([f'{r}: {_PROMPT.value} {text}' for r, text in enumerate(rows)] + [written])
   elif command == 'generate':
     return inference.generate(workdir, _PROMPT.value, _decoding(), _SEED.value, _EMA.value,
                               _IMAGE.value)

@@ -253,6 +253,10 @@ def _train(run: _Run, workdir: str) -> dict:
       metrics, images = default_eval.evaluate(setup, params, workdir, t.num_steps)
     log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))
   log.close()
+  if jax.process_index() == 0:
+    evaluated = f', the evaluation in {default_eval.EVAL_FILE}' if t.eval_at_end else ''
+    print(f'done: step {t.num_steps} saved in {ckpt.directory}; the metrics of every logged step '
+          f'in {log.path}{evaluated}, TensorBoard events in {workdir}.', flush=True)
   return metrics
 
 

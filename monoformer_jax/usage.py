@@ -5,6 +5,7 @@ one sentence for a flag it does not take (instead of ignoring it) or one that do
 import difflib
 import os
 import re
+from typing import Optional
 
 from absl import flags
 
@@ -17,10 +18,12 @@ _SAMPLER = ('sampler', 'steps', 'time_spacing', 'cfg_scale', 'seed', 'ema', 'vae
 
 
 class Command:
-  """A command's usage line, what it does, and the flags it reads."""
+  """A command's usage line, what it does, and the flags it reads; `meaning` gives a flag's
+  help (default included) where this command reads it otherwise than the flag's own help says."""
 
-  def __init__(self, usage: str, summary: str, own_flags: tuple[str, ...], multihost: bool = True):
-    self.usage, self.summary = usage, summary
+  def __init__(self, usage: str, summary: str, own_flags: tuple[str, ...], multihost: bool = True,
+               meaning: Optional[dict[str, str]] = None):
+    self.usage, self.summary, self.meaning = usage, summary, meaning or {}
     self.flags = own_flags + (_MULTIHOST if multihost else ())
 
 
@@ -38,7 +41,12 @@ COMMANDS = {
                         'text continuation with a KV cache (--image=FILE: pictures the prompt '
                         'reads); with --out=DIR, text with the images the model starts by itself',
                         ('workdir', 'prompt', 'max_tokens', 'temperature', 'top_k', 'top_p',
-                         'out', 'num', 'max_images', 'image') + _SAMPLER),
+                         'out', 'num', 'max_images', 'image') + _SAMPLER,
+                        meaning=dict(
+                            out='Directory to write generation.json and the drawn images to '
+                            '(mixed-modal generation); without it, text only.',
+                            num='With --out: rows to generate, each from the prompt. (default: '
+                            "'16')")),
     'evaluate': Command('--workdir=DIR',
                         'prompt accuracy, digit FD and held-out perplexity (the default); '
                         '--fid_ref=REF.npz --num=N: FID-N; --fid_npz=FILE: FID of a sample file; '
@@ -46,7 +54,9 @@ COMMANDS = {
                         'DIR/eval.json',
                         ('workdir', 'fid_ref', 'num', 'fid_npz', 'fid_batch', 'inception',
                          'fid_stats_out', 'prompt_file', 'tasks', 'limit', 'tfds_data_dir')
-                        + _SAMPLER),
+                        + _SAMPLER,
+                        meaning=dict(num='With --fid_ref: how many samples the FID is measured '
+                                     'on (required; 50000 for the paper\'s FID-50K).')),
     'prepare': Command('--tasks=LIST [--tfds_data_dir=DIR]',
                        'downloads and prepares the TFDS datasets of the text benchmarks that '
                        '`evaluate --tasks` scores (the one command here that uses the network)',
@@ -112,9 +122,13 @@ def command_help(name: str, flag_values: flags.FlagValues, extra: str = '') -> s
     lines.append(extra)
   lines.append('flags:')
   for flag_name in command.flags:
+    if flag_name in command.meaning:
+      lines.append(f'  --{flag_name}: {command.meaning[flag_name]}')
+      continue
     flag = flag_values[flag_name]
-    default = '' if flag.default in (None, '') else f' (default: {flag.default_as_str})'
-    lines.append(f'  --{flag_name}: {flag.help}{default}')
+    text = flag.help.split(';\n    repeat this option')[0]  # absl's note on repeatable flags
+    default = '' if flag.default in (None, '', []) else f' (default: {flag.default_as_str})'
+    lines.append(f'  --{flag_name}: {text}{default}')
   return '\n'.join(lines)
 
 

@@ -37,3 +37,21 @@ def new_bucket() -> str:
   name = f'test-{uuid.uuid4().hex[:12]}'
   storage.Client(project='emulator').create_bucket(name)
   return f'gs://{name}'
+
+
+def other_store(bucket: str):
+  """A second emulator, gcp-storage-emulator, with an empty bucket of the same name: a store
+  whose answers tensorstore does not accept (its object generations), so that pointing
+  TENSORSTORE_GCS_HTTP_URL at it (returned with the server, to stop) makes Orbax's array
+  writes fail as a failing store's do."""
+  import portpicker  # pylint: disable=import-outside-toplevel
+  from gcp_storage_emulator.server import create_server  # pylint: disable=import-outside-toplevel
+  from google.auth.credentials import AnonymousCredentials  # pylint: disable=import-outside-toplevel
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  port = portpicker.pick_unused_port()
+  server = create_server('127.0.0.1', port, in_memory=True)
+  server.start()
+  url = f'http://127.0.0.1:{port}'
+  storage.Client(project='emulator', credentials=AnonymousCredentials(),
+                 client_options={'api_endpoint': url}).create_bucket(bucket[len('gs://'):])
+  return url, server

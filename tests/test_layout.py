@@ -105,15 +105,15 @@ def test_no_module_is_too_long():
 
 def test_tests_mirror_the_package():
   """tests/PACKAGE/test_MODULE.py tests monoformer_jax/PACKAGE/MODULE.py; at the top,
-  test_MODULE.py a top-level module (test_layout and test_configs test the layout and
-  configs/)."""
+  test_MODULE.py a top-level module (test_layout, test_configs and test_requirements test the
+  layout, configs/ and requirements.txt)."""
   tests = os.path.join(ROOT, 'tests')
   modules = _modules()
   for path in glob.glob(os.path.join(tests, '**', 'test_*.py'), recursive=True):
     name = os.path.relpath(path, tests)[:-3].replace(os.sep, '.')
     package, _, module = name.rpartition('.')
     module = module.removeprefix('test_')
-    if not package and module in ('layout', 'configs'):
+    if not package and module in ('layout', 'configs', 'requirements'):
       continue
     assert f'{package}.{module}'.lstrip('.') in modules, f'tests/{name}.py mirrors no module'
 

@@ -3,15 +3,18 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (cli, devices_env, error_line, one_and_two_processes, reading_digits,
+from helpers import (ROOT, cli, devices_env, error_line, one_and_two_processes, reading_digits,
                      tiny_config)
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.convert import synthetic
 from monoformer_jax.data import digits
 from monoformer_jax.generation import mixed_modal
 from monoformer_jax.run import inference
@@ -45,6 +48,8 @@ def _bad_inputs(tmp_path):
       (['sample', '--workdir={trained}', '--nums=3'], '--nums is not a flag of `sample`; did you '
                                                       'mean --num?'),
       (['evaluate', '--workdir={trained}', '--prompt=x'], '--prompt is not a flag of `evaluate`'),
+      (['evaluate', '--workdir={trained}', f'--fid_ref={tmp_path / "ref.npz"}'],
+       'evaluate --fid_ref measures the FID of --num samples of the model; give --num=N'),
       (['convert', f'--src={tmp_path}'], 'convert takes one kind out of llama,'),
       (['generate', '--workdir={trained}', f'--out={tmp_path / "a_file"}'],
        'is a file; generate --out expects a directory'),
@@ -109,6 +114,14 @@ def test_each_command_lists_its_own_flags():
   assert '--max_tokens' not in flags and '--config' not in flags
   result = cli('convert', '--help')
   assert result.returncode == 0 and 'synthetic-llama' in result.stdout and '--src' in result.stdout
+  assert result.stdout.count('convert KIND --src=DIR --dst=DIR') == 1
+  # A flag's help is what it means for this command.
+  result = cli('generate', '--help')
+  helps = dict(line.strip().split(': ', 1) for line in result.stdout.splitlines()
+               if line.startswith('  --'))
+  assert helps['--out'].startswith('Directory to write generation.json') and 'PNG' not in helps['--out']
+  assert helps['--num'].startswith('With --out: rows to generate')
+  assert helps['--image'].endswith('(repeat the flag for more pictures).')
   result = cli('--help')
   assert result.returncode == 0 and all(f'  {c} ' in result.stdout
                                         for c in ('train', 'evaluate', 'prepare', 'study'))
@@ -168,6 +181,33 @@ def test_sample_generate_evaluate(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'is trained to step 2 and evaluated (eval.json); nothing to do' in result.stdout
   assert 'eval:' not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_user_sees_no_line_but_ours(tmp_path):
+  """Fresh interpreters, as a user starts them (the forked commands of cli() start from a server
+  that has TensorFlow loaded already): a short train, sample, generate and convert hf write
+  nothing to stderr, say what they wrote, and the train leaves no lock file behind."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+
+  def run(*args):
+    result = subprocess.run([sys.executable, '-m', 'monoformer_jax', *args], cwd=ROOT,
+                            env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stderr == '', (args, result.stderr[-3000:])
+    return result.stdout
+
+  workdir = tmp_path / 'w'
+  said = run('train', *TINY, '--config.train.eval_at_end=false', f'--workdir={workdir}')
+  assert f'done: step 2 saved in {workdir}/checkpoints; the metrics of every logged step in ' in said
+  assert not (workdir / 'train.lock').exists()
+  run('sample', f'--workdir={workdir}', '--prompt=a handwritten digit one', '--num=2',
+      '--steps=2', f'--out={tmp_path / "one.png"}')
+  said = run('generate', f'--workdir={workdir}', '--prompt=a handwritten digit', '--num=1',
+             '--max_tokens=4', '--steps=2', f'--out={tmp_path / "mixed"}')
+  assert said.splitlines()[-1].startswith(f'wrote {tmp_path / "mixed" / "generation.json"} and ')
+  synthetic.write_synthetic(str(tmp_path / 'hf'), '64,2,4,2,128,512', False)
+  run('convert', 'hf', f'--src={tmp_path / "hf"}', f'--dst={tmp_path / "converted"}')
 
 
 @pytest.mark.slow

@@ -5,4 +5,5 @@ files      every path, local or gs://, through etils.epath; outputs appear whole
 sharding   the device mesh, logical axis rules and global batches
 images     model images to uint8, grids, and the one place that writes PNG and .npz pictures
 progress   the progress lines of phases that take more than a moment
+quiet_import  TensorFlow loaded without the notices its C++ core prints as it loads
 """

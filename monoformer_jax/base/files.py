@@ -69,7 +69,7 @@ def bucket_exists(bucket: str) -> bool:
     return True
 
 
-def _reason(error: BaseException, path: str) -> str:
+def failure(error: BaseException, path: str) -> str:
   """What went wrong with a remote path, in words."""
   text = (str(error).splitlines() or [''])[0]
   if isinstance(error, FileNotFoundError):
@@ -98,7 +98,7 @@ def remote_errors(path: str) -> Iterator[None]:
   except Exception as e:  # pylint: disable=broad-except
     if not is_remote(path):
       raise
-    raise UserError(_reason(e, path) + '.') from e
+    raise UserError(failure(e, path) + '.') from e
 
 
 def exists(path: str) -> bool:

@@ -39,8 +39,7 @@ KINDS = {
 def usage() -> str:
   """What `convert --help` prints: each kind on one line."""
   width = max(map(len, KINDS))
-  return '\n'.join(['python -m monoformer_jax convert KIND --src=DIR --dst=DIR', 'kinds:']
-                   + [f'  {kind:{width}s}  {text}' for kind, text in KINDS.items()])
+  return '\n'.join(['kinds:'] + [f'  {kind:{width}s}  {text}' for kind, text in KINDS.items()])
 
 
 def export_llama(src: str, dst: str, use_ema: bool) -> None:

@@ -14,7 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from monoformer_jax.base import files
+from monoformer_jax.base import files, quiet_import
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import common, tokenizer as tokenizer_lib
 
@@ -37,6 +37,7 @@ def data_source(data: ml_collections.ConfigDict):
 
   Prepares it first (from the archives in data.imagenet_manual_dir) when
   data.tfds_data_dir does not hold it yet."""
+  quiet_import.load_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder('imagenet2012', data_dir=data.tfds_data_dir or None,
                          file_format='array_record')

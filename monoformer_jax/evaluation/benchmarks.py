@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from monoformer_jax.base import quiet_import
 from monoformer_jax.base.errors import UserError
 
 
@@ -101,6 +102,7 @@ def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
 
   This is TFDS's Python route (builder.download_and_prepare): the `tfds build` command
   would need apache-beam for its own imports, which none of these builders use."""
+  quiet_import.load_tensorflow()
   import requests  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.download import \
@@ -129,6 +131,7 @@ def prepare(names: Sequence[str], data_dir: str = '') -> dict[str, str]:
 
 def questions(name: str, data: ml_collections.ConfigDict, limit: int = 0) -> list[Question]:
   """The benchmark's questions in TFDS order (the first `limit`, 0 = all)."""
+  quiet_import.load_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   bench = BENCHMARKS[name]
   split = bench.split if not limit else f'{bench.split}[:{limit}]'

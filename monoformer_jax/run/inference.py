@@ -3,6 +3,7 @@ inference, then pictures or text written (process 0 writes; every host computes)
 """
 
 import dataclasses
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -169,7 +170,8 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
                    decoding: mixed_modal.Decoding, choice: SamplingChoice, seed: int,
                    use_ema: bool, pictures: Sequence[str] = ()) -> list[str]:
   """generate --out=DIR: `num` rows of text with the images the model starts by itself, as
-  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders. With
+  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders, then
+  a line naming what was written. With
   pictures, the prompt reads them first (--image)."""
   _check_decoding(decoding)
   if num < 1 or max_images < 0:
@@ -199,4 +201,6 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
                               np.repeat(valid[None], num, 0), jax.random.key(seed), tok=tok,
                               spec=spec, decoding=decoding, max_images=max_images,
                               understand=read)
-  return mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))
+  texts = mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))
+  drawn = sum(len(row.images) for row in rows)
+  return texts + [f'wrote {os.path.join(out, "generation.json")} and {drawn} picture(s) beside it.']

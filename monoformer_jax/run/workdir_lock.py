@@ -1,20 +1,23 @@
 """One `train` per workdir, held by process 0 while the run lasts.
 
-A local workdir: an exclusive flock on WORKDIR/train.lock; the kernel drops it with the
-process, so a killed run leaves nothing stuck.
+A local workdir: an exclusive flock on WORKDIR/train.lock, removed when the run ends; the kernel
+drops the lock with the process, so a killed run leaves nothing stuck.
 
 A workdir in a bucket: objects cannot be locked, so WORKDIR/train.lock is a lease. It is created
 only if absent (a generation precondition, which the store checks atomically), rewritten every
 quarter of LEASE_SECONDS on the same kind of precondition by a background thread, and deleted
-when the run ends. A `train` that finds a lease renewed within the last one and a half renewal
-periods refuses to start; one that finds an older lease (its holder most likely crashed, e.g. a
-job SLURM requeued) waits until the lease has gone LEASE_SECONDS without renewal and takes it
-over, again conditionally, so that of two runs taking over one stale lease only one wins. A run
-whose lease was taken over (it stalled for longer than LEASE_SECONDS) learns it at its next
-renewal and stops at its next checkpoint without saving. What a lease cannot do: stop a run that
-stalls past its lease and then writes before its next renewal, or let a run restarted at once
-after a crash start before that lease expires; and it trusts the hosts' clocks to within a
-fraction of LEASE_SECONDS.
+when the run ends. It names its holder's machine and process. A `train` that finds a lease held
+on its own machine looks the holder up: a process that is gone (killed, e.g. by a scheduler
+that restarts the job at once) is taken over at once; a live one that renewed within the last
+one and a half renewal periods is refused. A lease of another machine, or one that has stopped
+being renewed, is waited for until it has gone LEASE_SECONDS without renewal (its holder most
+likely crashed, e.g. a job SLURM requeued) and then taken over, again conditionally, so that of
+two runs taking over one stale lease only one wins; a holder that renewed while this run waited
+is alive, and this run is refused. A run whose lease was taken over (it stalled for longer than
+LEASE_SECONDS) learns it at its next renewal and stops at its next checkpoint without saving.
+What a lease cannot do: stop a run that stalls past its lease and then writes before its next
+renewal; and it trusts the hosts' clocks to within a fraction of LEASE_SECONDS, and the machine
+names (host name and boot) to tell machines apart.
 """
 
 import fcntl  # local: the lock of a local workdir
@@ -48,24 +51,68 @@ def _in_use(workdir: str, holder: str) -> UserError:
 
 
 class FileLock:
-  """The flock of a local workdir."""
+  """The flock of a local workdir; the file is removed when the run ends."""
 
   def __init__(self, workdir: str):
-    self.handle = open(os.path.join(workdir, LOCK_FILE), 'a+', encoding='utf-8')  # local: flock
-    try:
-      fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # local by nature
-    except OSError:
-      self.handle.seek(0)
-      holder = self.handle.read().strip() or 'another process'
+    self.path = os.path.join(workdir, LOCK_FILE)
+    while True:
+      self.handle = open(self.path, 'a+', encoding='utf-8')  # local: flock
+      try:
+        fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # local by nature
+      except OSError:
+        self.handle.seek(0)
+        holder = self.handle.read().strip() or 'another process'
+        self.handle.close()
+        raise _in_use(workdir, holder) from None
+      # A run that ends removes the file while it holds the lock: a file opened before that
+      # is no longer the workdir's, and its lock excludes nobody. Open the current one.
+      if _same_file(self.handle, self.path):
+        break
       self.handle.close()
-      raise _in_use(workdir, holder) from None
     self.handle.truncate(0)
     self.handle.write(_holder() + '\n')
     self.handle.flush()
     self.lost = False
 
   def close(self) -> None:
+    try:
+      os.remove(self.path)  # local: still under the lock
+    except FileNotFoundError:
+      pass
     self.handle.close()
+
+
+def _same_file(handle, path: str) -> bool:
+  try:
+    return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino  # local
+  except FileNotFoundError:
+    return False
+
+
+def _machine() -> str:
+  """This machine (its name and boot): the processes of a lease's holder on the same one can be
+  looked up."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:  # local: Linux's
+      boot = f.read().strip()
+  except OSError:
+    boot = ''
+  return f'{socket.gethostname()} {boot}'
+
+
+def _gone(pid: int) -> bool:
+  """Whether no process `pid` runs on this machine (a zombie counts as gone)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:  # local: Linux's process table
+      return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+  except (OSError, IndexError):
+    return False
 
 
 class BucketLease:
@@ -85,7 +132,8 @@ class BucketLease:
     self.thread.start()
 
   def _write(self, generation: int) -> None:
-    record = json.dumps(dict(holder=_holder(), renewed=time.time(), seconds=self.seconds))
+    record = json.dumps(dict(holder=_holder(), machine=_machine(), pid=os.getpid(),
+                             renewed=time.time(), seconds=self.seconds))
     self.blob.upload_from_string(record, if_generation_match=generation, timeout=30)
     self.generation = self.blob.generation
 
@@ -99,19 +147,25 @@ class BucketLease:
     generation = current.generation if current else 0
     if current is not None:
       age = time.time() - current.updated.timestamp()
-      holder = json.loads(current.download_as_text(timeout=30) or '{}').get('holder', 'unknown')
-      if age < self.seconds * 3 / 8:  # renewed within one and a half renewal periods: alive
+      record = json.loads(current.download_as_text(timeout=30) or '{}')
+      holder = record.get('holder', 'unknown')
+      here = record.get('machine') == _machine()
+      if here and _gone(int(record.get('pid', 0))):  # killed on this machine: nothing to wait for
+        print(f'taking over the lease of {workdir} from {holder}: that process is gone.',
+              file=sys.stderr, flush=True)
+      elif here and age < self.seconds * 3 / 8:  # alive, and renewing
         raise _in_use(workdir, f'{holder}, its lease renewed {age:.0f} s ago')
-      if age < self.seconds:  # two renewals missed: a crashed run (a requeued job) most likely
-        print(f'waiting {self.seconds - age:.0f} s for the lease of {workdir} ({holder}, not '
-              f'renewed for {age:.0f} s) to expire.', file=sys.stderr, flush=True)
-        time.sleep(self.seconds - age)
-        latest = self.blob.bucket.get_blob(self.blob.name, timeout=30)
-        if latest is not None and latest.generation != generation:
-          raise _in_use(workdir, f'{holder}, which renewed its lease while this run waited')
-        generation = latest.generation if latest else 0
-      print(f'warning: taking over the lease of {workdir} from {holder}, not renewed for '
-            f'{age:.0f} s (longer than {self.seconds:.0f} s).', file=sys.stderr, flush=True)
+      else:  # another machine's (alive or not), or a stalled run: its lease must run out
+        if age < self.seconds:
+          print(f'waiting {self.seconds - age:.0f} s for the lease of {workdir} ({holder}, '
+                f'renewed {age:.0f} s ago) to run out.', file=sys.stderr, flush=True)
+          time.sleep(self.seconds - age)
+          latest = self.blob.bucket.get_blob(self.blob.name, timeout=30)
+          if latest is not None and latest.generation != generation:
+            raise _in_use(workdir, f'{holder}, which renewed its lease while this run waited')
+          generation = latest.generation if latest else 0
+        print(f'warning: taking over the lease of {workdir} from {holder}, not renewed for '
+              f'{max(age, self.seconds):.0f} s.', file=sys.stderr, flush=True)
     try:
       self._write(generation)
     except self.conflict:

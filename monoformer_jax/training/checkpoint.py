@@ -86,12 +86,16 @@ def disk_full(error: BaseException) -> bool:
 class _RaisedByTheWaiter(logging.Filter):
   """Drops the error logs of Orbax's background save threads and of their asyncio tasks: the
   thread that waits for the save raises the same error, which is reported once (a full disk
-  as one sentence)."""
+  as one sentence). Also Orbax's warning that a save without OCDBT (what conversions write)
+  has no per-process OCDBT files to merge: there is nothing to merge."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, '/')
+    if path.endswith('orbax/checkpoint/_src/serialization/ocdbt_utils.py') and (
+        'Skipping merge of OCDBT checkpoints' in str(record.msg)):
+      return False
     if record.levelno < logging.ERROR:
       return True
-    path = record.pathname.replace(os.sep, '/')
     if 'orbax/checkpoint/' in path and (
         path.endswith(('/futures/future.py', '/checkpointers/async_checkpointer.py'))
         or record.funcName == 'wait_until_finished'):
@@ -153,18 +157,23 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def _written(self, action: Callable[[], None], step: Optional[int]) -> None:
-    """Runs a save of `step` (or the wait for one, step None); a full disk becomes one sentence."""
+    """Runs a save of `step` (or the wait for one, step None); a full disk, or any failure of a
+    bucket's store, becomes one sentence that names the checkpoint kept."""
     try:
       action()
     except Exception as e:  # pylint: disable=broad-except
-      if not disk_full(e):
+      full = disk_full(e)
+      if not full and not files.is_remote(self.directory):
         raise
       finished = [s for s in self.all_steps() if s != step]
       last = f'step {finished[0]}' if finished else 'none'
       what = 'a checkpoint' if step is None else f'checkpoint step {step}'
-      raise UserError(f'the disk holding {self.directory} is full; {what} was not written. The '
-                      f'last finished checkpoint is {last}; free space and run the same command '
-                      'to resume from it.') from e
+      cause, remedy = ((f'the disk holding {self.directory} is full',
+                        'free space and run the same command to resume from it') if full else
+                       (f'the store failed ({files.failure(e, self.directory)})',
+                        'run the same command to resume from it once the store works'))
+      raise UserError(f'{cause}; {what} was not written. The last finished checkpoint is {last}; '
+                      f'{remedy}.') from e
 
   def save(self, step: int, state, data_state: dict[str, Any],
            config: ml_collections.ConfigDict) -> None:

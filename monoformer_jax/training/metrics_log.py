@@ -24,7 +24,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 import jax
 import numpy as np
 
-from monoformer_jax.base import files, images as images_lib
+from monoformer_jax.base import files, images as images_lib, quiet_import
 
 
 METRICS_FILE = 'metrics.jsonl'
@@ -93,6 +93,7 @@ def _tensorboard_writer(workdir: str, leader: bool):
   if files.is_remote(workdir):
     return BucketEvents(workdir) if leader else _NO_EVENTS
   # clu brings in TensorFlow; imported here so that commands that log nothing stay light.
+  quiet_import.load_tensorflow()
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:

@@ -3,6 +3,7 @@ latents) are gone samples, generates and exports, from another directory; one `t
 time holds a workdir."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -81,5 +82,6 @@ def test_a_second_train_on_a_workdir_in_use_is_refused(tmp_path):
   finally:
     first.kill()  # kill -9 ...
     first.communicate()
-  workdir_lock.take(workdir).close()  # ... leaves no stale lock
+  workdir_lock.take(workdir).close()  # ... leaves no stale lock, and a run that ends no file
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   assert [r['step'] for r in metrics_rows(workdir)][:2] == [1, 2]  # the first run's rows are intact

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import zlib
 
+import emulator
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +176,28 @@ def test_async_save_overlaps_steps_and_matches_a_synchronous_save(workdir, tmp_p
   b = checkpoint.Checkpointer(str(tmp_path / 'sync'), create=False).restore(1, abstract)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_store_failing_inside_a_save_is_one_sentence_and_the_last_step_stays(bucket,
+                                                                             monkeypatch):
+  """A bucket workdir whose store fails while Orbax writes the arrays of step 2."""
+  config, params = tiny_config(), {'decoder': {'layers': {'0': {'w': np.arange(6.0)}}}}
+  workdir = f'{bucket}/w'
+  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt.save_weights(1, params, config)
+  url, server = emulator.other_store(bucket)
+  monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', url)
+  try:
+    with pytest.raises(UserError) as raised:
+      ckpt.save_weights(2, params, config)
+  finally:
+    monkeypatch.undo()
+    server.stop()
+    ckpt.manager.close()
+  message = str(raised.value)
+  assert message.startswith(f'the store failed ({workdir}/checkpoints') and '\n' not in message
+  assert 'checkpoint step 2 was not written. The last finished checkpoint is step 1' in message
+  assert checkpoint.open_existing(workdir).all_steps() == [1]
 
 
 def test_checksums_are_part_of_every_finished_step(tmp_path, bucket):
