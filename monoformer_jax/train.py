@@ -254,9 +254,11 @@ def _train(run: _Run, workdir: str) -> dict:
     log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))
   log.close()
   if jax.process_index() == 0:
-    evaluated = f', the evaluation in {default_eval.EVAL_FILE}' if t.eval_at_end else ''
-    print(f'done: step {t.num_steps} saved in {ckpt.directory}; the metrics of every logged step '
-          f'in {log.path}{evaluated}, TensorBoard events in {workdir}.', flush=True)
+    evaluated = (f', the evaluation in {os.path.join(workdir, default_eval.EVAL_FILE)}'
+                 if t.eval_at_end else '')
+    print(f'done: step {t.num_steps} saved in {os.path.join(workdir, "checkpoints")}; the metrics '
+          f'of every logged step in {log.path}{evaluated}, TensorBoard events in {workdir}.',
+          flush=True)
   return metrics
 
 

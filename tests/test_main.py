@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (ROOT, cli, devices_env, error_line, one_and_two_processes, reading_digits,
-                     tiny_config)
+from helpers import (ROOT, cli, devices_env, error_line, metrics_rows, one_and_two_processes,
+                     reading_digits, tiny_config)
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import synthetic
@@ -82,6 +82,8 @@ def _bad_inputs(tmp_path):
        "config key model.vision_encoder is 'siglip'; expected one of 'none', 'vae', 'clip'"),
       (train + ['--config.model.vision_encoder=clip', f'--config.model.clip={tmp_path / "nope"}'],
        'which is not a converted CLIP directory'),
+      (train + ['--config.train.understanding_eval_every=5'],
+       'train.understanding_eval_every asks the held-out digit questions'),
       (train + ['--config.data.understanding_source=digits',
                 '--config.train.understanding_weight=1'], 'whose images need a vision encoder'),
       (['convert', 'clip', f'--src={tmp_path / "no_clip"}', '--dst={new}'],
@@ -235,7 +237,11 @@ def test_a_flow_workdir_end_to_end(tmp_path):
 
 def test_generate_reads_pictures(trained, workdir, tmp_path):
   """generate --image: the prompt reads the pictures (a digit PNG), or one error sentence."""
-  train.train_and_evaluate(reading_digits(tiny_config(num_steps=2)), workdir)
+  config = reading_digits(tiny_config(num_steps=2))
+  config.train.understanding_eval_every = 2  # the questions answered while training, as rows
+  train.train_and_evaluate(config, workdir)
+  row, = [r for r in metrics_rows(workdir) if r['kind'] == 'digit_questions']
+  assert row['step'] == 2 and {'understanding/two_images', 'understanding/contradictions'} <= set(row)
   images, _ = digits.subset(0.25, heldout=True)
   picture = tmp_path / 'digit.png'
   Image.fromarray(np.round((images[0, ..., 0] + 1) * 127.5).astype(np.uint8)).save(picture)

@@ -134,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # held-out losses every this many steps; 0 = never
   c.train.text_eval_every = 0  # eval.tasks scored every this many steps; 0 = never
   c.train.fid_every = 0  # FID of train.fid_num samples every this many steps; 0 = never
+  c.train.understanding_eval_every = 0  # digit questions answered every this many steps; 0 = never
   c.train.fid_num = 10000  # samples per FID during training (FID-10K, the paper's ablations)
   c.train.profile_start = 10  # first step of the profiler trace (after compilation)
   c.train.profile_steps = 0  # steps traced into WORKDIR/plugins/profile; 0 = none

@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import jax
 
-from monoformer_jax.evaluation import default_eval, fid_eval, fid_samples, text_tasks
+from monoformer_jax.evaluation import (default_eval, fid_eval, fid_samples, text_tasks,
+                                       understanding_eval)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +20,9 @@ class Periodic:
 
 
 def from_config(setup) -> list[Periodic]:
-  """What train.eval_every (held-out losses), text_eval_every (the eval.tasks table) and
-  fid_every (FID-{train.fid_num}) ask for; zero periods ask for nothing."""
+  """What train.eval_every (held-out losses), text_eval_every (the eval.tasks table),
+  fid_every (FID-{train.fid_num}) and understanding_eval_every (the held-out digit questions)
+  ask for; zero periods ask for nothing."""
   config, t = setup.config, setup.config.train
   found = []
   if t.eval_every:
@@ -32,6 +34,10 @@ def from_config(setup) -> list[Periodic]:
         text_tasks.metrics_of(text_tasks.score(setup, state.params, names, limit)))))
   if t.fid_every:
     found.append(Periodic('fid', t.fid_every, _fid(setup)))
+  if t.understanding_eval_every:
+    found.append(Periodic('digit_questions', t.understanding_eval_every, lambda state, step: (
+        understanding_eval.digit_questions(
+            setup, state.ema_params if config.sample.use_ema else state.params))))
   return found
 
 

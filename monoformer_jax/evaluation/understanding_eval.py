@@ -71,16 +71,43 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
 
 
 def digit_questions(setup, params, pairs: int = 200) -> dict[str, float]:
-  """understanding/one_image and understanding/two_images: the fractions answered right."""
+  """understanding/one_image and understanding/two_images: the fractions answered right;
+  understanding/two_image_names: the two-image answers that name both digits right;
+  understanding/contradictions: the two-image answers whose verdict its own names refute."""
   questions = digits_vqa.heldout_questions(setup.config.data, pairs)
   with progress.phase(f'eval: {len(questions)} questions on held-out digits'):
     ids = answers(setup, params, [q for q, _ in questions], np.stack([i for _, i in questions]))
   got = [setup.tok.decode(row).strip() for row in ids]
+  expected = [q[-1]['value'] for q, _ in questions]
   two = np.array([understanding.count_placeholders(q) == 2 for q, _ in questions])
-  verdict = lambda text: text.split()[-1] if text.split() else ''  # noqa: E731
-  right = np.array([(verdict(a) == verdict(q[-1]['value'])) if pair else a == q[-1]['value']
-                    for a, (q, _), pair in zip(got, questions, two)])
+  right = np.array([(_verdict(a) == _verdict(e)) if pair else a == e
+                    for a, e, pair in zip(got, expected, two)])
   metrics = {'understanding/one_image': float(right[~two].mean())}
   if two.any():
+    pairs_got = [a for a, pair in zip(got, two) if pair]
+    pairs_expected = [e for e, pair in zip(expected, two) if pair]
     metrics['understanding/two_images'] = float(right[two].mean())
+    metrics['understanding/two_image_names'] = float(np.mean(
+        [_names(a) == _names(e) for a, e in zip(pairs_got, pairs_expected)]))
+    metrics['understanding/contradictions'] = float(np.mean([contradicts(a) for a in pairs_got]))
   return metrics
+
+
+def _verdict(answer: str) -> str:
+  return answer.split()[-1] if answer.split() else ''
+
+
+def _names(answer: str) -> list[str]:
+  """The digits an answer 'seven and three: no' names ([] when it is not of that form)."""
+  named, colon, _ = answer.rpartition(':')
+  parts = [p.strip() for p in named.split(' and ')]
+  return parts if colon and len(parts) == 2 else []
+
+
+def contradicts(answer: str) -> bool:
+  """Whether a two-image answer's verdict is refuted by the names it gives: 'five and five: no',
+  'five and six: yes'. An answer of another form contradicts nothing."""
+  names, verdict = _names(answer), _verdict(answer)
+  if not names or verdict not in ('yes', 'no'):
+    return False
+  return (names[0] == names[1]) != (verdict == 'yes')

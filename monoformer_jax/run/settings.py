@@ -65,7 +65,7 @@ _RANGES = (
         'train.loss_chunk', 'train.checkpoint_minutes', 'train.eval_every', 'train.fid_every',
         'train.text_eval_every', 'eval.task_limit', 'train.profile_start', 'train.profile_steps',
         'sample.cfg_scale', 'eval.text_batches', 'eval.text_questions', 'bench.warmup',
-        'train.understanding_weight')),
+        'train.understanding_weight', 'train.understanding_eval_every')),
     (lambda v: 0 <= v < 1, 'a fraction in [0, 1)', (
         'data.cfg_dropout', 'optim.b1', 'optim.b2', 'train.ema_decay')),
     (lambda v: 0 < v < 1, 'a fraction in (0, 1)', ('data.heldout_fraction',)),
@@ -119,6 +119,10 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
                                  not config.eval.text_questions):
       raise UserError('config key eval.tasks has next_line, which needs held-out text: '
                       'data.text_source \'corpus\' and eval.text_questions > 0.')
+  if (config.train.understanding_eval_every
+      and settings.understanding_source != UnderstandingSource.DIGITS):
+    raise UserError('config key train.understanding_eval_every asks the held-out digit '
+                    'questions, which data.understanding_source \'digits\' has; set it to 0.')
   if config.train.fid_every and image_source == ImageSource.T2I_JSONL:
     raise UserError('config key train.fid_every samples the class prompts, which data.image_source '
                     '\'t2i_jsonl\' lacks; set it to 0 and run evaluate --fid_ref --prompt_file.')

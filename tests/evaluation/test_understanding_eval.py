@@ -26,3 +26,12 @@ def test_chunked_answers_equal_each_question_alone(tokenizer_file, tmp_path, mon
            for c, i in zip(conversations, images)]
   assert together == alone
   assert len({tuple(a) for a in alone}) > 1  # the answers depend on what is read
+
+
+def test_a_verdict_its_own_names_refute_is_a_contradiction():
+  assert understanding_eval.contradicts('five and five: no')
+  assert understanding_eval.contradicts('five and six: yes')
+  assert not understanding_eval.contradicts('five and five: yes')
+  assert not understanding_eval.contradicts('zero and six: no')
+  assert not understanding_eval.contradicts('five')  # not a comparison
+  assert not understanding_eval.contradicts('five and six: maybe')
