@@ -97,7 +97,9 @@ def test_generate_out_writes_text_images_and_a_record(trained, tmp_path):
   pictures = sorted(p.name for p in out.glob('*.png'))
   assert pictures == sorted(name for r in record for name in r['images'])
   assert all(len(r['tokens']) <= 6 for r in record)
-  assert len(result.stdout.splitlines()) == 3
+  *rows, written = result.stdout.splitlines()
+  assert len(rows) == 3 and written == (f'wrote {out / "generation.json"} and {len(pictures)} '
+                                        'picture(s) beside it.')
   bad = cli('generate', f'--workdir={trained}', '--prompt=x', f'--out={tmp_path / "no"}',
             '--max_images=-1')
   assert bad.returncode == 2 and '--max_images' in bad.stderr and 'Traceback' not in bad.stderr
