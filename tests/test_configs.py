@@ -6,14 +6,16 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
-from helpers import ROOT, step_config, tiny_config
+from helpers import ROOT, metrics_rows, step_config, tiny_config
 
+from monoformer_jax import train
 from monoformer_jax.base import sharding
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
@@ -233,3 +235,18 @@ def test_model_flops_agree_with_xla_cost_analysis(kind):
   costs = costs[0] if isinstance(costs, (list, tuple)) else costs
   analytic = bench.forward_flops(model, params, kind, batch, length, length)
   assert analytic == pytest.approx(float(costs['flops']), rel=0.03)
+
+
+@pytest.mark.slow
+def test_digits_vqa_trains_at_its_own_sizes_in_a_few_steps(tmp_path, tokenizer_file):
+  """configs/digits_vqa.py as written (model, batches, questions), a few steps of each kind:
+  what the README's full runs start from, at the cost of a test (the full runs are not in the
+  suite; the evaluator that asks the questions while training is tested at the tiny size)."""
+  config = _load(os.path.join(ROOT, 'configs', 'digits_vqa.py')).get_config()
+  config.train.num_steps, config.train.eval_at_end = 6, False
+  config.train.log_every = 1
+  workdir = tmp_path / 'w'
+  workdir.mkdir()
+  shutil.copy(tokenizer_file, workdir / 'tokenizer.model')
+  train.train_and_evaluate(config, str(workdir))
+  assert {r['kind'] for r in metrics_rows(str(workdir))} == {'ar', 'understanding', 'diffusion'}

@@ -1,6 +1,9 @@
 """Questions on the bundled digits, the embedded default's images to understand: "<image>
 Which digit is this?" -> "seven", and "<image><image> Are these the same digit?" -> "seven and
-three: no" (the answer names what it compares, then the verdict).
+three no" (the answer names what it compares, then the verdict). The verdict follows the second
+name directly: it is predicted where that name is read, so one attention hop to the first name
+decides it. With a colon between ("seven and three: no") it was predicted one token later, and
+the comparison was learned or not depending on the seed and the machine's rounding.
 
 Training asks about the training digits (half one-image, half two-image questions, half of the
 pairs the same digit); evaluation asks about the held-out digits, the same questions every time.
@@ -28,7 +31,7 @@ def conversation(labels: list[int], question: str = '') -> list[dict]:
   if len(labels) == 1:
     answer = names[0]
   else:
-    answer = f'{names[0]} and {names[1]}: {"yes" if labels[0] == labels[1] else "no"}'
+    answer = f'{names[0]} and {names[1]} {"yes" if labels[0] == labels[1] else "no"}'
   return [{'from': 'human', 'value': f'{placeholders}\n{question or TWO_IMAGES}'},
           {'from': 'gpt', 'value': answer}]
 

@@ -98,15 +98,14 @@ def _verdict(answer: str) -> str:
 
 
 def _names(answer: str) -> list[str]:
-  """The digits an answer 'seven and three: no' names ([] when it is not of that form)."""
-  named, colon, _ = answer.rpartition(':')
-  parts = [p.strip() for p in named.split(' and ')]
-  return parts if colon and len(parts) == 2 else []
+  """The digits an answer 'seven and three no' names ([] when it is not of that form)."""
+  words = answer.split()
+  return [words[0], words[2]] if len(words) == 4 and words[1] == 'and' else []
 
 
 def contradicts(answer: str) -> bool:
-  """Whether a two-image answer's verdict is refuted by the names it gives: 'five and five: no',
-  'five and six: yes'. An answer of another form contradicts nothing."""
+  """Whether a two-image answer's verdict is refuted by the names it gives: 'five and five no',
+  'five and six yes'. An answer of another form contradicts nothing."""
   names, verdict = _names(answer), _verdict(answer)
   if not names or verdict not in ('yes', 'no'):
     return False

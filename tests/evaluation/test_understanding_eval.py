@@ -29,9 +29,11 @@ def test_chunked_answers_equal_each_question_alone(tokenizer_file, tmp_path, mon
 
 
 def test_a_verdict_its_own_names_refute_is_a_contradiction():
-  assert understanding_eval.contradicts('five and five: no')
-  assert understanding_eval.contradicts('five and six: yes')
-  assert not understanding_eval.contradicts('five and five: yes')
-  assert not understanding_eval.contradicts('zero and six: no')
+  assert digits_vqa.conversation([5, 5])[-1]['value'] == 'five and five yes'
+  assert understanding_eval.contradicts('five and five no')
+  assert understanding_eval.contradicts('five and six yes')
+  assert not understanding_eval.contradicts('five and five yes')
+  assert not understanding_eval.contradicts('zero and six no')
   assert not understanding_eval.contradicts('five')  # not a comparison
-  assert not understanding_eval.contradicts('five and six: maybe')
+  assert not understanding_eval.contradicts('five and six maybe')
+  assert not understanding_eval.contradicts('five or six yes')
