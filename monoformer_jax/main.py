@@ -157,11 +157,9 @@ def _run(command: str, argv: list[str]) -> str:
     inference.sample(workdir, _PROMPT.value, _NUM.value, _OUT.value, _choice(), _SEED.value,
                      _EMA.value)
   elif command == 'generate' and flags.FLAGS['out'].present:
-    texts = inference.generate_mixed(workdir, _PROMPT.value, _OUT.value, _NUM.value,
-                                     _MAX_IMAGES.value, _decoding(), _choice(), _SEED.value,
-                                     _EMA.value, _IMAGE.value)
-    *rows, written = texts
-    return '\n'.join([f'{r}: {_PROMPT.value} {text}' for r, text in enumerate(rows)] + [written])
+    return inference.generate_mixed(workdir, _PROMPT.value, _OUT.value, _NUM.value,
+                                    _MAX_IMAGES.value, _decoding(), _choice(), _SEED.value,
+                                    _EMA.value, _IMAGE.value)
   elif command == 'generate':
     return inference.generate(workdir, _PROMPT.value, _decoding(), _SEED.value, _EMA.value,
                               _IMAGE.value)

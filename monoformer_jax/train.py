@@ -248,7 +248,7 @@ def _train(run: _Run, workdir: str) -> dict:
 
   metrics = {}
   if t.eval_at_end:
-    params = state.ema_params if config.sample.use_ema else state.params
+    params = evaluators.sampled_params(state, config)
     with sharding.activate(layout):
       metrics, images = default_eval.evaluate(setup, params, workdir, t.num_steps)
     log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))

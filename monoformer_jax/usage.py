@@ -19,10 +19,11 @@ _SAMPLER = ('sampler', 'steps', 'time_spacing', 'cfg_scale', 'seed', 'ema', 'vae
 
 class Command:
   """A command's usage line, what it does, and the flags it reads; `meaning` gives a flag's
-  help (default included) where this command reads it otherwise than the flag's own help says."""
+  help where this command reads it otherwise than the flag's own help says, and whether the
+  flag's default applies to it."""
 
   def __init__(self, usage: str, summary: str, own_flags: tuple[str, ...], multihost: bool = True,
-               meaning: Optional[dict[str, str]] = None):
+               meaning: Optional[dict[str, tuple[str, bool]]] = None):
     self.usage, self.summary, self.meaning = usage, summary, meaning or {}
     self.flags = own_flags + (_MULTIHOST if multihost else ())
 
@@ -43,10 +44,9 @@ COMMANDS = {
                         ('workdir', 'prompt', 'max_tokens', 'temperature', 'top_k', 'top_p',
                          'out', 'num', 'max_images', 'image') + _SAMPLER,
                         meaning=dict(
-                            out='Directory to write generation.json and the drawn images to '
-                            '(mixed-modal generation); without it, text only.',
-                            num='With --out: rows to generate, each from the prompt. (default: '
-                            "'16')")),
+                            out=('Directory to write generation.json and the drawn images to '
+                                 '(mixed-modal generation); without it, text only.', False),
+                            num=('With --out: rows to generate, each from the prompt.', True))),
     'evaluate': Command('--workdir=DIR',
                         'prompt accuracy, digit FD and held-out perplexity (the default); '
                         '--fid_ref=REF.npz --num=N: FID-N; --fid_npz=FILE: FID of a sample file; '
@@ -55,8 +55,8 @@ COMMANDS = {
                         ('workdir', 'fid_ref', 'num', 'fid_npz', 'fid_batch', 'inception',
                          'fid_stats_out', 'prompt_file', 'tasks', 'limit', 'tfds_data_dir')
                         + _SAMPLER,
-                        meaning=dict(num='With --fid_ref: how many samples the FID is measured '
-                                     'on (required; 50000 for the paper\'s FID-50K).')),
+                        meaning=dict(num=('With --fid_ref: how many samples the FID is measured '
+                                      'on (required; 50000 for the paper\'s FID-50K).', False))),
     'prepare': Command('--tasks=LIST [--tfds_data_dir=DIR]',
                        'downloads and prepares the TFDS datasets of the text benchmarks that '
                        '`evaluate --tasks` scores (the one command here that uses the network)',
@@ -122,12 +122,11 @@ def command_help(name: str, flag_values: flags.FlagValues, extra: str = '') -> s
     lines.append(extra)
   lines.append('flags:')
   for flag_name in command.flags:
-    if flag_name in command.meaning:
-      lines.append(f'  --{flag_name}: {command.meaning[flag_name]}')
-      continue
     flag = flag_values[flag_name]
     text = flag.help.split(';\n    repeat this option')[0]  # absl's note on repeatable flags
-    default = '' if flag.default in (None, '', []) else f' (default: {flag.default_as_str})'
+    text, shown = command.meaning.get(flag_name, (text, True))
+    default = ('' if not shown or flag.default in (None, '', [])
+               else f' (default: {flag.default_as_str})')
     lines.append(f'  --{flag_name}: {text}{default}')
   return '\n'.join(lines)
 

@@ -36,9 +36,13 @@ def from_config(setup) -> list[Periodic]:
     found.append(Periodic('fid', t.fid_every, _fid(setup)))
   if t.understanding_eval_every:
     found.append(Periodic('digit_questions', t.understanding_eval_every, lambda state, step: (
-        understanding_eval.digit_questions(
-            setup, state.ema_params if config.sample.use_ema else state.params))))
+        understanding_eval.digit_questions(setup, sampled_params(state, config)))))
   return found
+
+
+def sampled_params(state, config):
+  """The parameters samples and answers come from: the EMA's (sample.use_ema) or the raw ones."""
+  return state.ema_params if config.sample.use_ema else state.params
 
 
 def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
@@ -50,7 +54,7 @@ def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
   key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)
 
   def measure(state, step):
-    params = state.ema_params if config.sample.use_ema else state.params
-    return meter.of_model(setup, params, config.train.fid_num, fid_samples.class_prompts(setup),
-                          setup.settings.sampling, jax.random.fold_in(key, step), config.model.vae)
+    return meter.of_model(setup, sampled_params(state, config), config.train.fid_num,
+                          fid_samples.class_prompts(setup), setup.settings.sampling,
+                          jax.random.fold_in(key, step), config.model.vae)
   return measure

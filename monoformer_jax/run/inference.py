@@ -168,11 +168,11 @@ def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, see
 
 def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: int,
                    decoding: mixed_modal.Decoding, choice: SamplingChoice, seed: int,
-                   use_ema: bool, pictures: Sequence[str] = ()) -> list[str]:
+                   use_ema: bool, pictures: Sequence[str] = ()) -> str:
   """generate --out=DIR: `num` rows of text with the images the model starts by itself, as
-  DIR/generation.json and DIR/<row>_<k>.png; returns each row's text with placeholders, then
-  a line naming what was written. With
-  pictures, the prompt reads them first (--image)."""
+  DIR/generation.json and DIR/<row>_<k>.png; returns what to print: each row's text with
+  placeholders, then a line naming what was written. With pictures, the prompt reads them
+  first (--image)."""
   _check_decoding(decoding)
   if num < 1 or max_images < 0:
     raise UserError(f'--num is {num} and --max_images {max_images}; expected at least 1 and 0.')
@@ -203,4 +203,5 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
                               understand=read)
   texts = mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))
   drawn = sum(len(row.images) for row in rows)
-  return texts + [f'wrote {os.path.join(out, "generation.json")} and {drawn} picture(s) beside it.']
+  return '\n'.join([f'{r}: {prompt} {text}' for r, text in enumerate(texts)] + [
+      f'wrote {os.path.join(out, "generation.json")} and {drawn} picture(s) beside it.'])
