@@ -1,5 +1,6 @@
 """The package's architecture: concept packages in the order of the data flow, each importing
-only from itself and earlier ones, as the README's layout table (checked here) says."""
+only from itself and earlier ones, as the layout table of docs/architecture.md (checked here)
+says."""
 
 import ast
 import glob
@@ -76,11 +77,11 @@ def test_every_package_says_what_lives_there():
       assert len(doc.split()) > 10, f'{name}/__init__.py needs a docstring'
 
 
-def test_the_readme_layout_table_is_the_package():
-  """README's layout table: one row per package and top-level module, in ORDER, each naming
-  every module the package holds and nothing that is not there."""
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  section = readme.split('\n## Layout\n')[1].split('\n## ')[0]
+def test_the_architecture_layout_table_is_the_package():
+  """docs/architecture.md's layout table: one row per package and top-level module, in ORDER,
+  each naming every module the package holds and nothing that is not there."""
+  page = open(os.path.join(ROOT, 'docs', 'architecture.md')).read()
+  section = page.split('\n## Layout\n')[1].split('\n## ')[0]
   rows = [line for line in section.splitlines() if line.startswith('| `')]
   firsts = [re.match(r'\| `([\w./]+)`', row).group(1).rstrip('/').removesuffix('.py')
             for row in rows]
@@ -89,8 +90,8 @@ def test_the_readme_layout_table_is_the_package():
   for first, row in zip(firsts, rows):
     named = set(re.findall(r'`([\w.]+)`', row.split('|')[2]))
     inside = {m.split('.', 1)[1] for m in modules if m.startswith(first + '.')}
-    assert inside <= named, f'README layout row {first} omits {sorted(inside - named)}'
-    assert named <= inside, f'README layout row {first} names {sorted(named - inside)}, not there'
+    assert inside <= named, f'layout row {first} omits {sorted(inside - named)}'
+    assert named <= inside, f'layout row {first} names {sorted(named - inside)}, not there'
 
 
 def test_inference_loading_does_not_import_training():
@@ -105,15 +106,15 @@ def test_no_module_is_too_long():
 
 def test_tests_mirror_the_package():
   """tests/PACKAGE/test_MODULE.py tests monoformer_jax/PACKAGE/MODULE.py; at the top,
-  test_MODULE.py a top-level module (test_layout, test_configs and test_requirements test the
-  layout, configs/ and requirements.txt)."""
+  test_MODULE.py a top-level module (test_layout, test_configs, test_requirements and test_docs
+  test the layout, configs/, requirements.txt and the documentation pages)."""
   tests = os.path.join(ROOT, 'tests')
   modules = _modules()
   for path in glob.glob(os.path.join(tests, '**', 'test_*.py'), recursive=True):
     name = os.path.relpath(path, tests)[:-3].replace(os.sep, '.')
     package, _, module = name.rpartition('.')
     module = module.removeprefix('test_')
-    if not package and module in ('layout', 'configs', 'requirements'):
+    if not package and module in ('layout', 'configs', 'requirements', 'docs'):
       continue
     assert f'{package}.{module}'.lstrip('.') in modules, f'tests/{name}.py mirrors no module'
 
