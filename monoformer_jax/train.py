@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import EVAL_JSON, Workdir
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae, vision
@@ -80,7 +81,7 @@ def _profile(workdir: str, t: ml_collections.ConfigDict, done: int, state) -> No
   if not t.profile_steps or jax.process_index() != 0:
     return
   if done == t.profile_start:
-    jax.profiler.start_trace(workdir)
+    jax.profiler.start_trace(Workdir(workdir).tensorboard)
   elif done == t.profile_start + t.profile_steps:
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
@@ -149,7 +150,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         state = init_backbone(state, setup, shardings)
         if jax.process_index() == 0:  # the LLM's description, for `convert export-llama`
           files.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
-                     os.path.join(workdir, converted.SOURCE_JSON))
+                     Workdir(workdir).llm_source)
   except BaseException:
     if ckpt is not None:
       ckpt.close()
@@ -254,11 +255,10 @@ def _train(run: _Run, workdir: str) -> dict:
     log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))
   log.close()
   if jax.process_index() == 0:
-    evaluated = (f', the evaluation in {os.path.join(workdir, default_eval.EVAL_FILE)}'
-                 if t.eval_at_end else '')
-    print(f'done: step {t.num_steps} saved in {os.path.join(workdir, "checkpoints")}; the metrics '
-          f'of every logged step in {log.path}{evaluated}, TensorBoard events in {workdir}.',
-          flush=True)
+    paths = Workdir(workdir)
+    evaluated = f', the evaluation in {paths.eval_json}' if t.eval_at_end else ''
+    print(f'done: step {t.num_steps} saved in {paths.checkpoints}; the metrics of every logged '
+          f'step in {log.path}{evaluated}, TensorBoard events in {paths.tensorboard}.', flush=True)
   return metrics
 
 
@@ -271,7 +271,7 @@ def _finished_eval(workdir: str, start: int, t: ml_collections.ConfigDict) -> Op
   if metrics.get('step') != t.num_steps:
     return None
   if jax.process_index() == 0:
-    print(f'{workdir} is trained to step {t.num_steps} and evaluated (eval.json); nothing to do. '
+    print(f'{workdir} is trained to step {t.num_steps} and evaluated ({EVAL_JSON}); nothing to do. '
           'Raise --config.train.num_steps to train further, or run `evaluate` to evaluate again.',
           flush=True)
   return metrics

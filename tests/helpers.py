@@ -18,12 +18,12 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from monoformer_jax.base import files, sharding
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.config import schema
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.run import settings
 from monoformer_jax.training import checkpoint, steps
-from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
 # The tests' programs are tiny, so compiling them is most of the suite's time: LLVM's
@@ -267,7 +267,7 @@ WALL_CLOCK = ('steps_per_sec', 'input_wait_fraction')
 def metrics_rows(workdir, kind=None):
   """metrics.jsonl (rows of one kind, or all) without the wall-clock fields, which no two runs
   share (and which must be sane where present)."""
-  rows = [json.loads(line) for line in files.read_text(os.path.join(workdir, METRICS_FILE))
+  rows = [json.loads(line) for line in files.read_text(Workdir(workdir).metrics)
           .splitlines()]
   for row in rows:
     if 'steps_per_sec' in row:
@@ -306,7 +306,7 @@ def start_process(args, env=None):
 
 def wait_for_rows(workdir, count, process, timeout=300):
   """Waits until a running `train` has logged `count` rows (fails if it ends first)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = Workdir(workdir).metrics
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if process.poll() is not None:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from monoformer_jax.base import files
+from monoformer_jax.base import files, workdir_layout
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import hf_config, safetensors_io, torch_bin
 from monoformer_jax.data import tokenizer as tokenizer_lib
@@ -160,7 +160,7 @@ def export_llama(tensors: list, cfg: BackboneConfig, tie: bool, dst: str, tokeni
 def write_tokenizer(directory: str, tok: tokenizer_lib.Tokenizer, context: int) -> None:
   """The tokenizer files HF's AutoTokenizer reads, encoding as training did."""
   if isinstance(tok, tokenizer_lib.SentencePiece):
-    files.copy(tok.path, os.path.join(directory, tokenizer_lib.MODEL_FILE))
+    files.copy(tok.path, os.path.join(directory, workdir_layout.TOKENIZER_MODEL))
     write_tokenizer_config(directory, tok, context)
   else:
     tok.write(directory, context)
@@ -181,7 +181,8 @@ def write_tokenizer_config(directory: str, tok: tokenizer_lib.SentencePiece, con
     config['tokenizer_class'] = tokenizer_class
   if added_tokens_decoder:
     config['added_tokens_decoder'] = added_tokens_decoder
-  for name, content in (('special_tokens_map.json', special), ('tokenizer_config.json', config)):
+  for name, content in ((workdir_layout.HF_SPECIAL_TOKENS_MAP, special),
+                        (workdir_layout.HF_TOKENIZER_CONFIG, config)):
     files.write_text(os.path.join(directory, name), json.dumps(content, indent=1))
   return special
 

@@ -20,9 +20,10 @@ import orbax.checkpoint as ocp
 
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import TOKENIZER_JSON, TOKENIZER_MODEL, Workdir
 from monoformer_jax.config import schema
 from monoformer_jax.convert import hf_config, llama, torch_bin
-from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
+from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.nn import converted
 from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import backbone, settings as settings_lib
@@ -45,10 +46,10 @@ UNDERSTANDING_MODULES = {  # the main branch's understanding models add these
 # The official added tokens, in the order its train.py adds them after the LLM's vocabulary.
 OFFICIAL_TOKENS = {'pad': '<PAD>', 'image': '<image>', 'im_start': '<|im_start|>',
                    'im_end': '<|im_end|>'}
-SOURCE_FILE = 'official_source.json'  # in a converted workdir: {'config': config.json, 'dtype'}
-# The commit marker of the workdir's step 0: a reader in a bucket counts the step (so the workdir)
-# finished once it is there.
-_COMMITTED = os.path.join('checkpoints', '0', ocp.path.atomicity_types.COMMIT_SUCCESS_FILE)
+# The commit marker of the workdir's step 0 (relative to the workdir): a reader in a bucket
+# counts the step (so the workdir) finished once it is there.
+_COMMITTED = os.path.join(Workdir('').checkpoint_step(0),
+                          ocp.path.atomicity_types.COMMIT_SUCCESS_FILE)
 
 
 def monoformer_params(tensors, understanding: bool = False) -> dict:
@@ -83,7 +84,7 @@ def special_ids(hf: dict, search: list[str]) -> dict[str, int]:
   """Ids of the official added tokens: from added_tokens.json or tokenizer.json in the search
   directories, else derived from config.json's image_token_index (the official order)."""
   for directory in search:
-    listed, full = (os.path.join(directory, n) for n in ('added_tokens.json', 'tokenizer.json'))
+    listed, full = (os.path.join(directory, n) for n in ('added_tokens.json', TOKENIZER_JSON))
     added = {}
     if files.exists(listed):
       added = files.read_json(listed)
@@ -106,10 +107,11 @@ def find_tokenizer(search: list[str], given: str) -> str:
       raise UserError(f'--tokenizer names {given}, which is not a file.')
     return given
   for directory in search:
-    if files.isfile(os.path.join(directory, MODEL_FILE)):
-      return os.path.join(directory, MODEL_FILE)
-  raise UserError(f'found no {MODEL_FILE} in {", ".join(search)}; pass --tokenizer=FILE with the '
-                  'LLM\'s sentencepiece model (the official checkpoints start from TinyLlama\'s).')
+    if files.isfile(os.path.join(directory, TOKENIZER_MODEL)):
+      return os.path.join(directory, TOKENIZER_MODEL)
+  raise UserError(f'found no {TOKENIZER_MODEL} in {", ".join(search)}; pass --tokenizer=FILE with '
+                  'the LLM\'s sentencepiece model (the official checkpoints start from '
+                  'TinyLlama\'s).')
 
 
 def check_tokenizer(path: str, ids: dict[str, int]) -> None:
@@ -207,10 +209,10 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   # near the size of the checkpoint.
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)
   with files.atomic_directory(dst, last=_COMMITTED) as tmp:
-    files.copy(tokenizer, os.path.join(tmp, MODEL_FILE))
-    files.write_text(os.path.join(tmp, SPECIALS_FILE), json.dumps(ids))
-    files.write_text(os.path.join(tmp, SOURCE_FILE), json.dumps(dict(config=hf, dtype=dtype),
-                                                                indent=1))
+    made = Workdir(tmp)
+    files.copy(tokenizer, made.tokenizer_model)
+    files.write_text(made.special_tokens, json.dumps(ids))
+    files.write_text(made.official_source, json.dumps(dict(config=hf, dtype=dtype), indent=1))
     ckpt = checkpoint.Checkpointer(tmp, bytes_in_flight_gb=in_flight)
     ckpt.save_weights(0, params, config)
     ckpt.close()

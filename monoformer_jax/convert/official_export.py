@@ -18,11 +18,12 @@ import numpy as np
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import TOKENIZER_MODEL, Workdir
 from monoformer_jax.diffusion import Process
 from monoformer_jax.convert import (clip as clip_convert, hf_config, llama, official,
                                     safetensors_io, vae as vae_convert)
 from monoformer_jax.convert.safetensors_io import LazyTensor
-from monoformer_jax.data.tokenizer import MODEL_FILE, SPECIALS_FILE, SentencePiece
+from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.nn import clip, vae
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.understanding import VisionEncoder
@@ -32,7 +33,7 @@ from monoformer_jax.training import checkpoint
 
 def _recorded(src: str) -> dict:
   """What `convert official` recorded of a workdir's source ({} for a workdir trained here)."""
-  path = os.path.join(src, official.SOURCE_FILE)
+  path = Workdir(src).official_source
   return files.read_json(path) if files.exists(path) else {}
 
 
@@ -45,7 +46,7 @@ def _official_ids(setup, src: str) -> tuple[dict[str, int], dict[int, int]]:
   """({token: id} in the official names, {new row: row it copies}) for the exported vocabulary."""
   tok, vocab = setup.tok, setup.model.backbone.vocab_size
   ids = dict(pad=tok.pad_id, image=None, im_start=tok.im_start_id, im_end=tok.im_end_id)
-  specials = os.path.join(src, SPECIALS_FILE)
+  specials = Workdir(src).special_tokens
   if files.exists(specials):
     ids['image'] = files.read_json(specials).get('image')
   if all(i >= tok.num_pieces for i in ids.values() if i is not None):
@@ -104,7 +105,7 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   if model.backbone.attention_bias or not isinstance(setup.tok, SentencePiece):
     raise UserError('the official code builds a LlamaForCausalLM with a sentencepiece tokenizer; '
                     'export-official needs a workdir without attention bias and with '
-                    f'{MODEL_FILE} (this one started from another family: use export-llama).')
+                    f'{TOKENIZER_MODEL} (this one started from another family: use export-llama).')
   if model.image_mask == MaskType.BIDIRECTIONAL:
     raise UserError('the official code has no fully bidirectional image mask; export-official '
                     'needs model.image_mask \'hybrid\' or \'causal\'.')
@@ -138,7 +139,7 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
 
 def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> None:
   """tokenizer.model and the files HF's AutoTokenizer reads for the official added tokens."""
-  files.copy(os.path.join(src, MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+  files.copy(Workdir(src).tokenizer_model, os.path.join(tmp, TOKENIZER_MODEL))
   added = {official.OFFICIAL_TOKENS[k]: i for k, i in ids.items()}
   decoder = {str(i): dict(content=t, special=True, lstrip=False, rstrip=False, normalized=False,
                           single_word=False) for t, i in added.items()}

@@ -13,7 +13,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from monoformer_jax.base import files
+from monoformer_jax.base import files, workdir_layout
 
 
 class TokenizerFamily(enum.Enum):
@@ -105,12 +105,13 @@ def write(dst: str, family: TokenizerFamily, vocab_size: int = 512) -> None:
       text = os.path.join(tmp, 'corpus.txt')
       with open(text, 'w', encoding='utf-8') as f:  # local: the trainer's scratch input
         f.write('\n'.join(corpus()))
-      spm.SentencePieceTrainer.train(input=text, model_prefix=os.path.join(tmp, 'tokenizer'),
-                                     vocab_size=vocab_size, byte_fallback=True, minloglevel=2,
-                                     num_threads=1)
-      files.write_bytes(os.path.join(dst, 'tokenizer.model'),
-                        files.read_bytes(os.path.join(tmp, 'tokenizer.model')))
+      prefix = os.path.join(tmp, 'tokenizer')  # the trainer writes PREFIX.model
+      spm.SentencePieceTrainer.train(input=text, model_prefix=prefix, vocab_size=vocab_size,
+                                     byte_fallback=True, minloglevel=2, num_threads=1)
+      files.write_bytes(os.path.join(dst, workdir_layout.TOKENIZER_MODEL),
+                        files.read_bytes(prefix + '.model'))
     return
   tk, config = train_bpe(family, vocab_size)
-  files.write_text(os.path.join(dst, 'tokenizer_config.json'), json.dumps(config, indent=1))
-  files.write_text(os.path.join(dst, 'tokenizer.json'), tk.to_str())
+  files.write_text(os.path.join(dst, workdir_layout.HF_TOKENIZER_CONFIG),
+                   json.dumps(config, indent=1))
+  files.write_text(os.path.join(dst, workdir_layout.TOKENIZER_JSON), tk.to_str())

@@ -16,12 +16,12 @@ import tokenizers
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import (HF_CHAT_TEMPLATE, HF_GENERATION_CONFIG,
+                                                HF_SPECIAL_TOKENS_MAP, HF_TOKENIZER_CONFIG,
+                                                TOKENIZER_JSON)
 from monoformer_jax.data import tokenizer as tokenizer_lib
 
 
-CONFIG_FILE, MAP_FILE, GENERATION_FILE = ('tokenizer_config.json', 'special_tokens_map.json',
-                                          'generation_config.json')
-CHAT_FILE = 'chat_template.jinja'
 PAD = '<pad>'
 
 
@@ -45,15 +45,15 @@ class HuggingFace(tokenizer_lib.Tokenizer):
 
   def __init__(self, directory: str):
     self.directory = directory
-    self.path = path = os.path.join(directory, tokenizer_lib.HF_FILE)
+    self.path = path = os.path.join(directory, TOKENIZER_JSON)
     try:
       self.tk = tokenizers.Tokenizer.from_str(files.read_text(path))
     except Exception as e:  # the library raises a bare Exception for a malformed file
       raise UserError(f'{path} is not a tokenizer.json that the tokenizers library reads '
                       f'({str(e)[:200]}).') from e
-    self.config = _read_json(directory, CONFIG_FILE)
-    special_map = _read_json(directory, MAP_FILE)
-    generation = _read_json(directory, GENERATION_FILE)
+    self.config = _read_json(directory, HF_TOKENIZER_CONFIG)
+    special_map = _read_json(directory, HF_SPECIAL_TOKENS_MAP)
+    generation = _read_json(directory, HF_GENERATION_CONFIG)
     self.num_pieces = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def special(name: str) -> Optional[int]:
@@ -67,15 +67,16 @@ class HuggingFace(tokenizer_lib.Tokenizer):
         token_id = self.tk.token_to_id(content)
         if token_id is None:
           raise UserError(f'{directory} names {content!r} as its {name} token, which '
-                          f'{tokenizer_lib.HF_FILE} does not hold.')
+                          f'{TOKENIZER_JSON} does not hold.')
         return token_id
       value = generation.get(f'{name}_token_id')
       return value[0] if isinstance(value, list) and value else value
 
     self.bos_id, self.eos_id, pad_id = special('bos'), special('eos'), special('pad')
     if self.eos_id is None:
-      raise UserError(f'{directory} names no EOS token (eos_token in {CONFIG_FILE} or '
-                      f'{MAP_FILE}, eos_token_id in {GENERATION_FILE}); expected one.')
+      raise UserError(f'{directory} names no EOS token (eos_token in {HF_TOKENIZER_CONFIG} or '
+                      f'{HF_SPECIAL_TOKENS_MAP}, eos_token_id in {HF_GENERATION_CONFIG}); '
+                      'expected one.')
     self.bos = self._prefix()
     self.im_start_id = self._own_or_added(tokenizer_lib.IM_START)
     self.im_end_id = self._own_or_added(tokenizer_lib.IM_END)
@@ -118,7 +119,7 @@ class HuggingFace(tokenizer_lib.Tokenizer):
   def chat_template(self) -> Optional[str]:
     """The source's Jinja chat template: chat_template.jinja, or tokenizer_config.json's (a
     string, or the one named 'default' of a list)."""
-    path = os.path.join(self.directory, CHAT_FILE)
+    path = os.path.join(self.directory, HF_CHAT_TEMPLATE)
     if files.exists(path):
       return files.read_text(path)
     template = self.config.get('chat_template')
@@ -131,7 +132,7 @@ class HuggingFace(tokenizer_lib.Tokenizer):
     """tokenizer.json with MonoFormer's tokens, and tokenizer_config.json saying which are
     special, as transformers and lm-eval-harness read them; the chat template and generation
     config as the source has them."""
-    for name in (CHAT_FILE, GENERATION_FILE):
+    for name in (HF_CHAT_TEMPLATE, HF_GENERATION_CONFIG):
       if files.exists(os.path.join(self.directory, name)):
         files.copy(os.path.join(self.directory, name), os.path.join(directory, name))
     config = dict(self.config)
@@ -145,5 +146,5 @@ class HuggingFace(tokenizer_lib.Tokenizer):
       config['pad_token'] = self.tk.id_to_token(self.pad_id)
     config.setdefault('eos_token', self.tk.id_to_token(self.eos_id))
     config['model_max_length'] = context
-    files.write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=1))
-    files.write_text(os.path.join(directory, tokenizer_lib.HF_FILE), self.tk.to_str())
+    files.write_text(os.path.join(directory, HF_TOKENIZER_CONFIG), json.dumps(config, indent=1))
+    files.write_text(os.path.join(directory, TOKENIZER_JSON), self.tk.to_str())

@@ -21,16 +21,11 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import (HF_TOKENIZER_FILES, SPECIAL_TOKENS,
+                                                TOKENIZER_JSON, TOKENIZER_MODEL, Workdir)
 
 
 IM_START, IM_END = '<im_start>', '<im_end>'
-MODEL_FILE = 'tokenizer.model'
-HF_FILE = 'tokenizer.json'
-# Read beside tokenizer.json: the special tokens, the chat template; tokenizer.json itself last,
-# so that a directory holding it holds the rest.
-HF_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json',
-            'chat_template.jinja', HF_FILE)
-SPECIALS_FILE = 'special_tokens.json'  # optional {"im_start", "im_end", "pad"} ids beside it
 
 
 class Tokenizer(abc.ABC):
@@ -114,7 +109,7 @@ class SentencePiece(Tokenizer):
       next_id += 1
       return next_id - 1
 
-    specials_path = os.path.join(os.path.dirname(path), SPECIALS_FILE)
+    specials_path = os.path.join(os.path.dirname(path), SPECIAL_TOKENS)
     if files.exists(specials_path):  # ids fixed by a converted checkpoint
       ids = files.read_json(specials_path)
       self.im_start_id, self.im_end_id, self.pad_id = ids['im_start'], ids['im_end'], ids['pad']
@@ -134,7 +129,7 @@ class SentencePiece(Tokenizer):
 
 def kind_file(directory: str) -> Optional[str]:
   """The file that says which tokenizer `directory` holds, or None."""
-  for name in (MODEL_FILE, HF_FILE):
+  for name in (TOKENIZER_MODEL, TOKENIZER_JSON):
     if files.exists(os.path.join(directory, name)):
       return name
   return None
@@ -143,19 +138,19 @@ def kind_file(directory: str) -> Optional[str]:
 def load(directory: str, what: str = '') -> Tokenizer:
   """The tokenizer a directory holds; `what` names the directory in the error for none."""
   name = kind_file(directory)
-  if name == MODEL_FILE:
-    return SentencePiece(os.path.join(directory, MODEL_FILE))
-  if name == HF_FILE:
+  if name == TOKENIZER_MODEL:
+    return SentencePiece(os.path.join(directory, TOKENIZER_MODEL))
+  if name == TOKENIZER_JSON:
     from monoformer_jax.data import hf_tokenizer  # pylint: disable=g-import-not-at-top
     return hf_tokenizer.HuggingFace(directory)
-  raise UserError(f'{what or directory} has no {MODEL_FILE} or {HF_FILE}; copy the LLM\'s '
-                  'tokenizer files into it.')
+  raise UserError(f'{what or directory} has no {TOKENIZER_MODEL} or {TOKENIZER_JSON}; copy the '
+                  'LLM\'s tokenizer files into it.')
 
 
 def copy_files(src: str, dst: str) -> None:
   """The tokenizer files of directory src into dst (the one that marks the kind last)."""
   name = kind_file(src)
-  names = [MODEL_FILE, SPECIALS_FILE] if name == MODEL_FILE else HF_FILES
+  names = [TOKENIZER_MODEL, SPECIAL_TOKENS] if name == TOKENIZER_MODEL else HF_TOKENIZER_FILES
   for n in sorted(names, key=lambda n: n == name):
     if files.exists(os.path.join(src, n)):
       files.copy(os.path.join(src, n), os.path.join(dst, n))
@@ -208,7 +203,7 @@ def _make(workdir: str, init_from: str, vocab_size: int,
     of_llm(init_from)  # readable before anything is copied
     copy_files(init_from, workdir)
     return load(workdir)
-  return train(texts(), os.path.join(workdir, MODEL_FILE), vocab_size)
+  return train(texts(), Workdir(workdir).tokenizer_model, vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)

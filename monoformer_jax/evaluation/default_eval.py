@@ -13,7 +13,6 @@ Dimension letters: B batch, P prompt length, H/W/C image.
 
 import json
 import math
-import os
 from typing import Optional
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files, progress
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import EVAL_JSON, Workdir
 from monoformer_jax.data import corpus, digits
 from monoformer_jax.data.understanding import UnderstandingSource
 from monoformer_jax.evaluation import digit_fd, text_tasks, understanding_eval
@@ -189,12 +189,12 @@ def evaluate(setup, params, workdir: str, step: int,
   return metrics, images
 
 
-EVAL_FILE = 'eval.json'
+EVAL_FILE = EVAL_JSON  # the name run.scoring's message reads here
 
 
 def saved_metrics(workdir: str) -> dict:
   """WORKDIR/eval.json, or {} where there is none (or it cannot be read)."""
-  path = os.path.join(workdir, EVAL_FILE)
+  path = Workdir(workdir).eval_json
   if not files.exists(path):
     return {}
   try:
@@ -210,7 +210,7 @@ def merge_saved(workdir: str, metrics: dict) -> None:
   if jax.process_index() == 0:
     saved = saved_metrics(workdir)
     saved.update(metrics)
-    files.write_text(os.path.join(workdir, EVAL_FILE), json.dumps(saved, indent=1))
+    files.write_text(Workdir(workdir).eval_json, json.dumps(saved, indent=1))
 
 
 def table(metrics: dict) -> str:

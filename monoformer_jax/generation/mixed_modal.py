@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monoformer_jax import diffusion
-from monoformer_jax.base import files, images as images_lib
+from monoformer_jax.base import files, images as images_lib, workdir_layout
 from monoformer_jax.generation import sampling
 from monoformer_jax.nn.layers import KVCache, MaskType
 from monoformer_jax.nn.model import MonoFormer
@@ -203,7 +203,7 @@ def write_record(out_dir: str, prompt: str, rows: list[Generation], tok,
   if leader:
     files.makedirs(out_dir)
   for r, row in enumerate(rows):
-    names = [f'{r}_{k}.png' for k in range(len(row.images))]
+    names = [workdir_layout.generation_picture(r, k) for k in range(len(row.images))]
     for name, image in zip(names, row.images):
       pixels = images_lib.to_uint8(decode(image[None]) if decode else image[None])
       if leader:
@@ -211,5 +211,5 @@ def write_record(out_dir: str, prompt: str, rows: list[Generation], tok,
     texts.append(describe(row, tok, names))
     record.append(dict(prompt=prompt, text=texts[-1], tokens=row.tokens, images=names))
   if leader:
-    files.write_text(os.path.join(out_dir, 'generation.json'), json.dumps(record, indent=1))
+    files.write_text(workdir_layout.generation_record(out_dir), json.dumps(record, indent=1))
   return texts

@@ -22,17 +22,17 @@ import orbax.checkpoint as ocp
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import LLM_SOURCE
 from monoformer_jax.nn.layers import BackboneConfig
 from monoformer_jax.nn.rope import RopeKind, RopeScaling
 
 
 PARAMS, MODEL_JSON = 'params', 'model.json'
-SOURCE_JSON = 'llm_source.json'  # a workdir's copy of the model.json its backbone started from
 
 
 def hf_source(directory: str) -> Optional[dict]:
   """The HF config.json a converted directory, or a workdir trained from one, came from."""
-  for name in (MODEL_JSON, SOURCE_JSON):
+  for name in (MODEL_JSON, LLM_SOURCE):  # a workdir's copy of the model.json it started from
     path = os.path.join(directory, name)
     if files.isfile(path):
       return files.read_json(path).get('hf_config')

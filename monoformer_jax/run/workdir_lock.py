@@ -35,9 +35,9 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import Workdir
 
 
-LOCK_FILE = 'train.lock'
 LEASE_SECONDS = 120.0
 
 
@@ -54,7 +54,7 @@ class FileLock:
   """The flock of a local workdir; the file is removed when the run ends."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = Workdir(workdir).lock
     while True:
       self.handle = open(self.path, 'a+', encoding='utf-8')  # local: flock
       try:
@@ -122,7 +122,7 @@ class BucketLease:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
     from google.cloud import storage  # pylint: disable=import-outside-toplevel
     self.conflict = exceptions.PreconditionFailed
-    bucket, name = f'{files.absolute(workdir)}/{LOCK_FILE}'.split('://', 1)[1].split('/', 1)
+    bucket, name = Workdir(files.absolute(workdir)).lock.split('://', 1)[1].split('/', 1)
     with files.remote_errors(workdir):
       self.blob = storage.Client().bucket(bucket).blob(name)
       self.seconds, self.lost, self.generation = seconds, False, 0

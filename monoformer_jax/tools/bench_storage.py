@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from monoformer_jax.base import files, sharding
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.run import settings as settings_lib
 from monoformer_jax.training import checkpoint, steps
 from monoformer_jax.training.metrics_log import MetricsLog
@@ -36,8 +37,8 @@ def _one_round(config, state, abstract, directory: str, rows: int) -> dict:
   save = _timed(lambda: ckpt.save(1, state, {}, config))
   restore = _timed(lambda: jax.block_until_ready(ckpt.restore(1, abstract)[0]))
   ckpt.close()
-  size = sum(len(files.read_bytes(f'{workdir}/checkpoints/1/{n}'))
-             for n in files.files_under(f'{workdir}/checkpoints/1'))
+  step_dir = Workdir(workdir).checkpoint_step(1)
+  size = sum(len(files.read_bytes(f'{step_dir}/{n}')) for n in files.files_under(step_dir))
   log = MetricsLog(workdir, 0, rows)
   metrics = dict(loss=np.float32(1.0), learning_rate=np.float32(1e-4), grad_norm=np.float32(1.0))
   with contextlib.redirect_stdout(io.StringIO()):  # the progress lines, printed as in a run

@@ -19,6 +19,7 @@ from monoformer_jax import train
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands as convert_commands
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted as converted_lib
 
@@ -72,7 +73,7 @@ def _pretrained(out: str, overrides: dict) -> str:
 
 def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
   workdir = os.path.join(out, f'{variant}_seed{seed}')
-  done = os.path.join(workdir, 'eval.json')
+  done = Workdir(workdir).eval_json
   if not files.exists(done):
     config = _variant_config(variant, overrides)
     config.seed = seed
@@ -83,7 +84,7 @@ def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
       tokenizer_lib.copy_files(llm, workdir)
     start = time.monotonic()
     train.train_and_evaluate(config, workdir)
-    files.write_text(os.path.join(workdir, 'wall.json'),
+    files.write_text(Workdir(workdir).study_wall,
                      json.dumps({'seconds': time.monotonic() - start}))
   return files.read_json(done)
 

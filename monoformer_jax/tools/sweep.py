@@ -18,6 +18,7 @@ import numpy as np
 
 from monoformer_jax import train
 from monoformer_jax.base import files
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.data import digits, tokenizer as tokenizer_lib
 from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.evaluation import default_eval, digit_fd
@@ -36,7 +37,6 @@ GRID = {
 }
 REFERENCE = ('ddpm', 'ddpm', 'time', 250)  # the paper's sampler, the default's step count
 GOAL_EVALUATIONS = 25  # DPM-Solver++ at this many or fewer should match the reference's FD
-ROWS_FILE = 'sweep_rows.json'
 
 
 def _row_key(process: str, sampler: Sampler, spacing: TimeSpacing, steps: int) -> tuple:
@@ -47,7 +47,7 @@ def _train(out: str, process: str, seed: int, overrides: dict, tokenizer_from: s
   """The run's workdir, trained and evaluated (once); every run after the first takes the first
   one's tokenizer, so that only the process and the seed differ."""
   workdir = os.path.join(out, f'{process}_seed{seed}')
-  if not files.exists(os.path.join(workdir, default_eval.EVAL_FILE)):  # written at the end
+  if not files.exists(Workdir(workdir).eval_json):  # written at the end
     config = study.config_file('digits', overrides={**overrides, 'diffusion.process': process})
     config.seed = seed
     if tokenizer_from and not files.exists(workdir):
@@ -59,7 +59,7 @@ def _train(out: str, process: str, seed: int, overrides: dict, tokenizer_from: s
 
 def _measure(workdir: str, process: str, grid, timed: bool) -> list[dict]:
   """This run's rows: one per (sampler, spacing, steps), computed where not saved yet."""
-  path = os.path.join(workdir, ROWS_FILE)
+  path = Workdir(workdir).sweep_rows
   rows = files.read_json(path) if files.exists(path) else []
   done = {tuple(r['key']) for r in rows}
   todo = [(s, sp, n) for s, sp, counts in grid for n in counts

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.config import schema
 from monoformer_jax.nn.converted import get, nest
 
@@ -132,7 +133,8 @@ class Checkpointer:
                async_saves: bool = False, bytes_in_flight_gb: Optional[float] = None):
     """bytes_in_flight_gb, when given, bounds what a save copies and writes at once (what
     conversions use, to stay near the size of what they convert)."""
-    self.directory = files.absolute(os.path.join(workdir, 'checkpoints'))
+    self.workdir = Workdir(files.absolute(workdir))
+    self.directory = self.workdir.checkpoints
     # Always Orbax's asynchronous checkpointer, for its hook between a step's last file and its
     # commit (a synchronous save is one waited for at once).
     options = ocp.CheckpointManagerOptions(
@@ -234,7 +236,7 @@ class Checkpointer:
   def _verify(self, step: int) -> None:
     """Raises UserError when a file of the step differs from its recorded checksum (process 0;
     a step saved before checksums were recorded passes)."""
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = self.workdir.checkpoint_step(step)
     path = os.path.join(step_dir, CHECKSUMS)
     if jax.process_index() != 0 or not files.exists(path):
       return
@@ -338,7 +340,7 @@ class Checkpointer:
 
 def open_existing(workdir: str) -> Checkpointer:
   """The checkpointer of a workdir that must hold a finished checkpoint."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = Workdir(workdir).checkpoints
   if not files.isdir(directory):
     raise UserError(f'workdir {workdir} has no checkpoint; run train with --workdir={workdir} first.')
   ckpt = Checkpointer(workdir, create=False)

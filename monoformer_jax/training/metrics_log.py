@@ -11,7 +11,6 @@ end, and at least every FLUSH_SECONDS, so it always holds the rows of the newest
 import contextlib
 import io
 import json
-import os
 import socket
 import sys
 import time
@@ -25,9 +24,9 @@ import jax
 import numpy as np
 
 from monoformer_jax.base import files, images as images_lib, quiet_import
+from monoformer_jax.base.workdir_layout import Workdir
 
 
-METRICS_FILE = 'metrics.jsonl'
 FLUSH_SECONDS = 30  # a bucket's metrics.jsonl lags the run by at most this
 
 
@@ -55,8 +54,8 @@ class BucketEvents:
   TensorBoard's own format, so TensorBoard reads the bucket as it reads a local run."""
 
   def __init__(self, workdir: str):
-    self.path = (f'{files.absolute(workdir)}/events.out.tfevents.{time.time():.0f}.'
-                 f'{socket.gethostname()}')
+    self.path = Workdir(files.absolute(workdir)).events_file(f'{time.time():.0f}',
+                                                             socket.gethostname())
     # Imported here: tensorboard.summary takes a quarter of a second to import.
     from tensorboard.summary.writer import record_writer  # pylint: disable=import-outside-toplevel
     self.buffer = io.BytesIO()
@@ -101,7 +100,8 @@ def _tensorboard_writer(workdir: str, leader: bool):
       print(f'warning: no TensorBoard events ({e}); metrics.jsonl and the progress line are '
             'still written.', file=sys.stderr, flush=True)
     return _NO_EVENTS
-  return metric_writers.create_default_writer(workdir, just_logging=not leader, asynchronous=False)
+  return metric_writers.create_default_writer(Workdir(workdir).tensorboard,
+                                              just_logging=not leader, asynchronous=False)
 
 
 # What stands in for a writer where TensorFlow is not installed (e.g. a bare GPU image), and on
@@ -121,7 +121,7 @@ class MetricsLog:
     """lock: the run's hold on its workdir (process 0's); once another run has taken it over,
     this one's rows are no longer written to the bucket."""
     self.leader = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = Workdir(workdir).metrics
     self.remote, self.lock = files.is_remote(workdir), lock
     self.rows: list[dict] = []  # a bucket's rows, rewritten whole at each flush
     self.flushed = time.monotonic()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.data import tokenizer as tokenizer_lib
 
 
@@ -36,13 +37,14 @@ def test_prompts_are_left_padded_and_end_where_the_image_starts(tokenizer_file):
 
 
 def test_a_workdir_makes_its_tokenizer_once(tokenizer_file, tmp_path):
-  shutil.copy(tokenizer_file, tmp_path / tokenizer_lib.MODEL_FILE)
-  before = os.path.getmtime(tmp_path / tokenizer_lib.MODEL_FILE)
+  model = Workdir(str(tmp_path)).tokenizer_model
+  shutil.copy(tokenizer_file, model)
+  before = os.path.getmtime(model)
 
   def never():
     raise AssertionError('an existing tokenizer is read, not trained again')
   tok = tokenizer_lib.for_workdir(str(tmp_path), '', 1024, never)
-  assert os.path.getmtime(tmp_path / tokenizer_lib.MODEL_FILE) == before
+  assert os.path.getmtime(model) == before
   np.testing.assert_array_equal(tok.encode('seven'),
                                 tokenizer_lib.SentencePiece(tokenizer_file).encode('seven'))
   with pytest.raises(UserError, match=r'has no tokenizer.model or tokenizer.json; copy the LLM'):

@@ -1,5 +1,6 @@
 """eval.json gathers every evaluation of a workdir, and the default's table reads as one."""
 
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.data import digits
 from monoformer_jax.evaluation import default_eval
 
@@ -11,7 +12,8 @@ def test_evaluations_merge_into_eval_json(tmp_path):
   default_eval.merge_saved(workdir, {'accuracy/overall': 0.9, 'step': 7})
   assert default_eval.saved_metrics(workdir) == {'tasks': [{'task': 'piqa'}], 'piqa/acc': 0.5,
                                                  'accuracy/overall': 0.9, 'step': 7}
-  (tmp_path / default_eval.EVAL_FILE).write_text('{"torn')
+  with open(Workdir(workdir).eval_json, 'w') as f:
+    f.write('{"torn')
   assert default_eval.saved_metrics(workdir) == {}  # unreadable: as if there were none
 
 def test_the_table_has_a_column_per_digit():

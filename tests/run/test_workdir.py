@@ -14,6 +14,7 @@ from helpers import (TRAIN_FLAGS, VOCAB, cli, error_line, metrics_rows, start_pr
                      tiny_config, training_inputs, wait_for_rows)
 
 from monoformer_jax import train
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.convert import commands
 from monoformer_jax.run import workdir_lock
 
@@ -83,5 +84,5 @@ def test_a_second_train_on_a_workdir_in_use_is_refused(tmp_path):
     first.kill()  # kill -9 ...
     first.communicate()
   workdir_lock.take(workdir).close()  # ... leaves no stale lock, and a run that ends no file
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  assert not os.path.exists(Workdir(workdir).lock)
   assert [r['step'] for r in metrics_rows(workdir)][:2] == [1, 2]  # the first run's rows are intact

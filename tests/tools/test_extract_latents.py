@@ -14,12 +14,12 @@ from helpers import ROOT, devices_env, image_batches, picture_jsonl, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.convert import commands
 from monoformer_jax.data import common, imagenet, latents, tokenizer as tokenizer_lib
 from monoformer_jax.data.pipeline import LatentsSource
 from monoformer_jax.nn.vae import LATENT_SCALE
 from monoformer_jax.tools import extract_latents
-from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
 @pytest.fixture(scope='module')
@@ -191,7 +191,7 @@ def test_training_on_pixels_encodes_them_on_the_fly(extracted, tmp_path, workdir
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
   config.model.image_size = (8, 8)
   train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
+  with open(Workdir(workdir).metrics) as f:
     rows = [json.loads(line) for line in f]
   assert [r['kind'] for r in rows] == ['diffusion', 'diffusion'] and np.isfinite(rows[-1]['loss'])
 

@@ -10,8 +10,8 @@ import pytest
 from helpers import (metrics_rows, tiny_config)
 
 from monoformer_jax import train
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.training import checkpoint, metrics_log
-from monoformer_jax.training.metrics_log import METRICS_FILE
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_time_based_checkpoints_and_a_torn_metrics_line(workdir, capsys):
   ckpt = checkpoint.Checkpointer(workdir, create=False)
   assert ckpt.all_steps() == [3, 2, 1]
   ckpt.close()
-  with open(os.path.join(workdir, METRICS_FILE), 'a') as f:
+  with open(Workdir(workdir).metrics, 'a') as f:
     f.write('{"step": 4, "kind": "ar", "lo')  # a crash mid-write
   config.train.num_steps = 5
   train.train_and_evaluate(config, workdir)
@@ -61,7 +61,7 @@ def test_speed_and_eta_leave_compilation_out(tmp_path, capsys):
     pass
   log.write(11, 'ar', {'loss': 2.5, 'learning_rate': 1e-3}, skipped_steps=0)
   log.close()
-  with open(tmp_path / METRICS_FILE) as f:
+  with open(Workdir(str(tmp_path)).metrics) as f:
     rates = [json.loads(line)['steps_per_sec'] for line in f]
   assert rates[0] > 50  # with the second in it, 10 steps would be under 10 steps/s
   lines = capsys.readouterr().out.splitlines()
