@@ -137,11 +137,11 @@ def training_inputs(root):
       max_position_embeddings=256)).save_pretrained(hf, safe_serialization=True)
   spm.SentencePieceTrainer.train(input=str(inputs / 'corpus.txt'), model_prefix=str(hf / 'tokenizer'),
                                  vocab_size=VOCAB, minloglevel=2)
-  commands.run('llama', str(hf), str(inputs / 'llm'), use_ema=True)
+  commands.run('llama', str(hf), str(inputs / 'llm'))
   DiffusersVAE(block_out_channels=(32, 64), down_block_types=('DownEncoderBlock2D',) * 2,
                up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, norm_num_groups=8,
                latent_channels=4).save_pretrained(inputs / 'vae_hf', safe_serialization=True)
-  commands.run('vae', str(inputs / 'vae_hf'), str(root / 'vae'), use_ema=True)
+  commands.run('vae', str(inputs / 'vae_hf'), str(root / 'vae'))
   pictures = inputs / 'pictures'
   pictures.mkdir()
   config = tiny_config()

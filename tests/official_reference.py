@@ -127,5 +127,5 @@ def converted_vae(tmp_path) -> str:
   AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=('DownEncoderBlock2D',) * 4,
                 up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=1, norm_num_groups=4,
                 latent_channels=C).save_pretrained(vae_src, safe_serialization=True)
-  commands.run('vae', str(vae_src), str(vae_dst), use_ema=True)
+  commands.run('vae', str(vae_src), str(vae_dst))
   return str(vae_dst)

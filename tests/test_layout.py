@@ -17,7 +17,7 @@ PACKAGE = os.path.join(ROOT, 'monoformer_jax')
 # Packages (folders) and top-level modules, earliest first: each may import only itself and
 # what comes before it.
 ORDER = ['base', 'config', 'data', 'nn', 'diffusion', 'training', 'generation', 'evaluation', 'run',
-         'convert', 'train', 'tools', 'usage', 'main', '__main__', '__init__']
+         'convert', 'train', 'tools', 'cli', 'usage', 'main', '__main__', '__init__']
 
 
 def _modules() -> dict[str, str]:

@@ -258,7 +258,7 @@ def test_generate_reads_pictures(trained, workdir, tmp_path):
       ([picture], '<image> and <image>?', 'the prompt (--prompt) has 2 <image> placeholder(s) '
                                           'for 1 image(s)')):
     with pytest.raises(UserError, match=re.escape(named)):
-      inference.generate(workdir, prompt, decoding, 0, True, [str(p) for p in pictures])
+      inference.generate(inference.Run(workdir), prompt, decoding, [str(p) for p in pictures])
 
 
 def test_extract_latents_needs_a_vae_and_prepared_imagenet(tmp_path):

@@ -56,20 +56,42 @@ def _decoder(vae_dir: str, setup: workdir_lib.Setup):
   return vae.pixel_decoder(vae_dir, setup.layout) if vae_dir else None  # latent diffusion
 
 
-def sample(workdir: str, prompt: str, num: int, out: str, choice: SamplingChoice, seed: int,
-           use_ema: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One inference command's model and randomness: the workdir whose newest checkpoint it loads
+  (the EMA parameters, else the raw ones) and the seed it draws with."""
+  workdir: str
+  seed: int = 0
+  use_ema: bool = True
+
+  def restore(self) -> workdir_lib.Restored:
+    return workdir_lib.for_inference(self.workdir, self.use_ema)
+
+  def key(self) -> jax.Array:
+    return jax.random.key(self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedRows:
+  """generate --out: the directory the rows go to, how many rows, and images per row at most."""
+  out: str
+  num: int
+  max_images: int
+
+
+def sample(run: Run, prompt: str, num: int, out: str, choice: SamplingChoice) -> None:
   """OUT.png, a grid of `num` samples of the prompt, and OUT.npz with their uint8 images."""
   if num < 1:
     raise UserError(f'--num is {num}; expected at least 1.')
   if not out.endswith('.png'):
     raise UserError(f'--out is {out}; expected a .png path.')
-  restored = workdir_lib.for_inference(workdir, use_ema)
+  restored = run.restore()
   setup = restored.setup
   setup.tok.image_prompt(prompt, setup.config.data.prompt_len)  # rejects long prompts first
   spec, vae_dir = choice.resolve(setup)
   decode = _decoder(vae_dir, setup)
   images = sampling.images_for_prompts(setup.model, restored.params, setup.tok, [prompt] * num,
-                                       setup.config.data.prompt_len, spec, jax.random.key(seed))
+                                       setup.config.data.prompt_len, spec, run.key())
   images = images_lib.to_uint8(decode(images) if decode is not None else images)
   npz = out[:-len('.png')] + '.npz'
   if jax.process_index() != 0:  # every host sampled the same images; one writes them
@@ -84,16 +106,16 @@ def prompts(setup: workdir_lib.Setup, prompt_file: str) -> list[str]:
   return fid_samples.file_prompts(prompt_file) if prompt_file else fid_samples.class_prompts(setup)
 
 
-def sample_fid(workdir: str, npz: str, num: int, batch: int, prompt_file: str,
-               choice: SamplingChoice, seed: int, use_ema: bool) -> None:
+def sample_fid(run: Run, npz: str, num: int, batch: int, prompt_file: str,
+               choice: SamplingChoice) -> None:
   """`num` samples, prompts spread uniformly, as an ADM-format .npz for FID evaluators."""
   if num < 1:
     raise UserError(f'--num is {num}; expected at least 1.')
-  restored = workdir_lib.for_inference(workdir, use_ema)
+  restored = run.restore()
   setup = restored.setup
   spec, vae_dir = choice.resolve(setup)
   batches = fid_samples.sample_batches(setup, restored.params, prompts(setup, prompt_file), num,
-                                       batch, spec, jax.random.key(seed), vae_dir)
+                                       batch, spec, run.key(), vae_dir)
   with progress.phase(f'sampling {num} images ({spec.sampler.value}, {spec.steps} steps)', num,
                       'images') as p:
     fid_samples.write(progress.counted(batches, p), npz, num)
@@ -116,19 +138,19 @@ def _check_decoding(decoding: mixed_modal.Decoding) -> None:
     raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
 
 
-def generate(workdir: str, prompt: str, decoding: mixed_modal.Decoding, seed: int,
-             use_ema: bool, pictures: Sequence[str] = ()) -> str:
+def generate(run: Run, prompt: str, decoding: mixed_modal.Decoding,
+             pictures: Sequence[str] = ()) -> str:
   """The prompt and its continuation, decoded with the KV cache; with pictures, the prompt
   reads them (at its `<image>` placeholders, or all before the text)."""
   _check_decoding(decoding)
-  restored = workdir_lib.for_inference(workdir, use_ema)
+  restored = run.restore()
   setup = restored.setup
   if pictures:
-    return _generate_reading(restored, prompt, decoding, seed, pictures)
+    return _generate_reading(restored, prompt, decoding, run.key(), pictures)
   tok, model = setup.tok, setup.model
   tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
   _check_context(setup, int(valid.sum()) + decoding.max_tokens, decoding.max_tokens)
-  out = sampling.generate(model, restored.params, tokens[None], valid[None], jax.random.key(seed),
+  out = sampling.generate(model, restored.params, tokens[None], valid[None], run.key(),
                           max_tokens=decoding.max_tokens, temperature=decoding.temperature,
                           top_k=min(decoding.top_k, model.backbone.vocab_size),
                           top_p=decoding.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -153,7 +175,7 @@ def _reading(setup, prompt: str, pictures: Sequence[str]) -> tuple[str, list[dic
   return prompt, turns, images
 
 
-def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, seed: int,
+def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, key: jax.Array,
                       pictures: Sequence[str]) -> str:
   setup = restored.setup
   prompt, turns, images = _reading(setup, prompt, pictures)
@@ -161,25 +183,24 @@ def _generate_reading(restored, prompt: str, decoding: mixed_modal.Decoding, see
                  + len(pictures) * setup.model.understanding.tokens_per_image,
                  decoding.max_tokens)
   ids = understanding_eval.answers(setup, restored.params, [turns], images, decoding.max_tokens,
-                                   decoding.temperature, decoding.top_k, decoding.top_p,
-                                   jax.random.key(seed))[0]
+                                   decoding.temperature, decoding.top_k, decoding.top_p, key)[0]
   return prompt + setup.tok.decode(ids)
 
 
-def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: int,
-                   decoding: mixed_modal.Decoding, choice: SamplingChoice, seed: int,
-                   use_ema: bool, pictures: Sequence[str] = ()) -> str:
-  """generate --out=DIR: `num` rows of text with the images the model starts by itself, as
+def generate_mixed(run: Run, prompt: str, pictures: Sequence[str], decoding: mixed_modal.Decoding,
+                   rows: MixedRows, choice: SamplingChoice) -> str:
+  """generate --out=DIR: `rows.num` rows of text with the images the model starts by itself, as
   DIR/generation.json and DIR/<row>_<k>.png; returns what to print: each row's text with
   placeholders, then a line naming what was written. With pictures, the prompt reads them
   first (--image)."""
   _check_decoding(decoding)
+  out, num, max_images = rows.out, rows.num, rows.max_images
   if num < 1 or max_images < 0:
     raise UserError(f'--num is {num} and --max_images {max_images}; expected at least 1 and 0.')
   if files.isfile(out):
     raise UserError(f'--out {out} is a file; generate --out expects a directory (new or '
                     'existing) for generation.json and the pictures.')
-  restored = workdir_lib.for_inference(workdir, use_ema)
+  restored = run.restore()
   setup = restored.setup
   tok, model = setup.tok, setup.model
   if model.image_mask == MaskType.BIDIRECTIONAL:
@@ -190,18 +211,18 @@ def generate_mixed(workdir: str, prompt: str, out: str, num: int, max_images: in
   if pictures:
     prompt, turns, images = _reading(setup, prompt, pictures)
     given, read = understanding_eval.reading(setup, [turns] * num, np.repeat(images, num, 0),
-                                             jax.random.key(seed))
+                                             run.key())
     tokens, valid = np.asarray(given['tokens'][0]), np.asarray(given['valid'][0])
   else:
     tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
   _check_context(setup, int(valid.sum()) + decoding.max_tokens
                  + max_images * (model.image.num_patches + 1), decoding.max_tokens)
   decoding = dataclasses.replace(decoding, top_k=min(decoding.top_k, model.backbone.vocab_size))
-  rows = mixed_modal.generate(model, restored.params, np.repeat(tokens[None], num, 0),
-                              np.repeat(valid[None], num, 0), jax.random.key(seed), tok=tok,
+  made = mixed_modal.generate(model, restored.params, np.repeat(tokens[None], num, 0),
+                              np.repeat(valid[None], num, 0), run.key(), tok=tok,
                               spec=spec, decoding=decoding, max_images=max_images,
                               understand=read)
-  texts = mixed_modal.write_record(out, prompt, rows, tok, _decoder(vae_dir, setup))
-  drawn = sum(len(row.images) for row in rows)
+  texts = mixed_modal.write_record(out, prompt, made, tok, _decoder(vae_dir, setup))
+  drawn = sum(len(row.images) for row in made)
   return '\n'.join([f'{r}: {prompt} {text}' for r, text in enumerate(texts)] + [
       f'wrote {os.path.join(out, "generation.json")} and {drawn} picture(s) beside it.'])

@@ -14,7 +14,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.evaluation import default_eval, fid_eval, text_tasks
 from monoformer_jax.run import workdir as workdir_lib
-from monoformer_jax.run.inference import SamplingChoice, prompts
+from monoformer_jax.run.inference import Run, SamplingChoice, prompts
 
 
 def default(workdir: str, choice: SamplingChoice, use_ema: bool) -> str:
@@ -29,43 +29,39 @@ def default(workdir: str, choice: SamplingChoice, use_ema: bool) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FidRequest:
-  """evaluate's FID flags: the reference, the Inception ('' = the config's eval.inception),
-  the global batch, where to write the reference's statistics, and what to measure: a sample
-  file, or `num` samples of the workdir's model prompted as `prompt_file` says."""
-  reference: str
-  inception: str
-  batch: int
-  stats_out: str = ''
+  """evaluate's FID: the reference, Inception ('' = the config's eval.inception), batch and
+  statistics file, and what to measure: a sample file, or `num` samples of the workdir's model
+  prompted as `prompt_file` says."""
+  spec: fid_eval.FidSpec
   sample_file: str = ''
   num: int = 0
   prompt_file: str = ''
 
 
-def fid(workdir: str, request: FidRequest, choice: SamplingChoice, seed: int, use_ema: bool) -> str:
+def fid(run: Run, request: FidRequest, choice: SamplingChoice) -> str:
   """FID-N of the workdir's samples or of a sample file; with neither, the reference's
-  statistics alone (written to request.stats_out)."""
-  restored = workdir_lib.for_inference(workdir, use_ema) if workdir else None
+  statistics alone (written to the spec's stats_out)."""
+  workdir, reference = run.workdir, request.spec.reference
+  restored = run.restore() if workdir else None
   config = restored.setup.config if restored else schema.base_config()
   layout = restored.setup.layout if restored else sharding.make_layout(config.mesh)
-  meter = fid_eval.FidMeter(fid_eval.FidSpec(request.reference,
-                                             request.inception or config.eval.inception,
-                                             request.batch, request.stats_out), layout)
+  spec = dataclasses.replace(request.spec, inception=request.spec.inception or config.eval.inception)
+  meter = fid_eval.FidMeter(spec, layout)
   if request.sample_file:
     result = meter.of_file(request.sample_file)
-    return fid_eval.describe(result, request.sample_file, request.reference)
+    return fid_eval.describe(result, request.sample_file, reference)
   if not restored:
-    return (f'wrote {request.stats_out}: the statistics of {meter.reference.count} reference '
-            'images')
-  spec, vae_dir = choice.resolve(restored.setup)
+    return f'wrote {spec.stats_out}: the statistics of {meter.reference.count} reference images'
+  sampled, vae_dir = choice.resolve(restored.setup)
   result = meter.of_model(restored.setup, restored.params, request.num,
-                          prompts(restored.setup, request.prompt_file), spec,
-                          jax.random.key(seed), vae_dir)
+                          prompts(restored.setup, request.prompt_file), sampled, run.key(),
+                          vae_dir)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, f'fid{request.num}.json'), json.dumps(
-        dict(result, step=restored.step, reference=request.reference, steps=spec.steps,
-             cfg_scale=spec.guidance.scale), indent=1))
-  what = f'{workdir} (step {restored.step}, {spec.steps} steps, cfg {spec.guidance.scale})'
-  return fid_eval.describe(result, what, request.reference)
+        dict(result, step=restored.step, reference=reference, steps=sampled.steps,
+             cfg_scale=sampled.guidance.scale), indent=1))
+  what = f'{workdir} (step {restored.step}, {sampled.steps} steps, cfg {sampled.guidance.scale})'
+  return fid_eval.describe(result, what, reference)
 
 
 def tasks(workdir: str, names: str, limit: int, tfds_data_dir: str, use_ema: bool) -> str:

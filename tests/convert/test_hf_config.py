@@ -110,12 +110,12 @@ def _make(name: str, tmp_path_factory):
   model.save_pretrained(src, safe_serialization=True)
   (src / 'tokenizer.json').write_text(tk.to_str())
   (src / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
-  commands.run('llama', str(src), str(root / 'llm'), use_ema=True)
+  commands.run('llama', str(src), str(root / 'llm'))
   run_config = tiny_config(num_steps=3, diffusion_weight=0.0)  # export-llama writes the LLM alone
   run_config.model.size, run_config.model.init_from = 'auto', str(root / 'llm')
   run_config.data.prompt_len = 24
   train.train_and_evaluate(run_config, str(root / 'work'))
-  commands.run('export-llama', str(root / 'work'), str(root / 'out'), use_ema=True)
+  commands.run('export-llama', str(root / 'work'), str(root / 'out'), ema=True)
   return name, src, str(root / 'work'), root / 'out'
 
 
@@ -227,12 +227,12 @@ def test_bad_sources_are_one_sentence(smollm2, tmp_path):
   for path, message in cases:
     dst = tmp_path / f'out_{path.name}'
     with pytest.raises(UserError, match=message):
-      commands.run('llama', str(path), str(dst), use_ema=True)
+      commands.run('llama', str(path), str(dst))
     assert not dst.exists()
   # A Mistral whose window covers its whole context is full attention: accepted.
   mistral = variant('mistral', dict(model_type='mistral', architectures=['MistralForCausalLM'],
                                     sliding_window=256))
-  commands.run('llama', str(mistral), str(tmp_path / 'out_mistral'), use_ema=True)
+  commands.run('llama', str(mistral), str(tmp_path / 'out_mistral'))
 
 
 def test_a_qwen2_source_round_trips_bit_identical(qwen, tmp_path):
@@ -240,7 +240,7 @@ def test_a_qwen2_source_round_trips_bit_identical(qwen, tmp_path):
   every config key come back as they were."""
   _, src, work, _ = qwen
   out = tmp_path / 'back'
-  commands.run('export-llama', os.path.join(os.path.dirname(work), 'llm'), str(out), use_ema=True)
+  commands.run('export-llama', os.path.join(os.path.dirname(work), 'llm'), str(out), ema=True)
   a, b = safetensors_io.SafetensorsDir(str(src)), safetensors_io.SafetensorsDir(str(out))
   assert sorted(a.keys()) == sorted(b.keys()) and sum('bias' in k for k in a.keys()) == 6
   for name in a.keys():

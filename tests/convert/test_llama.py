@@ -61,8 +61,8 @@ def test_round_trip_is_identical(tmp_path, dtype, llm_dir):
   src, conv, out = tmp_path / 'hf', tmp_path / 'conv', tmp_path / 'out'
   hf_model(dtype, tie_word_embeddings=True).save_pretrained(src, safe_serialization=True)
   with_tokenizer(src, llm_dir)
-  commands.run('llama', str(src), str(conv), use_ema=True)
-  commands.run('export-llama', str(conv), str(out), use_ema=True)
+  commands.run('llama', str(src), str(conv))
+  commands.run('export-llama', str(conv), str(out), ema=True)
   a, b = safetensors_io.SafetensorsDir(str(src)), safetensors_io.SafetensorsDir(str(out))
   assert sorted(a.keys()) == sorted(b.keys())
   for name in a.keys():
@@ -78,7 +78,7 @@ def test_round_trip_is_identical(tmp_path, dtype, llm_dir):
 
 def test_init_from_converted_llm(llm_dir, tmp_path):
   conv = str(tmp_path / 'conv')
-  commands.run('llama', llm_dir, conv, use_ema=True)
+  commands.run('llama', llm_dir, conv)
   config = tiny_config(num_steps=1)
   config.model.init_from = conv
   config.model.vocab_size = VOCAB + 5  # the three specials and two rows of padding
@@ -132,8 +132,8 @@ def test_export_gives_the_tokenizer_the_source_context(llm_dir, tmp_path):
   """export-llama of a converted directory: the tokenizer's model_max_length is the source's
   max_position_embeddings (256), as HF reads both back, not a default of 2048."""
   conv, out = tmp_path / 'conv', tmp_path / 'out'
-  commands.run('llama', llm_dir, str(conv), use_ema=True)
-  commands.run('export-llama', str(conv), str(out), use_ema=True)
+  commands.run('llama', llm_dir, str(conv))
+  commands.run('export-llama', str(conv), str(out), ema=True)
   want = transformers.AutoConfig.from_pretrained(llm_dir).max_position_embeddings
   assert want == 256
   assert transformers.AutoConfig.from_pretrained(out).max_position_embeddings == want
@@ -148,10 +148,10 @@ def test_a_source_without_a_tokenizer_is_refused(tmp_path, llm_dir):
   with pytest.raises(UserError, match=rf'^the HF checkpoint {re.escape(str(src))} has no '
                                       r"tokenizer\.model or tokenizer\.json; copy the LLM's "
                                       r'tokenizer files into it\.$'):
-    commands.run('llama', str(src), str(conv), use_ema=True)
+    commands.run('llama', str(src), str(conv))
   assert not conv.exists()
   with_tokenizer(src, llm_dir)
-  commands.run('llama', str(src), str(conv), use_ema=True)
+  commands.run('llama', str(src), str(conv))
   os.remove(conv / 'tokenizer.model')
   for size in ('auto', 'tiny'):
     config = tiny_config(num_steps=1)
@@ -217,7 +217,7 @@ def test_bad_checkpoints_are_named(tmp_path, llm_dir):
   for path, message in cases:
     dst = tmp_path / f'out_{path.name}'
     with pytest.raises(UserError, match=message):
-      commands.run('llama', str(path), str(dst), use_ema=True)
+      commands.run('llama', str(path), str(dst))
     assert not dst.exists() and not os.path.exists(f'{dst}.partial')
 
 
@@ -240,7 +240,7 @@ def test_torch_bin_weights_are_read_as_tensors_only(tmp_path, llm_dir):
   (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'st' / 'config.json').read_text())
   torch.save(model.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
   for name in ('bin', 'st'):
-    commands.run('llama', str(tmp_path / name), str(tmp_path / f'conv_{name}'), use_ema=True)
+    commands.run('llama', str(tmp_path / name), str(tmp_path / f'conv_{name}'))
   a = converted.load_llm(str(tmp_path / 'conv_bin'))[0]
   b = converted.load_llm(str(tmp_path / 'conv_st'))[0]
   assert jax.tree.leaves(a)[0].dtype == jax.numpy.bfloat16
@@ -251,5 +251,5 @@ def test_torch_bin_weights_are_read_as_tensors_only(tmp_path, llm_dir):
   (trap / 'config.json').write_text((tmp_path / 'st' / 'config.json').read_text())
   torch.save({'model.norm.weight': _Trap(str(tmp_path / 'sprung'))}, trap / 'pytorch_model.bin')
   with pytest.raises(UserError, match='cannot be read as tensors only'):
-    commands.run('llama', str(trap), str(tmp_path / 'conv_trap'), use_ema=True)
+    commands.run('llama', str(trap), str(tmp_path / 'conv_trap'))
   assert not (tmp_path / 'sprung').exists() and not (tmp_path / 'conv_trap').exists()

@@ -43,7 +43,7 @@ def towers(tmp_path_factory):
   src = tmp_path_factory.mktemp('clip_hf')
   full.save_pretrained(src, safe_serialization=True)
   dst = str(tmp_path_factory.mktemp('clip') / 'converted')
-  commands.run('clip', str(src), dst, use_ema=True)
+  commands.run('clip', str(src), dst)
   reference = transformers.CLIPVisionModel.from_pretrained(src).eval()
   tower, params = clip.load(dst)
   return reference, tower, params, src
@@ -79,7 +79,7 @@ def test_a_directory_of_another_model_is_refused(tmp_path):
   (tmp_path / 'llama').mkdir()
   (tmp_path / 'llama' / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
   with pytest.raises(UserError, match="describes a 'llama' model; expected a CLIP"):
-    commands.run('clip', str(tmp_path / 'llama'), str(tmp_path / 'out'), use_ema=True)
+    commands.run('clip', str(tmp_path / 'llama'), str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
 
 

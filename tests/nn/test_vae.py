@@ -22,7 +22,7 @@ def vaes(tmp_path_factory):
   src = tmp_path_factory.mktemp('diffusers_vae')
   reference.save_pretrained(src, safe_serialization=True)
   dst = tmp_path_factory.mktemp('converted') / 'vae'
-  commands.run('vae', str(src), str(dst), use_ema=True)
+  commands.run('vae', str(src), str(dst))
   model, params = load_vae(str(dst))
   return reference, model, params, src
 
@@ -62,14 +62,14 @@ def test_bad_vae_directories(vaes, tmp_path):
   config = json.loads((src / 'config.json').read_text())
   (other / 'config.json').write_text(json.dumps(dict(config, _class_name='UNet2DModel')))
   with pytest.raises(UserError, match='UNet2DModel; only AutoencoderKL'):
-    commands.run('vae', str(other), str(tmp_path / 'out1'), use_ema=True)
+    commands.run('vae', str(other), str(tmp_path / 'out1'))
   wider = tmp_path / 'wider'
   wider.mkdir()
   (wider / 'config.json').write_text(json.dumps(dict(config, block_out_channels=[32, 64, 128])))
   (wider / 'diffusion_pytorch_model.safetensors').write_bytes(
       (src / 'diffusion_pytorch_model.safetensors').read_bytes())
   with pytest.raises(UserError, match=r"lacks the tensor for parameter \['decoder'\]"):
-    commands.run('vae', str(wider), str(tmp_path / 'out2'), use_ema=True)
+    commands.run('vae', str(wider), str(tmp_path / 'out2'))
   assert not (tmp_path / 'out1').exists() and not (tmp_path / 'out2').exists()
 
 
@@ -82,7 +82,7 @@ def test_sd_vae_ft_mse_architecture(tmp_path):
                            up_block_types=('UpDecoderBlock2D',) * 4, layers_per_block=2,
                            latent_channels=4, norm_num_groups=32, sample_size=256).eval()
   reference.save_pretrained(tmp_path / 'src', safe_serialization=True)
-  commands.run('vae', str(tmp_path / 'src'), str(tmp_path / 'dst'), use_ema=True)
+  commands.run('vae', str(tmp_path / 'src'), str(tmp_path / 'dst'))
   model, params = load_vae(str(tmp_path / 'dst'))
   assert model.cfg.block_out_channels == (128, 256, 512, 512) and model.cfg.norm_groups == 32
   images = torch.rand(1, 3, 32, 32) * 2 - 1

@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
   (root / 'corpus.txt').write_text('\n'.join(topics.topics[k] for k in sorted(topics.topics)[:30]))
   spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'hf' / 'tokenizer'),
                                  vocab_size=VOCAB, minloglevel=2)
-  commands.run('llama', str(root / 'hf'), str(root / 'llm'), use_ema=True)
+  commands.run('llama', str(root / 'hf'), str(root / 'llm'))
   config = tiny_config(num_steps=3)
   config.model.size, config.model.init_from = 'auto', str(root / 'llm')
   config.data.prompt_len = 24
@@ -71,7 +71,7 @@ def test_the_shape_and_rope_come_from_the_checkpoint(trained):
 def test_export_llama_gives_the_trained_logits(trained):
   workdir, root = trained
   restored = workdir_lib.for_inference(workdir, use_ema=False)
-  commands.run('export-llama', workdir, str(root / 'out_llama'), use_ema=False)
+  commands.run('export-llama', workdir, str(root / 'out_llama'), ema=False)
   hf = transformers.LlamaForCausalLM.from_pretrained(root / 'out_llama').eval()
   tokens = np.random.default_rng(0).integers(3, VOCAB, (2, 40))  # past the llama3 original 16
   with torch.no_grad():
@@ -85,7 +85,7 @@ def test_export_official_runs_in_the_official_forward(trained):
   workdir, root = trained
   restored = workdir_lib.for_inference(workdir, use_ema=True)
   model, params = restored.setup.model, restored.params
-  commands.run('export-official', workdir, str(root / 'out_official'), use_ema=True)
+  commands.run('export-official', workdir, str(root / 'out_official'), ema=True)
   out = root / 'out_official'
   config = json.loads((out / 'config.json').read_text())
   added = json.loads((out / 'added_tokens.json').read_text())

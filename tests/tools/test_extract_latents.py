@@ -31,7 +31,7 @@ def extracted(tmp_path_factory):
                            norm_num_groups=8, latent_channels=4).eval()
   root = tmp_path_factory.mktemp('latents')
   reference.save_pretrained(root / 'diffusers', safe_serialization=True)
-  commands.run('vae', str(root / 'diffusers'), str(root / 'vae'), use_ema=True)
+  commands.run('vae', str(root / 'diffusers'), str(root / 'vae'))
   config = tiny_config()
   config.data.image_resolution = 16
   config.data.latents_shard_size = 4
