@@ -25,7 +25,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.base.workdir_layout import EVAL_JSON, Workdir
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
-from monoformer_jax.nn import converted, vae, vision
+from monoformer_jax.nn import converted, vae
 from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
 from monoformer_jax.training import checkpoint, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
@@ -117,7 +117,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution,
                                  image_shape)
     abstract, shardings = steps.abstract_state(model, tx, layout)
-    reading = vision.reading(config, settings.vision_encoder, model.understanding)
+    reading = settings.vision.reading()
     # The data is read before the checkpoint manager starts its background clean-up, which
     # must not race the removal of a new workdir when a data file is bad.
     datasets = {
@@ -130,7 +130,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       datasets[StepKind.UNDERSTANDING] = pipeline.understanding_dataset(
           config.data, settings.understanding_source, tok, config.seed, reading)
     if settings.understanding or settings.image_source == pipeline.ImageSource.LLAVA_JSON:
-      see = vision.feature_encoder(config, settings.vision_encoder, layout, encode)
+      see = settings.vision.feature_encoder(layout, encode)
     iterators = {kind: common.iterator(ds) for kind, ds in datasets.items()}
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_saves=settings.async_saves.enabled())

@@ -25,7 +25,7 @@ from monoformer_jax.config import schema
 from monoformer_jax.convert import hf_config, llama, torch_bin
 from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.nn import converted
-from monoformer_jax.nn.understanding import VisionEncoder
+from monoformer_jax.nn.vision import VisionEncoder
 from monoformer_jax.run import backbone, settings as settings_lib
 from monoformer_jax.training import checkpoint, steps
 

@@ -26,7 +26,7 @@ from monoformer_jax.convert.safetensors_io import LazyTensor
 from monoformer_jax.data.tokenizer import SentencePiece
 from monoformer_jax.nn import clip, vae
 from monoformer_jax.nn.layers import MaskType
-from monoformer_jax.nn.understanding import VisionEncoder
+from monoformer_jax.nn.vision import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import checkpoint
 
@@ -83,15 +83,16 @@ TOWER = 'vision_encoder.vision_tower.'
 def _vision_tower(setup, dtype: np.dtype) -> list:
   """The frozen encoder's tensors under the official names: CLIP's (model.clip) or the
   SD-VAE's (model.vae)."""
-  encoder, m = setup.settings.vision_encoder, setup.config.model
-  if encoder == VisionEncoder.CLIP:
-    pairs = clip_convert.tensors_from_params(clip.load(m.clip)[1], TOWER + clip_convert.HF_PREFIX)
-  elif encoder == VisionEncoder.VAE:
-    if not m.vae:
+  vision = setup.settings.vision
+  if vision.encoder == VisionEncoder.CLIP:
+    pairs = clip_convert.tensors_from_params(clip.load(vision.clip_dir)[1],
+                                             TOWER + clip_convert.HF_PREFIX)
+  elif vision.encoder == VisionEncoder.VAE:
+    if not vision.vae_dir:
       raise UserError('the official VAE encoder reads pictures through the SD-VAE; this '
                       'workdir reads the pixels of a pixel-space model, which export-official '
                       'cannot carry.')
-    pairs = vae_convert.tensors_from_params(vae.load_vae(m.vae)[1], TOWER)
+    pairs = vae_convert.tensors_from_params(vae.load_vae(vision.vae_dir)[1], TOWER)
   else:
     return []
   return [(name, LazyTensor(value.shape, dtype, lambda v=value: v.astype(dtype)))
@@ -127,13 +128,13 @@ def _config(setup, source, ids: dict[str, int], vocab: int, dtype: str) -> dict:
   if source is None:
     out.update(tokenizer_max_length=config.data.prompt_len, tokenizer_padding_side='right',
                use_flash_attn=False)
-  encoder = setup.settings.vision_encoder
-  if encoder != VisionEncoder.NONE and not (source or {}).get('vision_encoder'):
-    out.update(vision_encoder=encoder.value,
-               vision_encoder_path=config.model.clip if encoder == VisionEncoder.CLIP
-               else config.model.vae,
-               vision_encoder_args={} if encoder == VisionEncoder.CLIP else dict(
-                   patch_size=model.image.patch_size, resolution=config.data.image_resolution))
+  vision = setup.settings.vision
+  if vision.reads_images and not (source or {}).get('vision_encoder'):
+    reads_clip = vision.encoder == VisionEncoder.CLIP
+    out.update(vision_encoder=vision.encoder.value,
+               vision_encoder_path=vision.clip_dir if reads_clip else vision.vae_dir,
+               vision_encoder_args={} if reads_clip else dict(
+                   patch_size=model.image.patch_size, resolution=vision.resolution))
   return out
 
 

@@ -34,7 +34,7 @@ class UnderstandingSource(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class Reading:
   """How samples read pictures: each takes 1 + tokens_per_image slots and is given to the vision
-  encoder as `picture` of `shape` (nn.vision.reading makes it from a config)."""
+  encoder as `picture` of `shape` (nn.vision.VisionSpec.reading makes it from a config)."""
   tokens_per_image: int
   picture: PictureFormat
   shape: tuple[int, ...]

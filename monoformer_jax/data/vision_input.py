@@ -66,7 +66,8 @@ def clip_pixels(picture: Image.Image, size: int) -> np.ndarray:
 
 
 def encoder_input(picture: Image.Image, kind: PictureFormat, shape: tuple[int, ...]) -> np.ndarray:
-  """The picture as the encoder takes it; shape: nn.vision.input_shape's [R, R, 3] or [H, W, C]."""
+  """The picture as the encoder takes it; shape: nn.vision.VisionSpec.input_shape's [R, R, 3]
+  or [H, W, C]."""
   if kind == PictureFormat.CLIP:
     return clip_pixels(picture, shape[0])
   height, width, channels = shape

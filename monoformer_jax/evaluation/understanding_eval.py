@@ -14,7 +14,6 @@ import numpy as np
 from monoformer_jax.base import progress
 from monoformer_jax.data import digits_vqa, understanding
 from monoformer_jax.generation import sampling
-from monoformer_jax.nn import vision
 from monoformer_jax.nn.understanding import Understanding
 
 _ROWS = 128  # questions per generate call
@@ -42,7 +41,7 @@ def reading(setup, conversations: list[list[dict]], images: np.ndarray,
             key: jax.Array) -> tuple[dict, Understanding]:
   """Left-padded prompts ('tokens', 'valid' [B, P]) of conversations without their last
   turn, and what they read: images [B, I, ...] through the config's vision encoder."""
-  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  see = setup.settings.vision.feature_encoder(setup.layout)
   return _read(prompts(setup, conversations), images, see, key)
 
 
@@ -53,7 +52,7 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
   greedy by default), reading images [B, I, ...]; key draws the samples (default: key 0)."""
   key = jax.random.key(0) if key is None else key
   tok = setup.tok
-  see = vision.feature_encoder(setup.config, setup.settings.vision_encoder, setup.layout)
+  see = setup.settings.vision.feature_encoder(setup.layout)
   every = prompts(setup, conversations)  # one length for every chunk
   out = []
   for start in range(0, len(conversations), _ROWS):

@@ -1,5 +1,5 @@
-"""Images the sequence reads (image understanding, as the official main branch has it): which
-encoder gives their features, and how the features fill their slots of the sequence.
+"""Images the sequence reads (image understanding, as the official main branch has it): how the
+features of the vision encoder (nn.vision) fill their slots of the sequence.
 
 An image to understand takes 1 + M slots: a time token (the official code gives every image one,
 of the row's timestep), then M feature tokens, each the encoder's features [E] through the
@@ -10,20 +10,19 @@ Dimension letters: B batch, S sequence, I images per row, M feature tokens per i
 D width.
 """
 
-import enum
-
 import flax.struct
 import jax.numpy as jnp
 
 from monoformer_jax.nn.layers import Array
 
 
-class VisionEncoder(enum.Enum):
-  NONE = 'none'
-  # The image in the diffusion space (SD-VAE latents, a posterior sample x 0.18215, or the pixels
-  # of a pixel-space model), patchified as the generation input is: p * p * C features.
-  VAE = 'vae'
-  CLIP = 'clip'  # a converted CLIP tower (model.clip): its second-to-last block's patch tokens
+def __getattr__(name: str):
+  """VisionEncoder, now nn.vision's, for run.inference, which still imports it from here
+  (lazily: nn.vision imports nn.model, which imports this module)."""
+  if name == 'VisionEncoder':
+    from monoformer_jax.nn import vision  # pylint: disable=import-outside-toplevel
+    return vision.VisionEncoder
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 @flax.struct.dataclass

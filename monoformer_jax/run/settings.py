@@ -19,9 +19,9 @@ from monoformer_jax.data.pipeline import ImageSource, LatentsSource, TextSource
 from monoformer_jax.data.understanding import UnderstandingSource
 from monoformer_jax.evaluation import text_tasks
 from monoformer_jax.generation.sampling import ImageSampling, check_fits
-from monoformer_jax.nn import clip, model as model_lib
-from monoformer_jax.nn.understanding import VisionEncoder
+from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import ImageSequence
+from monoformer_jax.nn.vision import VisionEncoder, VisionSpec
 from monoformer_jax.run import backbone
 from monoformer_jax.training.checkpoint import AsyncSaves
 from monoformer_jax.training.objective import Objective
@@ -39,12 +39,17 @@ class Settings:
   objective: Objective
   chat_format: ChatFormat
   understanding_source: UnderstandingSource
-  vision_encoder: VisionEncoder
+  vision: VisionSpec
 
   @property
   def understanding(self) -> bool:
     """Whether samples that read images are trained."""
     return self.understanding_source != UnderstandingSource.NONE
+
+  @property
+  def vision_encoder(self) -> VisionEncoder:
+    """vision.encoder, by the name run.inference still reads."""
+    return self.vision.encoder
 
 
 # Numeric keys and what each must be; a value outside fails with the key named.
@@ -98,7 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
       chat_format=schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format'),
       understanding_source=schema.choice(UnderstandingSource, config.data.understanding_source,
                                          'data.understanding_source'),
-      vision_encoder=vision_encoder(config.model))
+      vision=VisionSpec.from_config(config))
   _check_understanding(config, settings)
   if image_source.pixels and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
@@ -166,17 +171,16 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
 
 def _check_understanding(config: ml_collections.ConfigDict, settings: Settings) -> None:
   d, t = config.data, config.train
-  if (settings.image_source == ImageSource.LLAVA_JSON
-      and settings.vision_encoder == VisionEncoder.NONE):
+  if settings.image_source == ImageSource.LLAVA_JSON and not settings.vision.reads_images:
     raise UserError('config key data.image_source is \'llava_json\', whose prompts read '
                     'pictures; set model.vision_encoder to \'vae\' or \'clip\'.')
-  if settings.understanding and settings.vision_encoder == VisionEncoder.NONE:
+  if settings.understanding and not settings.vision.reads_images:
     raise UserError(f'config key data.understanding_source is {d.understanding_source!r}, whose '
                     'images need a vision encoder; set model.vision_encoder to \'vae\' or '
                     '\'clip\'.')
+  vision = settings.vision
   if settings.understanding_source == UnderstandingSource.DIGITS and (
-      settings.vision_encoder != VisionEncoder.VAE or config.model.vae
-      or tuple(config.model.image_size) + (config.model.image_channels,) != (8, 8, 1)):
+      vision.encoder != VisionEncoder.VAE or vision.vae_dir or vision.image_shape != (8, 8, 1)):
     raise UserError('config key data.understanding_source \'digits\' reads the 8 x 8 digits '
                     'in the diffusion space: it needs model.vision_encoder \'vae\', no '
                     'model.vae, and model.image_size (8, 8) with model.image_channels 1.')
@@ -204,27 +208,7 @@ def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
   features of its vision encoder."""
   learns_variance = _process(config) == diffusion.Process.DDPM
   return model_lib.build(config.model, config.model.learn_sigma and learns_variance,
-                         understanding_shape(config.model))
-
-
-def vision_encoder(model_config: ml_collections.ConfigDict) -> VisionEncoder:
-  return schema.choice(VisionEncoder, model_config.vision_encoder, 'model.vision_encoder')
-
-
-def understanding_shape(m: ml_collections.ConfigDict) -> model_lib.UnderstandingShape:
-  """Feature tokens per image and features per token of model.vision_encoder's output."""
-  encoder = vision_encoder(m)
-  if encoder == VisionEncoder.VAE:
-    p = m.patch_size
-    return model_lib.UnderstandingShape((m.image_size[0] // p) * (m.image_size[1] // p),
-                                        p * p * m.image_channels)
-  if encoder == VisionEncoder.CLIP:
-    if not (m.clip and files.isfile(clip.meta_path(m.clip))):
-      raise UserError(f'config key model.clip is {m.clip!r}, which is not a converted CLIP '
-                      'directory; model.vision_encoder \'clip\' needs one (`python -m '
-                      'monoformer_jax convert clip --src=HF_CLIP_DIR --dst=DIR`).')
-    return model_lib.UnderstandingShape(*clip.feature_shape(m.clip))
-  return model_lib.UnderstandingShape()
+                         VisionSpec.from_config(config).output_shape())
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,

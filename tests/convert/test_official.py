@@ -22,7 +22,8 @@ from monoformer_jax.data import understanding
 from monoformer_jax.diffusion import GuidanceChannels
 from monoformer_jax.nn import clip, model as model_lib
 from monoformer_jax.nn.layers import MaskType
-from monoformer_jax.nn.understanding import Understanding, VisionEncoder
+from monoformer_jax.nn.understanding import Understanding
+from monoformer_jax.nn.vision import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
 
 
@@ -288,7 +289,7 @@ def test_understanding_checkpoint_matches_the_official_forward(encoder, tmp_path
   commands.run('official', src, dst, use_ema=True, vae_dir=vae_dir or '', clip_dir=clip_dir or '')
   restored = workdir_lib.for_inference(dst, use_ema=True)
   model, params, tok = restored.setup.model, restored.params, restored.setup.tok
-  assert restored.setup.settings.vision_encoder == VisionEncoder(encoder)
+  assert restored.setup.settings.vision.encoder == VisionEncoder(encoder)
 
   # what each image is read as: CLIP's second-to-last block, or the VAE latents patchified
   if encoder == 'clip':

@@ -19,9 +19,7 @@ from helpers import (image_batches, reading_digits, signal_params, step_config, 
 from monoformer_jax.data import pipeline
 from monoformer_jax.data.understanding import Reading, UnderstandingSource
 from monoformer_jax.data.vision_input import PictureFormat
-from monoformer_jax.nn import vision
 from monoformer_jax.nn.layers import MaskType
-from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
 from monoformer_jax.training import objective, steps
 from monoformer_jax.training.steps import StepKind
@@ -50,8 +48,8 @@ def setting(tmp_path_factory, tokenizer_file):
   reads = dict(pipeline.understanding_dataset(
       config.data, UnderstandingSource.DIGITS, setup.tok, 0,
       Reading(u.tokens_per_image, PictureFormat.DIFFUSION, (8, 8, 1)))[0])
-  reads['features'] = vision.feature_encoder(config, VisionEncoder.VAE, setup.layout)(
-      reads.pop('images'), None)
+  reads['features'] = setup.settings.vision.feature_encoder(setup.layout)(reads.pop('images'),
+                                                                         None)
   params = signal_params(setup.model, key=3)
   batches = {StepKind.AR: text, StepKind.DIFFUSION: image, StepKind.UNDERSTANDING: reads,
              StepKind.JOINT: dict(text=text, image=image)}
