@@ -198,13 +198,9 @@ def convert_official(src: str, dst: str, vae_dir: str, use_ema: bool = True,
   for path, want in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
     if path[0].key == 'decoder':  # blocks apart: each checked against the config when read
       continue
-    got = flat.get(path)
     name = jax.tree_util.keystr(path)
-    if got is None:
-      raise UserError(f'the official checkpoint gives nothing for parameter {name}.')
-    if tuple(got.shape) != tuple(want.shape):
-      raise UserError(f'parameter {name} has shape {tuple(got.shape)} in {weights}; the model '
-                      f'config gives {tuple(want.shape)}.')
+    converted.check_param(name, flat.get(path), want, weights,
+                          f'the official checkpoint gives nothing for parameter {name}.')
   # Bounding what Orbax copies at once to about the largest parameter keeps the conversion
   # near the size of the checkpoint.
   in_flight = max(0.15, 1.1 * max(x.nbytes for x in jax.tree.leaves(params)) / 1e9)

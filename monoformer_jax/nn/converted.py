@@ -54,6 +54,16 @@ def put(tree: dict, keys, leaf) -> None:
   functools.reduce(lambda inner, key: inner.setdefault(key, {}), keys[:-1], tree)[keys[-1]] = leaf
 
 
+def check_param(name: str, got, want, source: str, missing: str) -> None:
+  """A parameter read from `source` (got) against the model's own (want): both there, else
+  UserError(missing); of one shape, else a UserError naming both shapes."""
+  if got is None or want is None:
+    raise UserError(missing)
+  if tuple(got.shape) != tuple(want.shape):
+    raise UserError(f'parameter {name} has shape {tuple(got.shape)} in {source}; the model config '
+                    f'gives {tuple(want.shape)}.')
+
+
 def stack_layers(layers: list[dict]) -> dict:
   """Per-block trees -> one tree of [L, ...] arrays (the nn.scan layout).
 

@@ -98,11 +98,7 @@ def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool
     for leaf_path, value in jax.tree_util.tree_flatten_with_path(subtree)[0]:
       full = (jax.tree_util.DictKey(key),) + tuple(leaf_path)
       name = '/'.join(str(getattr(p, 'key', p)) for p in full)
-      target = flat_target.get(full)
-      if target is None:
-        raise UserError(f'parameter {name} of {path} has no counterpart in the model.')
-      if tuple(target.shape) != tuple(value.shape):
-        raise UserError(f'parameter {name} has shape {tuple(value.shape)} in {path}, but the model '
-                        f'config gives {tuple(target.shape)}.')
+      converted.check_param(name, value, flat_target.get(full), path,
+                            f'parameter {name} of {path} has no counterpart in the model.')
     merged[key] = jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, params[key])
   return merged

@@ -12,14 +12,15 @@ import json
 import math
 import os
 import time
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from monoformer_jax import train
 from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.base.workdir_layout import Workdir
+from monoformer_jax.convert import commands as convert_commands
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted as converted_lib
 
@@ -95,6 +96,27 @@ def over_seeds(values: list[float]) -> dict:
               std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
 
 
+def mean_std(stats: dict, spec: str, std_spec: str = '', scale: float = 1.0,
+             unit: str = '') -> str:
+  """An over_seeds entry as 'MEAN ± STD' in the format specs (std_spec: spec's by default),
+  both times scale (100 for percent), unit after the mean."""
+  return f'{scale * stats["mean"]:{spec}}{unit} ± {scale * stats["std"]:{std_spec or spec}}'
+
+
+def yes_no(flag: bool) -> str:
+  return 'yes' if flag else 'no'
+
+
+def markdown_tables(*tables: tuple[Sequence[str], Iterable[Sequence[object]]]) -> str:
+  """Markdown tables, each (header cells, rows of cells, written as str() writes them), a
+  blank line apart."""
+  lines = []
+  for header, rows in tables:
+    cells = [header, ['---'] * len(header), *rows]
+    lines += [''] * bool(lines) + ['| ' + ' | '.join(map(str, row)) + ' |' for row in cells]
+  return '\n'.join(lines) + '\n'
+
+
 def write_summary(out: str, name: str, summary: dict, table: str) -> None:
   """OUT/NAME.json (the source of every figure) and OUT/NAME.md (its table)."""
   files.write_text(os.path.join(out, f'{name}.json'), json.dumps(summary, indent=1))
@@ -124,18 +146,15 @@ def summarize(results: dict[str, list[dict]]) -> dict:
 
 
 def markdown(summary: dict, seeds: int) -> str:
-  lines = [f'| variant ({seeds} seeds: mean ± std) | ' + ' | '.join(METRICS) + ' |',
-           '| --- |' + ' --- |' * len(METRICS)]
-  for variant, metrics in summary['variants'].items():
-    lines.append(f'| {variant} | ' + ' | '.join(
-        f'{metrics[m]["mean"]:.4g} ± {metrics[m]["std"]:.2g}' for m in METRICS) + ' |')
-  lines += ['', '| finding | metric | better - worse | spread | as the paper | beyond the spread |',
-            '| --- | --- | --- | --- | --- | --- |']
-  for f in summary['findings']:
-    lines.append(f'| {f["name"]} | {f["metric"]} ({f["better"]} - {f["worse"]}) | '
-                 f'{f["difference"]:+.4g} | {f["spread"]:.2g} | {"yes" if f["as_paper"] else "no"}'
-                 f' | {"yes" if f["beyond_spread"] else "no"} |')
-  return '\n'.join(lines) + '\n'
+  variants = ([f'variant ({seeds} seeds: mean ± std)', *METRICS],
+              [[variant, *(mean_std(metrics[m], '.4g', '.2g') for m in METRICS)]
+               for variant, metrics in summary['variants'].items()])
+  findings = (['finding', 'metric', 'better - worse', 'spread', 'as the paper',
+               'beyond the spread'],
+              [[f['name'], f'{f["metric"]} ({f["better"]} - {f["worse"]})',
+                f'{f["difference"]:+.4g}', f'{f["spread"]:.2g}', yes_no(f['as_paper']),
+                yes_no(f['beyond_spread'])] for f in summary['findings']])
+  return markdown_tables(variants, findings)
 
 
 def run_study(out: str, seeds: int, variants=('scratch', 'init', 'causal'),

@@ -126,29 +126,25 @@ def summarize(rows: list[dict], evaluations: dict[str, list[dict]]) -> dict:
 
 
 def markdown(summary: dict, seeds: int) -> str:
-  lines = [f'| process | sampler | spacing | steps | network evaluations | prompt accuracy '
-           f'({seeds} seeds) | digit FD ({seeds} seeds) | images/s |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- |']
-  for e in summary['entries']:
-    speed = f'{e["images_per_s"]:.3g}' if 'images_per_s' in e else ''
-    spacing = e['spacing'] if e['sampler'] == Sampler.DPMPP_2M.value else ''
-    lines.append(f'| {e["process"]} | {e["sampler"]} | {spacing} | {e["steps"]} | '
-                 f'{e["evaluations"]} | {100 * e["accuracy"]["mean"]:.1f}% ± '
-                 f'{100 * e["accuracy"]["std"]:.1f} | {e["fd"]["mean"]:.2f} ± '
-                 f'{e["fd"]["std"]:.2f} | {speed} |')
-  lines += ['', '| process | FD floor (held-out digits) | FD ceiling (untrained, its 250-step '
-            'sampler) | held-out perplexity |', '| --- | --- | --- | --- |']
-  for process, e in summary['processes'].items():
-    lines.append(f'| {process} | {e["fd_floor"]["mean"]:.2f} | {e["fd_ceiling"]["mean"]:.2f} ± '
-                 f'{e["fd_ceiling"]["std"]:.2f} | {e["perplexity"]["mean"]:.2f} ± '
-                 f'{e["perplexity"]["std"]:.2f} |')
-  lines += ['', '| DPM-Solver++ 2M | FD - DDPM 250 | spread | within the spread | fewer evaluations |',
-            '| --- | --- | --- | --- | --- |']
-  for v in summary['verdicts']:
-    lines.append(f'| {v["spacing"]}, {v["steps"]} steps | {v["difference"]:+.2f} | '
-                 f'{v["spread"]:.2f} | {"yes" if v["within"] else "no"} | '
-                 f'{v["fewer_evaluations"]:.0f}x |')
-  return '\n'.join(lines) + '\n'
+  samplers = (['process', 'sampler', 'spacing', 'steps', 'network evaluations',
+               f'prompt accuracy ({seeds} seeds)', f'digit FD ({seeds} seeds)', 'images/s'],
+              [[e['process'], e['sampler'],
+                e['spacing'] if e['sampler'] == Sampler.DPMPP_2M.value else '', e['steps'],
+                e['evaluations'], study.mean_std(e['accuracy'], '.1f', scale=100, unit='%'),
+                study.mean_std(e['fd'], '.2f'),
+                f'{e["images_per_s"]:.3g}' if 'images_per_s' in e else '']
+               for e in summary['entries']])
+  processes = (['process', 'FD floor (held-out digits)',
+                'FD ceiling (untrained, its 250-step sampler)', 'held-out perplexity'],
+               [[process, f'{e["fd_floor"]["mean"]:.2f}', study.mean_std(e['fd_ceiling'], '.2f'),
+                 study.mean_std(e['perplexity'], '.2f')]
+                for process, e in summary['processes'].items()])
+  verdicts = (['DPM-Solver++ 2M', 'FD - DDPM 250', 'spread', 'within the spread',
+               'fewer evaluations'],
+              [[f'{v["spacing"]}, {v["steps"]} steps', f'{v["difference"]:+.2f}',
+                f'{v["spread"]:.2f}', study.yes_no(v['within']),
+                f'{v["fewer_evaluations"]:.0f}x'] for v in summary['verdicts']])
+  return study.markdown_tables(samplers, processes, verdicts)
 
 
 def run_sweep(out: str, seeds: int, overrides: dict | None = None, grid: dict | None = None) -> dict:

@@ -31,3 +31,11 @@ def test_a_tiny_study_writes_a_finite_table(tmp_path):
   assert (tmp_path / 'pretrained_llm' / 'tokenizer.model').exists()
   again = study.run_study(str(tmp_path), 1, variants=('scratch', 'init'), overrides=TINY)
   assert again['variants'] == summary['variants']  # finished runs are read, not redone
+
+
+def test_tables_are_markdown_with_means_and_spreads():
+  stats = study.over_seeds([0.5, 0.7])
+  assert study.mean_std(stats, '.1f', scale=100, unit='%') == '60.0% ± 14.1'
+  assert study.mean_std(stats, '.4g', '.2g') == '0.6 ± 0.14'
+  assert study.markdown_tables((['a', 'b'], [[1, study.yes_no(True)]]), (['c'], [])) == (
+      '| a | b |\n| --- | --- |\n| 1 | yes |\n\n| c |\n| --- |\n')
