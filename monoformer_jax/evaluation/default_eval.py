@@ -189,7 +189,6 @@ def evaluate(setup, params, workdir: str, step: int,
   return metrics, images
 
 
-EVAL_FILE = EVAL_JSON  # the name run.scoring's message reads here
 
 
 def saved_metrics(workdir: str) -> dict:

@@ -16,15 +16,6 @@ import jax.numpy as jnp
 from monoformer_jax.nn.layers import Array
 
 
-def __getattr__(name: str):
-  """VisionEncoder, now nn.vision's, for run.inference, which still imports it from here
-  (lazily: nn.vision imports nn.model, which imports this module)."""
-  if name == 'VisionEncoder':
-    from monoformer_jax.nn import vision  # pylint: disable=import-outside-toplevel
-    return vision.VisionEncoder
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
 @flax.struct.dataclass
 class Understanding:
   """What a pass needs to place I images per row among its tokens."""

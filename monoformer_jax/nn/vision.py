@@ -103,11 +103,3 @@ class VisionSpec:
       return jnp.reshape(features, (b, i, *features.shape[1:]))
 
     return encode
-
-
-def reading(config: ml_collections.ConfigDict, encoder: VisionEncoder,
-            shape: UnderstandingShape) -> Reading:
-  """VisionSpec.reading in the form run.inference still calls (encoder and shape follow from
-  the config)."""
-  del encoder, shape
-  return VisionSpec.from_config(config).reading()

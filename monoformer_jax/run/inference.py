@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from monoformer_jax.base import files, images as images_lib, progress
+from monoformer_jax.base import files, images as images_lib, progress, workdir_layout
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.diffusion import Sampler, TimeSpacing
 from monoformer_jax.data import vision_input
@@ -17,9 +17,8 @@ from monoformer_jax.data.understanding import (PLACEHOLDER, check_placeholders,
                                                conversation_ids)
 from monoformer_jax.evaluation import fid_samples, understanding_eval
 from monoformer_jax.generation import mixed_modal, sampling
-from monoformer_jax.nn import vae, vision
+from monoformer_jax.nn import vae
 from monoformer_jax.nn.layers import MaskType
-from monoformer_jax.nn.understanding import VisionEncoder
 from monoformer_jax.run import settings, workdir as workdir_lib
 
 
@@ -161,15 +160,14 @@ def generate(run: Run, prompt: str, decoding: mixed_modal.Decoding,
 def _reading(setup, prompt: str, pictures: Sequence[str]) -> tuple[str, list[dict], np.ndarray]:
   """(the prompt with its placeholders, its conversation, the pictures [1, I, ...] as the
   vision encoder takes them) for --image."""
-  encoder = setup.settings.vision_encoder
-  if encoder == VisionEncoder.NONE:
+  if not setup.settings.vision.reads_images:
     raise UserError('generate --image needs a model that reads images (model.vision_encoder); '
                     'this workdir\'s is \'none\'.')
   if PLACEHOLDER not in prompt:
     prompt = PLACEHOLDER * len(pictures) + '\n' + prompt
   turns = [{'from': 'human', 'value': prompt}, {'from': 'gpt', 'value': ''}]
   check_placeholders(turns, len(pictures), len(pictures), 'the prompt (--prompt)')
-  r = vision.reading(setup.config, encoder, setup.model.understanding)
+  r = setup.settings.vision.reading()
   images = np.stack([vision_input.encoder_input(vision_input.read_picture(p), r.picture, r.shape)
                      for p in pictures])[None]
   return prompt, turns, images
@@ -225,4 +223,4 @@ def generate_mixed(run: Run, prompt: str, pictures: Sequence[str], decoding: mix
   texts = mixed_modal.write_record(out, prompt, made, tok, _decoder(vae_dir, setup))
   drawn = sum(len(row.images) for row in made)
   return '\n'.join([f'{r}: {prompt} {text}' for r, text in enumerate(texts)] + [
-      f'wrote {os.path.join(out, "generation.json")} and {drawn} picture(s) beside it.'])
+      f'wrote {workdir_layout.generation_record(out)} and {drawn} picture(s) beside it.'])

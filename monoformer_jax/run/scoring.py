@@ -9,7 +9,8 @@ import os
 
 import jax
 
-from monoformer_jax.base import files, sharding
+from monoformer_jax.base import files, sharding, workdir_layout
+from monoformer_jax.base.workdir_layout import Workdir
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.config import schema
 from monoformer_jax.evaluation import default_eval, fid_eval, text_tasks
@@ -23,7 +24,7 @@ def default(workdir: str, choice: SamplingChoice, use_ema: bool) -> str:
   spec, _ = choice.resolve(restored.setup)
   metrics, _ = default_eval.evaluate(restored.setup, restored.params, workdir, restored.step, spec)
   return (f'{workdir}, step {restored.step} ({spec.sampler.value}, {spec.steps} steps, cfg '
-          f'{spec.guidance.scale}; also in {default_eval.EVAL_FILE}):\n'
+          f'{spec.guidance.scale}; also in {workdir_layout.EVAL_JSON}):\n'
           + default_eval.table(metrics))
 
 
@@ -57,7 +58,7 @@ def fid(run: Run, request: FidRequest, choice: SamplingChoice) -> str:
                           prompts(restored.setup, request.prompt_file), sampled, run.key(),
                           vae_dir)
   if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, f'fid{request.num}.json'), json.dumps(
+    files.write_text(Workdir(workdir).fid_json(request.num), json.dumps(
         dict(result, step=restored.step, reference=reference, steps=sampled.steps,
              cfg_scale=sampled.guidance.scale), indent=1))
   what = f'{workdir} (step {restored.step}, {sampled.steps} steps, cfg {sampled.guidance.scale})'

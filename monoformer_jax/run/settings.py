@@ -46,11 +46,6 @@ class Settings:
     """Whether samples that read images are trained."""
     return self.understanding_source != UnderstandingSource.NONE
 
-  @property
-  def vision_encoder(self) -> VisionEncoder:
-    """vision.encoder, by the name run.inference still reads."""
-    return self.vision.encoder
-
 
 # Numeric keys and what each must be; a value outside fails with the key named.
 _RANGES = (

@@ -67,8 +67,8 @@ def _pretrained(out: str, overrides: dict) -> str:
   exported = os.path.join(out, 'pretrain_hf')
   for leftover in (exported, converted):  # of an interrupted study: conversions need new paths
     files.rmtree(leftover)
-  convert_commands.run('export-llama', workdir, exported, use_ema=True)
-  convert_commands.run('llama', exported, converted, use_ema=True)
+  convert_commands.run('export-llama', workdir, exported, ema=True)
+  convert_commands.run('llama', exported, converted)
   return converted
 
 

@@ -58,7 +58,7 @@ def official_dir(tmp_path_factory, tokenizer_file):
 def test_converted_official_predictions_match(official_dir, tmp_path):
   llm, extras, src = official_dir
   dst = str(tmp_path / 'work')
-  commands.run('official', src, dst, use_ema=True, vae_dir=converted_vae(tmp_path))
+  commands.run('official', src, dst, ema=True, vae=converted_vae(tmp_path))
   restored = workdir_lib.for_inference(dst, use_ema=True)
   tok, model, params = restored.setup.tok, restored.setup.model, restored.params
   assert restored.step == 0
@@ -123,7 +123,7 @@ def test_unsupported_official_variants_are_refused(official_dir, tmp_path):
   (other / 'config.json').write_text(json.dumps(dict(config, decoder_t_embed='add_at_each_layer')))
   with pytest.raises(UserError, match="decoder_t_embed = 'add_at_each_layer'; only "
                                       "'add_before_image_tokens'"):
-    commands.run('official', str(other), str(tmp_path / 'out'), use_ema=True)
+    commands.run('official', str(other), str(tmp_path / 'out'), ema=True)
   assert not (tmp_path / 'out').exists()
 
 
@@ -144,7 +144,7 @@ def test_a_tokenizer_reaching_the_special_ids_is_refused(official_dir, tokenizer
                                       r'pieces, which collide with the official special token ids '
                                       r"1020, 1021, 1022, 1023; expected the LLM's own tokenizer, "
                                       r'with no more pieces than the first special id, 1020\.$'):
-    commands.run('official', str(other), str(tmp_path / 'out'), use_ema=True,
+    commands.run('official', str(other), str(tmp_path / 'out'), ema=True,
                   tokenizer=tokenizer_file)
   assert not (tmp_path / 'out').exists()
 
@@ -156,8 +156,8 @@ def _tensor_dict(directory):
 
 def test_official_round_trip_gives_the_same_tensors(official_dir, tmp_path):
   _, _, src = official_dir
-  commands.run('official', src, str(tmp_path / 'work'), use_ema=True)
-  commands.run('export-official', str(tmp_path / 'work'), str(tmp_path / 'back'), use_ema=True)
+  commands.run('official', src, str(tmp_path / 'work'), ema=True)
+  commands.run('export-official', str(tmp_path / 'work'), str(tmp_path / 'back'), ema=True)
   want, got = _tensor_dict(src), _tensor_dict(tmp_path / 'back')
   assert sorted(want) == sorted(got)
   for name, array in want.items():
@@ -192,15 +192,15 @@ def test_official_training_layout_bin_weights_and_ema_folder(official_dir, tmp_p
   (checkpoint_dir / 'tokenizer.model').write_bytes(open(f'{src}/tokenizer.model', 'rb').read())
   for use_ema, weights in ((True, ema), (False, raw)):
     work = tmp_path / f'work_{use_ema}'
-    commands.run('official', str(checkpoint_dir), str(work), use_ema=use_ema)
-    commands.run('export-official', str(work), str(tmp_path / f'back_{use_ema}'), use_ema=True)
+    commands.run('official', str(checkpoint_dir), str(work), ema=use_ema)
+    commands.run('export-official', str(work), str(tmp_path / f'back_{use_ema}'), ema=True)
     got = _tensor_dict(tmp_path / f'back_{use_ema}')
     for name in ('lm_head.weight', 'x_embedder.weight', 'model.layers.1.mlp.up_proj.weight'):
       np.testing.assert_array_equal(got[name], weights[name].numpy())
   os.remove(checkpoint_dir / 'tokenizer.model')
   with pytest.raises(UserError, match=r'found no tokenizer.model in .*; pass --tokenizer=FILE'):
-    commands.run('official', str(checkpoint_dir), str(tmp_path / 'x'), use_ema=True)
-  commands.run('official', str(checkpoint_dir), str(tmp_path / 'y'), use_ema=True,
+    commands.run('official', str(checkpoint_dir), str(tmp_path / 'x'), ema=True)
+  commands.run('official', str(checkpoint_dir), str(tmp_path / 'y'), ema=True,
                tokenizer=f'{src}/tokenizer.model')
 
 
@@ -231,7 +231,7 @@ def _clip_dirs(tmp_path):
       image_size=CLIP_SIZE, patch_size=CLIP_PATCH)).eval()
   src = tmp_path / 'clip_hf'
   tower.save_pretrained(src, safe_serialization=True)
-  commands.run('clip', str(src), str(tmp_path / 'clip'), use_ema=True)
+  commands.run('clip', str(src), str(tmp_path / 'clip'))
   return tower, str(tmp_path / 'clip')
 
 
@@ -286,7 +286,7 @@ def test_understanding_checkpoint_matches_the_official_forward(encoder, tmp_path
   llm, extras, im_embedder, src = _official_checkpoint(tmp_path, tokenizer_file, encoder,
                                                        features_width)
   dst = str(tmp_path / 'work')
-  commands.run('official', src, dst, use_ema=True, vae_dir=vae_dir or '', clip_dir=clip_dir or '')
+  commands.run('official', src, dst, ema=True, vae=vae_dir or '', clip=clip_dir or '')
   restored = workdir_lib.for_inference(dst, use_ema=True)
   model, params, tok = restored.setup.model, restored.params, restored.setup.tok
   assert restored.setup.settings.vision.encoder == VisionEncoder(encoder)
@@ -346,7 +346,7 @@ def test_understanding_checkpoint_matches_the_official_forward(encoder, tmp_path
 
   # back to the official layout: every source tensor as it was, the encoder's own beside them
   back = tmp_path / 'exported'
-  commands.run('export-official', dst, str(back), use_ema=True)
+  commands.run('export-official', dst, str(back), ema=True)
   exported = safetensors_io.SafetensorsDir(str(back))
   source = safetensors_io.SafetensorsDir(src)
   for name in source.keys():
@@ -367,5 +367,5 @@ def test_understanding_checkpoint_matches_the_official_forward(encoder, tmp_path
 def test_an_understanding_checkpoint_needs_its_encoder(tmp_path, tokenizer_file):
   _, _, _, src = _official_checkpoint(tmp_path, tokenizer_file, 'clip', CLIP_WIDTH)
   with pytest.raises(UserError, match='reads images with a CLIP tower .*pass --clip=DIR'):
-    commands.run('official', src, str(tmp_path / 'out'), use_ema=True)
+    commands.run('official', src, str(tmp_path / 'out'), ema=True)
   assert not (tmp_path / 'out').exists()
