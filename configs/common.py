@@ -42,7 +42,7 @@ def paper_config(platform: str) -> ml_collections.ConfigDict:
   c.train.lm_loss_weight, c.train.diffusion_loss_weight = 0.01, 1.0
   c.train.log_every, c.train.checkpoint_every, c.train.eval_at_end = 100, 50_000, False
   # 2,048-token cross-entropy chunks (0.26 GB of fp32 logits): the 8 x 2,048 text step took
-  # 329.8 ms against 341.1 with 512 on one H200 (README, Performance).
+  # 329.8 ms against 341.1 with 512 on one H200 (docs/performance.md).
   c.train.loss_chunk = 2048
   c.sample.sampler, c.sample.steps = 'auto', 250  # ddpm (or euler with diffusion.process=flow)
   c.mesh.data, c.mesh.fsdp = preset['data'], preset['fsdp']

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU figures in one go, on one NVIDIA GPU:
+# The GPU figures of docs/performance.md in one go, on one NVIDIA GPU:
 #   bash launch/gpu_check.sh OUT_DIR [SECONDS] [--no-digits]
 # 1. bench at the TinyLlama-1.1B shape (configs/bench_1b.py): both train steps, the 250-step
 #    guided sampler at batch 32, KV-cached decoding at batch 1 and 32 (falls back to XLA

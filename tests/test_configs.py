@@ -240,7 +240,7 @@ def test_model_flops_agree_with_xla_cost_analysis(kind):
 @pytest.mark.slow
 def test_digits_vqa_trains_at_its_own_sizes_in_a_few_steps(tmp_path, tokenizer_file):
   """configs/digits_vqa.py as written (model, batches, questions), a few steps of each kind:
-  what the README's full runs start from, at the cost of a test (the full runs are not in the
+  what the full runs of docs/results.md start from, at the cost of a test (the full runs are not in the
   suite; the evaluator that asks the questions while training is tested at the tiny size)."""
   config = _load(os.path.join(ROOT, 'configs', 'digits_vqa.py')).get_config()
   config.train.num_steps, config.train.eval_at_end = 6, False

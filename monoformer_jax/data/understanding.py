@@ -7,7 +7,7 @@ a human turn is `BOS value` cut to 128 tokens, a gpt turn `value EOS` cut to 512
 (one token when cut) becomes its image's 1 + M slots: a time token and M feature tokens, none
 learned; the i-th placeholder reads the i-th image. The sequence is cut to
 data.understanding_seq_len, ending before an image whose slots would not all fit (the official
-code cuts inside the image and then misplaces it; see the README).
+code cuts inside the image and then misplaces it; see docs/model.md).
 Dimension letters: S sequence, I images per sample.
 """
 
