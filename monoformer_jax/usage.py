@@ -77,15 +77,11 @@ def check_flags(name: str, given: set[str], kind: str = '') -> None:
   error, not ignored."""
   command = COMMANDS[name]
   reads = command.kinds[kind].flags + command.flags if kind else command.all_flags()
-  wrong = sorted(given - {f.name for f in reads}, key=list(_declared()).index)
+  wrong = sorted(given - {f.name for f in reads}, key=list(cli.declared_flags()).index)
   if wrong:
     what = f'`{name} {kind}`' if kind else f'`{name}`'
     raise UserError(f'{", ".join("--" + f for f in wrong)} is not a flag of {what}; '
                     f'`{ENTRY} {name} --help` lists the ones it takes.')
-
-
-def _declared() -> dict[str, Flag]:
-  return cli.declared_flags()
 
 
 def flag_error(message: str, command: str) -> str:
@@ -95,7 +91,7 @@ def flag_error(message: str, command: str) -> str:
     return ' '.join(message.split()).rstrip('.') + '.'
   name = unknown.group(1)
   known = ([f.name for f in COMMANDS[command].all_flags()] if command in COMMANDS
-           else sorted(_declared()))
+           else sorted(cli.declared_flags()))
   close = difflib.get_close_matches(name, known, n=2)
   hint = f' did you mean {" or ".join("--" + c for c in close)}?' if close else ''
   where = f'`{command}`' if command in COMMANDS else 'any command'
