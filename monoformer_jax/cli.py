@@ -83,9 +83,12 @@ def _generate(a: Args) -> str:
   run = inference.Run(a.workdir, a.seed, a.ema)
   decoding = Decoding(a.max_tokens, a.temperature, a.top_k, a.top_p)
   if a.given('out'):
+    if a.chat:
+      raise UserError('generate --chat answers in text only; drop --out, or --chat for text '
+                      'with images.')
     rows = inference.MixedRows(a.out, a.num, a.max_images)
     return inference.generate_mixed(run, a.prompt, a.image, decoding, rows, sampling_choice(a))
-  return inference.generate(run, a.prompt, decoding, a.image)
+  return inference.generate(run, a.prompt, decoding, a.image, a.chat)
 
 
 def _evaluate(a: Args) -> str:
@@ -127,8 +130,10 @@ COMMANDS = {
         (WORKDIR, PROMPT, NUM, OUT, FID_NPZ, FID_BATCH, PROMPT_FILE) + SAMPLING + MULTIHOST, _sample, NEEDS_WORKDIR),
     'generate': Command(
         '--workdir=DIR --prompt=TEXT --max_tokens=N',
-        'text continuation with a KV cache (--image=FILE: pictures the prompt reads); with '
-        '--out=DIR, text with the images the model starts by itself',
+        'text continuation with a KV cache, from a workdir or a converted LLM directory (--chat: '
+        'the answer to the prompt as a user\'s message in the model\'s chat template; '
+        '--image=FILE: pictures the prompt reads); with --out=DIR, text with the images the '
+        'model starts by itself',
         (WORKDIR, PROMPT, spec.integer('max_tokens', 64, 'Tokens to generate.'),
          spec.real('temperature', 0.8, 'Sampling temperature; 0 is greedy.'),
          spec.integer('top_k', 0, 'Keep the k most likely tokens; 0 keeps all.'),
@@ -137,6 +142,9 @@ COMMANDS = {
                    'generation); without it, text only.', False),
          NUM.means('With --out: rows to generate, each from the prompt.'),
          spec.integer('max_images', 1, 'generate --out: images per row at most.'),
+         spec.boolean('chat', False, 'generate: the prompt is a user\'s message, rendered in '
+                      'the model\'s chat template; prints the answer alone, which ends at the '
+                      'model\'s end-of-turn tokens.'),
          spec.repeated('image', 'generate: a picture the prompt reads, at the prompt\'s <image> '
                        'placeholders or else before it (repeat the flag for more pictures).'))
         + SAMPLING + MULTIHOST, _generate, NEEDS_WORKDIR),

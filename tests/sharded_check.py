@@ -140,7 +140,7 @@ def samplers_under_mesh(workdir):
       tokens, valid = tok.text_prompt('The', 8)
       text = sampling.generate(model, params, np.stack([tokens] * 8), np.stack([valid] * 8),
                                jax.random.key(5), max_tokens=4, temperature=0.0, top_k=0,
-                               top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                               top_p=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     out[name] = (images, np.asarray(jax.device_get(text)))
   return dict(images=rel(out['mesh'][0], out['one'][0]),
               same_text=bool((out['mesh'][1] == out['one'][1]).all()))

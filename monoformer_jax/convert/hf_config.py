@@ -122,11 +122,12 @@ def hf_config(cfg: BackboneConfig, tie_embeddings: bool, dtype: str,
   out.update(vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
              num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act='silu',
-             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings, torch_dtype=dtype)
+             rms_norm_eps=cfg.norm_eps, tie_word_embeddings=tie_embeddings)
+  # transformers 5 writes `dtype`, earlier versions `torch_dtype`: the source's spelling stays.
+  for key in [k for k in ('torch_dtype', 'dtype') if k in out] or ['torch_dtype']:
+    out[key] = dtype
   if out['model_type'] == 'llama':
     out.update(attention_bias=False, mlp_bias=False)
-  if 'dtype' in out:
-    out['dtype'] = dtype
   for key, value in zip(('bos_token_id', 'eos_token_id', 'pad_token_id'), special_ids or ()):
     if source is None or out.get(key) is None:  # a source's own ids stay
       out[key] = value

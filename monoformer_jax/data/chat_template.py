@@ -44,13 +44,14 @@ def _compiled(template: str) -> jinja2.Template:
     raise UserError(f'the source tokenizer\'s chat template does not compile ({e}).') from e
 
 
-def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tok, messages: list[dict], add_generation_prompt: bool = False,
+           needed_by: str = 'data.chat_format \'model\'') -> str:
   """The conversation as the template of `tok` (a HuggingFace tokenizer) writes it."""
   template = tok.chat_template()
   if not template:
-    raise UserError(f'{tok.directory} has no chat template (chat_template in '
-                    'tokenizer_config.json or chat_template.jinja); data.chat_format \'model\' '
-                    'needs one.')
+    raise UserError(f'the tokenizer {tok.path} has no chat template (chat_template in '
+                    'tokenizer_config.json or chat_template.jinja beside a tokenizer.json); '
+                    f'{needed_by} needs one.')
   return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                     **tok.special_token_strings())
 

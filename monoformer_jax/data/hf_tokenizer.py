@@ -77,11 +77,26 @@ class HuggingFace(tokenizer_lib.Tokenizer):
       raise UserError(f'{directory} names no EOS token (eos_token in {HF_TOKENIZER_CONFIG} or '
                       f'{HF_SPECIAL_TOKENS_MAP}, eos_token_id in {HF_GENERATION_CONFIG}); '
                       'expected one.')
+    self._stops = self._end_of_turn_ids(generation.get('eos_token_id'))
     self.bos = self._prefix()
     self.im_start_id = self._own_or_added(tokenizer_lib.IM_START)
     self.im_end_id = self._own_or_added(tokenizer_lib.IM_END)
     self.pad_id = pad_id if pad_id is not None else self._own_or_added(PAD)
     self.vocab_size = max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
+
+  def _end_of_turn_ids(self, named) -> tuple[int, ...]:
+    """EOS, then the ids generation_config.json's eos_token_id gives (one id or a list, as
+    Llama-3-Instruct ends a turn with <|eot_id|> as well as <|end_of_text|>)."""
+    extra = named if isinstance(named, list) else [] if named is None else [named]
+    for i in extra:
+      if not isinstance(i, int) or not 0 <= i < self.num_pieces:
+        raise UserError(f'{self.directory}/{HF_GENERATION_CONFIG} gives eos_token_id {named!r}; '
+                        f'expected ids below {self.num_pieces}.')
+    return tuple(dict.fromkeys([self.eos_id] + extra))
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._stops
 
   def _prefix(self) -> list[int]:
     """What the post-processor adds before a text; it may add nothing after one."""

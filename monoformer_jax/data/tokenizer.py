@@ -51,11 +51,23 @@ class Tokenizer(abc.ABC):
   def decode_pieces(self, ids: list[int]) -> str:
     """Text of ids that are all the source's own entries."""
 
+  def chat_template(self) -> Optional[str]:
+    """The source's Jinja chat template, where it has one."""
+    return None
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end a generated turn: EOS, and any other end-of-turn ids the source names."""
+    return (self.eos_id,)
+
   def decode(self, ids: Iterable[int]) -> str:
-    stop = [int(i) for i in ids]
-    if self.eos_id in stop:
-      stop = stop[:stop.index(self.eos_id)]
-    return self.decode_pieces([i for i in stop if i != self.pad_id and i < self.num_pieces])
+    """Text of ids up to the first that ends a turn (stop_ids)."""
+    kept = []
+    for i in map(int, ids):
+      if i in self.stop_ids:
+        break
+      kept.append(i)
+    return self.decode_pieces([i for i in kept if i != self.pad_id and i < self.num_pieces])
 
   def image_prompt(self, prompt: str, length: int,
                    truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:

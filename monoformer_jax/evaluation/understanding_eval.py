@@ -64,7 +64,7 @@ def answers(setup, params, conversations: list[list[dict]], images: np.ndarray,
                             jax.random.fold_in(key, start), max_tokens=max_tokens,
                             temperature=temperature,
                             top_k=min(top_k, setup.model.backbone.vocab_size), top_p=top_p,
-                            eos_id=tok.eos_id, pad_id=tok.pad_id, understand=read)
+                            stop_ids=tok.stop_ids, pad_id=tok.pad_id, understand=read)
     out += np.asarray(ids)[:n].tolist()
   return out
 

@@ -141,9 +141,10 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_tokens', 'top_k', 'top_p', 'use_cache'))
 def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key: jax.Array, *,
-             max_tokens: int, temperature: float, top_k: int, top_p: float, eos_id: int,
+             max_tokens: int, temperature: float, top_k: int, top_p: float, stop_ids,
              pad_id: int, use_cache: bool = True, understand=None) -> jax.Array:
-  """Continues left-padded prompts [B, P]; returns [B, max_tokens] (pad after EOS).
+  """Continues left-padded prompts [B, P]; returns [B, max_tokens] (pad after the first of
+  stop_ids, a sequence of ids that end a turn, which is kept).
 
   With use_cache=False every step recomputes the whole prefix (the reference
   the cached loop is measured against). understand: the images the prompts read (an
@@ -184,7 +185,7 @@ def generate(model: MonoFormer, params, prompt: jax.Array, valid: jax.Array, key
       seq_valid = seq_valid.at[:, length + i].set(alive)
       logits_all = run(seq, seq_valid, None, understand).logits
       next_logits, new_rest = logits_all[:, length + i], (seq, seq_valid)
-    return (next_logits, done | (token == eos_id), new_rest), token
+    return (next_logits, done | jnp.isin(token, jnp.asarray(stop_ids)), new_rest), token
 
   init = (state[0], jnp.zeros((batch,), bool), state[1])
   _, tokens = jax.lax.scan(body, init, jnp.arange(max_tokens))

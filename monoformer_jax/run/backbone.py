@@ -74,12 +74,9 @@ def check_compatible(path: str, model_cfg: BackboneConfig, tie: bool) -> None:
                     f'model.tie_embeddings is {tie}.')
 
 
-def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
-  """`params` with the backbone replaced by the converted LLM at `path` (host arrays).
-
-  Shapes are checked leaf by leaf; vocabulary rows beyond the LLM's (the special tokens and any
-  padding) are set to the mean of its rows. MonoFormer's own parameters keep their initialization.
-  """
+def llm_params(path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
+  """The converted LLM at `path` as the model's backbone parameters (host arrays): vocabulary
+  rows beyond the LLM's (the special tokens and any padding) set to the mean of its rows."""
   check_compatible(path, model_cfg, tie)
   pretrained, cfg, _ = converted.load_llm(path)
   extra = model_cfg.vocab_size - cfg.vocab_size
@@ -91,7 +88,13 @@ def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool
   pretrained['embed_tokens']['embedding'] = extend(pretrained['embed_tokens']['embedding'], 0)
   if 'lm_head' in pretrained:
     pretrained['lm_head']['kernel'] = extend(pretrained['lm_head']['kernel'], 1)
+  return pretrained
 
+
+def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
+  """`params` with the backbone replaced by the converted LLM at `path` (host arrays), shapes
+  checked leaf by leaf. MonoFormer's own parameters keep their initialization."""
+  pretrained = llm_params(path, model_cfg, tie)
   flat_target = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   merged = dict(params)
   for key, subtree in pretrained.items():

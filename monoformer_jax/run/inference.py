@@ -12,7 +12,7 @@ import numpy as np
 from monoformer_jax.base import files, images as images_lib, progress, workdir_layout
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.diffusion import Sampler, TimeSpacing
-from monoformer_jax.data import vision_input
+from monoformer_jax.data import chat_template, vision_input
 from monoformer_jax.data.understanding import (PLACEHOLDER, check_placeholders,
                                                conversation_ids)
 from monoformer_jax.evaluation import fid_samples, understanding_eval
@@ -63,7 +63,15 @@ class Run:
   seed: int = 0
   use_ema: bool = True
 
-  def restore(self) -> workdir_lib.Restored:
+  def restore(self, text_only: bool = False) -> workdir_lib.Restored:
+    """The workdir's model; with text_only, also a converted LLM directory's (`convert hf`),
+    which continues text and has no image modules."""
+    if workdir_lib.is_converted_llm(self.workdir):
+      if not text_only:
+        raise UserError(f'{self.workdir} is a converted LLM, which has no image modules: it '
+                        'continues text (`generate` without --image or --out) and nothing else; '
+                        'train a workdir from it (config key model.init_from) for pictures.')
+      return workdir_lib.for_converted_llm(self.workdir)
     return workdir_lib.for_inference(self.workdir, self.use_ema)
 
   def key(self) -> jax.Array:
@@ -137,22 +145,38 @@ def _check_decoding(decoding: mixed_modal.Decoding) -> None:
     raise UserError('--top_p must be in (0, 1], --top_k and --temperature non-negative.')
 
 
+def _text_prompt(tok, prompt: str, chat: bool, least: int) -> tuple[np.ndarray, np.ndarray]:
+  """The prompt's ids left-padded to `least` tokens or the next multiple of 64 (few shapes to
+  compile): `BOS prompt`, or with chat the user's message in the model's chat template, its
+  generation prompt opening the answer."""
+  ids = (tok.encode(chat_template.render(tok, [{'role': 'user', 'content': prompt}], True,
+                                         'generate --chat')) if chat
+         else tok.bos + tok.encode(prompt))
+  return tok.left_pad(ids, max(least, -(-len(ids) // 64) * 64))
+
+
 def generate(run: Run, prompt: str, decoding: mixed_modal.Decoding,
-             pictures: Sequence[str] = ()) -> str:
-  """The prompt and its continuation, decoded with the KV cache; with pictures, the prompt
-  reads them (at its `<image>` placeholders, or all before the text)."""
+             pictures: Sequence[str] = (), chat: bool = False) -> str:
+  """The prompt and its continuation, decoded with the KV cache, or with chat the model's
+  answer alone, which ends at the first of the tokenizer's end-of-turn ids. With pictures,
+  the prompt reads them (at its `<image>` placeholders, or all before the text)."""
   _check_decoding(decoding)
-  restored = run.restore()
+  if chat and pictures:
+    raise UserError('generate --chat reads text only; drop --image, or --chat to ask about '
+                    'pictures in the understanding format.')
+  restored = run.restore(text_only=not pictures)
   setup = restored.setup
   if pictures:
     return _generate_reading(restored, prompt, decoding, run.key(), pictures)
   tok, model = setup.tok, setup.model
-  tokens, valid = tok.text_prompt(prompt, setup.config.data.text_seq_len)
+  tokens, valid = _text_prompt(tok, prompt, chat, setup.config.data.text_seq_len)
   _check_context(setup, int(valid.sum()) + decoding.max_tokens, decoding.max_tokens)
   out = sampling.generate(model, restored.params, tokens[None], valid[None], run.key(),
                           max_tokens=decoding.max_tokens, temperature=decoding.temperature,
                           top_k=min(decoding.top_k, model.backbone.vocab_size),
-                          top_p=decoding.top_p, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                          top_p=decoding.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+  if chat:
+    return tok.decode(np.asarray(out[0]).tolist())
   # Decode prompt and continuation together so the piece boundary keeps its space.
   return tok.decode(tok.encode(prompt) + np.asarray(out[0]).tolist())
 

@@ -13,14 +13,16 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from monoformer_jax.base import files, sharding
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.config import schema
 from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
-from monoformer_jax.nn import model as model_lib
+from monoformer_jax.nn import converted, model as model_lib
 from monoformer_jax.nn.model import MonoFormer
-from monoformer_jax.run import settings as settings_lib, workdir_lock
+from monoformer_jax.run import backbone, settings as settings_lib, workdir_lock
 from monoformer_jax.training import checkpoint, steps
 
 
@@ -170,3 +172,22 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
     raise UserError(f'the {"EMA " if use_ema else ""}parameters of checkpoint step {step} in '
                     f'{workdir} are not finite; no sample or text can come from them.')
   return Restored(setup, restored, step)
+
+
+def is_converted_llm(path: str) -> bool:
+  """Whether `path` is a directory `convert hf` wrote (rather than a workdir)."""
+  return files.isfile(os.path.join(path, converted.MODEL_JSON))
+
+
+def for_converted_llm(path: str) -> Restored:
+  """A converted LLM directory as a model that reads and writes text: the base config with
+  the LLM's shape (model.size 'auto'), its tokenizer, and its weights as the backbone.
+  MonoFormer's own modules, which text never reaches, get no parameters."""
+  config = schema.base_config()
+  config.model.size, config.model.init_from = 'auto', path
+  config = backbone.resolve_auto(config)
+  setup = Setup(config, settings_lib.validate(config), settings_lib.build_model(config),
+                tokenizer_lib.of_llm(path), sharding.make_layout(config.mesh))
+  dtype = setup.model.backbone.param_dtype
+  params = backbone.llm_params(path, setup.model.backbone, setup.model.tie_embeddings)
+  return Restored(setup, jax.tree.map(lambda v: np.asarray(v, dtype), params), step=0)

@@ -214,7 +214,7 @@ def bench_decode(config, model, params, batch: int, repeats: int) -> dict:
   prompt = jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, config.data.prompt_len),
                                     np.int32))
   result = dict(batch=batch, prompt_tokens=prompt.shape[1], new_tokens=new_tokens)
-  dynamic = dict(temperature=1.0, eos_id=-1, pad_id=0)  # -1: never stops early
+  dynamic = dict(temperature=1.0, stop_ids=(-1,), pad_id=0)  # -1: never stops early
   args = (model, params, prompt, jnp.ones(prompt.shape, bool), jax.random.key(0))
   runs = {}
   for name, use_cache in (('cached', True), ('recompute', False)):

@@ -47,7 +47,8 @@ def test_model_format_needs_a_template_and_a_tokenizer_json(tmp_path, tokenizer_
   config.write_text(config.read_text().replace('"chat_template"', '"no_template"'))
   tok = tokenizer_lib.load(str(tmp_path))
   with pytest.raises(UserError, match=r'has no chat template \(chat_template in '
-                                      r"tokenizer_config\.json or chat_template\.jinja\)"):
+                                      r"tokenizer_config\.json or chat_template\.jinja beside a "
+                                      r"tokenizer\.json\); data\.chat_format 'model' needs one"):
     chat.chat_tokens(CONVERSATIONS[0], tok, 64, chat.ChatFormat.MODEL)
   data = type('Data', (), dict(chat_files='x.jsonl', skip_bad_records=False, text_seq_len=64))
   with pytest.raises(UserError, match=r"data\.chat_format is 'model', which renders chats with "

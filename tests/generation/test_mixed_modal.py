@@ -40,7 +40,7 @@ def test_text_is_the_cached_decoder_until_an_image_starts(parts):
                               decoding=decoding, max_images=0)
   want = np.asarray(sampling.generate(model, params, tokens, valid, jax.random.key(0),
                                       max_tokens=12, temperature=0.0, top_k=0, top_p=1.0,
-                                      eos_id=tok.eos_id, pad_id=tok.pad_id))
+                                      stop_ids=tok.stop_ids, pad_id=tok.pad_id))
   for row, reference in zip(rows, want.tolist()):
     stops = [i + 1 for i, t in enumerate(reference) if t in (tok.eos_id, tok.im_start_id)]
     assert row.tokens == reference[:stops[0] if stops else 12]

@@ -41,7 +41,7 @@ def test_kv_cache_reproduces_full_forward():
 
 
 def test_cached_generation_equals_recompute():
-  kwargs = dict(max_tokens=6, temperature=0.7, top_k=10, top_p=0.9, eos_id=2, pad_id=0)
+  kwargs = dict(max_tokens=6, temperature=0.7, top_k=10, top_p=0.9, stop_ids=(2,), pad_id=0)
   key = jax.random.key(3)
   cached = sampling.generate(MODEL, PARAMS, PROMPT, VALID, key, use_cache=True, **kwargs)
   recomputed = sampling.generate(MODEL, PARAMS, PROMPT, VALID, key, use_cache=False, **kwargs)
