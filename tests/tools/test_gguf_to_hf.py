@@ -22,7 +22,7 @@ from real_llm import smollm2_dir
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import commands
-from monoformer_jax.data import chat_template
+from monoformer_jax.data import chat_template, tokenizer as tokenizer_lib
 from monoformer_jax.generation import sampling
 from monoformer_jax.generation.mixed_modal import Decoding
 from monoformer_jax.nn.layers import MaskType
@@ -74,7 +74,7 @@ def test_the_directory_is_what_transformers_5_writes(hf_dir):
 
 def test_tokenization_and_chat_rendering_equal_transformers(hf, converted):
   _, theirs = hf
-  ours = workdir_lib.for_converted_llm(converted).setup.tok
+  ours = tokenizer_lib.of_llm(converted)
   texts = PROMPTS + ('Déjà vu: 3.14159 × 2 = 6.28318 — naïve café, 東京, emoji 🙂!',
                      '  two leading spaces\n\n\ttab, then <|im_start|>user and <|im_end|>',
                      'URL https://example.org/a?b=1&c=2 and CamelCaseIdentifiers_with_snake')
