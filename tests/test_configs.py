@@ -165,6 +165,8 @@ def test_bench_report_has_every_field(tmp_path):
   assert [d['batch'] for d in report['decode']] == [1, 2]
   for d in report['decode']:
     assert d['cached_tokens_per_s'] > 0 and d['recompute_tokens_per_s'] > 0
+    assert d['torch_tokens_per_s'] > 0  # transformers' generate, timed beside ours
+    assert d['speedup_vs_torch'] == d['cached_tokens_per_s'] / d['torch_tokens_per_s']
   assert report['memory']['host_peak_bytes'] > 2**20
 
 

@@ -206,9 +206,9 @@ def _python_loop_sampler(model, spec: sampling.ImageSampling, args: tuple, num: 
   return python_loop
 
 
-def bench_decode(config, model, params, batch: int, repeats: int) -> dict:
+def bench_decode(config, model, params, batch: int, repeats: int, torch_decode=None) -> dict:
   """Tokens/s of sampling bench.decode_tokens new tokens for `batch` prompts, with the KV cache
-  and by recomputation."""
+  and by recomputation; with torch_decode, transformers' generate (KV cache) too."""
   rng = np.random.default_rng(2)
   new_tokens = config.bench.decode_tokens
   prompt = jnp.asarray(rng.integers(0, config.model.vocab_size, (batch, config.data.prompt_len),
@@ -223,9 +223,14 @@ def bench_decode(config, model, params, batch: int, repeats: int) -> dict:
     compiled = sampling.generate.lower(*args, **static, **dynamic).compile()
     result[f'{name}_compile_s'] = time.perf_counter() - start
     runs[name] = lambda compiled=compiled: compiled(*args[1:], **dynamic).block_until_ready()
+  if torch_decode is not None:
+    host_prompt = np.asarray(prompt).astype(np.int64)
+    runs['torch'] = lambda: torch_decode(host_prompt, new_tokens)
   for name, seconds in interleaved_medians(runs, repeats, 1).items():
     result[f'{name}_tokens_per_s'] = batch * new_tokens / seconds
   result['speedup'] = result['cached_tokens_per_s'] / result['recompute_tokens_per_s']
+  if torch_decode is not None:
+    result['speedup_vs_torch'] = result['cached_tokens_per_s'] / result['torch_tokens_per_s']
   return result
 
 
@@ -283,8 +288,10 @@ def measure(config: ml_collections.ConfigDict, compare_torch: bool = False) -> d
       report['sampling'] = bench_sampler(config, model, typed.sampling, params,
                                          peak['flops_per_s'], config.bench.sample_repeats)
     if Part.DECODE in parts:
-      report['decode'] = [bench_decode(config, model, params, batch, config.bench.sample_repeats)
-                          for batch in config.bench.decode_batches]
+      torch_decode = (bench_torch.make_decoder(config, model.backbone) if compare_torch
+                      else None)
+      report['decode'] = [bench_decode(config, model, params, batch, config.bench.sample_repeats,
+                                       torch_decode) for batch in config.bench.decode_batches]
   report['memory'] = dict(memory(), includes_torch_models=compare_torch)
   return report
 
@@ -314,9 +321,11 @@ def print_table(report: dict) -> None:
       print(f'  {few["sampler"]} {few["steps"]} steps ({few["evaluations"]} evaluations): '
             f'{few["images_per_s"]:.2f} images/s, {few["speedup"]:.1f}x')
   for d in report.get('decode', []):
+    torch = (f', transformers generate {d["torch_tokens_per_s"]:.0f} '
+             f'({d["speedup_vs_torch"]:.2f}x)' if 'torch_tokens_per_s' in d else '')
     print(f'decoding {d["new_tokens"]} tokens x {d["batch"]}: {d["cached_tokens_per_s"]:.0f} '
           f'tokens/s with the KV cache, {d["recompute_tokens_per_s"]:.0f} recomputing '
-          f'({d["speedup"]:.1f}x)')
+          f'({d["speedup"]:.1f}x){torch}')
   mem = report['memory']
   device = (f'{mem["device_peak_bytes"] / 2**30:.2f} GiB' if mem['device_peak_bytes'] is not None
             else 'not reported by this backend')

@@ -159,3 +159,22 @@ def make_steps(config: ml_collections.ConfigDict, cfg: BackboneConfig) -> tuple[
   about = dict(torch=torch.__version__, transformers=transformers.__version__,
                threads=torch.get_num_threads())
   return dict(ar=text_step, diffusion=image_step), about
+
+
+def make_decoder(config: ml_collections.ConfigDict, cfg: BackboneConfig):
+  """fn(prompt [B, P] int array, new_tokens) that samples exactly new_tokens more with
+  LlamaForCausalLM.generate and its KV cache (temperature 1, no early stop), as bench_decode
+  does on the JAX side."""
+  torch, transformers = modules()
+  torch.manual_seed(config.seed)
+  dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[config.model.dtype]
+  model = transformers.LlamaForCausalLM(_llama_config(config, cfg)).to(dtype).eval()
+
+  def decode(prompt: np.ndarray, new_tokens: int) -> None:
+    with torch.no_grad():
+      model.generate(torch.from_numpy(np.asarray(prompt)), attention_mask=None,
+                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                     temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+                     use_cache=True)
+
+  return decode
