@@ -19,7 +19,7 @@ from monoformer_jax.evaluation import benchmarks
 from monoformer_jax.evaluation.fid_eval import FidSpec
 from monoformer_jax.generation.mixed_modal import Decoding
 from monoformer_jax.run import inference, scoring
-from monoformer_jax.tools import bench, extract_latents, study, sweep
+from monoformer_jax.tools import bench, extract_latents, llm_study, study, sweep
 
 
 CONFIG = spec.Flag('config', spec.FlagType.CONFIG_FILE, None, 'Config file (train and bench).')
@@ -190,9 +190,16 @@ COMMANDS = {
         (CONFIG, VAE, spec.string('dst', None, 'extract_latents: the shard directory (reruns '
                                   'finish it).')) + MULTIHOST,
         lambda a: extract_latents.command(a.config, a.vae, a.dst), NEEDS_CONFIG),
-    'study': Command('--workdir=DIR [--seeds=3]',
-                     'the paper\'s three ablations in miniature (configs/ablations.py)',
-                     (WORKDIR, SEEDS), lambda a: study.command(a.workdir, a.seeds), NEEDS_WORKDIR),
+    'study': Command('--workdir=DIR [--seeds=3] [--llm=DIR]',
+                     'the paper\'s three ablations in miniature (configs/ablations.py); with '
+                     '--llm, its two claims about a pretrained LLM with a real one',
+                     (WORKDIR, SEEDS,
+                      spec.string('llm', '', 'study: a converted LLM directory (convert hf): '
+                                  'MonoFormer from it against its shape from scratch (image '
+                                  'quality), and the LLM\'s own text figures against both '
+                                  '(language kept).')),
+                     lambda a: (llm_study.command(a.workdir, a.seeds, a.llm) if a.llm
+                                else study.command(a.workdir, a.seeds)), NEEDS_WORKDIR),
     'sweep': Command('--workdir=DIR [--seeds=3]',
                      'the samplers at equal cost: DDPM and flow models of the default, every '
                      'sampler and step count, accuracy, digit FD and images/s',

@@ -6,6 +6,7 @@ the training inputs it names, which may be gone. Training holds the workdir's lo
 bucket: workdir_lock) while it runs, so a second `train` on the same workdir is refused.
 """
 
+import copy
 import dataclasses
 import os
 from typing import Any, Optional
@@ -179,11 +180,12 @@ def is_converted_llm(path: str) -> bool:
   return files.isfile(os.path.join(path, converted.MODEL_JSON))
 
 
-def for_converted_llm(path: str) -> Restored:
-  """A converted LLM directory as a model that reads and writes text: the base config with
-  the LLM's shape (model.size 'auto'), its tokenizer, and its weights as the backbone.
-  MonoFormer's own modules, which text never reaches, get no parameters."""
-  config = schema.base_config()
+def for_converted_llm(path: str,
+                      config: Optional[ml_collections.ConfigDict] = None) -> Restored:
+  """A converted LLM directory as a model that reads and writes text: `config` (default: the
+  base config) with the LLM's shape (model.size 'auto'), its tokenizer, and its weights as the
+  backbone. MonoFormer's own modules, which text never reaches, get no parameters."""
+  config = copy.deepcopy(config or schema.base_config())
   config.model.size, config.model.init_from = 'auto', path
   config = backbone.resolve_auto(config)
   setup = Setup(config, settings_lib.validate(config), settings_lib.build_model(config),

@@ -72,22 +72,28 @@ def _pretrained(out: str, overrides: dict) -> str:
   return converted
 
 
-def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
-  workdir = os.path.join(out, f'{variant}_seed{seed}')
+def run_once(workdir: str, config, tokenizer_from: str = '') -> dict:
+  """The eval.json of one run: trained and evaluated unless it already finished. tokenizer_from:
+  a directory whose tokenizer the run shares (copied in before the workdir is first used)."""
   done = Workdir(workdir).eval_json
   if not files.exists(done):
-    config = _variant_config(variant, overrides)
-    config.seed = seed
-    if variant == 'init':
-      config.model.init_from = llm
-    else:  # the same tokenizer as init's, made before the workdir is first used
+    if tokenizer_from:
       files.makedirs(workdir)
-      tokenizer_lib.copy_files(llm, workdir)
+      tokenizer_lib.copy_files(tokenizer_from, workdir)
     start = time.monotonic()
     train.train_and_evaluate(config, workdir)
     files.write_text(Workdir(workdir).study_wall,
                      json.dumps({'seconds': time.monotonic() - start}))
   return files.read_json(done)
+
+
+def _run(out: str, variant: str, seed: int, llm: str, overrides: dict) -> dict:
+  config = _variant_config(variant, overrides)
+  config.seed = seed
+  if variant == 'init':
+    config.model.init_from = llm
+  return run_once(os.path.join(out, f'{variant}_seed{seed}'), config,
+                  '' if variant == 'init' else llm)  # the same tokenizer as init's
 
 
 def over_seeds(values: list[float]) -> dict:
@@ -128,27 +134,32 @@ def check_seeds(seeds: int) -> None:
     raise UserError(f'--seeds is {seeds}; expected at least 1.')
 
 
-def summarize(results: dict[str, list[dict]]) -> dict:
-  """{variant: {metric: {mean, std, values}}} and each finding's difference and direction."""
-  table = {v: {m: over_seeds([r[m] for r in runs]) for m in METRICS}
+def summarize(results: dict[str, list[dict]], findings: Sequence[dict] = FINDINGS,
+              metrics: Sequence[str] = METRICS) -> dict:
+  """{variant: {metric: {mean, std, values}}} (the metrics every run of the variant has) and each
+  finding's difference and direction. A finding with `same` holds as the paper has it when the
+  two are within their spread (an ability kept), else when `better` is better."""
+  table = {v: {m: over_seeds([r[m] for r in runs]) for m in metrics if all(m in r for r in runs)}
            for v, runs in results.items()}
-  findings = []
-  for f in FINDINGS:
-    if f['better'] not in table or f['worse'] not in table:
+  out = []
+  for f in findings:
+    if f['metric'] not in table.get(f['better'], {}) or f['metric'] not in table.get(f['worse'], {}):
       continue
     better, worse = table[f['better']][f['metric']], table[f['worse']][f['metric']]
     delta = better['mean'] - worse['mean']
     spread = math.hypot(better['std'], worse['std'])
-    as_paper = delta < 0 if f['lower_is_better'] else delta > 0
-    findings.append(dict(f, difference=delta, spread=spread, as_paper=bool(as_paper),
-                         beyond_spread=bool(abs(delta) > spread)))
-  return dict(variants=table, findings=findings)
+    beyond = abs(delta) > spread
+    as_paper = not beyond if f.get('same') else (delta < 0 if f['lower_is_better'] else delta > 0)
+    out.append(dict(f, difference=delta, spread=spread, as_paper=bool(as_paper),
+                    beyond_spread=bool(beyond)))
+  return dict(variants=table, findings=out)
 
 
-def markdown(summary: dict, seeds: int) -> str:
-  variants = ([f'variant ({seeds} seeds: mean ± std)', *METRICS],
-              [[variant, *(mean_std(metrics[m], '.4g', '.2g') for m in METRICS)]
-               for variant, metrics in summary['variants'].items()])
+def markdown(summary: dict, seeds: int, metrics: Sequence[str] = METRICS) -> str:
+  variants = ([f'variant ({seeds} seeds: mean ± std)', *metrics],
+              [[variant, *(mean_std(values[m], '.4g', '.2g') if m in values else '-'
+                           for m in metrics)]
+               for variant, values in summary['variants'].items()])
   findings = (['finding', 'metric', 'better - worse', 'spread', 'as the paper',
                'beyond the spread'],
               [[f['name'], f'{f["metric"]} ({f["better"]} - {f["worse"]})',
