@@ -28,7 +28,8 @@ from monoformer_jax.generation import sampling
 from monoformer_jax.run import settings
 from monoformer_jax.tools import bench_storage, bench_torch
 from monoformer_jax.tools.bench_inputs import (forward_flops, interleaved_medians, random_batch,
-                                               sequence_length, step_flops, tokens_per_step)
+                                               separate_medians, sequence_length, step_flops,
+                                               tokens_per_step)
 from monoformer_jax.training import objective, steps
 from monoformer_jax.training.steps import StepKind
 
@@ -89,7 +90,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
                 kinds: tuple[StepKind, ...]):
   """{kind: timings, throughput, FLOPs and MFU} for the step kinds asked for; the final state.
 
-  torch_steps ({kind: blocking callable}, may be empty) are timed in turn with ours."""
+  torch_steps ({kind: blocking callable}, may be empty) are timed after ours."""
   repeats, warmup = config.bench.repeats, config.bench.warmup
   # Any valid token id works as <im_end> for timing.
   step_config = steps.StepConfig.from_config(config, 2, objective.Objective.ALTERNATE,
@@ -115,7 +116,7 @@ def bench_steps(config, model, tx, layout, shardings, state, peak: float, torch_
     runs = {'jax': run_step}
     if kind.value in torch_steps:
       runs['torch'] = torch_steps[kind.value]
-    seconds = interleaved_medians(runs, repeats, warmup)
+    seconds = separate_medians(runs, repeats, warmup)
     state = holder[0]
     flops = step_flops(config, model, state.params, kind)
     results[kind.value] = r = dict(
@@ -223,11 +224,13 @@ def bench_decode(config, model, params, batch: int, repeats: int, torch_decode=N
     compiled = sampling.generate.lower(*args, **static, **dynamic).compile()
     result[f'{name}_compile_s'] = time.perf_counter() - start
     runs[name] = lambda compiled=compiled: compiled(*args[1:], **dynamic).block_until_ready()
+  seconds = interleaved_medians(runs, repeats, 1)  # ours, cached and recomputing, in turn
   if torch_decode is not None:
     host_prompt = np.asarray(prompt).astype(np.int64)
-    runs['torch'] = lambda: torch_decode(host_prompt, new_tokens)
-  for name, seconds in interleaved_medians(runs, repeats, 1).items():
-    result[f'{name}_tokens_per_s'] = batch * new_tokens / seconds
+    seconds |= separate_medians({'torch': lambda: torch_decode(host_prompt, new_tokens)},
+                                repeats, 1)
+  for name, s in seconds.items():
+    result[f'{name}_tokens_per_s'] = batch * new_tokens / s
   result['speedup'] = result['cached_tokens_per_s'] / result['recompute_tokens_per_s']
   if torch_decode is not None:
     result['speedup_vs_torch'] = result['cached_tokens_per_s'] / result['torch_tokens_per_s']

@@ -72,6 +72,14 @@ def step_flops(config: ml_collections.ConfigDict, model: MonoFormer, params,
   return 3 * forward_flops(model, params, kind, batch, length, length)
 
 
+def separate_medians(runs: dict, repeats: int, warmup: int) -> dict:
+  """{name: median seconds} of blocking callables timed one after the other, each in a block of
+  its own: PyTorch's OpenMP threads spin for a while after each of its runs, and whatever runs
+  next in this process competes with them for the cores (our `ar` step took 30% longer right
+  after a torch step than alone on a 2-core Xeon)."""
+  return {name: interleaved_medians({name: fn}, repeats, warmup)[name] for name, fn in runs.items()}
+
+
 def interleaved_medians(runs: dict, repeats: int, warmup: int) -> dict:
   """{name: median seconds} of several blocking callables timed in turn, round after round."""
   for _ in range(warmup):
