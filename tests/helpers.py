@@ -28,8 +28,10 @@ from monoformer_jax.training import checkpoint, steps
 
 # The tests' programs are tiny, so compiling them is most of the suite's time: LLVM's
 # optimizations (vectorizing, inlining) are left out. XLA's own passes, which decide what is
-# computed and in what order, run as always; conftest sets this for every process.
-COMPILE_FLAGS = ('--xla_backend_optimization_level=0',)
+# computed and in what order, run as always. Each process's matmuls run on one thread: two
+# workers share the two cores, and a second thread each only makes them wait on one another.
+# conftest sets these for every process.
+COMPILE_FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_multi_thread_eigen=false')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')  # helpers and the scripts tests run as processes
 

@@ -31,8 +31,7 @@ from monoformer_jax.tools import gguf_to_hf
 
 
 pytestmark = pytest.mark.slow
-PROMPTS = ('The capital of France is', 'def fibonacci(n):\n    """Return the n-th Fibonacci',
-           'Once upon a time, in a small village by the sea,')
+PROMPTS = ('The capital of France is', 'def fibonacci(n):\n    """Return the n-th Fibonacci')
 QUESTIONS = ('What is the capital of France?', 'Name three colours of the rainbow.')
 TOKENS = 16
 
@@ -75,7 +74,8 @@ def test_the_directory_is_what_transformers_5_writes(hf_dir):
 def test_tokenization_and_chat_rendering_equal_transformers(hf, converted):
   _, theirs = hf
   ours = tokenizer_lib.of_llm(converted)
-  texts = PROMPTS + ('Déjà vu: 3.14159 × 2 = 6.28318 — naïve café, 東京, emoji 🙂!',
+  texts = PROMPTS + ('Once upon a time, in a small village by the sea,',
+                     'Déjà vu: 3.14159 × 2 = 6.28318 — naïve café, 東京, emoji 🙂!',
                      '  two leading spaces\n\n\ttab, then <|im_start|>user and <|im_end|>',
                      'URL https://example.org/a?b=1&c=2 and CamelCaseIdentifiers_with_snake')
   for text in texts:
