@@ -17,7 +17,6 @@ import tempfile
 import emulator
 import jax
 import pytest
-import torch
 from helpers import COMPILE_FLAGS, tiny_config
 
 from monoformer_jax import train
@@ -35,7 +34,6 @@ def pytest_configure(config):
   if hasattr(config.option, 'loadscopereorder'):
     config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
   bench_torch.make_torchvision_importable()  # before transformers or diffusers look for it
-  torch.set_num_threads(1)  # as XLA's matmuls (helpers.COMPILE_FLAGS): one core per worker
   if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
     os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
     _MADE.append(os.environ[_CACHE])

@@ -28,10 +28,8 @@ from monoformer_jax.training import checkpoint, steps
 
 # The tests' programs are tiny, so compiling them is most of the suite's time: LLVM's
 # optimizations (vectorizing, inlining) are left out. XLA's own passes, which decide what is
-# computed and in what order, run as always. Each process's matmuls run on one thread: two
-# workers share the two cores, and a second thread each only makes them wait on one another.
-# conftest sets these for every process.
-COMPILE_FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_multi_thread_eigen=false')
+# computed and in what order, run as always; conftest sets this for every process.
+COMPILE_FLAGS = ('--xla_backend_optimization_level=0',)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')  # helpers and the scripts tests run as processes
 
@@ -326,3 +324,16 @@ def wait_for_step(process, step: int) -> None:
     if line.startswith(f'step {step}/'):
       return
   raise AssertionError(process.communicate()[1][-3000:])
+
+
+# Texts that trip tokenizers: whitespace runs, scripts, emoji, specials spelled in text.
+MIXED = ['Hello world', '  leading spaces', 'trailing   ', 'tabs\tand\nnewlines\n\n', 'digits 1234567',
+         'x=3.14159; y=-2e10', 'naïve café', 'e\u0301 composed', '日本語のテキスト', 'emoji 🙂🚀 ok',
+         'Ünïcödé', "it's, don't, we'll", 'CamelCaseWord', 'snake_case_word', 'a  b   c    d',
+         '<im_start>', '<im_end>', 'an image<im_start> of<im_end>', '<|im_start|>user\nhi<|im_end|>',
+         '<|endoftext|>', '<|begin_of_text|>x', '<pad> text', '<im_start><im_end>', '\r\n windows',
+         ' ', '', 'ab' * 40, '0' * 17, 'Ωμέγα', 'привет мир', 'مرحبا', 'tab\t\ttab', 'end.',
+         '!!!???', '(nested [brackets {x}])', 'mail@example.com', 'http://a.b/c?d=e', '#hash',
+         '$100.00', '50%', 'line1\nline2\nline3', '   \n   ', 'über-nice', 'ﬁligature',
+         'ＦＵＬＬＷＩＤＴＨ', 'a<im_start>b', '<im_end>\n', 'The quick brown fox', '3 digits: 999',
+         'zero-width\u200bspace']

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import tiny_config
+from helpers import MIXED, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -26,11 +26,8 @@ from monoformer_jax.run import workdir as workdir_lib
 ENTRIES = 400  # the trained tokenizers' size
 LLAMA3 = dict(rope_type='llama3', factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=32)
+# SmolLM2 itself is tests/tools/test_gguf_to_hf.py's: the real weights, tokenizer and template.
 SOURCES = {  # name: (tokenizer family, transformers class, config, embedding rows)
-    'smollm2': (TokenizerFamily.SMOLLM2, transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        hidden_size=36, num_attention_heads=3, num_key_value_heads=1, intermediate_size=52,
-        num_hidden_layers=2, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=256), ENTRIES),
     'llama3.2': (TokenizerFamily.LLAMA3, transformers.LlamaForCausalLM, transformers.LlamaConfig(
         hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=12,
         intermediate_size=56, num_hidden_layers=2, rope_theta=500000.0, rope_scaling=LLAMA3,
@@ -41,17 +38,6 @@ SOURCES = {  # name: (tokenizer family, transformers class, config, embedding ro
         use_sliding_window=False, sliding_window=64, max_position_embeddings=256),
                 ENTRIES + 37),  # rows past the tokenizer's entries, as Qwen2.5 pads its matrix
 }
-
-MIXED = ['Hello world', '  leading spaces', 'trailing   ', 'tabs\tand\nnewlines\n\n', 'digits 1234567',
-         'x=3.14159; y=-2e10', 'naïve café', 'e\u0301 composed', '日本語のテキスト', 'emoji 🙂🚀 ok',
-         'Ünïcödé', "it's, don't, we'll", 'CamelCaseWord', 'snake_case_word', 'a  b   c    d',
-         '<im_start>', '<im_end>', 'an image<im_start> of<im_end>', '<|im_start|>user\nhi<|im_end|>',
-         '<|endoftext|>', '<|begin_of_text|>x', '<pad> text', '<im_start><im_end>', '\r\n windows',
-         ' ', '', 'ab' * 40, '0' * 17, 'Ωμέγα', 'привет мир', 'مرحبا', 'tab\t\ttab', 'end.',
-         '!!!???', '(nested [brackets {x}])', 'mail@example.com', 'http://a.b/c?d=e', '#hash',
-         '$100.00', '50%', 'line1\nline2\nline3', '   \n   ', 'über-nice', 'ﬁligature',
-         'ＦＵＬＬＷＩＤＴＨ', 'a<im_start>b', '<im_end>\n', 'The quick brown fox', '3 digits: 999',
-         'zero-width\u200bspace']
 
 
 def _sharpen(model: torch.nn.Module) -> None:
@@ -92,8 +78,8 @@ def qwen(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def smollm2(tmp_path_factory):
-  return _export('smollm2', tmp_path_factory)
+def llama3(tmp_path_factory):
+  return _export('llama3.2', tmp_path_factory)
 
 
 def _make(name: str, tmp_path_factory):
@@ -192,8 +178,8 @@ def test_lm_eval_harness_scores_the_qwen_export_as_we_do(qwen):
   np.testing.assert_allclose(ours, [ll for ll, _ in theirs], rtol=1e-4, atol=1e-4)
 
 
-def test_bad_sources_are_one_sentence(smollm2, tmp_path):
-  src = smollm2[1]
+def test_bad_sources_are_one_sentence(llama3, tmp_path):
+  src = llama3[1]
 
   def variant(label, config_changes=None, tokenizer=None):
     path = tmp_path / label
@@ -207,7 +193,7 @@ def test_bad_sources_are_one_sentence(smollm2, tmp_path):
       (path / 'tokenizer.json').write_text(tokenizer)
     return path
 
-  bigger, _ = train_bpe(TokenizerFamily.SMOLLM2, ENTRIES + 50)
+  bigger, _ = train_bpe(TokenizerFamily.LLAMA3, ENTRIES + 50)
   cases = [
       (variant('too_many_entries', tokenizer=bigger.to_str()),
        rf'has {ENTRIES + 50} entries, but .* gives vocab_size {ENTRIES} embedding rows'),

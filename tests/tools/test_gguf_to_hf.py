@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import tiny_config
+from helpers import MIXED, tiny_config
 from real_llm import smollm2_dir
 
 from monoformer_jax import train
@@ -78,12 +78,12 @@ def test_tokenization_and_chat_rendering_equal_transformers(hf, converted):
                      'Déjà vu: 3.14159 × 2 = 6.28318 — naïve café, 東京, emoji 🙂!',
                      '  two leading spaces\n\n\ttab, then <|im_start|>user and <|im_end|>',
                      'URL https://example.org/a?b=1&c=2 and CamelCaseIdentifiers_with_snake')
-  for text in texts:
+  for text in texts + tuple(t for t in MIXED if '<im_' not in t and '<pad>' not in t):
     assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
     assert ours.bos + ours.encode(text) == theirs(text)['input_ids'], text
     ids = ours.encode(text)
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
-    assert ours.decode(ids) == text or '<|im_end|>' in text  # specials are not text
+    assert ours.decode(ids) == text or '<|' in text  # the source's specials are not text
   assert ours.bos == [] and ours.stop_ids == (theirs.eos_token_id,) == (2,)
   chats = ([{'role': 'user', 'content': q}] for q in QUESTIONS)
   conversations = list(chats) + [[{'role': 'system', 'content': 'Answer briefly.'},
@@ -147,6 +147,8 @@ def test_trained_from_and_exported_back_transformers_reads_our_logits(hf_dir, co
     want = model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+  for text in MIXED:  # MonoFormer's tokens too, as the export's tokenizer.json has them
+    assert hf_tok(text).input_ids == tok.bos + tok.encode(text), text
   assert hf_tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], tokenize=False) == (
       chat_template.render(tok, [{'role': 'user', 'content': 'Hi'}]))
 
