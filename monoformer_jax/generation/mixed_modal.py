@@ -35,14 +35,14 @@ from monoformer_jax.nn.model import MonoFormer
 class Specials:
   """The token ids generation needs (hashable: static under jit)."""
   bos: tuple[int, ...]  # what the tokenizer puts before a text: BOS, or nothing
-  eos: int
+  stops: tuple[int, ...]  # the ids that end a row (the tokenizer's stop_ids)
   pad: int
   im_start: int
   im_end: int
 
   @classmethod
   def of(cls, tok) -> 'Specials':
-    return cls(tuple(tok.bos), tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id)
+    return cls(tuple(tok.bos), tuple(tok.stop_ids), tok.pad_id, tok.im_start_id, tok.im_end_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def text_phase(model: MonoFormer, params, state: State, key: jax.Array, *, decod
     slot = jnp.minimum(s.count, s.tokens.shape[1] - 1)  # rows that stopped may sit at the end
     tokens = s.tokens.at[rows, slot].set(jnp.where(live, token, s.tokens[rows, slot]))
     count = s.count + live
-    stop = live & ((token == specials.eos) | (count >= decoding.max_tokens))
+    stop = live & (jnp.isin(token, jnp.asarray(specials.stops)) | (count >= decoding.max_tokens))
     return State(cache=cache, logits=logits, tokens=tokens, count=count, done=s.done | stop,
                  waiting=s.waiting | (live & ~stop & (token == specials.im_start)),
                  forced=jnp.where(live, -1, s.forced))

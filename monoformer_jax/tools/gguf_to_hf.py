@@ -51,21 +51,27 @@ def convert(src: str, dst: str) -> str:
                     'with `pip install -r requirements-test.txt`.') from e
   partial = dst.rstrip('/') + '.partial'
   shutil.rmtree(partial, ignore_errors=True)  # a conversion that was cut off
-  with tempfile.TemporaryDirectory() as scratch:
-    directory, name = _gguf_of(src, scratch)
-    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                                               dtype=torch.float32)
-  config = loaded.config
-  # The weights are dequantized now: the copy must not claim to be a GGUF model.
-  if hasattr(config, 'quantization_config'):
-    del config.quantization_config
-  config.name_or_path = ''
-  model = type(loaded)(config)
-  model.load_state_dict(loaded.state_dict())
-  model.generation_config = loaded.generation_config
-  model.save_pretrained(partial)
-  tok.save_pretrained(partial)
+  try:
+    with tempfile.TemporaryDirectory() as scratch:
+      directory, name = _gguf_of(src, scratch)
+      tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+      loaded = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
+                                                                 dtype=torch.float32)
+    config = loaded.config
+    # The weights are dequantized now: the copy must not claim to be a GGUF model.
+    if hasattr(config, 'quantization_config'):
+      del config.quantization_config
+    config.name_or_path = ''
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(partial)
+    tok.save_pretrained(partial)
+  except (ValueError, KeyError, OSError, RuntimeError) as e:  # what transformers and gguf raise
+    shutil.rmtree(partial, ignore_errors=True)
+    reason = ' '.join(str(e).split())[:200]
+    raise UserError(f'{src} could not be read as a GGUF LLM that transformers loads '
+                    f'({type(e).__name__}: {reason}).') from e
   os.rename(partial, dst)
   return dst
 

@@ -10,7 +10,6 @@ OUT/llm_study.json and OUT/llm_study.md hold the table; finished runs are not ru
 stopped study resumes.
 """
 
-import copy
 import json
 import math
 import os
@@ -76,7 +75,7 @@ def run(out: str, seeds: int, llm: str, overrides: dict | None = None) -> dict:
   results = {ORIGINAL: [llm_itself(out, llm, overrides)]}
   for arm in ARMS:
     results[arm] = [study.run_once(os.path.join(out, f'{arm}_seed{seed}'),
-                                   arm_config(arm, llm, seed, copy.deepcopy(overrides)),
+                                   arm_config(arm, llm, seed, overrides),
                                    llm if arm == 'llm_scratch' else '')
                     for seed in range(seeds)]
   summary = study.summarize(results, FINDINGS)

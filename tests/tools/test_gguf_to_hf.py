@@ -160,4 +160,8 @@ def test_the_tool_refuses_what_it_cannot_read(tmp_path):
     gguf_to_hf.convert(str(not_a_wheel), str(tmp_path / 'out'))
   with pytest.raises(UserError, match=r'--src .*missing\.gguf is not a file'):
     gguf_to_hf.convert(str(tmp_path / 'missing.gguf'), str(tmp_path / 'out'))
-  assert not os.path.exists(tmp_path / 'out')
+  corrupt = tmp_path / 'corrupt.gguf'
+  corrupt.write_bytes(b'GGUF' + bytes(60))
+  with pytest.raises(UserError, match=r'corrupt\.gguf could not be read as a GGUF LLM'):
+    gguf_to_hf.convert(str(corrupt), str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out') and not os.path.exists(tmp_path / 'out.partial')
