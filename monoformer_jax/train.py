@@ -39,15 +39,17 @@ def _fresh_state(params, ema_params, setup: workdir_lib.Setup, shardings) -> ste
                           opt_state=opt_state, ema_params=ema_params)
 
 
-def init_backbone(state, setup: workdir_lib.Setup, shardings):
-  """The fresh state with params, EMA and optimizer state started from the converted LLM
-  of model.init_from."""
+def init_backbone(setup: workdir_lib.Setup, abstract, shardings, key: jax.Array):
+  """A fresh state whose backbone is the converted LLM of model.init_from and whose own
+  modules are drawn from `key` as in a run from scratch."""
   model = setup.model
-  grafted = backbone.graft_backbone(jax.device_get(state.params), setup.config.model.init_from,
-                                     model.backbone, model.tie_embeddings)
-  # Two transfers: params and EMA must not share buffers, since the steps donate both.
-  return _fresh_state(jax.device_put(grafted, shardings.params),
-                      jax.device_put(grafted, shardings.ema_params), setup, shardings)
+  pretrained = backbone.pretrained_backbone(abstract.params, setup.config.model.init_from,
+                                            model.backbone, model.tie_embeddings)
+  own = steps.init_params_except(model, setup.layout, key, set(pretrained))
+  on_devices = lambda: dict(own, **jax.device_put(  # noqa: E731
+      pretrained, {name: shardings.params[name] for name in pretrained}))
+  # Params and EMA must not share buffers, since the steps donate both.
+  return _fresh_state(on_devices(), jax.tree.map(jax.numpy.copy, on_devices()), setup, shardings)
 
 
 def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
@@ -145,9 +147,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
         print(f'resuming from checkpoint step {start} in {ckpt.directory}', flush=True)
     else:
       start = 0
-      state = steps.init_state(model, tx, layout, jax.random.key(config.seed))
-      if config.model.init_from:
-        state = init_backbone(state, setup, shardings)
+      key = jax.random.key(config.seed)
+      if not config.model.init_from:
+        state = steps.init_state(model, tx, layout, key)
+      else:
+        state = init_backbone(setup, abstract, shardings, key)
         if jax.process_index() == 0:  # the LLM's description, for `convert export-llama`
           files.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
                      Workdir(workdir).llm_source)

@@ -91,17 +91,17 @@ def llm_params(path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
   return pretrained
 
 
-def graft_backbone(params: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
-  """`params` with the backbone replaced by the converted LLM at `path` (host arrays), shapes
-  checked leaf by leaf. MonoFormer's own parameters keep their initialization."""
+def pretrained_backbone(target: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
+  """The converted LLM at `path` as the model's backbone modules (host arrays), checked leaf by
+  leaf against `target` (the model's parameters or their shapes) and cast to its dtypes.
+  MonoFormer's own modules are not in it: they keep their initialization."""
   pretrained = llm_params(path, model_cfg, tie)
-  flat_target = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  merged = dict(params)
+  flat_target = dict(jax.tree_util.tree_flatten_with_path(target)[0])
   for key, subtree in pretrained.items():
     for leaf_path, value in jax.tree_util.tree_flatten_with_path(subtree)[0]:
       full = (jax.tree_util.DictKey(key),) + tuple(leaf_path)
       name = '/'.join(str(getattr(p, 'key', p)) for p in full)
       converted.check_param(name, value, flat_target.get(full), path,
                             f'parameter {name} of {path} has no counterpart in the model.')
-    merged[key] = jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, params[key])
-  return merged
+  return {key: jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, target[key])
+          for key, subtree in pretrained.items()}

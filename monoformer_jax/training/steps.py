@@ -138,6 +138,18 @@ def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState
     return init(key)
 
 
+def init_params_except(model, layout: sharding.Layout, key: jax.Array, skip) -> dict:
+  """The parameters init_state draws from `key`, created in their shards, but for the top-level
+  modules named in `skip`: left out of the program, so they are never drawn (a pretrained
+  backbone's, which are replaced anyway)."""
+  boxed = jax.eval_shape(functools.partial(model_lib.init_params, model), key)
+  keep = lambda tree: {name: value for name, value in tree.items() if name not in skip}  # noqa: E731
+  init = jax.jit(lambda k: keep(nn.unbox(model_lib.init_params(model, k))),
+                 out_shardings=keep(sharding.logical_shardings(boxed, layout)))
+  with sharding.activate(layout):
+    return init(key)
+
+
 def _apply_gradients(state: TrainState, grads, loss: jax.Array, tx,
                      cfg: StepConfig) -> tuple[TrainState, dict]:
   """The updated state, or the same state when the loss or the gradients are not finite."""

@@ -88,9 +88,9 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   tok, model, tx, mesh = setup.tok, setup.model, setup.tx, setup.layout
   assert (tok.im_start_id, tok.im_end_id, tok.pad_id, tok.vocab_size) == (VOCAB, VOCAB + 1,
                                                                          VOCAB + 2, VOCAB + 3)
-  _, shardings = steps.abstract_state(model, tx, mesh)
+  abstract, shardings = steps.abstract_state(model, tx, mesh)
   fresh = steps.init_state(model, tx, mesh, jax.random.key(0))
-  state = train.init_backbone(fresh, setup, shardings)
+  state = train.init_backbone(setup, abstract, shardings, jax.random.key(0))
 
   hf = hf_model()
   embed = hf.model.embed_tokens.weight.detach().numpy()
@@ -99,9 +99,11 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   np.testing.assert_allclose(got[VOCAB:], np.repeat(embed.mean(0, keepdims=True), 5, 0), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(state.params['decoder']['layers']['mlp']['up_proj']['kernel'][1]),
                                 hf.model.layers[1].mlp.up_proj.weight.detach().numpy().T)
-  # MonoFormer's own parameters keep the official initialization.
+  # MonoFormer's own parameters keep the official initialization, drawn as from scratch.
   assert not np.asarray(state.params['x_embedder']['kernel']).any()
   assert not np.asarray(state.params['t_projector']['fc2']['kernel']).any()
+  for own in ('t_embedder', 'final_layer'):
+    jax.tree.map(np.testing.assert_array_equal, state.params[own], fresh.params[own])
   jax.tree.map(np.testing.assert_array_equal, state.params, state.ema_params)
 
   # The text logits are the LLM's.
@@ -125,7 +127,7 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
   params['decoder']['layers']['mlp']['up_proj']['kernel'] = np.zeros((2, 32, 80), np.float32)
   with pytest.raises(UserError, match=r'parameter decoder/layers/mlp/up_proj/kernel has shape '
                                       r'\(2, 32, 64\) in .*model config gives \(2, 32, 80\)'):
-    backbone.graft_backbone(params, conv, model.backbone, False)
+    backbone.pretrained_backbone(params, conv, model.backbone, False)
 
 
 def test_export_gives_the_tokenizer_the_source_context(llm_dir, tmp_path):
