@@ -17,6 +17,7 @@ import tempfile
 import emulator
 import jax
 import pytest
+import torch
 from helpers import COMPILE_FLAGS, tiny_config
 
 from monoformer_jax import train
@@ -34,6 +35,9 @@ def pytest_configure(config):
   if hasattr(config.option, 'loadscopereorder'):
     config.option.loadscopereorder = False  # keep LONGEST_FIRST's order
   bench_torch.make_torchvision_importable()  # before transformers or diffusers look for it
+  # Each of the two workers has a core: torch's spinning OpenMP threads, waiting for a core the
+  # other worker holds, made its references several times slower.
+  torch.set_num_threads(1)
   if _CACHE not in os.environ:  # the first process (the xdist controller): the workers inherit it
     os.environ[_CACHE] = tempfile.mkdtemp(prefix='monoformer-jax-xla-cache-')
     _MADE.append(os.environ[_CACHE])
