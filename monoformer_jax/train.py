@@ -39,15 +39,21 @@ def _fresh_state(params, ema_params, setup: workdir_lib.Setup, shardings) -> ste
                           opt_state=opt_state, ema_params=ema_params)
 
 
-def init_backbone(setup: workdir_lib.Setup, abstract, shardings, key: jax.Array):
+def init_backbone(setup: workdir_lib.Setup, shardings, key: jax.Array):
   """A fresh state whose backbone is the converted LLM of model.init_from and whose own
-  modules are drawn from `key` as in a run from scratch."""
-  model = setup.model
-  pretrained = backbone.pretrained_backbone(abstract.params, setup.config.model.init_from,
-                                            model.backbone, model.tie_embeddings)
-  own = steps.init_params_except(model, setup.layout, key, set(pretrained))
+  modules (and LoRA adapters) are drawn from `key` as in a run from scratch. Where
+  train.finetune freezes the backbone, the state holds what trains and setup.frozen the rest."""
+  model, finetune = setup.model, setup.settings.finetune
+  if finetune.frozen:
+    params = steps.init_params_where(model, setup.layout, key, finetune.trains)
+    ema = jax.tree.map(jax.numpy.copy, params)  # not shared: the steps donate both
+    return _fresh_state(params, ema, setup, shardings)
+  full = steps.abstract_params(model, setup.layout)
+  pretrained = backbone.pretrained_backbone(full, setup.config.model.init_from, model.backbone,
+                                            model.tie_embeddings)
+  own = steps.init_params_where(model, setup.layout, key, lambda path: path[0] not in pretrained)
   on_devices = lambda: dict(own, **jax.device_put(  # noqa: E731
-      pretrained, {name: shardings.params[name] for name in pretrained}))
+      pretrained, {name: jax.tree.map(lambda a: a.sharding, full[name]) for name in pretrained}))
   # Params and EMA must not share buffers, since the steps donate both.
   return _fresh_state(on_devices(), jax.tree.map(jax.numpy.copy, on_devices()), setup, shardings)
 
@@ -113,12 +119,13 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   ckpt = setup = None
   try:
     setup = workdir_lib.for_training(config, workdir, layout)
+    setup = dataclasses.replace(setup, frozen=workdir_lib.frozen_backbone(setup))
     tok, model, tx, settings = setup.tok, setup.model, setup.tx, setup.settings
     encode = None
     if config.model.vae and settings.image_source.pixels:  # pixels encoded to latents on the fly
       encode = vae.pixel_encoder(config.model.vae, layout, config.data.image_resolution,
                                  image_shape)
-    abstract, shardings = steps.abstract_state(model, tx, layout)
+    abstract, shardings = steps.abstract_state(model, tx, layout, settings.finetune)
     reading = settings.vision.reading()
     # The data is read before the checkpoint manager starts its background clean-up, which
     # must not race the removal of a new workdir when a data file is bad.
@@ -151,7 +158,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       if not config.model.init_from:
         state = steps.init_state(model, tx, layout, key)
       else:
-        state = init_backbone(setup, abstract, shardings, key)
+        state = init_backbone(setup, shardings, key)
         if jax.process_index() == 0:  # the LLM's description, for `convert export-llama`
           files.copy(os.path.join(config.model.init_from, converted.MODEL_JSON),
                      Workdir(workdir).llm_source)
@@ -165,7 +172,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     raise
   step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective,
                                              settings.diffusion, settings.understanding)
-  step_fns = steps.jit_steps(model, tx, step_config, layout, shardings)
+  step_fns = steps.jit_steps(model, tx, step_config, layout, shardings,
+                             None if setup.frozen is None else jax.tree.map(
+                                 lambda a: a.sharding, setup.frozen))
   return _Run(setup, ckpt, iterators, step_fns, encode, see, state, start)
 
 
@@ -226,7 +235,8 @@ def _train(run: _Run, workdir: str) -> dict:
           if run.see is not None and part is not None and 'images' in part:
             part['features'] = run.see(part.pop('images'), jax.random.fold_in(step_key, 3))
         with log.compiling(kind.value):  # a step kind's first call compiles it, synchronously
-          state, metrics = run.step_fns[kind](state, batch, step_key)
+          state, metrics = run.step_fns[kind](state, batch, step_key,
+                                              *([] if setup.frozen is None else [setup.frozen]))
         done = step + 1
         _stop_if_diverged(guard.push(done, kind.value, metrics['skipped']), ckpt)
         logged = done % t.log_every == 0 or done == t.num_steps
@@ -253,7 +263,7 @@ def _train(run: _Run, workdir: str) -> dict:
 
   metrics = {}
   if t.eval_at_end:
-    params = evaluators.sampled_params(state, config)
+    params = evaluators.sampled_params(state, setup)
     with sharding.activate(layout):
       metrics, images = default_eval.evaluate(setup, params, workdir, t.num_steps)
     log.write_eval(t.num_steps, metrics, images, default_eval.table(metrics))

@@ -27,20 +27,20 @@ def from_config(setup) -> list[Periodic]:
   found = []
   if t.eval_every:
     found.append(Periodic('heldout', t.eval_every,
-                          lambda state, step: default_eval.heldout_losses(setup, state.params)))
+                          lambda state, step: default_eval.heldout_losses(setup, setup.whole(state.params))))
   if t.text_eval_every:
     names, limit = text_tasks.parse(config.eval.tasks), config.eval.task_limit
     found.append(Periodic('text_tasks', t.text_eval_every, lambda state, step: (
-        text_tasks.metrics_of(text_tasks.score(setup, state.params, names, limit)))))
+        text_tasks.metrics_of(text_tasks.score(setup, setup.whole(state.params), names, limit)))))
   if t.fid_every:
     found.append(Periodic('fid', t.fid_every, _fid(setup)))
   if t.understanding_eval_every:
     found.append(Periodic('digit_questions', t.understanding_eval_every, lambda state, step: (
-        understanding_eval.digit_questions(setup, sampled_params(state, config)))))
+        understanding_eval.digit_questions(setup, sampled_params(state, setup)))))
   return found
 
 
-def sampled_params(state, config):
+def sampled_params(state, setup):
   """The parameters samples and answers come from: the EMA's (sample.use_ema) or the raw ones."""
   return state.ema_params if config.sample.use_ema else state.params
 
@@ -54,7 +54,7 @@ def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
   key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)
 
   def measure(state, step):
-    return meter.of_model(setup, sampled_params(state, config), config.train.fid_num,
+    return meter.of_model(setup, sampled_params(state, setup), config.train.fid_num,
                           fid_samples.class_prompts(setup), setup.settings.sampling,
                           jax.random.fold_in(key, step), config.model.vae)
   return measure

@@ -95,13 +95,12 @@ def pretrained_backbone(target: dict, path: str, model_cfg: BackboneConfig, tie:
   """The converted LLM at `path` as the model's backbone modules (host arrays), checked leaf by
   leaf against `target` (the model's parameters or their shapes) and cast to its dtypes.
   MonoFormer's own modules are not in it: they keep their initialization."""
-  pretrained = llm_params(path, model_cfg, tie)
   flat_target = dict(jax.tree_util.tree_flatten_with_path(target)[0])
-  for key, subtree in pretrained.items():
-    for leaf_path, value in jax.tree_util.tree_flatten_with_path(subtree)[0]:
-      full = (jax.tree_util.DictKey(key),) + tuple(leaf_path)
-      name = '/'.join(str(getattr(p, 'key', p)) for p in full)
-      converted.check_param(name, value, flat_target.get(full), path,
-                            f'parameter {name} of {path} has no counterpart in the model.')
-  return {key: jax.tree.map(lambda v, t: np.asarray(v).astype(t.dtype), subtree, target[key])
-          for key, subtree in pretrained.items()}
+
+  def checked(full_path, value):  # the model may hold more (LoRA adapters) than the LLM
+    name = '/'.join(str(getattr(p, 'key', p)) for p in full_path)
+    want = flat_target.get(tuple(full_path))
+    converted.check_param(name, value, want, path,
+                          f'parameter {name} of {path} has no counterpart in the model.')
+    return np.asarray(value).astype(want.dtype)
+  return jax.tree_util.tree_map_with_path(checked, llm_params(path, model_cfg, tie))

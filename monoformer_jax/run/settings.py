@@ -24,6 +24,7 @@ from monoformer_jax.nn.model import ImageSequence
 from monoformer_jax.nn.vision import VisionEncoder, VisionSpec
 from monoformer_jax.run import backbone
 from monoformer_jax.training.checkpoint import AsyncSaves
+from monoformer_jax.training.finetune import FinetuneSpec
 from monoformer_jax.training.objective import Objective
 
 
@@ -40,6 +41,7 @@ class Settings:
   chat_format: ChatFormat
   understanding_source: UnderstandingSource
   vision: VisionSpec
+  finetune: FinetuneSpec  # what trains
 
   @property
   def understanding(self) -> bool:
@@ -98,7 +100,8 @@ def validate(config: ml_collections.ConfigDict) -> Settings:
       chat_format=schema.choice(ChatFormat, config.data.chat_format, 'data.chat_format'),
       understanding_source=schema.choice(UnderstandingSource, config.data.understanding_source,
                                          'data.understanding_source'),
-      vision=VisionSpec.from_config(config))
+      vision=VisionSpec.from_config(config),
+      finetune=FinetuneSpec.from_config(config))
   _check_understanding(config, settings)
   if image_source.pixels and not config.model.vae:  # pixel-space diffusion
     pixels = (config.data.image_resolution,) * 2 + (3,)
@@ -199,11 +202,12 @@ def _process(config: ml_collections.ConfigDict) -> diffusion.Process:
 
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
   """The network of a config: its model section, with variance channels only where the
-  diffusion process learns a variance (flow matching learns none), and an im_embedder for the
-  features of its vision encoder."""
+  diffusion process learns a variance (flow matching learns none), an im_embedder for the
+  features of its vision encoder, and LoRA adapters where train.finetune asks for them."""
   learns_variance = _process(config) == diffusion.Process.DDPM
-  return model_lib.build(config.model, config.model.learn_sigma and learns_variance,
-                         VisionSpec.from_config(config).output_shape())
+  model = model_lib.build(config.model, config.model.learn_sigma and learns_variance,
+                          VisionSpec.from_config(config).output_shape())
+  return FinetuneSpec.from_config(config).wrap(model)
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,

@@ -24,7 +24,7 @@ from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted, model as model_lib
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.run import backbone, settings as settings_lib, workdir_lock
-from monoformer_jax.training import checkpoint, steps
+from monoformer_jax.training import checkpoint, finetune, steps
 
 
 
@@ -38,6 +38,11 @@ class Setup:
   layout: sharding.Layout
   tx: Optional[optax.GradientTransformation] = None  # training only
   lock: Optional[workdir_lock.FileLock | workdir_lock.BucketLease] = None  # training, process 0
+  frozen: Any = None  # the parameters that do not train (train.finetune), on the devices
+
+  def whole(self, params):
+    """The model's whole parameter tree from those that train."""
+    return finetune.merge(params, self.frozen)
 
 
 def _check_vocabulary(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> None:
@@ -106,9 +111,9 @@ def _state_shapes(config: ml_collections.ConfigDict,
                   layout: sharding.Layout) -> dict[str, tuple[int, ...]]:
   """Every leaf of the train state a config makes (parameters, EMA, optimizer state): its
   path and shape, nothing allocated."""
-  settings_lib.validate(config)
+  settings = settings_lib.validate(config)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  state = steps.abstract_state(settings_lib.build_model(config), tx, layout)[0]
+  state = steps.abstract_state(settings_lib.build_model(config), tx, layout, settings.finetune)[0]
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -148,6 +153,23 @@ def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
                   'saved values (drop those overrides) or choose another --workdir.')
 
 
+def frozen_backbone(setup: Setup) -> Any:
+  """Where train.finetune freezes the backbone: the converted LLM of model.init_from as the
+  parameters that do not train, on the devices; else None."""
+  if not setup.settings.finetune.frozen:
+    return None
+  path = setup.config.model.init_from
+  if not files.isdir(path):
+    raise UserError(f'config key model.init_from names {path}, which does not exist: the '
+                    f'backbone that train.finetune {setup.config.train.finetune!r} keeps frozen '
+                    'is read from there.')
+  full = steps.abstract_params(setup.model, setup.layout)
+  pretrained = backbone.pretrained_backbone(full, path, setup.model.backbone,
+                                            setup.model.tie_embeddings)
+  frozen = setup.settings.finetune.split(full)[1]
+  return jax.device_put(pretrained, jax.tree.map(lambda a: a.sharding, frozen))
+
+
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
   parameters (which must be finite); with params False, the setup and step alone."""
@@ -162,8 +184,9 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
                   sharding.make_layout(config.mesh))
     if not params:
       return setup, None
-    abstract = steps.abstract_params(setup.model, setup.layout)
-    return setup, ckpt.restore_params(step, abstract, use_ema)
+    abstract = setup.settings.finetune.split(steps.abstract_params(setup.model, setup.layout))[0]
+    frozen = frozen_backbone(setup)
+    return setup, finetune.merge(ckpt.restore_params(step, abstract, use_ema), frozen)
 
   try:
     step, (setup, restored) = ckpt.newest_restorable(load)

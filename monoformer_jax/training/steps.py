@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +28,7 @@ from monoformer_jax.base import sharding
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.model import MonoFormer
 from monoformer_jax.training import objective
+from monoformer_jax.training.finetune import FinetuneSpec, merge
 
 
 class StepKind(enum.Enum):
@@ -108,15 +110,19 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
                      optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
 
 
-def _init_boxed(model: MonoFormer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-  params = model_lib.init_params(model, key)
+def _init_boxed(model: MonoFormer, tx: optax.GradientTransformation, key: jax.Array,
+                finetune: FinetuneSpec) -> TrainState:
+  params = finetune.split(model_lib.init_params(model, key))[0]  # what trains
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 
 
-def abstract_state(model, tx, layout: sharding.Layout) -> tuple[TrainState, Any]:
-  """The state's shapes (nothing allocated) and its NamedShardings on the layout's mesh."""
-  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx), jax.random.key(0))
+def abstract_state(model, tx, layout: sharding.Layout,
+                   finetune: FinetuneSpec = FinetuneSpec()) -> tuple[TrainState, Any]:
+  """The state's shapes (nothing allocated) and its NamedShardings on the layout's mesh; its
+  parameters, optimizer state and EMA are those of the parameters that train."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, finetune=finetune),
+                         jax.random.key(0))
   shardings = sharding.logical_shardings(boxed, layout)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
@@ -130,24 +136,28 @@ def abstract_params(model, layout: sharding.Layout):
                       nn.unbox(boxed), sharding.logical_shardings(boxed, layout))
 
 
-def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState:
+def init_state(model, tx, layout: sharding.Layout, key: jax.Array,
+               finetune: FinetuneSpec = FinetuneSpec()) -> TrainState:
   """A fresh state created directly in its shards (never whole on one device)."""
-  _, shardings = abstract_state(model, tx, layout)
-  init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k)), out_shardings=shardings)
+  _, shardings = abstract_state(model, tx, layout, finetune)
+  init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k, finetune)), out_shardings=shardings)
   with sharding.activate(layout):
     return init(key)
 
 
-def init_params_except(model, layout: sharding.Layout, key: jax.Array, skip) -> dict:
-  """The parameters init_state draws from `key`, created in their shards, but for the top-level
-  modules named in `skip`: left out of the program, so they are never drawn (a pretrained
-  backbone's, which are replaced anyway)."""
+def init_params_where(model, layout: sharding.Layout, key: jax.Array, keep) -> dict:
+  """The parameters init_state draws from `key`, created in their shards, but only those whose
+  path (a tuple of keys) `keep` accepts: the others are left out of the program, so they are
+  never drawn (a pretrained backbone's, which are replaced or frozen anyway)."""
   boxed = jax.eval_shape(functools.partial(model_lib.init_params, model), key)
-  keep = lambda tree: {name: value for name, value in tree.items() if name not in skip}  # noqa: E731
-  init = jax.jit(lambda k: keep(nn.unbox(model_lib.init_params(model, k))),
-                 out_shardings=keep(sharding.logical_shardings(boxed, layout)))
-  with sharding.activate(layout):
-    return init(key)
+
+  def kept(tree):
+    flat = flax.traverse_util.flatten_dict(tree)
+    return flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if keep(p)})
+  # Traced outside the layout's rules: qwix, creating an adapter, checks the adapted kernel's
+  # logical names against the adapter's shape. out_shardings places every leaf anyway.
+  return jax.jit(lambda k: kept(nn.unbox(model_lib.init_params(model, k))),
+                 out_shardings=kept(sharding.logical_shardings(boxed, layout)))(key)
 
 
 def _apply_gradients(state: TrainState, grads, loss: jax.Array, tx,
@@ -168,34 +178,36 @@ def _apply_gradients(state: TrainState, grads, loss: jax.Array, tx,
   return jax.lax.cond(finite, update, lambda s: s, state), metrics
 
 
-def _update(state: TrainState, inputs: dict, *, model: MonoFormer, tx, cfg: StepConfig):
+def _update(state: TrainState, inputs: dict, frozen, *, model: MonoFormer, tx, cfg: StepConfig):
   """The state after one update on inputs {'text'?, 'image'?}; metrics: the objective's
-  terms (means over the batch), grad_norm, skipped, learning_rate."""
-  fn = objective.loss_fn(model, cfg.loss, objective.counts_of(inputs, cfg.loss))
+  terms (means over the batch), grad_norm, skipped, learning_rate. frozen: the parameters that
+  do not train (train.finetune), merged in for the forward passes and never differentiated."""
+  loss = objective.loss_fn(model, cfg.loss, objective.counts_of(inputs, cfg.loss))
+  fn = lambda params, inputs: loss(merge(params, frozen), inputs)  # noqa: E731
   (value, terms), grads = objective.value_and_grad(fn, state.params, inputs, cfg.loss.grad_accum)
   state, metrics = _apply_gradients(state, grads, value, tx, cfg)
   return state, dict(terms, **metrics), value
 
 
-def ar_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+def ar_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, model: MonoFormer,
             tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
   """One language-model step on batch {'tokens', 'valid', 'loss_mask'} (each [B, S]); an
   understanding step when the batch also has the images' 'features' [B, I, M, E], 'slot' and
   'offset' [B, S] (key draws their time tokens)."""
   text = objective.text_inputs(batch, key, cfg.loss.diffusion.num_timesteps)
-  state, metrics, _ = _update(state, dict(text=text), model=model, tx=tx, cfg=cfg)
+  state, metrics, _ = _update(state, dict(text=text), frozen, model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, loss=metrics.pop('ce'))
 
 
-def diffusion_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+def diffusion_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, model: MonoFormer,
                    tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
   """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]};
   metric `loss` is the diffusion loss (and `ce` the prompts' with train.prompt_lm_loss)."""
   inputs = dict(image=objective.image_inputs(batch, key, cfg.loss))
-  return _update(state, inputs, model=model, tx=tx, cfg=cfg)[:2]
+  return _update(state, inputs, frozen, model=model, tx=tx, cfg=cfg)[:2]
 
 
-def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFormer,
+def joint_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, model: MonoFormer,
                tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
   """One update on batch {'text': an `ar` batch, 'image': a `diffusion` batch[, 'understand':
   an understanding batch]}, as the official code: metric `loss` is the weighted sum, `diffusion`
@@ -205,17 +217,21 @@ def joint_step(state: TrainState, batch: dict, key: jax.Array, *, model: MonoFor
   if 'understand' in batch:
     inputs['understand'] = objective.text_inputs(batch['understand'], jax.random.fold_in(key, 2),
                                                  cfg.loss.diffusion.num_timesteps)
-  state, metrics, value = _update(state, inputs, model=model, tx=tx, cfg=cfg)
+  state, metrics, value = _update(state, inputs, frozen, model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, diffusion=metrics.pop('loss'), loss=value)
 
 
-def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout,
-              state_shardings) -> dict[StepKind, Any]:
-  """Both step kinds jitted with state shardings in and out and the state donated."""
+def jit_steps(model, tx, cfg: StepConfig, layout: sharding.Layout, state_shardings,
+              frozen_shardings=None) -> dict[StepKind, Any]:
+  """Every step kind jitted with state shardings in and out and the state donated; called as
+  (state, batch, key), or (state, batch, key, frozen) when frozen_shardings is given."""
   replicated = sharding.replicated(layout)
   fns = {StepKind.AR: ar_step, StepKind.DIFFUSION: diffusion_step, StepKind.JOINT: joint_step,
          StepKind.UNDERSTANDING: ar_step}
+  ins = (state_shardings, sharding.batch_sharding(layout), replicated)
+  if frozen_shardings is not None:
+    ins += (frozen_shardings,)
   return {kind: jax.jit(functools.partial(fns[kind], model=model, tx=tx, cfg=cfg),
-                        in_shardings=(state_shardings, sharding.batch_sharding(layout), replicated),
-                        out_shardings=(state_shardings, replicated), donate_argnums=0)
+                        in_shardings=ins, out_shardings=(state_shardings, replicated),
+                        donate_argnums=0)
           for kind in cfg.kinds}

@@ -90,7 +90,7 @@ def test_init_from_converted_llm(llm_dir, tmp_path):
                                                                          VOCAB + 2, VOCAB + 3)
   abstract, shardings = steps.abstract_state(model, tx, mesh)
   fresh = steps.init_state(model, tx, mesh, jax.random.key(0))
-  state = train.init_backbone(setup, abstract, shardings, jax.random.key(0))
+  state = train.init_backbone(setup, shardings, jax.random.key(0))
 
   hf = hf_model()
   embed = hf.model.embed_tokens.weight.detach().numpy()

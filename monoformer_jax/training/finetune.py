@@ -1,0 +1,107 @@
+"""What a run trains of a model started from a converted LLM (train.finetune), and how.
+
+`full` trains every parameter. The other modes freeze the LLM's backbone (its embedding, decoder
+blocks, final norm and output layer): `frozen_text` trains MonoFormer's own modules alone;
+`lora` adds qwix's LoRA adapters (A [in, r] drawn, B [r, out] zero, scaled by alpha / r) to the
+chosen projections of every decoder block and trains them with MonoFormer's own modules.
+The parameters are split in two trees: the trainable ones, which are the train state's (and so
+all that has gradients, optimizer moments, an EMA and a checkpoint), and the frozen ones, merged
+back in for every forward pass.
+"""
+
+import dataclasses
+import enum
+
+import flax.traverse_util
+import ml_collections
+import qwix
+
+from monoformer_jax.base.errors import UserError
+from monoformer_jax.config import schema
+
+
+class Finetune(enum.Enum):
+  FULL = 'full'  # every parameter trains
+  LORA = 'lora'  # the backbone frozen; LoRA adapters on lora.targets and MonoFormer's modules train
+  FROZEN_TEXT = 'frozen_text'  # the backbone frozen; only MonoFormer's own modules train
+
+
+# A decoder block's projections that adapters may target, and the module each belongs to.
+TARGETS = {'q_proj': 'self_attn', 'k_proj': 'self_attn', 'v_proj': 'self_attn',
+           'o_proj': 'self_attn', 'gate_proj': 'mlp', 'up_proj': 'mlp', 'down_proj': 'mlp'}
+# The top-level modules of the LLM's backbone; everything else is MonoFormer's own.
+BACKBONE = ('embed_tokens', 'decoder', 'norm', 'lm_head')
+ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSpec:
+  """train.finetune and the lora section, checked."""
+  mode: Finetune = Finetune.FULL
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = tuple(TARGETS)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> 'FinetuneSpec':
+    mode = schema.choice(Finetune, config.train.finetune, 'train.finetune')
+    lora = config.lora
+    targets = tuple(t.strip() for t in lora.targets.split(',') if t.strip())
+    if mode == Finetune.FULL:
+      return cls(mode)
+    if not config.model.init_from:
+      raise UserError(f'config key train.finetune is {mode.value!r}, which freezes a pretrained '
+                      'backbone; set model.init_from to a converted LLM directory.')
+    if mode == Finetune.LORA:
+      unknown = [t for t in targets if t not in TARGETS]
+      if unknown or not targets:
+        raise UserError(f'config key lora.targets is {lora.targets!r}; expected a comma-separated '
+                        f'list of {", ".join(TARGETS)}.')
+      if not (isinstance(lora.rank, int) and lora.rank > 0):
+        raise UserError(f'config key lora.rank is {lora.rank!r}; expected a positive integer.')
+      if not lora.alpha > 0:
+        raise UserError(f'config key lora.alpha is {lora.alpha!r}; expected a positive number.')
+      if not 0 <= lora.dropout < 1:
+        raise UserError(f'config key lora.dropout is {lora.dropout!r}; expected a fraction in '
+                        '[0, 1).')
+    return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets)
+
+  @property
+  def frozen(self) -> bool:
+    return self.mode != Finetune.FULL
+
+  def wrap(self, model):
+    """The model, with qwix's LoRA adapters on the targets in `lora` mode."""
+    if self.mode != Finetune.LORA:
+      return model
+    by_module = {}
+    for target in self.targets:
+      by_module.setdefault(TARGETS[target], []).append(target)
+    paths = '|'.join(f'{module}/({"|".join(names)})' for module, names in by_module.items())
+    rule = qwix.LoraRule(module_path=f'decoder/layers/({paths})', rank=self.rank,
+                         alpha=self.alpha, dropout=self.dropout)
+    return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+
+  def trains(self, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (its keys from the top) trains."""
+    if not self.frozen or path[0] not in BACKBONE:
+      return True
+    return self.mode == Finetune.LORA and path[-1].endswith(ADAPTER_SUFFIXES)
+
+  def split(self, params: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) parameter trees; merge() puts them back together."""
+    flat = flax.traverse_util.flatten_dict(params)
+    parts = ({}, {})
+    for path, value in flat.items():
+      parts[not self.trains(path)][path] = value
+    return tuple(flax.traverse_util.unflatten_dict(p) for p in parts)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+  """The whole parameter tree from its trainable and frozen parts (frozen may be empty)."""
+  if not frozen:
+    return trainable
+  flat = flax.traverse_util.flatten_dict(trainable)
+  flat.update(flax.traverse_util.flatten_dict(frozen))
+  return flax.traverse_util.unflatten_dict(flat)
