@@ -21,6 +21,7 @@ import torch
 from helpers import COMPILE_FLAGS, tiny_config
 
 from monoformer_jax import train
+from monoformer_jax.convert import commands
 from monoformer_jax.data import pipeline, tokenizer as tokenizer_lib
 from monoformer_jax.tools import bench_torch
 
@@ -92,6 +93,16 @@ def tokenizer_file(tmp_path_factory):
   tokenizer_lib.for_workdir(str(workdir), '', config.data.tokenizer_vocab_size,
                             lambda: pipeline.tokenizer_texts(config.data))
   return os.path.join(workdir, 'tokenizer.model')
+
+
+@pytest.fixture(scope='session')
+def tiny_llm(tmp_path_factory):
+  """A small converted LLM (random HF weights, its own sentencepiece vocabulary of 512) of the
+  tiny size's shape, for the tests that start from one."""
+  root = tmp_path_factory.mktemp('tiny_llm')
+  commands.run('synthetic-llama', dst=str(root / 'hf'), shape='32,2,4,2,64,512')
+  commands.run('hf', str(root / 'hf'), str(root / 'llm'))
+  return str(root / 'llm')
 
 
 @pytest.fixture(scope='module')

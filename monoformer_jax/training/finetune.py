@@ -13,6 +13,7 @@ import dataclasses
 import enum
 
 import flax.traverse_util
+import jax.numpy as jnp
 import ml_collections
 import qwix
 
@@ -105,3 +106,21 @@ def merge(trainable: dict, frozen: dict) -> dict:
   flat = flax.traverse_util.flatten_dict(trainable)
   flat.update(flax.traverse_util.flatten_dict(frozen))
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def merged_adapters(params: dict, spec: FinetuneSpec) -> dict:
+  """The parameters with every LoRA adapter folded into the kernel it adapts (kernel + A B
+  alpha / r, reshaped to the kernel: qwix flattens the kernel's input axes into A's rows and
+  its output axes into B's columns, both in the kernel's order) and removed: the parameters
+  of the plain model that computes what the adapted one does."""
+  flat = flax.traverse_util.flatten_dict(params)
+  merged = {}
+  for path, value in flat.items():
+    if path[-1].endswith(ADAPTER_SUFFIXES):
+      continue
+    a, b = flat.get(path[:-1] + (path[-1] + '_lora_a',)), flat.get(path[:-1] + (path[-1] + '_lora_b',))
+    if a is not None:
+      delta = jnp.einsum('...ir,...ro->...io', a, b) * (spec.alpha / spec.rank)
+      value = (value + delta.reshape(value.shape).astype(value.dtype))
+    merged[path] = value
+  return flax.traverse_util.unflatten_dict(merged)
