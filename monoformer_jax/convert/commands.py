@@ -28,6 +28,7 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
                        src, source, max_positions, special)
     return
   restored = workdir_lib.for_inference(src, use_ema, params=False)
+  workdir_lib.check_whole_checkpoint(restored.setup, src, 'convert export-llama')
   setup = restored.setup
   cfg, tie = setup.model.backbone, setup.model.tie_embeddings
   dtype = official_export.stored_dtype(src)

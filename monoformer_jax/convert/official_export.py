@@ -152,6 +152,7 @@ def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> No
 def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2**30) -> None:
   """Writes dst (which must not exist) from the workdir src's newest restorable checkpoint."""
   restored = workdir_lib.for_inference(src, use_ema, params=False)
+  workdir_lib.check_whole_checkpoint(restored.setup, src, 'convert export-official')
   setup, step = restored.setup, restored.step
   source = _recorded(src).get('config')
   dtype = stored_dtype(src)

@@ -170,6 +170,16 @@ def frozen_backbone(setup: Setup) -> Any:
   return jax.device_put(pretrained, jax.tree.map(lambda a: a.sharding, frozen))
 
 
+def check_whole_checkpoint(setup: Setup, workdir: str, command: str) -> None:
+  """Commands that read a checkpoint's parameters one by one need them all in it, which a run
+  with a frozen backbone (train.finetune) does not save."""
+  mode = setup.settings.finetune.mode
+  if setup.settings.finetune.frozen:
+    raise UserError(f'{command} reads every parameter from the checkpoints of {workdir}, which '
+                    f'hold only what train.finetune {mode.value!r} trained (the backbone stays in '
+                    f'{setup.config.model.init_from}); exports of such runs are not supported yet.')
+
+
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
   """The setup saved in the workdir's newest restorable checkpoint, and its EMA or raw
   parameters (which must be finite); with params False, the setup and step alone."""

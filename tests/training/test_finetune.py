@@ -10,6 +10,7 @@ from helpers import metrics_rows, tiny_config
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
+from monoformer_jax.convert import commands
 from monoformer_jax.nn import model as model_lib
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.run import backbone, settings, workdir as workdir_lib
@@ -89,6 +90,9 @@ def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_pa
   else:
     assert not adapters
 
+  with pytest.raises(UserError, match=rf"convert export-llama reads every parameter from the "
+                                      rf"checkpoints of .*hold only what train.finetune '{mode}'"):
+    commands.run('export-llama', workdir, str(tmp_path / 'exported'))
   spec, setup = restored.setup.settings.finetune, restored.setup
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   state, _ = steps.abstract_state(setup.model, tx, setup.layout, spec)
@@ -103,6 +107,7 @@ def test_bad_finetune_settings_are_one_sentence(tiny_llm):
       (dict(targets='q_proj,qkv'), r"config key lora\.targets is 'q_proj,qkv'; expected a "
                                    r'comma-separated list of q_proj, k_proj'),
       (dict(alpha=0.0), r'config key lora\.alpha is 0\.0; expected a positive number\.'),
+      (dict(dropout=0.1), r'config key lora\.dropout is 0\.1; dropout on the adapters is not '),
   )
   for lora, message in cases:
     config = finetune_config(tiny_llm, 'lora')
