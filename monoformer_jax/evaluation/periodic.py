@@ -41,8 +41,9 @@ def from_config(setup) -> list[Periodic]:
 
 
 def sampled_params(state, setup):
-  """The parameters samples and answers come from: the EMA's (sample.use_ema) or the raw ones."""
-  return state.ema_params if config.sample.use_ema else state.params
+  """The whole parameters samples and answers come from: the EMA's (sample.use_ema) or the raw
+  ones, with the frozen ones of train.finetune."""
+  return setup.whole(state.ema_params if setup.config.sample.use_ema else state.params)
 
 
 def _fid(setup) -> Callable[[Any, int], dict[str, float]]:
