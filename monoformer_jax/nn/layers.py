@@ -149,12 +149,12 @@ class Projection(nn.Module):
     in_shape = x.shape[x.ndim - self.in_dims:]
     kernel = self.param('kernel', dense_init(*self.names), in_shape + self.features,
                         self.param_dtype)
-    # Rows [N, ...in] against the kernel's own shape: XLA:CPU runs the weight gradient of a
-    # [B, T, ...] contraction markedly slower than of the same [B*T, ...] one. jax.lax's
-    # dot_general is what qwix intercepts to add LoRA adapters (sharded as this kernel).
-    rows = x.reshape((-1,) + in_shape).astype(self.dtype)
-    contracted = tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims))
-    out = jax.lax.dot_general(rows, kernel.astype(self.dtype), (contracted, ((), ())))
+    # As one 2-D matmul: XLA:CPU runs the weight gradient of a [B, T, ...] contraction
+    # markedly slower than the same [B*T, ...] one; the reshapes are free. jax.lax's
+    # dot_general is what qwix intercepts to add LoRA adapters.
+    rows = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
+    out = jax.lax.dot_general(rows, kernel.reshape(rows.shape[1], -1).astype(self.dtype),
+                              (((1,), (0,)), ((), ())))
     out = out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
