@@ -63,15 +63,15 @@ def pytest_unconfigure(config):
 # Files of over half a minute on the reference machine, longest first: xdist hands out whole
 # files in collection order (pytest_configure turns off its reordering by test count), so the
 # short files fill in at the end instead of a long one starting last.
-LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'base/test_files.py',
-                 'test_main.py', 'base/test_sharding.py', 'test_configs.py',
+LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'test_main.py',
+                 'test_configs.py', 'base/test_files.py', 'test_train.py', 'base/test_sharding.py',
                  'training/test_objective.py', 'training/test_checkpoint.py',
-                 'training/test_cross_entropy.py', 'tools/test_gguf_to_hf.py', 'run/test_workdir.py',
-                 'test_train.py',
-                 'convert/test_official.py',
-                 'evaluation/test_multiple_choice.py', 'generation/test_sampling.py',
-                 'nn/test_layers.py', 'run/test_backbone.py', 'tools/test_sweep.py',
-                 'tools/test_study.py', 'tools/test_extract_latents.py', 'nn/test_splash.py')
+                 'tools/test_gguf_to_hf.py', 'evaluation/test_multiple_choice.py',
+                 'training/test_finetune.py', 'convert/test_official.py',
+                 'training/test_cross_entropy.py', 'run/test_workdir.py',
+                 'generation/test_sampling.py', 'tools/test_sweep.py', 'run/test_backbone.py',
+                 'nn/test_splash.py', 'nn/test_layers.py', 'convert/test_hf_config.py',
+                 'tools/test_extract_latents.py')
 
 
 def pytest_collection_modifyitems(items):
