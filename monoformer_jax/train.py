@@ -46,16 +46,12 @@ def init_backbone(setup: workdir_lib.Setup, shardings, key: jax.Array):
   model, finetune = setup.model, setup.settings.finetune
   if finetune.frozen:
     params = steps.init_params_where(model, setup.layout, key, finetune.trains)
-    ema = jax.tree.map(jax.numpy.copy, params)  # not shared: the steps donate both
-    return _fresh_state(params, ema, setup, shardings)
-  full = steps.abstract_params(model, setup.layout)
-  pretrained = backbone.pretrained_backbone(full, setup.config.model.init_from, model.backbone,
-                                            model.tie_embeddings)
-  own = steps.init_params_where(model, setup.layout, key, lambda path: path[0] not in pretrained)
-  on_devices = lambda: dict(own, **jax.device_put(  # noqa: E731
-      pretrained, {name: jax.tree.map(lambda a: a.sharding, full[name]) for name in pretrained}))
+  else:
+    pretrained = workdir_lib.backbone_on_devices(setup)
+    own = steps.init_params_where(model, setup.layout, key, lambda path: path[0] not in pretrained)
+    params = dict(own, **pretrained)
   # Params and EMA must not share buffers, since the steps donate both.
-  return _fresh_state(on_devices(), jax.tree.map(jax.numpy.copy, on_devices()), setup, shardings)
+  return _fresh_state(params, jax.tree.map(jax.numpy.copy, params), setup, shardings)
 
 
 def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
@@ -201,6 +197,7 @@ def _train(run: _Run, workdir: str) -> dict:
   joint = StepKind.JOINT in run.step_fns
   seed_key = jax.random.key(config.seed)
   periodic = evaluators.from_config(setup)
+  frozen = () if setup.frozen is None else (setup.frozen,)  # the steps' last argument, if any
   held = False  # a save is due but held back while steps of some kind are being skipped
 
   def save(step: int) -> bool:
@@ -235,8 +232,7 @@ def _train(run: _Run, workdir: str) -> dict:
           if run.see is not None and part is not None and 'images' in part:
             part['features'] = run.see(part.pop('images'), jax.random.fold_in(step_key, 3))
         with log.compiling(kind.value):  # a step kind's first call compiles it, synchronously
-          state, metrics = run.step_fns[kind](state, batch, step_key,
-                                              *([] if setup.frozen is None else [setup.frozen]))
+          state, metrics = run.step_fns[kind](state, batch, step_key, *frozen)
         done = step + 1
         _stop_if_diverged(guard.push(done, kind.value, metrics['skipped']), ckpt)
         logged = done % t.log_every == 0 or done == t.num_steps

@@ -26,12 +26,13 @@ def from_config(setup) -> list[Periodic]:
   config, t = setup.config, setup.config.train
   found = []
   if t.eval_every:
-    found.append(Periodic('heldout', t.eval_every,
-                          lambda state, step: default_eval.heldout_losses(setup, setup.whole(state.params))))
+    found.append(Periodic('heldout', t.eval_every, lambda state, step: (
+        default_eval.heldout_losses(setup, setup.whole(state.params)))))
   if t.text_eval_every:
     names, limit = text_tasks.parse(config.eval.tasks), config.eval.task_limit
     found.append(Periodic('text_tasks', t.text_eval_every, lambda state, step: (
-        text_tasks.metrics_of(text_tasks.score(setup, setup.whole(state.params), names, limit)))))
+        text_tasks.metrics_of(text_tasks.score(setup, setup.whole(state.params), names,
+                                               limit)))))
   if t.fid_every:
     found.append(Periodic('fid', t.fid_every, _fid(setup)))
   if t.understanding_eval_every:

@@ -12,6 +12,7 @@ import os
 from typing import Any, Optional
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -153,6 +154,17 @@ def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
                   'saved values (drop those overrides) or choose another --workdir.')
 
 
+def backbone_on_devices(setup: Setup) -> dict:
+  """The converted LLM of model.init_from as the model's backbone parameters, checked against
+  the model and placed as its parameters are sharded."""
+  full = steps.abstract_params(setup.model, setup.layout)
+  pretrained = backbone.pretrained_backbone(full, setup.config.model.init_from,
+                                            setup.model.backbone, setup.model.tie_embeddings)
+  where = flax.traverse_util.flatten_dict(full)
+  shardings = {path: where[path].sharding for path in flax.traverse_util.flatten_dict(pretrained)}
+  return jax.device_put(pretrained, flax.traverse_util.unflatten_dict(shardings))
+
+
 def frozen_backbone(setup: Setup) -> Any:
   """Where train.finetune freezes the backbone: the converted LLM of model.init_from as the
   parameters that do not train, on the devices; else None."""
@@ -163,11 +175,7 @@ def frozen_backbone(setup: Setup) -> Any:
     raise UserError(f'config key model.init_from names {path}, which does not exist: the '
                     f'backbone that train.finetune {setup.config.train.finetune!r} keeps frozen '
                     'is read from there.')
-  full = steps.abstract_params(setup.model, setup.layout)
-  pretrained = backbone.pretrained_backbone(full, path, setup.model.backbone,
-                                            setup.model.tie_embeddings)
-  frozen = setup.settings.finetune.split(full)[1]
-  return jax.device_put(pretrained, jax.tree.map(lambda a: a.sharding, frozen))
+  return backbone_on_devices(setup)
 
 
 def check_whole_checkpoint(setup: Setup, workdir: str, command: str) -> None:

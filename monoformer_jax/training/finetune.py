@@ -118,9 +118,9 @@ def merged_adapters(params: dict, spec: FinetuneSpec) -> dict:
   for path, value in flat.items():
     if path[-1].endswith(ADAPTER_SUFFIXES):
       continue
-    a, b = flat.get(path[:-1] + (path[-1] + '_lora_a',)), flat.get(path[:-1] + (path[-1] + '_lora_b',))
+    a, b = (flat.get(path[:-1] + (path[-1] + suffix,)) for suffix in ADAPTER_SUFFIXES)
     if a is not None:
       delta = jnp.einsum('...ir,...ro->...io', a, b) * (spec.alpha / spec.rank)
-      value = (value + delta.reshape(value.shape).astype(value.dtype))
+      value = value + delta.reshape(value.shape).astype(value.dtype)
     merged[path] = value
   return flax.traverse_util.unflatten_dict(merged)

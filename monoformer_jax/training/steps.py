@@ -136,11 +136,12 @@ def abstract_params(model, layout: sharding.Layout):
                       nn.unbox(boxed), sharding.logical_shardings(boxed, layout))
 
 
-def init_state(model, tx, layout: sharding.Layout, key: jax.Array,
-               finetune: FinetuneSpec = FinetuneSpec()) -> TrainState:
-  """A fresh state created directly in its shards (never whole on one device)."""
-  _, shardings = abstract_state(model, tx, layout, finetune)
-  init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k, finetune)), out_shardings=shardings)
+def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState:
+  """A fresh state of every parameter, created directly in its shards (never whole on one
+  device); a run with a frozen backbone starts from train.init_backbone instead."""
+  _, shardings = abstract_state(model, tx, layout)
+  init = jax.jit(lambda k: nn.unbox(_init_boxed(model, tx, k, FinetuneSpec())),
+                 out_shardings=shardings)
   with sharding.activate(layout):
     return init(key)
 
@@ -199,8 +200,9 @@ def ar_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, mode
   return state, dict(metrics, loss=metrics.pop('ce'))
 
 
-def diffusion_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, model: MonoFormer,
-                   tx: optax.GradientTransformation, cfg: StepConfig) -> tuple[TrainState, dict]:
+def diffusion_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *,
+                   model: MonoFormer, tx: optax.GradientTransformation,
+                   cfg: StepConfig) -> tuple[TrainState, dict]:
   """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]};
   metric `loss` is the diffusion loss (and `ce` the prompts' with train.prompt_lm_loss)."""
   inputs = dict(image=objective.image_inputs(batch, key, cfg.loss))
