@@ -115,7 +115,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   ckpt = setup = None
   try:
     setup = workdir_lib.for_training(config, workdir, layout)
-    setup = dataclasses.replace(setup, frozen=workdir_lib.frozen_backbone(setup))
+    setup = workdir_lib.with_frozen_backbone(setup)
     tok, model, tx, settings = setup.tok, setup.model, setup.tx, setup.settings
     encode = None
     if config.model.vae and settings.image_source.pixels:  # pixels encoded to latents on the fly
@@ -144,6 +144,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     elif ckpt.all_steps():
       workdir_lib.check_same_state(ckpt, config, layout)
       start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
+      if setup.base:
+        backbone.check_reference(data_state.get(checkpoint.FROZEN_BASE), setup.base, workdir)
       for kind, it in iterators.items():
         it.set_state(data_state[kind.value])
       if jax.process_index() == 0:
@@ -208,7 +210,10 @@ def _train(run: _Run, workdir: str) -> dict:
       return False
     if guard.streak and jax.process_index() == 0:  # the end: shorter than the limit, kept
       print(f'warning: {_describe(guard)} and were skipped.', file=sys.stderr, flush=True)
-    ckpt.save(step, state, {k.value: it.get_state() for k, it in iterators.items()}, config)
+    data = {k.value: it.get_state() for k, it in iterators.items()}
+    if setup.base:
+      data[checkpoint.FROZEN_BASE] = setup.base
+    ckpt.save(step, state, data, config)
     log.flush()  # a bucket's metrics.jsonl holds the rows of every step saved
     clock.saved()
     return True

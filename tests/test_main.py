@@ -51,6 +51,8 @@ def _bad_inputs(tmp_path):
       (['evaluate', '--workdir={trained}', f'--fid_ref={tmp_path / "ref.npz"}'],
        'evaluate --fid_ref measures the FID of --num samples of the model; give --num=N'),
       (['convert', f'--src={tmp_path}'], 'convert takes one kind out of llama,'),
+      (['convert', 'export-peft', '--src={trained}', '--dst={new}'],
+       "has none (it was trained with train.finetune 'full', not 'lora')"),
       (['generate', '--workdir={trained}', f'--out={tmp_path / "a_file"}'],
        'is a file; generate --out expects a directory'),
       # Resuming with another model size: the saved shape is named, no fallback is tried.

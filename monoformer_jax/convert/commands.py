@@ -7,11 +7,11 @@ from typing import Callable
 from monoformer_jax.base import command_spec as spec, files
 from monoformer_jax.base.command_spec import Args, Kind
 from monoformer_jax.base.errors import UserError
-from monoformer_jax.convert import clip, inception, llama, official, official_export, synthetic, vae
+from monoformer_jax.convert import (clip, inception, llama, official, official_export, peft_export,
+                                    synthetic, vae)
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted
 from monoformer_jax.run import workdir as workdir_lib
-from monoformer_jax.training import checkpoint
 
 
 def export_llama(src: str, dst: str, use_ema: bool) -> None:
@@ -28,17 +28,13 @@ def export_llama(src: str, dst: str, use_ema: bool) -> None:
                        src, source, max_positions, special)
     return
   restored = workdir_lib.for_inference(src, use_ema, params=False)
-  workdir_lib.check_whole_checkpoint(restored.setup, src, 'convert export-llama')
   setup = restored.setup
   cfg, tie = setup.model.backbone, setup.model.tie_embeddings
   dtype = official_export.stored_dtype(src)
-  ckpt = checkpoint.open_existing(src)
-  shapes = workdir_lib.param_shapes(setup.model)
-  param = lambda *path: ckpt.read_leaf(restored.step, path, shapes[path], dtype, use_ema)  # noqa: E731
-  llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst, src,
-                     source, setup.config.model.context_length,
-                     (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id))
-  ckpt.close()
+  with workdir_lib.parameter_reader(setup, src, restored.step, dtype, use_ema) as param:
+    llama.export_llama(llama.backbone_tensors(cfg, tie, param, dtype), cfg, tie, dst, src,
+                       source, setup.config.model.context_length,
+                       (setup.tok.bos_id, setup.tok.eos_id, setup.tok.pad_id))
 
 
 
@@ -98,6 +94,10 @@ KINDS = {
                             '(--ema=false for the raw params)', (SRC, DST, EMA),
                             _from_src(lambda a: official_export.export_official(a.src, a.dst,
                                                                                 a.ema))),
+    'export-peft': Kind('workdir trained with train.finetune=lora -> its text backbone\'s LoRA '
+                        'adapters as the PEFT library loads them onto the HF LLM of '
+                        'model.init_from (--ema=false for the raw params)', (SRC, DST, EMA),
+                        _from_src(lambda a: peft_export.export_peft(a.src, a.dst, a.ema))),
     'inception': Kind('the FID Inception weights file (pytorch-fid\'s '
                       'pt_inception-2015-12-05-*.pth) -> converted Inception directory, for '
                       'evaluate --fid_ref', (SRC, DST),

@@ -28,7 +28,6 @@ from monoformer_jax.nn import clip, vae
 from monoformer_jax.nn.layers import MaskType
 from monoformer_jax.nn.vision import VisionEncoder
 from monoformer_jax.run import workdir as workdir_lib
-from monoformer_jax.training import checkpoint
 
 
 def _recorded(src: str) -> dict:
@@ -152,15 +151,19 @@ def _tokenizer(tmp: str, src: str, tok, ids: dict[str, int], context: int) -> No
 def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2**30) -> None:
   """Writes dst (which must not exist) from the workdir src's newest restorable checkpoint."""
   restored = workdir_lib.for_inference(src, use_ema, params=False)
-  workdir_lib.check_whole_checkpoint(restored.setup, src, 'convert export-official')
-  setup, step = restored.setup, restored.step
+  setup = restored.setup
   source = _recorded(src).get('config')
   dtype = stored_dtype(src)
   ids, new_rows = _official_ids(setup, src)
-  ckpt = checkpoint.open_existing(src)
-  shapes = workdir_lib.param_shapes(setup.model)
-  param = lambda *path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
-  tensors = _tensors(setup, shapes, param, dtype, new_rows)
+  with workdir_lib.parameter_reader(setup, src, restored.step, dtype, use_ema) as param:
+    _write(setup, src, dst, _tensors(setup, workdir_lib.param_shapes(setup.model), param, dtype,
+                                     new_rows), source, ids, new_rows, dtype, shard_bytes)
+
+
+def _write(setup, src: str, dst: str, tensors: list, source, ids: dict, new_rows: dict,
+           dtype: np.dtype, shard_bytes: int) -> None:
+  """The tensors (read as they are written) in safetensors shards, with the index, config.json
+  and the tokenizer files."""
   shards, size = [[]], 0
   for entry in tensors:
     if shards[-1] and size + entry[1].nbytes > shard_bytes:
@@ -182,4 +185,3 @@ def export_official(src: str, dst: str, use_ema: bool, shard_bytes: int = 2 * 2*
     files.write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=1))
     _tokenizer(tmp, src, setup.tok, ids, config.get('max_position_embeddings',
                                                     setup.config.model.context_length))
-  ckpt.close()

@@ -4,11 +4,16 @@
 """
 
 import copy
+import hashlib
+import json
+import os
+from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from monoformer_jax.base import files
 from monoformer_jax.base.errors import UserError
 from monoformer_jax.data import tokenizer as tokenizer_lib
 from monoformer_jax.nn import converted
@@ -78,17 +83,28 @@ def llm_params(path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
   """The converted LLM at `path` as the model's backbone parameters (host arrays): vocabulary
   rows beyond the LLM's (the special tokens and any padding) set to the mean of its rows."""
   check_compatible(path, model_cfg, tie)
-  pretrained, cfg, _ = converted.load_llm(path)
-  extra = model_cfg.vocab_size - cfg.vocab_size
-
-  def extend(rows: np.ndarray, axis: int) -> np.ndarray:
-    mean = rows.astype(np.float32).mean(axis=axis, keepdims=True)
-    return np.concatenate([rows.astype(np.float32), np.repeat(mean, extra, axis=axis)], axis=axis)
-
-  pretrained['embed_tokens']['embedding'] = extend(pretrained['embed_tokens']['embedding'], 0)
-  if 'lm_head' in pretrained:
-    pretrained['lm_head']['kernel'] = extend(pretrained['lm_head']['kernel'], 1)
+  pretrained, _, _ = converted.load_llm(path)
+  for keys in VOCABULARY_AXIS:
+    if keys[0] in pretrained:
+      converted.put(pretrained, keys, with_vocabulary(keys, converted.get(pretrained, keys),
+                                                      model_cfg.vocab_size))
   return pretrained
+
+
+# The LLM's parameters with a vocabulary axis, and that axis.
+VOCABULARY_AXIS = {('embed_tokens', 'embedding'): 0, ('lm_head', 'kernel'): 1}
+
+
+def with_vocabulary(keys: tuple[str, ...], value: np.ndarray, vocab_size: int) -> np.ndarray:
+  """A converted LLM's parameter at `keys` with its vocabulary axis extended to vocab_size, the
+  new rows (the special tokens and any padding) the mean of its rows, in float32."""
+  axis = VOCABULARY_AXIS.get(keys)
+  if axis is None:
+    return value
+  rows = value.astype(np.float32)
+  mean = rows.mean(axis=axis, keepdims=True)
+  extra = vocab_size - rows.shape[axis]
+  return np.concatenate([rows, np.repeat(mean, extra, axis=axis)], axis=axis)
 
 
 def pretrained_backbone(target: dict, path: str, model_cfg: BackboneConfig, tie: bool) -> dict:
@@ -104,3 +120,23 @@ def pretrained_backbone(target: dict, path: str, model_cfg: BackboneConfig, tie:
                           f'parameter {name} of {path} has no counterpart in the model.')
     return np.asarray(value).astype(want.dtype)
   return jax.tree_util.tree_map_with_path(checked, llm_params(path, model_cfg, tie))
+
+
+def reference(path: str) -> dict:
+  """What a run with a frozen backbone records of the converted LLM it reads at every start:
+  the directory and a fingerprint of its files (their CRC32Cs, which a bucket lists without a
+  download, and its model.json)."""
+  crcs = files.checksums(os.path.join(path, converted.PARAMS))
+  meta = files.read_bytes(os.path.join(path, converted.MODEL_JSON))
+  digest = hashlib.sha256(json.dumps(crcs, sort_keys=True).encode() + meta).hexdigest()
+  return dict(path=path, fingerprint=digest)
+
+
+def check_reference(recorded: Optional[dict], current: dict, workdir: str) -> None:
+  """The converted LLM reference() described as `current` is the one `recorded` describes (a
+  checkpoint saved before references were recorded passes)."""
+  if recorded and recorded['fingerprint'] != current['fingerprint']:
+    raise UserError(f'the converted LLM {current["path"]} has changed since the checkpoints of '
+                    f'{workdir} '
+                    'were trained on it (its files differ from those recorded), and their frozen '
+                    'backbone is read from there; restore that directory or train anew.')

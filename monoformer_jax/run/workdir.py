@@ -6,6 +6,7 @@ the training inputs it names, which may be gone. Training holds the workdir's lo
 bucket: workdir_lock) while it runs, so a second `train` on the same workdir is refused.
 """
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -40,6 +41,7 @@ class Setup:
   tx: Optional[optax.GradientTransformation] = None  # training only
   lock: Optional[workdir_lock.FileLock | workdir_lock.BucketLease] = None  # training, process 0
   frozen: Any = None  # the parameters that do not train (train.finetune), on the devices
+  base: Optional[dict] = None  # backbone.reference() of the LLM the frozen ones come from
 
   def whole(self, params):
     """The model's whole parameter tree from those that train."""
@@ -165,27 +167,54 @@ def backbone_on_devices(setup: Setup) -> dict:
   return jax.device_put(pretrained, flax.traverse_util.unflatten_dict(shardings))
 
 
-def frozen_backbone(setup: Setup) -> Any:
-  """Where train.finetune freezes the backbone: the converted LLM of model.init_from as the
-  parameters that do not train, on the devices; else None."""
+def with_frozen_backbone(setup: Setup) -> Setup:
+  """Where train.finetune freezes the backbone: the setup with the converted LLM of
+  model.init_from as its parameters that do not train (on the devices) and its reference."""
   if not setup.settings.finetune.frozen:
-    return None
+    return setup
+  path = _frozen_base_path(setup)
+  return dataclasses.replace(setup, frozen=backbone_on_devices(setup),
+                             base=backbone.reference(path))
+
+
+def _frozen_base_path(setup: Setup) -> str:
   path = setup.config.model.init_from
   if not files.isdir(path):
     raise UserError(f'config key model.init_from names {path}, which does not exist: the '
                     f'backbone that train.finetune {setup.config.train.finetune!r} keeps frozen '
                     'is read from there.')
-  return backbone_on_devices(setup)
+  return path
 
 
-def check_whole_checkpoint(setup: Setup, workdir: str, command: str) -> None:
-  """Commands that read a checkpoint's parameters one by one need them all in it, which a run
-  with a frozen backbone (train.finetune) does not save."""
-  mode = setup.settings.finetune.mode
-  if setup.settings.finetune.frozen:
-    raise UserError(f'{command} reads every parameter from the checkpoints of {workdir}, which '
-                    f'hold only what train.finetune {mode.value!r} trained (the backbone stays in '
-                    f'{setup.config.model.init_from}); exports of such runs are not supported yet.')
+@contextlib.contextmanager
+def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use_ema: bool):
+  """Yields param(*path): one parameter of the plain model (no adapters) as a host array of
+  `dtype`, read when asked, so that exports hold one parameter at a time. Where train.finetune
+  froze the backbone, it is read from model.init_from (checked against the reference the
+  checkpoint recorded) with the LoRA adapters folded into the kernels they adapt."""
+  spec, shapes = setup.settings.finetune, param_shapes(setup.model)
+  ckpt = checkpoint.open_existing(workdir)
+  saved = lambda path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
+  try:
+    if not spec.frozen:
+      yield lambda *path: saved(path)
+      return
+    path = _frozen_base_path(setup)
+    backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE),
+                             backbone.reference(path), workdir)
+    backbone.check_compatible(path, setup.model.backbone, setup.model.tie_embeddings)
+    base = converted.leaf_reader(path)[3]
+
+    def param(*keys):
+      if spec.trains(keys):
+        return saved(keys)
+      value = backbone.with_vocabulary(keys, base(*keys), setup.model.backbone.vocab_size)
+      value = np.asarray(value, dtype)
+      a, b = finetune.adapters_of(keys)
+      return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
+    yield param
+  finally:
+    ckpt.close()
 
 
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
@@ -203,8 +232,12 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
     if not params:
       return setup, None
     abstract = setup.settings.finetune.split(steps.abstract_params(setup.model, setup.layout))[0]
-    frozen = frozen_backbone(setup)
-    return setup, finetune.merge(ckpt.restore_params(step, abstract, use_ema), frozen)
+    setup = with_frozen_backbone(setup)
+    trained = ckpt.restore_params(step, abstract, use_ema)
+    if setup.base:
+      backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE), setup.base,
+                               workdir)
+    return setup, setup.whole(trained)
 
   try:
     step, (setup, restored) = ckpt.newest_restorable(load)

@@ -39,6 +39,7 @@ from monoformer_jax.nn.converted import get, nest
 
 CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC32C}
 WEIGHTS_ONLY = 'weights_only'  # in the data item of a step holding parameters alone
+FROZEN_BASE = 'frozen_base'  # in the data item: the converted LLM a frozen backbone comes from
 T = TypeVar('T')
 
 
@@ -213,11 +214,14 @@ class Checkpointer:
     one, for the fallback to judge)."""
     if step not in self.full_steps:
       try:
-        data = self._restore(step, 'data', data=ocp.args.JsonRestore())['data']
-        self.full_steps[step] = not data.get(WEIGHTS_ONLY)
+        self.full_steps[step] = not self.restore_data(step).get(WEIGHTS_ONLY)
       except UserError:
         return True
     return self.full_steps[step]
+
+  def restore_data(self, step: int) -> dict[str, Any]:
+    """The step's data item: the data iterators' states and what the run recorded beside them."""
+    return self._restore(step, 'data', data=ocp.args.JsonRestore())['data']
 
   def wait(self) -> None:
     """Waits for an asynchronous save to be complete on disk."""

@@ -108,19 +108,28 @@ def merge(trainable: dict, frozen: dict) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def fold(kernel, a, b, spec: FinetuneSpec):
+  """The kernel with its adapter (A, B) folded in: kernel + A B alpha / r, reshaped to the
+  kernel (qwix flattens the kernel's input axes into A's rows and its output axes into B's
+  columns, both in the kernel's order), computed in float32."""
+  delta = jnp.einsum('...ir,...ro->...io', jnp.asarray(a, jnp.float32),
+                     jnp.asarray(b, jnp.float32)) * (spec.alpha / spec.rank)
+  return (jnp.asarray(kernel, jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
+
+
+def adapters_of(path: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The paths of the A and B adapting the kernel at `path` (when it has them)."""
+  return tuple(path[:-1] + (path[-1] + suffix,) for suffix in ADAPTER_SUFFIXES)
+
+
 def merged_adapters(params: dict, spec: FinetuneSpec) -> dict:
-  """The parameters with every LoRA adapter folded into the kernel it adapts (kernel + A B
-  alpha / r, reshaped to the kernel: qwix flattens the kernel's input axes into A's rows and
-  its output axes into B's columns, both in the kernel's order) and removed: the parameters
-  of the plain model that computes what the adapted one does."""
+  """The parameters with every LoRA adapter folded into the kernel it adapts and removed: the
+  parameters of the plain model that computes what the adapted one does."""
   flat = flax.traverse_util.flatten_dict(params)
   merged = {}
   for path, value in flat.items():
     if path[-1].endswith(ADAPTER_SUFFIXES):
       continue
-    a, b = (flat.get(path[:-1] + (path[-1] + suffix,)) for suffix in ADAPTER_SUFFIXES)
-    if a is not None:
-      delta = jnp.einsum('...ir,...ro->...io', a, b) * (spec.alpha / spec.rank)
-      value = value + delta.reshape(value.shape).astype(value.dtype)
-    merged[path] = value
+    a, b = adapters_of(path)
+    merged[path] = fold(value, flat[a], flat[b], spec) if a in flat else value
   return flax.traverse_util.unflatten_dict(merged)

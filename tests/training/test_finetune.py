@@ -1,12 +1,18 @@
 """train.finetune: LoRA adapters (qwix) and the frozen backbone, on a small converted LLM."""
 
+import os
+import shutil
+
 import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
 from helpers import metrics_rows, tiny_config
+from transformers import AutoModelForCausalLM
 
 from monoformer_jax import train
 from monoformer_jax.base.errors import UserError
@@ -68,10 +74,12 @@ def test_adapters_start_at_the_base_and_merge_into_it(tiny_llm):
 @pytest.mark.slow
 @pytest.mark.parametrize('mode', ['lora', 'frozen_text'])
 def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_path, mode):
-  config = finetune_config(tiny_llm, mode, num_steps=2)
+  llm = str(tmp_path / 'llm')  # a copy, changed at the end
+  shutil.copytree(tiny_llm, llm)
+  config = finetune_config(llm, mode, num_steps=2)
   workdir, resumed = str(tmp_path / 'work'), str(tmp_path / 'resumed')
   train.train_and_evaluate(config, workdir)
-  train.train_and_evaluate(finetune_config(tiny_llm, mode, num_steps=1), resumed)
+  train.train_and_evaluate(finetune_config(llm, mode, num_steps=1), resumed)
   train.train_and_evaluate(config, resumed)  # from step 1, the frozen backbone read again
   assert metrics_rows(resumed) == metrics_rows(workdir)
   jax.tree.map(np.testing.assert_array_equal,
@@ -90,15 +98,65 @@ def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_pa
   else:
     assert not adapters
 
-  with pytest.raises(UserError, match=rf"convert export-llama reads every parameter from the "
-                                      rf"checkpoints of .*hold only what train.finetune '{mode}'"):
-    commands.run('export-llama', workdir, str(tmp_path / 'exported'))
+  _check_exports(tiny_llm, workdir, restored, mode, tmp_path)
   spec, setup = restored.setup.settings.finetune, restored.setup
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   state, _ = steps.abstract_state(setup.model, tx, setup.layout, spec)
   moments = _flat(state.opt_state[1][0].mu)
   assert set(moments) == set(_flat(spec.split(restored.params)[0]))
   assert not set(moments) & set(source)  # no moment of a frozen parameter
+
+  # The converted LLM the backbone is read from, converted again from a changed model: refused.
+  hf = os.path.join(os.path.dirname(tiny_llm), 'hf')
+  changed = AutoModelForCausalLM.from_pretrained(hf)
+  with torch.no_grad():
+    changed.model.norm.weight.mul_(1.5)
+  changed.save_pretrained(tmp_path / 'changed')
+  for name in set(os.listdir(hf)) - set(os.listdir(tmp_path / 'changed')):  # its tokenizer
+    shutil.copy(os.path.join(hf, name), tmp_path / 'changed')
+  shutil.rmtree(llm)
+  commands.run('hf', str(tmp_path / 'changed'), llm)
+  message = rf'the converted LLM {llm} has changed since the checkpoints of {workdir} were trained'
+  for run in (lambda: workdir_lib.for_inference(workdir, use_ema=True),
+              lambda: train.train_and_evaluate(finetune_config(llm, mode, num_steps=3), workdir),
+              lambda: commands.run('export-llama', workdir, str(tmp_path / 'again'))):
+    with pytest.raises(UserError, match=message):
+      run()
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _check_exports(llm: str, workdir: str, restored, mode: str, tmp_path) -> None:
+  """export-llama writes the merged weights (transformers computes our text logits from them);
+  export-peft writes the adapters, which peft adds to the HF LLM the run started from."""
+  tokens = np.array([[1, 17, 42, 99, 7, 250, 311, 5]])
+  ours = np.asarray(restored.setup.model.apply(
+      {'params': restored.params}, tokens, np.ones(tokens.shape, bool),
+      mask_type=MaskType.CAUSAL).logits)
+  close = lambda got, want: np.testing.assert_allclose(  # noqa: E731
+      got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  merged = str(tmp_path / 'merged')
+  commands.run('export-llama', workdir, merged, ema=False)
+  close(_hf_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tokens), ours)
+
+  adapters = str(tmp_path / 'adapters')
+  hf_base = os.path.join(os.path.dirname(llm), 'hf')  # the tiny_llm fixture's HF source
+  if mode != 'lora':
+    with pytest.raises(UserError, match=rf"has none \(it was trained with train.finetune "
+                                        rf"'{mode}', not 'lora'\)"):
+      commands.run('export-peft', workdir, adapters, ema=False)
+    assert not os.path.exists(adapters)
+    return
+  commands.run('export-peft', workdir, adapters, ema=False)
+  base = AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+  plain = _hf_logits(base, tokens)
+  adapted = _hf_logits(peft.PeftModel.from_pretrained(base, adapters), tokens)
+  vocab = plain.shape[-1]  # the LLM's rows: MonoFormer's tokens come after them
+  close(adapted, ours[..., :vocab])
+  assert np.abs(adapted - plain).max() > 1e-3 * np.abs(plain).max()  # the adapters matter
 
 
 def test_bad_finetune_settings_are_one_sentence(tiny_llm):
