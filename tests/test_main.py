@@ -52,7 +52,7 @@ def _bad_inputs(tmp_path):
        'evaluate --fid_ref measures the FID of --num samples of the model; give --num=N'),
       (['convert', f'--src={tmp_path}'], 'convert takes one kind out of llama,'),
       (['convert', 'export-peft', '--src={trained}', '--dst={new}'],
-       "has none (it was trained with train.finetune 'full', not 'lora')"),
+       "has none (it was trained with train.finetune 'full', not 'lora' or 'qlora')"),
       (['generate', '--workdir={trained}', f'--out={tmp_path / "a_file"}'],
        'is a file; generate --out expects a directory'),
       # Resuming with another model size: the saved shape is named, no fallback is tried.

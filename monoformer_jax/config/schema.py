@@ -140,7 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.diffusion_loss_weight = 1.0  # weight of the diffusion loss in an update's loss
   c.train.ema_decay = 0.9999  # per-update decay of the parameters' EMA
   # What trains of a model started from model.init_from: 'full' (every parameter), 'lora' (the
-  # backbone frozen, LoRA adapters on lora.targets), 'frozen_text' (MonoFormer's own modules only).
+  # backbone frozen, LoRA adapters on lora.targets), 'qlora' (as lora, the adapted kernels stored
+  # quantized: lora.quantize), 'frozen_text' (MonoFormer's own modules only).
   c.train.finetune = 'full'
   c.train.log_every = 50  # steps between metric rows (metrics.jsonl, TensorBoard)
   c.train.checkpoint_every = 500  # steps between checkpoints; the last step is always saved
@@ -158,12 +159,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_at_end = True  # the digits evaluation after the last step, into eval.json
   c.train.loss_chunk = 512  # tokens per cross-entropy chunk (bounds the fp32 logits); 0 = all
 
-  c.lora = ml_collections.ConfigDict()  # the adapters of train.finetune 'lora'
+  c.lora = ml_collections.ConfigDict()  # the adapters of train.finetune 'lora' and 'qlora'
   c.lora.rank = 8  # r: the adapters' inner width
   c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / r
   c.lora.dropout = 0.0  # dropout on the adapters' input while training
   # The projections of every decoder block that get adapters (comma-separated).
   c.lora.targets = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
+  c.lora.quantize = 'nf4'  # qlora: how the adapted kernels are stored: 'nf4', 'int4', 'int8'
+  c.lora.block_size = 64  # qlora: inputs per quantization scale; 0 = one scale per output channel
 
   c.sample = ml_collections.ConfigDict()  # image sampling (commands' flags may override)
   # 'auto' (the process's own: ddpm, or euler for flow), 'ddpm', 'ddim', 'dpmpp_2m' (DPM-Solver++

@@ -1,6 +1,6 @@
-"""`convert export-peft`: the LoRA adapters of a train.finetune 'lora' run on the text backbone,
-as the PEFT library loads them onto the HF LLM they were trained on (the one `convert hf` read
-for model.init_from).
+"""`convert export-peft`: the LoRA adapters of a train.finetune 'lora' (or 'qlora') run on the
+text backbone, as the PEFT library loads them onto the HF LLM they were trained on (the one
+`convert hf` read for model.init_from; a qlora run's were trained on its quantized kernels).
 
 PEFT keeps a Linear's adapter as lora_A [r, in] and lora_B [out, r] and adds
 x A^T B^T alpha / r; ours (qwix's) are A [L, in, r] and B [L, r, out] over the stacked blocks,
@@ -18,7 +18,7 @@ from monoformer_jax.base.errors import UserError
 from monoformer_jax.convert import official_export, safetensors_io
 from monoformer_jax.nn import converted
 from monoformer_jax.run import workdir as workdir_lib
-from monoformer_jax.training.finetune import ADAPTER_SUFFIXES, TARGETS, Finetune
+from monoformer_jax.training.finetune import ADAPTER_SUFFIXES, TARGETS
 
 CONFIG, WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 
@@ -27,10 +27,10 @@ def export_peft(src: str, dst: str, use_ema: bool) -> None:
   """Writes dst (which must not exist) from the workdir src's newest restorable checkpoint."""
   restored = workdir_lib.for_inference(src, use_ema, params=False)
   setup, spec = restored.setup, restored.setup.settings.finetune
-  if spec.mode != Finetune.LORA:
+  if not spec.adapters:
     raise UserError(f'convert export-peft writes LoRA adapters, and {src} has none (it was '
-                    f'trained with train.finetune {spec.mode.value!r}, not \'lora\'); convert '
-                    'export-llama writes its weights.')
+                    f'trained with train.finetune {spec.mode.value!r}, not \'lora\' or '
+                    '\'qlora\'); convert export-llama writes its weights.')
   dtype = official_export.stored_dtype(src)
   tensors = []
   with workdir_lib.parameter_reader(setup, src, restored.step, dtype, use_ema) as param:

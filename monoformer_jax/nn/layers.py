@@ -70,6 +70,10 @@ class BackboneConfig:
 
   head_width: Optional[int] = None  # E when it is not width / num_heads (HF's head_dim)
   attention_bias: bool = False  # q, k and v projections with a bias, o without (Qwen2)
+  # The attention projections contract their kernels' axes as stored rather than as one 2-D
+  # matmul: what a base that qwix quantizes (train.finetune 'qlora') needs, since it stores
+  # each kernel quantized as the contraction sees it, with the kernel's axis names.
+  keep_kernel_axes: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -143,18 +147,28 @@ class Projection(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   use_bias: bool = False
+  keep_kernel_axes: bool = False  # contract the kernel's axes as stored (see BackboneConfig)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     in_shape = x.shape[x.ndim - self.in_dims:]
     kernel = self.param('kernel', dense_init(*self.names), in_shape + self.features,
                         self.param_dtype)
-    # As one 2-D matmul: XLA:CPU runs the weight gradient of a [B, T, ...] contraction
-    # markedly slower than the same [B*T, ...] one; the reshapes are free. jax.lax's
-    # dot_general is what qwix intercepts to add LoRA adapters.
-    rows = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
-    out = jax.lax.dot_general(rows, kernel.reshape(rows.shape[1], -1).astype(self.dtype),
-                              (((1,), (0,)), ((), ())))
+    if self.keep_kernel_axes:  # the kernel as it is stored: a quantized one may not reshape
+      rows = x.reshape(-1, *in_shape).astype(self.dtype)
+      if isinstance(kernel, jax.Array):  # else quantized: qwix computes in the rows' dtype
+        kernel = kernel.astype(self.dtype)
+      contracted = tuple(range(self.in_dims))
+      out = jax.lax.dot_general(rows, kernel,
+                                ((tuple(d + 1 for d in contracted), contracted), ((), ())))
+    else:
+      # As one 2-D matmul: XLA:CPU runs the weight gradient of a [B, T, ...] contraction
+      # markedly slower than the same [B*T, ...] one, and lays a multi-axis kernel out with
+      # extra copies; the reshapes are free. jax.lax's dot_general is what qwix intercepts
+      # to add LoRA adapters.
+      rows = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
+      out = jax.lax.dot_general(rows, kernel.reshape(rows.shape[1], -1).astype(self.dtype),
+                                (((1,), (0,)), ((), ())))
     out = out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -182,7 +196,8 @@ class Attention(nn.Module):
                cache: Optional[tuple[Array, Array]], cache_index: Array):
     cfg = self.cfg
     dense = lambda features, names, name, in_dims=1, bias=False: Projection(  # noqa: E731
-        features, names, in_dims, cfg.dtype, cfg.param_dtype, bias, name=name)
+        features, names, in_dims, cfg.dtype, cfg.param_dtype, bias, cfg.keep_kernel_axes,
+        name=name)
     bias = cfg.attention_bias
     q = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'head_dim'), 'q_proj', bias=bias)(x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'head_dim'), 'k_proj',

@@ -7,6 +7,7 @@ what only training reads: the files and directories the config names.
 """
 
 import dataclasses
+from typing import Optional
 
 import ml_collections
 
@@ -200,14 +201,16 @@ def _process(config: ml_collections.ConfigDict) -> diffusion.Process:
   return schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process')
 
 
-def build_model(config: ml_collections.ConfigDict) -> model_lib.MonoFormer:
+def build_model(config: ml_collections.ConfigDict,
+                finetune: Optional[FinetuneSpec] = None) -> model_lib.MonoFormer:
   """The network of a config: its model section, with variance channels only where the
   diffusion process learns a variance (flow matching learns none), an im_embedder for the
-  features of its vision encoder, and LoRA adapters where train.finetune asks for them."""
+  features of its vision encoder, and LoRA adapters where train.finetune (or `finetune`, in
+  its place) asks for them."""
   learns_variance = _process(config) == diffusion.Process.DDPM
   model = model_lib.build(config.model, config.model.learn_sigma and learns_variance,
                           VisionSpec.from_config(config).output_shape())
-  return FinetuneSpec.from_config(config).wrap(model)
+  return (finetune or FinetuneSpec.from_config(config)).wrap(model)
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,

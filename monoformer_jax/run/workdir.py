@@ -160,11 +160,26 @@ def backbone_on_devices(setup: Setup) -> dict:
   """The converted LLM of model.init_from as the model's backbone parameters, checked against
   the model and placed as its parameters are sharded."""
   full = steps.abstract_params(setup.model, setup.layout)
-  pretrained = backbone.pretrained_backbone(full, setup.config.model.init_from,
-                                            setup.model.backbone, setup.model.tie_embeddings)
-  where = flax.traverse_util.flatten_dict(full)
-  shardings = {path: where[path].sharding for path in flax.traverse_util.flatten_dict(pretrained)}
-  return jax.device_put(pretrained, flax.traverse_util.unflatten_dict(shardings))
+  pretrained = backbone.pretrained_backbone(_float_params(setup, full),
+                                            setup.config.model.init_from, setup.model.backbone,
+                                            setup.model.tie_embeddings)
+  where, flat = (flax.traverse_util.flatten_dict(t) for t in (full, pretrained))
+  for path, value in flat.items():  # train.finetune 'qlora': kernels stored quantized
+    if finetune.is_quantized(where[path]):
+      flat[path] = finetune.quantized_like(value, where[path])
+  shardings = {path: jax.tree.map(lambda a: a.sharding, where[path]) for path in flat}
+  return jax.device_put(flax.traverse_util.unflatten_dict(flat),
+                        flax.traverse_util.unflatten_dict(shardings))
+
+
+def _float_params(setup: Setup, abstract):
+  """The model's parameters (abstract), with qlora's quantized kernels as the float ones they
+  are made from."""
+  spec = setup.settings.finetune
+  if not spec.quantize:
+    return abstract
+  return steps.abstract_params(settings_lib.build_model(setup.config, spec.unquantized()),
+                               setup.layout)
 
 
 def with_frozen_backbone(setup: Setup) -> Setup:
@@ -192,7 +207,9 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
   `dtype`, read when asked, so that exports hold one parameter at a time. Where train.finetune
   froze the backbone, it is read from model.init_from (checked against the reference the
   checkpoint recorded) with the LoRA adapters folded into the kernels they adapt."""
-  spec, shapes = setup.settings.finetune, param_shapes(setup.model)
+  spec = setup.settings.finetune
+  shapes = param_shapes(settings_lib.build_model(setup.config, spec.unquantized()))
+  quantized = flax.traverse_util.flatten_dict(steps.abstract_params(setup.model, setup.layout))
   ckpt = checkpoint.open_existing(workdir)
   saved = lambda path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
   try:
@@ -210,6 +227,8 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
         return saved(keys)
       value = backbone.with_vocabulary(keys, base(*keys), setup.model.backbone.vocab_size)
       value = np.asarray(value, dtype)
+      if finetune.is_quantized(quantized[keys]):  # what the run computed with
+        value = np.asarray(finetune.dequantized(finetune.quantized_like(value, quantized[keys])))
       a, b = finetune.adapters_of(keys)
       return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
     yield param

@@ -67,10 +67,11 @@ _finite = jax.jit(lambda x: jnp.isfinite(x).all())
 
 
 def all_finite(tree) -> bool:
-  """Whether every leaf of a pytree of float arrays is finite, checked leaf by leaf where it
-  lives (so no more than one leaf's worth of flags exists at a time)."""
+  """Whether every float leaf of a pytree is finite (integer ones, as a quantized kernel's, are),
+  checked leaf by leaf where it lives (so no more than one leaf's worth of flags exists at a
+  time)."""
   return all(bool(np.isfinite(x).all() if isinstance(x, np.ndarray) else _finite(x))
-             for x in jax.tree.leaves(tree))
+             for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
 
 
 def disk_full(error: BaseException) -> bool:

@@ -11,8 +11,10 @@ back in for every forward pass.
 
 import dataclasses
 import enum
+from typing import Optional
 
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import ml_collections
 import qwix
@@ -24,7 +26,16 @@ from monoformer_jax.config import schema
 class Finetune(enum.Enum):
   FULL = 'full'  # every parameter trains
   LORA = 'lora'  # the backbone frozen; LoRA adapters on lora.targets and MonoFormer's modules train
+  QLORA = 'qlora'  # as lora, the kernels the adapters adapt stored quantized (lora.quantize)
   FROZEN_TEXT = 'frozen_text'  # the backbone frozen; only MonoFormer's own modules train
+
+
+class BaseQuant(enum.Enum):
+  """How qlora stores the adapted kernels (qwix's types): absmax-scaled per output channel, or
+  per block of lora.block_size inputs."""
+  NF4 = 'nf4'  # 4-bit NormalFloat (QLoRA's)
+  INT4 = 'int4'
+  INT8 = 'int8'
 
 
 # A decoder block's projections that adapters may target, and the module each belongs to.
@@ -43,6 +54,8 @@ class FinetuneSpec:
   alpha: float = 16.0
   dropout: float = 0.0
   targets: tuple[str, ...] = tuple(TARGETS)
+  quantize: Optional[BaseQuant] = None  # qlora's storage of the adapted kernels
+  block_size: int = 0  # inputs per quantization scale; 0: one per output channel
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'FinetuneSpec':
@@ -54,7 +67,7 @@ class FinetuneSpec:
     if not config.model.init_from:
       raise UserError(f'config key train.finetune is {mode.value!r}, which freezes a pretrained '
                       'backbone; set model.init_from to a converted LLM directory.')
-    if mode == Finetune.LORA:
+    if mode in (Finetune.LORA, Finetune.QLORA):
       unknown = [t for t in targets if t not in TARGETS]
       if unknown or not targets:
         raise UserError(f'config key lora.targets is {lora.targets!r}; expected a comma-separated '
@@ -66,29 +79,62 @@ class FinetuneSpec:
       if lora.dropout != 0:  # qwix draws it from a 'dropout' key the steps do not pass yet
         raise UserError(f'config key lora.dropout is {lora.dropout!r}; dropout on the adapters '
                         'is not supported yet: expected 0.')
-    return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets)
+    quantize, block = None, 0
+    if mode == Finetune.QLORA:
+      quantize = schema.choice(BaseQuant, lora.quantize, 'lora.quantize')
+      block = lora.block_size
+      if not (isinstance(block, int) and block >= 0):
+        raise UserError(f'config key lora.block_size is {block!r}; expected a non-negative '
+                        'integer (0: one scale per output channel).')
+    return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets, quantize, block)
 
   @property
   def frozen(self) -> bool:
     return self.mode != Finetune.FULL
 
+  @property
+  def adapters(self) -> bool:
+    return self.mode in (Finetune.LORA, Finetune.QLORA)
+
+  def unquantized(self) -> 'FinetuneSpec':
+    """The same adapters on a float base: the model whose parameters a qlora base is made from."""
+    return dataclasses.replace(self, quantize=None)
+
   def wrap(self, model):
-    """The model, with qwix's LoRA adapters on the targets in `lora` mode."""
-    if self.mode != Finetune.LORA:
+    """The model, with qwix's LoRA adapters on the targets (and with qlora, the adapted
+    kernels quantized) where the mode has them."""
+    if not self.adapters:
       return model
+    if self.mode == Finetune.QLORA:
+      self._check_blocks(model.backbone)
+      model = model.clone(backbone=dataclasses.replace(model.backbone, keep_kernel_axes=True))
     by_module = {}
     for target in self.targets:
       by_module.setdefault(TARGETS[target], []).append(target)
     paths = '|'.join(f'{module}/({"|".join(names)})' for module, names in by_module.items())
     rule = qwix.LoraRule(module_path=f'decoder/layers/({paths})', rank=self.rank,
-                         alpha=self.alpha, dropout=self.dropout)
+                         alpha=self.alpha, dropout=self.dropout,
+                         weight_qtype=self.quantize.value if self.quantize else None,
+                         tile_size=self.block_size or None)
     return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+
+  def _check_blocks(self, cfg) -> None:
+    """Each adapted kernel's last input axis (the one qwix splits into blocks) divides into
+    lora.block_size blocks."""
+    inputs = {'o_proj': ('head width', cfg.head_dim), 'down_proj': ('MLP width', cfg.mlp_dim)}
+    for target in self.targets if self.block_size else ():
+      axis, size = inputs.get(target, ('width', cfg.width))
+      if size % self.block_size:
+        raise UserError(f'config key lora.block_size is {self.block_size}, but the {target} '
+                        f'kernels read the model\'s {axis} of {size} inputs, which do not split '
+                        'into blocks of that size: the base cannot be quantized so; expected a '
+                        'block size dividing it (or 0: one scale per output channel).')
 
   def trains(self, path: tuple[str, ...]) -> bool:
     """Whether the parameter at `path` (its keys from the top) trains."""
     if not self.frozen or path[0] not in BACKBONE:
       return True
-    return self.mode == Finetune.LORA and path[-1].endswith(ADAPTER_SUFFIXES)
+    return self.adapters and path[-1].endswith(ADAPTER_SUFFIXES)
 
   def split(self, params: dict) -> tuple[dict, dict]:
     """(trainable, frozen) parameter trees; merge() puts them back together."""
@@ -133,3 +179,22 @@ def merged_adapters(params: dict, spec: FinetuneSpec) -> dict:
     a, b = adapters_of(path)
     merged[path] = fold(value, flat[a], flat[b], spec) if a in flat else value
   return flax.traverse_util.unflatten_dict(merged)
+
+
+def quantized_like(value, abstract):
+  """A float kernel [L, ...] stacked over the blocks, quantized block by block as the qwix
+  parameter `abstract` (a WithAux the quantizing model's init made) says."""
+  how = abstract.how
+  quantize = lambda w: qwix.quantize(  # noqa: E731
+      w, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
+      calibration_method=how.calibration_method)
+  return abstract.replace(array=jax.vmap(quantize)(jnp.asarray(value)))
+
+
+def is_quantized(leaf) -> bool:
+  return hasattr(leaf, 'how')  # qwix's WithAux
+
+
+def dequantized(leaf):
+  """A quantized kernel (quantized_like's) back in float, block by block."""
+  return jax.vmap(qwix.dequantize)(leaf.array)
