@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import flax.linen as nn
+import flax.traverse_util
 import jax
 import numpy as np
 
@@ -19,8 +21,11 @@ from helpers import (image_batches, signal_params,  # pylint: disable=wrong-impo
 
 from monoformer_jax.base import sharding  # pylint: disable=wrong-import-position
 from monoformer_jax.data.tokenizer import SentencePiece  # pylint: disable=wrong-import-position
+from monoformer_jax.nn import model as model_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.run import settings as settings_lib  # pylint: disable=wrong-import-position
 from monoformer_jax.training import checkpoint, steps  # pylint: disable=wrong-import-position
+from monoformer_jax.training.finetune import (Finetune,  # pylint: disable=wrong-import-position
+                                              FinetuneSpec)
 from monoformer_jax.training.steps import StepKind  # pylint: disable=wrong-import-position
 
 
@@ -46,16 +51,33 @@ def make_config(mesh: dict):
   return config
 
 
-def run(config, workdir, devices, num_steps=3, state=None):
+def run(config, workdir, devices, num_steps=3, state=None, finetune=FinetuneSpec()):
   tok = SentencePiece(os.path.join(workdir, 'tokenizer.model'))
-  model = settings_lib.build_model(config)
+  model = settings_lib.build_model(config, finetune)
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
   layout = sharding.make_layout(config.mesh, devices)
-  _, shardings = steps.abstract_state(model, tx, layout)
-  if state is None:
+  _, shardings = steps.abstract_state(model, tx, layout, finetune)
+  frozen = ()
+  if finetune.frozen:  # the backbone (random here) frozen, placed as the model's parameters
+    # Adapters mid-training (B not zero): from zero, Adam's first updates of A are
+    # lr * sign(g) of gradients of rounding size, whose signs any two summation orders flip.
+    params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
+    noise = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.02 * jax.random.normal(next(noise), v.shape)
+        if 'lora_b' in jax.tree_util.keystr(path) else v, params)
+    trainable, backbone = finetune.split(params)
+    placed = flax.traverse_util.flatten_dict(steps.abstract_params(model, layout))
+    frozen = (jax.device_put(backbone, flax.traverse_util.unflatten_dict(
+        {p: placed[p].sharding for p in flax.traverse_util.flatten_dict(backbone)})),)
+    params = jax.device_put(trainable, shardings.params)
+    state = steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                             opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+                             ema_params=jax.tree.map(jax.numpy.copy, params))
+  elif state is None:
     state = steps.init_state(model, tx, layout, jax.random.key(0))
-  fns = steps.jit_steps(model, tx, step_config(config, tok.im_end_id), layout,
-                        shardings)
+  fns = steps.jit_steps(model, tx, step_config(config, tok.im_end_id), layout, shardings,
+                        jax.tree.map(lambda a: a.sharding, frozen[0]) if frozen else None)
   iters = {StepKind.AR: text_batches(config, tok), StepKind.DIFFUSION: image_batches(config, tok)}
   losses = []
   with sharding.activate(layout):
@@ -70,7 +92,7 @@ def run(config, workdir, devices, num_steps=3, state=None):
         batch = next(iters[kind])
         batch.pop('label', None)
       state, metrics = fns[kind](state, sharding.global_batch(batch, layout),
-                                 jax.random.fold_in(jax.random.key(1), step))
+                                 jax.random.fold_in(jax.random.key(1), step), *frozen)
       losses.append(float(metrics['loss']))
   return state, losses, model, tx, layout
 
@@ -116,6 +138,22 @@ def compare(workdir):
         mu_shard=list(mu.sharding.shard_shape(mu.shape)),
         full_embed=list(embed.shape), full_q=list(q.shape))
   return report, states
+
+
+def lora_under_mesh(workdir):
+  """train.finetune 'lora' (adapters on every projection, the backbone frozen) under all three
+  axes vs 1 device; the adapters' layout."""
+  spec = FinetuneSpec(Finetune.LORA, rank=4)
+  one = make_config(dict(data=1, fsdp=1, tensor=1))
+  ref_state, ref_losses = run(one, workdir, jax.devices()[:1], finetune=spec)[:2]
+  state, losses = run(make_config(MESHES[ALL_AXES]), workdir, jax.devices(), finetune=spec)[:2]
+  attn = state.params['decoder']['layers']['self_attn']
+  return dict(loss=max(rel(a, b) for a, b in zip(losses, ref_losses)),
+              params=worst(state.params, ref_state.params),
+              trained=float(np.abs(jax.device_get(attn['q_proj']['kernel_lora_b'])).max()),
+              specs={f'{name}_{part}': [str(a) for a in
+                                        attn[name][f'kernel_lora_{part}'].sharding.spec]
+                     for name in ('q_proj', 'o_proj') for part in 'ab'})
 
 
 def samplers_under_mesh(workdir):
@@ -170,4 +208,5 @@ if __name__ == '__main__':
   assert jax.device_count() == 8, jax.devices()
   meshes, states = compare(sys.argv[1])
   print(json.dumps({'meshes': meshes, 'restore': across_meshes(sys.argv[1], states[ALL_AXES]),
-                    'samplers': samplers_under_mesh(sys.argv[1])}))
+                    'samplers': samplers_under_mesh(sys.argv[1]),
+                    'lora': lora_under_mesh(sys.argv[1])}))

@@ -64,6 +64,17 @@ def test_samplers_run_under_a_mesh(report):
   assert report['samplers']['images'] <= 1e-5 and report['samplers']['same_text'], report['samplers']
 
 
+@pytest.mark.slow
+def test_lora_matches_one_device_and_adapters_shard_as_their_kernels(report):
+  r = report['lora']
+  assert r['loss'] <= 1e-5 and r['params'][0] <= 1e-5 and r['trained'] > 0, str(r)
+  # q_proj [layers, embed, heads, head_dim]: A [layers, embed, r] as its input axis, B
+  # [layers, r, heads * head_dim] as its first output axis; o_proj [layers, heads, head_dim,
+  # embed]: A as its first input axis, B named head_dim (docs/pretrained-llms.md), kept whole.
+  assert r['specs'] == dict(q_proj_a=['None', 'fsdp', 'None'], q_proj_b=['None', 'None', 'tensor'],
+                            o_proj_a=['None', 'tensor', 'None'], o_proj_b=['None', 'None', 'None']), r
+
+
 def test_mesh_sizes_are_checked():
   config = tiny_config()
   config.mesh.update(dict(data=3, fsdp=1, tensor=1))
