@@ -175,13 +175,19 @@ COMMANDS = {
     'bench': Command(
         '--config=configs/bench.py [--bench_out=FILE.json] [--compare_torch]',
         'step speed, MFU, sampler and decoder throughput, memory; with --storage=DIR,...: '
-        'checkpoint and metrics costs in each directory',
+        'checkpoint and metrics costs in each directory; with --finetune: the memory and step '
+        'time of each train.finetune mode',
         (CONFIG, spec.string('bench_out', '', 'bench: JSON report to write.'),
          spec.boolean('compare_torch', False, 'bench: also time the HF transformers PyTorch steps '
                       'of the same shapes.'),
          spec.string('storage', '', 'bench: directories (local or gs://), comma-separated, whose '
-                     'checkpoint and metrics-writer costs to measure instead.')) + MULTIHOST,
-        lambda a: bench.run(a.config, a.bench_out, a.compare_torch, a.storage), NEEDS_CONFIG),
+                     'checkpoint and metrics-writer costs to measure instead.'),
+         spec.boolean('finetune', False, 'bench: instead, per train.finetune mode, the bytes per '
+                      'device of the compiled train steps at the TinyLlama-1.1B shape on the '
+                      'presets\' meshes and of a 1B and a 7B source on one device, and the step '
+                      'times and peak RSS at the config\'s shape on this machine.')) + MULTIHOST,
+        lambda a: bench.run(a.config, a.bench_out, a.compare_torch, a.storage, a.finetune),
+        NEEDS_CONFIG),
     'convert': Command('KIND --src=DIR --dst=DIR', 'weight conversion; the kinds are listed below',
                        (), _convert, kinds=convert_commands.KINDS),
     'extract_latents': Command(

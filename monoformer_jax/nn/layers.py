@@ -169,7 +169,8 @@ class Projection(nn.Module):
       rows = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
       out = jax.lax.dot_general(rows, kernel.reshape(rows.shape[1], -1).astype(self.dtype),
                                 (((1,), (0,)), ((), ())))
-    out = out.reshape(x.shape[:x.ndim - self.in_dims] + self.features)
+    # In the compute dtype: qwix adds its float32 adapters' product in float32.
+    out = out.astype(self.dtype).reshape(x.shape[:x.ndim - self.in_dims] + self.features)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[self.in_dims:]), self.features, self.param_dtype)
@@ -229,9 +230,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    dense = lambda features, names, name: nn.Dense(  # noqa: E731
+    dense = lambda features, names, name: lambda h: nn.Dense(  # noqa: E731
         features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=dense_init(*names), name=name)
+        kernel_init=dense_init(*names), name=name)(h).astype(cfg.dtype)  # see Projection
     rows = x.reshape(-1, x.shape[-1])  # [B*T, D]: see Projection
     gate = dense(cfg.mlp_dim, ('embed', 'mlp'), 'gate_proj')(rows)
     up = dense(cfg.mlp_dim, ('embed', 'mlp'), 'up_proj')(rows)

@@ -26,7 +26,7 @@ from monoformer_jax.config import schema
 from monoformer_jax.diffusion import Process, Sampler
 from monoformer_jax.generation import sampling
 from monoformer_jax.run import settings
-from monoformer_jax.tools import bench_storage, bench_torch
+from monoformer_jax.tools import bench_finetune, bench_storage, bench_torch
 from monoformer_jax.tools.bench_inputs import (forward_flops, interleaved_medians, random_batch,
                                                separate_medians, sequence_length, step_flops,
                                                tokens_per_step)
@@ -336,10 +336,14 @@ def print_table(report: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, out_path: str, compare_torch: bool = False,
-        storage: str = '') -> dict:
+        storage: str = '', finetune: bool = False) -> dict:
   """Measures, prints a table, and writes the JSON report to out_path ('' for none); with
-  storage (directories, comma-separated), the storage costs instead (bench_storage)."""
-  if storage:
+  storage (directories, comma-separated), the storage costs instead (bench_storage); with
+  finetune, the memory of train.finetune's modes (bench_finetune)."""
+  if finetune:
+    report = bench_finetune.measure(config)
+    bench_finetune.print_table(report)
+  elif storage:
     report = bench_storage.measure(config, [d.strip() for d in storage.split(',') if d.strip()])
     bench_storage.print_table(report)
   else:

@@ -73,6 +73,18 @@ def test_adapters_start_at_the_base_and_merge_into_it(tiny_llm):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize('mode', ['lora', 'qlora'])
+def test_adapters_keep_the_compute_dtype(tiny_llm, mode):
+  """qwix adds its float32 adapters' product in float32; a bfloat16 model stays bfloat16 (the
+  scanned blocks' carry must keep its dtype)."""
+  config = finetune_config(tiny_llm, mode)
+  config.model.dtype = 'bfloat16'
+  model = settings.build_model(config)
+  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
+  text, image = _outputs(model, params)
+  assert text.dtype == np.float32 and np.isfinite(text).all() and np.isfinite(image).all()
+
+
 @pytest.mark.parametrize('quantize,block', [('nf4', 8), ('int8', 0)])
 def test_qlora_computes_with_the_dequantized_base(tiny_llm, quantize, block):
   config = finetune_config(tiny_llm, 'qlora')
