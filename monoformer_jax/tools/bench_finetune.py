@@ -43,7 +43,8 @@ SOURCES = {'1b': dict(size='tinyllama-1.1b', vocab_size=32003),
                       mlp_dim=11008, head_dim=128, vocab_size=32003)}
 # (name, devices, source, global batch of images and of texts)
 MESHES = (('v5p-32', 16, '1b', 256), ('h100x8', 8, '1b', 256),
-          ('1 device', 1, '1b', 8), ('1 device', 1, '7b', 8))
+          ('1 device', 1, '1b', 8), ('1 device', 1, '7b', 8),
+          ('1 device', 1, '1b', 1), ('1 device', 1, '7b', 1))
 GiB = 2**30
 
 
@@ -158,16 +159,21 @@ def _in_process(task: dict, devices: int) -> dict:
 def measure(config: ml_collections.ConfigDict) -> dict:
   """The whole report: compiled memory per mesh and mode, and this CPU's step times and RSS
   per mode at the config's shape."""
-  report = dict(compiled=[], cpu=[])
+  return dict(compiled=measure_compiled(), cpu=measure_cpu(config))
+
+
+def measure_compiled() -> list[dict]:
+  rows = []
   for name, devices, source, batch in MESHES:
-    row = dict(mesh=name, devices=devices, source=source, batch=batch)
-    row['modes'] = _in_process(dict(task='memory', devices=devices, source=source, batch=batch),
-                               devices)
-    report['compiled'].append(row)
-  for name, _, _ in MODES:
-    report['cpu'].append(dict(mode=name, **_in_process(
-        dict(task='cpu', mode=name, config=config.to_dict()), 1)))
-  return report
+    task = dict(task='memory', devices=devices, source=source, batch=batch)
+    rows.append(dict(mesh=name, devices=devices, source=source, batch=batch,
+                     modes=_in_process(task, devices)))
+  return rows
+
+
+def measure_cpu(config: ml_collections.ConfigDict) -> list[dict]:
+  return [dict(mode=name, **_in_process(dict(task='cpu', mode=name, config=config.to_dict()), 1))
+          for name, _, _ in MODES]
 
 
 def _spec_named(name: str) -> FinetuneSpec:
