@@ -6,6 +6,9 @@
   (b) it keeps the LLM's language ability: held-out perplexity and next-line answers of the LLM
       itself against both trained arms.
 Both arms share the data, steps, seeds and the LLM's tokenizer; only the initialization differs.
+Two more arms start from the LLM with its backbone frozen (train.finetune, docs/fine-tuning.md):
+`llm_lora` trains LoRA adapters beside MonoFormer's own modules, `llm_frozen_text` those modules
+alone; what each costs in images and keeps of the text beside `llm` (every weight trained).
 OUT/llm_study.json and OUT/llm_study.md hold the table; finished runs are not run again, so a
 stopped study resumes.
 """
@@ -22,7 +25,8 @@ from monoformer_jax.run import backbone, workdir as workdir_lib
 from monoformer_jax.tools import study
 
 
-ARMS = ('llm', 'llm_scratch')
+ARMS = ('llm', 'llm_scratch', 'llm_lora', 'llm_frozen_text')
+FINETUNE = {'llm_lora': 'lora', 'llm_frozen_text': 'frozen_text'}  # the frozen arms' modes
 ORIGINAL = 'llm_itself'
 TEXT = ('text/perplexity', 'next_line/acc')
 FINDINGS = (
@@ -38,7 +42,15 @@ FINDINGS = (
          worse='llm_scratch', metric='text/perplexity', lower_is_better=True),
     dict(name='(b) ... next-line answers', better='llm', worse='llm_scratch',
          metric='next_line/acc', lower_is_better=False),
-)
+) + tuple(finding for arm in FINETUNE for finding in (
+    dict(name=f'{arm} draws as well as llm', better=arm, worse='llm', metric='fd/overall',
+         lower_is_better=True, same=True),
+    dict(name='... prompt accuracy', better=arm, worse='llm', metric='accuracy/overall',
+         lower_is_better=False, same=True),
+    dict(name=f'{arm} keeps the LLM\'s perplexity', better=arm, worse=ORIGINAL,
+         metric='text/perplexity', lower_is_better=True, same=True),
+    dict(name='... next-line answers', better=arm, worse=ORIGINAL, metric='next_line/acc',
+         lower_is_better=False, same=True)))
 
 
 def arm_config(arm: str, llm: str, seed: int, overrides: dict):
@@ -47,6 +59,7 @@ def arm_config(arm: str, llm: str, seed: int, overrides: dict):
   config = study.config_file('ablations', 'llm', overrides=overrides)
   config.seed = seed
   config.model.init_from = llm
+  config.train.finetune = FINETUNE.get(arm, 'full')
   if arm == 'llm_scratch':
     config = backbone.resolve_auto(config)  # the LLM's shape, context and vocabulary, written out
     config.model.init_from = ''
@@ -66,14 +79,15 @@ def llm_itself(out: str, llm: str, overrides: dict) -> dict:
   return metrics
 
 
-def run(out: str, seeds: int, llm: str, overrides: dict | None = None) -> dict:
-  """Every arm for seeds 0..seeds-1 and the LLM itself; writes and returns the summary.
+def run(out: str, seeds: int, llm: str, overrides: dict | None = None,
+        arms: tuple[str, ...] = ARMS) -> dict:
+  """The arms for seeds 0..seeds-1 and the LLM itself; writes and returns the summary.
   overrides ({'section.key': value}) apply to every run (the tests shrink the budget)."""
   overrides = overrides or {}
   files.makedirs(out)
   start = time.monotonic()
   results = {ORIGINAL: [llm_itself(out, llm, overrides)]}
-  for arm in ARMS:
+  for arm in arms:
     results[arm] = [study.run_once(os.path.join(out, f'{arm}_seed{seed}'),
                                    arm_config(arm, llm, seed, overrides),
                                    llm if arm == 'llm_scratch' else '')
