@@ -143,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
   # backbone frozen, LoRA adapters on lora.targets), 'qlora' (as lora, the adapted kernels stored
   # quantized: lora.quantize), 'frozen_text' (MonoFormer's own modules only).
   c.train.finetune = 'full'
+  # The dtype the frozen backbone of lora, qlora and frozen_text is kept in on the devices:
+  # 'float32', or 'bfloat16' (half the memory; lossless for the many LLMs stored in bfloat16).
+  c.train.frozen_dtype = 'float32'
   c.train.log_every = 50  # steps between metric rows (metrics.jsonl, TensorBoard)
   c.train.checkpoint_every = 500  # steps between checkpoints; the last step is always saved
   c.train.checkpoint_minutes = 0.0  # also save when this much time has passed; 0 = steps only

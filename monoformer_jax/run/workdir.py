@@ -188,8 +188,9 @@ def with_frozen_backbone(setup: Setup) -> Setup:
   if not setup.settings.finetune.frozen:
     return setup
   path = _frozen_base_path(setup)
-  return dataclasses.replace(setup, frozen=backbone_on_devices(setup),
-                             base=backbone.reference(path))
+  spec = setup.settings.finetune
+  frozen = finetune.stored_as(backbone_on_devices(setup), spec.frozen_dtype)
+  return dataclasses.replace(setup, frozen=frozen, base=backbone.reference(path))
 
 
 def _frozen_base_path(setup: Setup) -> str:

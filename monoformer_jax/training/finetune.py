@@ -44,6 +44,7 @@ TARGETS = {'q_proj': 'self_attn', 'k_proj': 'self_attn', 'v_proj': 'self_attn',
 # The top-level modules of the LLM's backbone; everything else is MonoFormer's own.
 BACKBONE = ('embed_tokens', 'decoder', 'norm', 'lm_head')
 ADAPTER_SUFFIXES = ('_lora_a', '_lora_b')
+FROZEN_DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +57,17 @@ class FinetuneSpec:
   targets: tuple[str, ...] = tuple(TARGETS)
   quantize: Optional[BaseQuant] = None  # qlora's storage of the adapted kernels
   block_size: int = 0  # inputs per quantization scale; 0: one per output channel
+  frozen_dtype: str = 'float32'  # the frozen backbone's float parameters on the devices
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'FinetuneSpec':
     mode = schema.choice(Finetune, config.train.finetune, 'train.finetune')
     lora = config.lora
     targets = tuple(t.strip() for t in lora.targets.split(',') if t.strip())
+    frozen_dtype = config.train.frozen_dtype
+    if frozen_dtype not in FROZEN_DTYPES:
+      raise UserError(f'config key train.frozen_dtype is {frozen_dtype!r}; expected one of '
+                      f'{", ".join(map(repr, FROZEN_DTYPES))}.')
     if mode == Finetune.FULL:
       return cls(mode)
     if not config.model.init_from:
@@ -86,7 +92,8 @@ class FinetuneSpec:
       if not (isinstance(block, int) and block >= 0):
         raise UserError(f'config key lora.block_size is {block!r}; expected a non-negative '
                         'integer (0: one scale per output channel).')
-    return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets, quantize, block)
+    return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets, quantize, block,
+               frozen_dtype)
 
   @property
   def frozen(self) -> bool:
@@ -198,3 +205,10 @@ def is_quantized(leaf) -> bool:
 def dequantized(leaf):
   """A quantized kernel (quantized_like's) back in float, block by block."""
   return jax.vmap(qwix.dequantize)(leaf.array)
+
+
+def stored_as(frozen: dict, dtype: str) -> dict:
+  """The frozen parameters with their float leaves in `dtype` (quantized kernels kept)."""
+  flat = flax.traverse_util.flatten_dict(frozen)
+  return flax.traverse_util.unflatten_dict(
+      {path: v if is_quantized(v) else v.astype(dtype) for path, v in flat.items()})

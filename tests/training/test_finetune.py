@@ -85,6 +85,24 @@ def test_adapters_keep_the_compute_dtype(tiny_llm, mode):
   assert text.dtype == np.float32 and np.isfinite(text).all() and np.isfinite(image).all()
 
 
+def test_a_bfloat16_frozen_backbone_computes_as_its_rounded_weights(tiny_llm):
+  config = finetune_config(tiny_llm, 'lora')
+  config.train.frozen_dtype = 'bfloat16'
+  setup = workdir_lib.Setup(config, settings.validate(config), settings.build_model(config),
+                            None, sharding.make_layout(config.mesh))
+  spec, setup = setup.settings.finetune, workdir_lib.with_frozen_backbone(setup)
+  assert {v.dtype for v in jax.tree.leaves(setup.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  trainable = spec.split(nn.unbox(model_lib.init_params(setup.model, jax.random.key(0))))[0]
+  rounded = jax.tree.map(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32), setup.frozen)
+  for got, want in zip(_outputs(setup.model, setup.whole(trainable)),
+                       _outputs(setup.model, finetune.merge(trainable, rounded))):
+    np.testing.assert_array_equal(got, want)
+  config.train.frozen_dtype = 'int8'
+  with pytest.raises(UserError, match=r"train\.frozen_dtype is 'int8'; expected one of "
+                                      r"'float32', 'bfloat16'\."):
+    settings.validate(config)
+
+
 @pytest.mark.parametrize('quantize,block', [('nf4', 8), ('int8', 0)])
 def test_qlora_computes_with_the_dequantized_base(tiny_llm, quantize, block):
   config = finetune_config(tiny_llm, 'qlora')
