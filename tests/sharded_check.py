@@ -145,8 +145,8 @@ def lora_under_mesh(workdir):
   axes vs 1 device; the adapters' layout."""
   spec = FinetuneSpec(Finetune.LORA, rank=4)
   one = make_config(dict(data=1, fsdp=1, tensor=1))
-  ref_state, ref_losses = run(one, workdir, jax.devices()[:1], finetune=spec)[:2]
-  state, losses = run(make_config(MESHES[ALL_AXES]), workdir, jax.devices(), finetune=spec)[:2]
+  ref_state, ref_losses = run(one, workdir, jax.devices()[:1], 2, finetune=spec)[:2]
+  state, losses = run(make_config(MESHES[ALL_AXES]), workdir, jax.devices(), 2, finetune=spec)[:2]
   attn = state.params['decoder']['layers']['self_attn']
   return dict(loss=max(rel(a, b) for a, b in zip(losses, ref_losses)),
               params=worst(state.params, ref_state.params),

@@ -73,11 +73,10 @@ def test_adapters_start_at_the_base_and_merge_into_it(tiny_llm):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize('mode', ['lora', 'qlora'])
-def test_adapters_keep_the_compute_dtype(tiny_llm, mode):
+def test_adapters_keep_the_compute_dtype(tiny_llm):
   """qwix adds its float32 adapters' product in float32; a bfloat16 model stays bfloat16 (the
-  scanned blocks' carry must keep its dtype)."""
-  config = finetune_config(tiny_llm, mode)
+  scanned blocks' carry must keep its dtype; qlora's projections cast at the same line)."""
+  config = finetune_config(tiny_llm, 'lora')
   config.model.dtype = 'bfloat16'
   model = settings.build_model(config)
   params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
@@ -169,6 +168,8 @@ def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_pa
   assert set(moments) == set(_flat(spec.split(restored.params)[0]))
   assert not set(moments) & set(source)  # no moment of a frozen parameter
 
+  if mode != 'frozen_text':  # the check below is the modes' shared code: once is enough
+    return
   # The converted LLM the backbone is read from, converted again from a changed model: refused.
   hf = os.path.join(os.path.dirname(tiny_llm), 'hf')
   changed = AutoModelForCausalLM.from_pretrained(hf)
