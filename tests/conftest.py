@@ -64,13 +64,13 @@ def pytest_unconfigure(config):
 # files in collection order (pytest_configure turns off its reordering by test count), so the
 # short files fill in at the end instead of a long one starting last.
 LONGEST_FIRST = ('evaluation/test_fid.py', 'training/test_guards.py', 'test_main.py',
-                 'test_configs.py', 'base/test_files.py', 'test_train.py', 'base/test_sharding.py',
-                 'training/test_objective.py', 'training/test_checkpoint.py',
-                 'training/test_finetune.py', 'tools/test_gguf_to_hf.py',
+                 'test_configs.py', 'base/test_sharding.py', 'training/test_finetune.py',
+                 'test_train.py', 'base/test_files.py', 'tools/test_gguf_to_hf.py',
+                 'training/test_objective.py', 'training/test_checkpoint.py', 'run/test_workdir.py',
                  'evaluation/test_multiple_choice.py', 'convert/test_official.py',
-                 'training/test_cross_entropy.py', 'run/test_workdir.py',
-                 'generation/test_sampling.py', 'tools/test_sweep.py', 'run/test_backbone.py',
-                 'nn/test_splash.py', 'nn/test_layers.py', 'convert/test_hf_config.py',
+                 'training/test_cross_entropy.py', 'run/test_backbone.py',
+                 'generation/test_sampling.py', 'tools/test_sweep.py', 'nn/test_layers.py',
+                 'convert/test_hf_config.py', 'nn/test_splash.py', 'generation/test_mixed_modal.py',
                  'tools/test_extract_latents.py')
 
 
