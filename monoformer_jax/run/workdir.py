@@ -230,6 +230,8 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
       value = np.asarray(value, dtype)
       if finetune.is_quantized(quantized[keys]):  # what the run computed with
         value = np.asarray(finetune.dequantized(finetune.quantized_like(value, quantized[keys])))
+      else:  # rounded as train.frozen_dtype kept it
+        value = np.asarray(jax.numpy.asarray(value).astype(spec.frozen_dtype), dtype)
       a, b = finetune.adapters_of(keys)
       return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
     yield param
