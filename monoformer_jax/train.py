@@ -32,13 +32,6 @@ from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
 
 
-def _fresh_state(params, ema_params, setup: workdir_lib.Setup, shardings) -> steps.TrainState:
-  """Step 0 on the given parameters and EMA, with a new optimizer state."""
-  opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params)
-  return steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                          opt_state=opt_state, ema_params=ema_params)
-
-
 def init_backbone(setup: workdir_lib.Setup, shardings, key: jax.Array):
   """A fresh state whose backbone is the converted LLM of model.init_from and whose own
   modules (and LoRA adapters) are drawn from `key` as in a run from scratch. Where
@@ -50,8 +43,7 @@ def init_backbone(setup: workdir_lib.Setup, shardings, key: jax.Array):
     pretrained = workdir_lib.backbone_on_devices(setup)
     own = steps.init_params_where(model, setup.layout, key, lambda path: path[0] not in pretrained)
     params = dict(own, **pretrained)
-  # Params and EMA must not share buffers, since the steps donate both.
-  return _fresh_state(params, jax.tree.map(jax.numpy.copy, params), setup, shardings)
+  return steps.fresh_state(params, setup.tx, shardings)
 
 
 def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
@@ -60,7 +52,7 @@ def _from_weights(workdir: str, setup: workdir_lib.Setup, abstract, shardings):
   step = reader.latest_step()
   params, ema = (reader.restore_params(step, abstract.params, use_ema) for use_ema in (False, True))
   reader.close()
-  return _fresh_state(params, ema, setup, shardings)
+  return steps.fresh_state(params, setup.tx, shardings, ema)
 
 
 class _SaveClock:

@@ -10,7 +10,6 @@ import os
 import sys
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import numpy as np
 
@@ -67,13 +66,9 @@ def run(config, workdir, devices, num_steps=3, state=None, finetune=FinetuneSpec
         lambda path, v: v + 0.02 * jax.random.normal(next(noise), v.shape)
         if 'lora_b' in jax.tree_util.keystr(path) else v, params)
     trainable, backbone = finetune.split(params)
-    placed = flax.traverse_util.flatten_dict(steps.abstract_params(model, layout))
-    frozen = (jax.device_put(backbone, flax.traverse_util.unflatten_dict(
-        {p: placed[p].sharding for p in flax.traverse_util.flatten_dict(backbone)})),)
-    params = jax.device_put(trainable, shardings.params)
-    state = steps.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                             opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
-                             ema_params=jax.tree.map(jax.numpy.copy, params))
+    placed = finetune.split(steps.abstract_params(model, layout))[1]
+    frozen = (jax.device_put(backbone, jax.tree.map(lambda a: a.sharding, placed)),)
+    state = steps.fresh_state(jax.device_put(trainable, shardings.params), tx, shardings)
   elif state is None:
     state = steps.init_state(model, tx, layout, jax.random.key(0))
   fns = steps.jit_steps(model, tx, step_config(config, tok.im_end_id), layout, shardings,

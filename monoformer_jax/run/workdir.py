@@ -156,17 +156,20 @@ def check_same_state(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
                   'saved values (drop those overrides) or choose another --workdir.')
 
 
-def backbone_on_devices(setup: Setup) -> dict:
+def backbone_on_devices(setup: Setup, frozen_dtype: Optional[str] = None) -> dict:
   """The converted LLM of model.init_from as the model's backbone parameters, checked against
-  the model and placed as its parameters are sharded."""
+  the model and placed as its parameters are sharded; with frozen_dtype, its float parameters
+  cast to it on the host (qlora's quantized kernels are kept)."""
   full = steps.abstract_params(setup.model, setup.layout)
   pretrained = backbone.pretrained_backbone(_float_params(setup, full),
                                             setup.config.model.init_from, setup.model.backbone,
                                             setup.model.tie_embeddings)
   where, flat = (flax.traverse_util.flatten_dict(t) for t in (full, pretrained))
-  for path, value in flat.items():  # train.finetune 'qlora': kernels stored quantized
-    if finetune.is_quantized(where[path]):
+  for path, value in flat.items():
+    if finetune.is_quantized(where[path]):  # train.finetune 'qlora': kernels stored quantized
       flat[path] = finetune.quantized_like(value, where[path])
+    elif frozen_dtype:
+      flat[path] = value.astype(jax.numpy.dtype(frozen_dtype))
   shardings = {path: jax.tree.map(lambda a: a.sharding, where[path]) for path in flat}
   return jax.device_put(flax.traverse_util.unflatten_dict(flat),
                         flax.traverse_util.unflatten_dict(shardings))
@@ -188,8 +191,7 @@ def with_frozen_backbone(setup: Setup) -> Setup:
   if not setup.settings.finetune.frozen:
     return setup
   path = _frozen_base_path(setup)
-  spec = setup.settings.finetune
-  frozen = finetune.stored_as(backbone_on_devices(setup), spec.frozen_dtype)
+  frozen = backbone_on_devices(setup, setup.settings.finetune.frozen_dtype)
   return dataclasses.replace(setup, frozen=frozen, base=backbone.reference(path))
 
 
@@ -209,8 +211,11 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
   froze the backbone, it is read from model.init_from (checked against the reference the
   checkpoint recorded) with the LoRA adapters folded into the kernels they adapt."""
   spec = setup.settings.finetune
-  shapes = param_shapes(settings_lib.build_model(setup.config, spec.unquantized()))
-  quantized = flax.traverse_util.flatten_dict(steps.abstract_params(setup.model, setup.layout))
+  # qlora's model has quantized kernels, whose shapes are the float ones they are made from.
+  shapes = param_shapes(settings_lib.build_model(setup.config, spec.unquantized())
+                        if spec.quantize else setup.model)
+  quantized = {} if not spec.quantize else flax.traverse_util.flatten_dict(
+      steps.abstract_params(setup.model, setup.layout))
   ckpt = checkpoint.open_existing(workdir)
   saved = lambda path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
   try:
@@ -228,10 +233,10 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
         return saved(keys)
       value = backbone.with_vocabulary(keys, base(*keys), setup.model.backbone.vocab_size)
       value = np.asarray(value, dtype)
-      if finetune.is_quantized(quantized[keys]):  # what the run computed with
+      if finetune.is_quantized(quantized.get(keys)):  # what the run computed with
         value = np.asarray(finetune.dequantized(finetune.quantized_like(value, quantized[keys])))
       else:  # rounded as train.frozen_dtype kept it
-        value = np.asarray(jax.numpy.asarray(value).astype(spec.frozen_dtype), dtype)
+        value = value.astype(jax.numpy.dtype(spec.frozen_dtype)).astype(dtype)
       a, b = finetune.adapters_of(keys)
       return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
     yield param

@@ -20,7 +20,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -66,26 +65,25 @@ def paper_config(source: str, devices: int, batch: int) -> ml_collections.Config
   return c
 
 
-def _abstract_inputs(setup_model, config, layout, spec: FinetuneSpec):
-  """(state, frozen) as ShapeDtypeStructs with their shardings."""
+def _steps(model, config: ml_collections.ConfigDict, layout, spec: FinetuneSpec):
+  """(jitted steps, optimizer, abstract state, its shardings, abstract frozen parameters or
+  None), each abstract leaf carrying its sharding."""
   tx = steps.make_optimizer(config.optim, config.train.num_steps)
-  state, shardings = steps.abstract_state(setup_model, tx, layout, spec)
-  frozen = None
-  if spec.frozen:
-    whole = steps.abstract_params(setup_model, layout)
-    frozen = spec.split(whole)[1]
-  return tx, state, shardings, frozen
-
-
-def compiled_memory(config: ml_collections.ConfigDict, spec: FinetuneSpec) -> dict:
-  """Bytes per device of the compiled ar and diffusion steps (the larger of the two)."""
-  model = settings.build_model(config, spec)
-  layout = sharding.make_layout(config.mesh)
-  tx, state, shardings, frozen = _abstract_inputs(model, config, layout, spec)
+  state, shardings = steps.abstract_state(model, tx, layout, spec)
+  frozen = spec.split(steps.abstract_params(model, layout))[1] if spec.frozen else None
   checked = settings.validate(config)
   cfg = steps.StepConfig.from_config(config, 1, checked.objective, checked.diffusion)
   frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
   fns = steps.jit_steps(model, tx, cfg, layout, shardings, frozen_shardings)
+  return fns, tx, state, shardings, frozen
+
+
+def compiled_memory(config: ml_collections.ConfigDict, spec: FinetuneSpec) -> dict:
+  """{step kind: bytes per device of its compiled train step (arguments, outputs, aliased,
+  temporaries, their total) and its compile time}, for the ar and diffusion steps."""
+  model = settings.build_model(config, spec)
+  layout = sharding.make_layout(config.mesh)
+  fns, _, state, _, frozen = _steps(model, config, layout, spec)
   key = jax.eval_shape(lambda: jax.random.key(0))
   out = {}
   with sharding.activate(layout):
@@ -105,18 +103,13 @@ def compiled_memory(config: ml_collections.ConfigDict, spec: FinetuneSpec) -> di
 
 def _fresh(model, config, layout, spec: FinetuneSpec):
   """(jitted steps, train state, frozen parameters or None) of random weights."""
-  tx, _, shardings, frozen = _abstract_inputs(model, config, layout, spec)
+  fns, tx, _, shardings, frozen = _steps(model, config, layout, spec)
   params = nn.unbox(model_lib.init_params(model, jax.random.key(config.seed)))
   trainable, rest = spec.split(params) if spec.frozen else (params, None)
-  trainable = jax.device_put(trainable, shardings.params)
-  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                           opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable),
-                           ema_params=jax.tree.map(jnp.copy, trainable))
-  checked = settings.validate(config)
-  cfg = steps.StepConfig.from_config(config, 2, checked.objective, checked.diffusion)
-  frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
-  fns = steps.jit_steps(model, tx, cfg, layout, shardings, frozen_shardings)
-  return fns, state, None if rest is None else jax.device_put(rest, frozen_shardings)
+  state = steps.fresh_state(jax.device_put(trainable, shardings.params), tx, shardings)
+  if rest is not None:
+    rest = jax.device_put(rest, jax.tree.map(lambda a: a.sharding, frozen))
+  return fns, state, rest
 
 
 def cpu_step_times(config: ml_collections.ConfigDict, spec: FinetuneSpec) -> dict:

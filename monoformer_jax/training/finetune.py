@@ -206,9 +206,3 @@ def dequantized(leaf):
   """A quantized kernel (quantized_like's) back in float, block by block."""
   return jax.vmap(qwix.dequantize)(leaf.array)
 
-
-def stored_as(frozen: dict, dtype: str) -> dict:
-  """The frozen parameters with their float leaves in `dtype` (quantized kernels kept)."""
-  flat = flax.traverse_util.flatten_dict(frozen)
-  return flax.traverse_util.unflatten_dict(
-      {path: v if is_quantized(v) else v.astype(dtype) for path, v in flat.items()})

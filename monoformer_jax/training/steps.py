@@ -136,6 +136,17 @@ def abstract_params(model, layout: sharding.Layout):
                       nn.unbox(boxed), sharding.logical_shardings(boxed, layout))
 
 
+def fresh_state(params, tx: optax.GradientTransformation, shardings,
+                ema_params=None) -> TrainState:
+  """Step 0 on the given parameters and EMA (default: a copy of them, since the steps donate
+  both), with a new optimizer state placed as shardings.opt_state."""
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  if ema_params is None:
+    ema_params = jax.tree.map(jnp.copy, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    ema_params=ema_params)
+
+
 def init_state(model, tx, layout: sharding.Layout, key: jax.Array) -> TrainState:
   """A fresh state of every parameter, created directly in its shards (never whole on one
   device); a run with a frozen backbone starts from train.init_backbone instead."""
