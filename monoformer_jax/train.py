@@ -27,7 +27,7 @@ from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae
 from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
-from monoformer_jax.training import checkpoint, guards, steps
+from monoformer_jax.training import checkpoint, finetune, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
 
@@ -107,7 +107,6 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   ckpt = setup = None
   try:
     setup = workdir_lib.for_training(config, workdir, layout)
-    setup = workdir_lib.with_frozen_backbone(setup)
     tok, model, tx, settings = setup.tok, setup.model, setup.tx, setup.settings
     encode = None
     if config.model.vae and settings.image_source.pixels:  # pixels encoded to latents on the fly
@@ -132,18 +131,18 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                    async_saves=settings.async_saves.enabled())
     if ckpt.all_steps() and not ckpt.has_optimizer_state(ckpt.all_steps()[0]):
+      setup = workdir_lib.with_frozen_backbone(setup)
       start, state = 0, _from_weights(workdir, setup, abstract, shardings)
     elif ckpt.all_steps():
       workdir_lib.check_same_state(ckpt, config, layout)
-      start, (state, data_state) = ckpt.newest_restorable(lambda s: ckpt.restore(s, abstract))
-      if setup.base:
-        backbone.check_reference(data_state.get(checkpoint.FROZEN_BASE), setup.base, workdir)
+      start, (state, data_state, setup) = ckpt.newest_restorable(lambda s: (
+          *ckpt.restore(s, abstract), workdir_lib.with_frozen_backbone(setup, ckpt, s)))
       for kind, it in iterators.items():
         it.set_state(data_state[kind.value])
       if jax.process_index() == 0:
         print(f'resuming from checkpoint step {start} in {ckpt.directory}', flush=True)
     else:
-      start = 0
+      start, setup = 0, workdir_lib.with_frozen_backbone(setup)
       key = jax.random.key(config.seed)
       if not config.model.init_from:
         state = steps.init_state(model, tx, layout, key)
@@ -205,7 +204,9 @@ def _train(run: _Run, workdir: str) -> dict:
     data = {k.value: it.get_state() for k, it in iterators.items()}
     if setup.base:
       data[checkpoint.FROZEN_BASE] = setup.base
-    ckpt.save(step, state, data, config)
+    # train.checkpoint_frozen: the frozen backbone too (4-bit kernels widened only while saved)
+    ckpt.save(step, state, data, config, finetune.storable(setup.frozen)
+              if setup.settings.finetune.checkpoint_frozen else None)
     log.flush()  # a bucket's metrics.jsonl holds the rows of every step saved
     clock.saved()
     return True

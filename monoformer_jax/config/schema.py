@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The dtype the frozen backbone of lora, qlora and frozen_text is kept in on the devices:
   # 'float32', or 'bfloat16' (half the memory; lossless for the many LLMs stored in bfloat16).
   c.train.frozen_dtype = 'float32'
+  # Whether checkpoints also hold that frozen backbone (as the devices keep it), so that resuming,
+  # sampling and exports no longer read model.init_from; else they hold what trains alone.
+  c.train.checkpoint_frozen = False
   c.train.log_every = 50  # steps between metric rows (metrics.jsonl, TensorBoard)
   c.train.checkpoint_every = 500  # steps between checkpoints; the last step is always saved
   c.train.checkpoint_minutes = 0.0  # also save when this much time has passed; 0 = steps only

@@ -41,7 +41,7 @@ def export_peft(src: str, dst: str, use_ema: bool) -> None:
         name = f'base_model.model.model.layers.{i}.{group}.{target}'
         tensors += [(f'{name}.lora_A.weight', np.ascontiguousarray(a[i].T)),
                     (f'{name}.lora_B.weight', np.ascontiguousarray(b[i].T))]
-  source = converted.read_meta(setup.config.model.init_from).get('source', '')
+  source = converted.source_meta(src).get('source', '')  # the workdir's copy: the LLM may be gone
   config = dict(peft_type='LORA', task_type='CAUSAL_LM', base_model_name_or_path=source,
                 r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                 target_modules=list(spec.targets), bias='none', fan_in_fan_out=False,

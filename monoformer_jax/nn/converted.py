@@ -30,13 +30,19 @@ from monoformer_jax.nn.rope import RopeKind, RopeScaling
 PARAMS, MODEL_JSON = 'params', 'model.json'
 
 
-def hf_source(directory: str) -> Optional[dict]:
-  """The HF config.json a converted directory, or a workdir trained from one, came from."""
-  for name in (MODEL_JSON, LLM_SOURCE):  # a workdir's copy of the model.json it started from
+def source_meta(directory: str) -> dict:
+  """The model.json of a converted directory, or of the one a workdir was trained from (its
+  copy); empty if neither is there."""
+  for name in (MODEL_JSON, LLM_SOURCE):
     path = os.path.join(directory, name)
     if files.isfile(path):
-      return files.read_json(path).get('hf_config')
-  return None
+      return files.read_json(path)
+  return {}
+
+
+def hf_source(directory: str) -> Optional[dict]:
+  """The HF config.json a converted directory, or a workdir trained from one, came from."""
+  return source_meta(directory).get('hf_config')
 
 
 def get(tree, keys):

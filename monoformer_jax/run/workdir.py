@@ -185,14 +185,34 @@ def _float_params(setup: Setup, abstract):
                                setup.layout)
 
 
-def with_frozen_backbone(setup: Setup) -> Setup:
-  """Where train.finetune freezes the backbone: the setup with the converted LLM of
-  model.init_from as its parameters that do not train (on the devices) and its reference."""
+def frozen_abstract(setup: Setup) -> dict:
+  """The parameters that do not train as the devices keep them (shapes, dtypes, shardings):
+  floats in train.frozen_dtype, qlora's kernels quantized."""
+  dtype = jax.numpy.dtype(setup.settings.finetune.frozen_dtype)
+  frozen = setup.settings.finetune.split(steps.abstract_params(setup.model, setup.layout))[1]
+  return jax.tree.map(lambda leaf: leaf if finetune.is_quantized(leaf) else leaf.update(dtype=dtype),
+                      frozen, is_leaf=finetune.is_quantized)
+
+
+def with_frozen_backbone(setup: Setup, ckpt: Optional[checkpoint.Checkpointer] = None,
+                         step: Optional[int] = None) -> Setup:
+  """Where train.finetune freezes the backbone: the setup with its parameters that do not train
+  (on the devices) and the reference of the converted LLM they come from. They are read from the
+  checkpoint step where it holds them (train.checkpoint_frozen), else from model.init_from, which
+  must be the LLM the step (if any) recorded."""
   if not setup.settings.finetune.frozen:
     return setup
-  path = _frozen_base_path(setup)
+  data = {} if ckpt is None else ckpt.restore_data(step)
+  if data.get(checkpoint.FROZEN_HELD):
+    abstract = frozen_abstract(setup)
+    frozen = ckpt.restore_frozen(step, finetune.storable(abstract))
+    return dataclasses.replace(setup, frozen=finetune.from_storable(frozen, abstract),
+                               base=data.get(checkpoint.FROZEN_BASE))
+  base = backbone.reference(_frozen_base_path(setup))
+  if ckpt is not None:
+    backbone.check_reference(data.get(checkpoint.FROZEN_BASE), base, ckpt.workdir.root)
   frozen = backbone_on_devices(setup, setup.settings.finetune.frozen_dtype)
-  return dataclasses.replace(setup, frozen=frozen, base=backbone.reference(path))
+  return dataclasses.replace(setup, frozen=frozen, base=base)
 
 
 def _frozen_base_path(setup: Setup) -> str:
@@ -208,40 +228,57 @@ def _frozen_base_path(setup: Setup) -> str:
 def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use_ema: bool):
   """Yields param(*path): one parameter of the plain model (no adapters) as a host array of
   `dtype`, read when asked, so that exports hold one parameter at a time. Where train.finetune
-  froze the backbone, it is read from model.init_from (checked against the reference the
-  checkpoint recorded) with the LoRA adapters folded into the kernels they adapt."""
+  froze the backbone, it is read as the run computed with it (from the checkpoint that holds it,
+  else from model.init_from, checked against the reference the checkpoint recorded) with the
+  LoRA adapters folded into the kernels they adapt."""
   spec = setup.settings.finetune
   # qlora's model has quantized kernels, whose shapes are the float ones they are made from.
   shapes = param_shapes(settings_lib.build_model(setup.config, spec.unquantized())
                         if spec.quantize else setup.model)
-  quantized = {} if not spec.quantize else flax.traverse_util.flatten_dict(
-      steps.abstract_params(setup.model, setup.layout))
   ckpt = checkpoint.open_existing(workdir)
   saved = lambda path: ckpt.read_leaf(step, path, shapes[path], dtype, use_ema)  # noqa: E731
   try:
     if not spec.frozen:
       yield lambda *path: saved(path)
       return
-    path = _frozen_base_path(setup)
-    backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE),
-                             backbone.reference(path), workdir)
-    backbone.check_compatible(path, setup.model.backbone, setup.model.tie_embeddings)
-    base = converted.leaf_reader(path)[3]
+    base = _frozen_reader(setup, ckpt, step)
 
     def param(*keys):
       if spec.trains(keys):
         return saved(keys)
-      value = backbone.with_vocabulary(keys, base(*keys), setup.model.backbone.vocab_size)
-      value = np.asarray(value, dtype)
-      if finetune.is_quantized(quantized.get(keys)):  # what the run computed with
-        value = np.asarray(finetune.dequantized(finetune.quantized_like(value, quantized[keys])))
-      else:  # rounded as train.frozen_dtype kept it
-        value = value.astype(jax.numpy.dtype(spec.frozen_dtype)).astype(dtype)
+      value = np.asarray(base(keys), dtype)
       a, b = finetune.adapters_of(keys)
       return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
     yield param
   finally:
     ckpt.close()
+
+
+def _frozen_reader(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
+  """base(path): one frozen parameter as the run computed with it (qlora's kernels dequantized),
+  read alone."""
+  spec = setup.settings.finetune
+  kept = flax.traverse_util.flatten_dict(frozen_abstract(setup))
+  if ckpt.holds_frozen(step):
+    def held(keys):
+      leaf = converted.nest(keys, kept[keys])
+      value = converted.get(finetune.from_storable(
+          ckpt.restore_frozen(step, finetune.storable(leaf)), leaf), keys)
+      return finetune.dequantized(value) if finetune.is_quantized(value) else value
+    return held
+  path = _frozen_base_path(setup)
+  backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE),
+                           backbone.reference(path), ckpt.workdir.root)
+  backbone.check_compatible(path, setup.model.backbone, setup.model.tie_embeddings)
+  read = converted.leaf_reader(path)[3]
+
+  def from_llm(keys):  # made as backbone_on_devices makes it
+    value = backbone.with_vocabulary(keys, read(*keys), setup.model.backbone.vocab_size)
+    value = np.asarray(value, setup.model.backbone.param_dtype)
+    if finetune.is_quantized(kept[keys]):
+      return finetune.dequantized(finetune.quantized_like(value, kept[keys]))
+    return value.astype(jax.numpy.dtype(spec.frozen_dtype))
+  return from_llm
 
 
 def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
@@ -259,11 +296,8 @@ def for_inference(workdir: str, use_ema: bool, params: bool = True) -> Restored:
     if not params:
       return setup, None
     abstract = setup.settings.finetune.split(steps.abstract_params(setup.model, setup.layout))[0]
-    setup = with_frozen_backbone(setup)
     trained = ckpt.restore_params(step, abstract, use_ema)
-    if setup.base:
-      backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE), setup.base,
-                               workdir)
+    setup = with_frozen_backbone(setup, ckpt, step)
     return setup, setup.whole(trained)
 
   try:

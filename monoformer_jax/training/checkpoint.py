@@ -40,6 +40,7 @@ from monoformer_jax.nn.converted import get, nest
 CHECKSUMS = 'checksums.json'  # in each step directory: {relative path: CRC32C}
 WEIGHTS_ONLY = 'weights_only'  # in the data item of a step holding parameters alone
 FROZEN_BASE = 'frozen_base'  # in the data item: the converted LLM a frozen backbone comes from
+FROZEN_HELD = 'frozen_held'  # in the data item of a step whose 'frozen' item holds that backbone
 T = TypeVar('T')
 
 
@@ -143,10 +144,11 @@ class Checkpointer:
         max_to_keep=keep, create=create, enable_async_checkpointing=True,
         cleanup_tmp_directories=create,
         async_options=ocp.options.AsyncOptions(post_finalization_callback=self._record_checksums))
-    # One PyTree handler for saving and for restoring all or part of the state (None: no bound).
-    state = ocp.PyTreeCheckpointHandler(save_concurrent_gb=bytes_in_flight_gb,
-                                        save_device_host_concurrent_gb=bytes_in_flight_gb)
-    handlers = dict(state=state, data=ocp.JsonCheckpointHandler(),
+    # PyTree handlers save and restore all or part of the state, and the frozen backbone (None:
+    # no bound).
+    pytree = lambda: ocp.PyTreeCheckpointHandler(  # noqa: E731
+        save_concurrent_gb=bytes_in_flight_gb, save_device_host_concurrent_gb=bytes_in_flight_gb)
+    handlers = dict(state=pytree(), frozen=pytree(), data=ocp.JsonCheckpointHandler(),
                     config=ocp.JsonCheckpointHandler())
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.async_saves = async_saves
@@ -180,9 +182,13 @@ class Checkpointer:
                       f'{remedy}.') from e
 
   def save(self, step: int, state, data_state: dict[str, Any],
-           config: ml_collections.ConfigDict) -> None:
-    """Saves after the previous save has finished; refuses parameters that are not finite."""
-    self._save(step, state, (state.params, state.ema_params), data_state, config)
+           config: ml_collections.ConfigDict, frozen=None) -> None:
+    """Saves after the previous save has finished; refuses parameters that are not finite.
+    `frozen`, when given, is saved beside the state (train.checkpoint_frozen): the parameters
+    that do not train, in finetune.storable() form."""
+    if frozen is not None:
+      data_state = dict(data_state, **{FROZEN_HELD: True})
+    self._save(step, state, (state.params, state.ema_params), data_state, config, frozen)
 
   def save_weights(self, step: int, params, config: ml_collections.ConfigDict) -> None:
     """Saves parameters alone (any dtype; the decoder's blocks apart, under decoder/layers/{i}):
@@ -196,15 +202,18 @@ class Checkpointer:
     self._save(step, dict(step=np.int32(step), params=params), params, {WEIGHTS_ONLY: True}, config)
 
   def _save(self, step: int, state, params, data_state: dict[str, Any],
-            config: ml_collections.ConfigDict) -> None:
+            config: ml_collections.ConfigDict, frozen=None) -> None:
     if not all_finite(params):
       last = self.all_steps()
       raise UserError(f'the parameters at step {step} are not finite, so they were not saved; '
                       f'the last finite checkpoint is {f"step {last[0]}" if last else "none"} '
                       f'in {self.directory}.')
     self.wait()
-    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
-                              config=ocp.args.JsonSave(config.to_dict()))
+    items = dict(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                 config=ocp.args.JsonSave(config.to_dict()))
+    if frozen is not None:
+      items['frozen'] = ocp.args.PyTreeSave(frozen)
+    args = ocp.args.Composite(**items)
     self.saving = step
     self._written(lambda: self.manager.save(step, args=args), step)
     if not self.async_saves:
@@ -288,6 +297,18 @@ class Checkpointer:
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
     return next(iter(restored['state'].values()))
+
+  def holds_frozen(self, step: int) -> bool:
+    """Whether the step holds the parameters that do not train (train.checkpoint_frozen)."""
+    return bool(self.restore_data(step).get(FROZEN_HELD))
+
+  def restore_frozen(self, step: int, abstract):
+    """The parameters that do not train, as `abstract` (in finetune.storable() form) says; or
+    one of them, with `abstract` nested under its path, read alone."""
+    self._verify(step)
+    return self._restore(step, 'frozen backbone', frozen=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))['frozen']
 
   def read_leaf(self, step: int, path: tuple[str, ...], shape: tuple[int, ...], dtype,
                 use_ema: bool) -> np.ndarray:

@@ -58,6 +58,7 @@ class FinetuneSpec:
   quantize: Optional[BaseQuant] = None  # qlora's storage of the adapted kernels
   block_size: int = 0  # inputs per quantization scale; 0: one per output channel
   frozen_dtype: str = 'float32'  # the frozen backbone's float parameters on the devices
+  checkpoint_frozen: bool = False  # checkpoints hold the frozen backbone too
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'FinetuneSpec':
@@ -68,7 +69,12 @@ class FinetuneSpec:
     if frozen_dtype not in FROZEN_DTYPES:
       raise UserError(f'config key train.frozen_dtype is {frozen_dtype!r}; expected one of '
                       f'{", ".join(map(repr, FROZEN_DTYPES))}.')
+    checkpoint_frozen = config.train.checkpoint_frozen
     if mode == Finetune.FULL:
+      if checkpoint_frozen:
+        raise UserError('config key train.checkpoint_frozen is True, but train.finetune \'full\' '
+                        'freezes nothing (its checkpoints hold every parameter already); expected '
+                        'False, or a train.finetune that freezes the backbone.')
       return cls(mode)
     if not config.model.init_from:
       raise UserError(f'config key train.finetune is {mode.value!r}, which freezes a pretrained '
@@ -93,7 +99,7 @@ class FinetuneSpec:
         raise UserError(f'config key lora.block_size is {block!r}; expected a non-negative '
                         'integer (0: one scale per output channel).')
     return cls(mode, lora.rank, float(lora.alpha), float(lora.dropout), targets, quantize, block,
-               frozen_dtype)
+               frozen_dtype, checkpoint_frozen)
 
   @property
   def frozen(self) -> bool:
@@ -206,3 +212,26 @@ def dequantized(leaf):
   """A quantized kernel (quantized_like's) back in float, block by block."""
   return jax.vmap(qwix.dequantize)(leaf.array)
 
+
+
+def _narrow(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8
+
+
+def storable(tree):
+  """The frozen parameters as a checkpoint stores them: 4-bit values (qlora's nf4 and int4
+  kernels, which the array store has no type for) widened to 8 bits."""
+  def widened(leaf):
+    if not _narrow(leaf.dtype):
+      return leaf
+    wide = jnp.int8 if jnp.issubdtype(leaf.dtype, jnp.signedinteger) else jnp.uint8
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf.update(dtype=wide)
+    return leaf.astype(wide)
+  return jax.tree.map(widened, tree)
+
+
+def from_storable(tree, like):
+  """storable()'s tree back in the dtypes of `like` (the frozen parameters or their shapes)."""
+  return jax.tree.map(lambda leaf, want: leaf.astype(want.dtype) if _narrow(want.dtype) else leaf,
+                      tree, like)

@@ -134,12 +134,20 @@ def test_qlora_computes_with_the_dequantized_base(tiny_llm, quantize, block):
 def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_path, mode):
   llm = str(tmp_path / 'llm')  # a copy, changed at the end
   shutil.copytree(tiny_llm, llm)
-  config = finetune_config(llm, mode, num_steps=2)
+  # qlora's checkpoints hold the (nf4) frozen backbone (train.checkpoint_frozen); the others'
+  # read it from the LLM at every start.
+  held = mode == 'qlora'
+  config = finetune_config(llm, mode, num_steps=2, checkpoint_frozen=held)
   workdir, resumed = str(tmp_path / 'work'), str(tmp_path / 'resumed')
   train.train_and_evaluate(config, workdir)
-  train.train_and_evaluate(finetune_config(llm, mode, num_steps=1), resumed)
+  train.train_and_evaluate(finetune_config(llm, mode, num_steps=1, checkpoint_frozen=held),
+                           resumed)
+  if held:  # the LLM's weights gone: the checkpoint's are read
+    shutil.rmtree(os.path.join(llm, 'params'))
   train.train_and_evaluate(config, resumed)  # from step 1, the frozen backbone read again
   assert metrics_rows(resumed) == metrics_rows(workdir)
+  if held:  # sampling and every export need none of the LLM
+    shutil.rmtree(llm)
   jax.tree.map(np.testing.assert_array_equal,
                workdir_lib.for_inference(resumed, use_ema=True).params,
                workdir_lib.for_inference(workdir, use_ema=True).params)
@@ -241,6 +249,11 @@ def test_bad_finetune_settings_are_one_sentence(tiny_llm):
   with pytest.raises(UserError, match=r"train\.finetune is 'lora', which freezes a pretrained "
                                       r'backbone; set model\.init_from'):
     settings.validate(config)
+  config.train.finetune, config.train.checkpoint_frozen = 'full', True
+  with pytest.raises(UserError, match=r"train\.checkpoint_frozen is True, but train\.finetune "
+                                      r"'full' freezes nothing"):
+    settings.validate(config)
+  config.train.checkpoint_frozen = False
   config.train.finetune = 'adapters'
   with pytest.raises(UserError, match=r"train\.finetune is 'adapters'; expected one of 'full', "
                                       r"'lora', 'qlora', 'frozen_text'\."):
