@@ -26,7 +26,8 @@ from monoformer_jax.base.workdir_layout import EVAL_JSON, Workdir
 from monoformer_jax.data import common, pipeline
 from monoformer_jax.evaluation import default_eval, periodic as evaluators
 from monoformer_jax.nn import converted, vae
-from monoformer_jax.run import backbone, workdir as workdir_lib, workdir_lock
+from monoformer_jax.run import backbone, settings as settings_lib, workdir as workdir_lib
+from monoformer_jax.run import workdir_lock
 from monoformer_jax.training import checkpoint, finetune, guards, steps
 from monoformer_jax.training.metrics_log import MetricsLog
 from monoformer_jax.training.steps import StepKind
@@ -161,6 +162,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     raise
   step_config = steps.StepConfig.from_config(config, tok.im_end_id, settings.objective,
                                              settings.diffusion, settings.understanding)
+  if step_config.adapter_dropout:  # the steps' model drops the adapters' inputs; no other does
+    model = settings_lib.build_model(config, training=True)
   step_fns = steps.jit_steps(model, tx, step_config, layout, shardings,
                              None if setup.frozen is None else jax.tree.map(
                                  lambda a: a.sharding, setup.frozen))

@@ -274,7 +274,9 @@ class Decoder(nn.Module):
     block = DecoderBlock
     if self.cfg.remat != Remat.NONE:
       block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat])
-    scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+    # Each block draws its own LoRA dropout (train.finetune's adapters) from the 'dropout' key.
+    scanned = nn.scan(block, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=self.cfg.depth, unroll=self.cfg.depth if self.cfg.layer_loop == LayerLoop.UNROLLED else 1,
                       metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -201,16 +201,18 @@ def _process(config: ml_collections.ConfigDict) -> diffusion.Process:
   return schema.choice(diffusion.Process, config.diffusion.process, 'diffusion.process')
 
 
-def build_model(config: ml_collections.ConfigDict,
-                finetune: Optional[FinetuneSpec] = None) -> model_lib.MonoFormer:
+def build_model(config: ml_collections.ConfigDict, finetune: Optional[FinetuneSpec] = None,
+                training: bool = False) -> model_lib.MonoFormer:
   """The network of a config: its model section, with variance channels only where the
   diffusion process learns a variance (flow matching learns none), an im_embedder for the
   features of its vision encoder, and LoRA adapters where train.finetune (or `finetune`, in
-  its place) asks for them."""
+  its place) asks for them, whose inputs lora.dropout drops only in the train steps' model
+  (`training`)."""
   learns_variance = _process(config) == diffusion.Process.DDPM
   model = model_lib.build(config.model, config.model.learn_sigma and learns_variance,
                           VisionSpec.from_config(config).output_shape())
-  return (finetune or FinetuneSpec.from_config(config)).wrap(model)
+  spec = finetune or FinetuneSpec.from_config(config)
+  return (spec if training else spec.without_dropout()).wrap(model)
 
 
 def check_inputs(config: ml_collections.ConfigDict, settings: Settings,

@@ -88,9 +88,9 @@ class FinetuneSpec:
         raise UserError(f'config key lora.rank is {lora.rank!r}; expected a positive integer.')
       if not lora.alpha > 0:
         raise UserError(f'config key lora.alpha is {lora.alpha!r}; expected a positive number.')
-      if lora.dropout != 0:  # qwix draws it from a 'dropout' key the steps do not pass yet
-        raise UserError(f'config key lora.dropout is {lora.dropout!r}; dropout on the adapters '
-                        'is not supported yet: expected 0.')
+      if not (isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1):
+        raise UserError(f'config key lora.dropout is {lora.dropout!r}; expected a rate in '
+                        '[0, 1).')
     quantize, block = None, 0
     if mode == Finetune.QLORA:
       quantize = schema.choice(BaseQuant, lora.quantize, 'lora.quantize')
@@ -109,9 +109,18 @@ class FinetuneSpec:
   def adapters(self) -> bool:
     return self.mode in (Finetune.LORA, Finetune.QLORA)
 
+  @property
+  def adapter_dropout(self) -> bool:
+    """Whether the train steps drop the adapters' inputs (their model needs a 'dropout' key)."""
+    return self.adapters and self.dropout > 0
+
   def unquantized(self) -> 'FinetuneSpec':
     """The same adapters on a float base: the model whose parameters a qlora base is made from."""
     return dataclasses.replace(self, quantize=None)
+
+  def without_dropout(self) -> 'FinetuneSpec':
+    """The same adapters, never dropped: the model of every pass but the train steps'."""
+    return dataclasses.replace(self, dropout=0.0)
 
   def wrap(self, model):
     """The model, with qwix's LoRA adapters on the targets (and with qlora, the adapted

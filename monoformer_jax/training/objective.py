@@ -93,9 +93,15 @@ def image_inputs(batch: dict, key: jax.Array, cfg: LossConfig) -> dict:
   return out
 
 
+def dropout_rngs(inputs: dict) -> dict:
+  """The rngs of a (micro)batch's pass: with adapter dropout, its rows' keys 'dropout'
+  [B, 2] (raw, so that microbatches split them as any input), of which its first row's serves."""
+  return {'dropout': jax.random.wrap_key_data(inputs['dropout'][0])} if 'dropout' in inputs else {}
+
+
 def text_pass(model: MonoFormer, params, text: dict, chunk: int) -> jax.Array:
   """Summed cross-entropy of a text (micro)batch under the causal mask."""
-  hidden = model.apply({'params': params}, text['tokens'], text['valid'],
+  hidden = model.apply({'params': params}, text['tokens'], text['valid'], rngs=dropout_rngs(text),
                        mask_type=MaskType.CAUSAL, return_hidden=True,
                        understand=text.get('understand')).hidden
   return cross_entropy_sum(model, params, hidden, text['tokens'], text['weights'], chunk)
@@ -105,7 +111,7 @@ def image_pass(model: MonoFormer, params, image: dict, cfg: LossConfig) -> tuple
   """Per-example diffusion terms {'loss', 'mse'[, 'vb']} [B] of an image (micro)batch under
   the image mask, and the summed cross-entropy of its prompts (0 without prompt_lm_loss)."""
   suffix = jnp.full(image['t'].shape + (1,), cfg.im_end_id, jnp.int32)
-  out = model.apply({'params': params}, image['tokens'], image['valid'],
+  out = model.apply({'params': params}, image['tokens'], image['valid'], rngs=dropout_rngs(image),
                     mask_type=model.image_mask, image=image['xt'], t=image['t'], suffix=suffix,
                     return_hidden=cfg.prompt_lm_loss, understand=image.get('understand'))
   terms = cfg.diffusion.loss(out.image, image['x0'], image['xt'], image['t'], image['noise'])

@@ -54,6 +54,7 @@ class StepConfig:
   learning_rate: Callable[[jax.Array], jax.Array] = optax.constant_schedule(0.0)  # for the logs
   joint: bool = False  # train.objective is 'joint'
   understanding: bool = False  # samples that read images are trained (their own batches)
+  adapter_dropout: bool = False  # lora.dropout: the model drops its adapters' inputs
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, im_end_id: int,
@@ -66,7 +67,8 @@ class StepConfig:
                                 t.loss_chunk,
                                 t.prompt_lm_loss, t.grad_accum)
     return cls(loss, t.ema_decay, learning_rate(config.optim, t.num_steps),
-               kind == objective.Objective.JOINT, understanding)
+               kind == objective.Objective.JOINT, understanding,
+               FinetuneSpec.from_config(config).adapter_dropout)
 
   @property
   def kinds(self) -> tuple[StepKind, ...]:
@@ -190,10 +192,17 @@ def _apply_gradients(state: TrainState, grads, loss: jax.Array, tx,
   return jax.lax.cond(finite, update, lambda s: s, state), metrics
 
 
-def _update(state: TrainState, inputs: dict, frozen, *, model: MonoFormer, tx, cfg: StepConfig):
+def _update(state: TrainState, inputs: dict, frozen, key: jax.Array, *, model: MonoFormer, tx,
+            cfg: StepConfig):
   """The state after one update on inputs {'text'?, 'image'?}; metrics: the objective's
   terms (means over the batch), grad_norm, skipped, learning_rate. frozen: the parameters that
-  do not train (train.finetune), merged in for the forward passes and never differentiated."""
+  do not train (train.finetune), merged in for the forward passes and never differentiated.
+  With adapter dropout, every row gets a key of its own from `key` (objective.dropout_rngs)."""
+  if cfg.adapter_dropout:
+    key = jax.random.fold_in(key, 5)  # apart from the keys the inputs were drawn with
+    inputs = {kind: dict(part, dropout=jax.random.key_data(jax.random.split(
+                  jax.random.fold_in(key, i), part['tokens'].shape[0])))
+              for i, (kind, part) in enumerate(sorted(inputs.items()))}
   loss = objective.loss_fn(model, cfg.loss, objective.counts_of(inputs, cfg.loss))
   fn = lambda params, inputs: loss(merge(params, frozen), inputs)  # noqa: E731
   (value, terms), grads = objective.value_and_grad(fn, state.params, inputs, cfg.loss.grad_accum)
@@ -207,7 +216,7 @@ def ar_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, mode
   understanding step when the batch also has the images' 'features' [B, I, M, E], 'slot' and
   'offset' [B, S] (key draws their time tokens)."""
   text = objective.text_inputs(batch, key, cfg.loss.diffusion.num_timesteps)
-  state, metrics, _ = _update(state, dict(text=text), frozen, model=model, tx=tx, cfg=cfg)
+  state, metrics, _ = _update(state, dict(text=text), frozen, key, model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, loss=metrics.pop('ce'))
 
 
@@ -217,7 +226,7 @@ def diffusion_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, 
   """One denoising step on batch {'tokens' [B, P], 'valid' [B, P], 'image' [B, H, W, C]};
   metric `loss` is the diffusion loss (and `ce` the prompts' with train.prompt_lm_loss)."""
   inputs = dict(image=objective.image_inputs(batch, key, cfg.loss))
-  return _update(state, inputs, frozen, model=model, tx=tx, cfg=cfg)[:2]
+  return _update(state, inputs, frozen, key, model=model, tx=tx, cfg=cfg)[:2]
 
 
 def joint_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, model: MonoFormer,
@@ -230,7 +239,7 @@ def joint_step(state: TrainState, batch: dict, key: jax.Array, frozen=None, *, m
   if 'understand' in batch:
     inputs['understand'] = objective.text_inputs(batch['understand'], jax.random.fold_in(key, 2),
                                                  cfg.loss.diffusion.num_timesteps)
-  state, metrics, value = _update(state, inputs, frozen, model=model, tx=tx, cfg=cfg)
+  state, metrics, value = _update(state, inputs, frozen, key, model=model, tx=tx, cfg=cfg)
   return state, dict(metrics, diffusion=metrics.pop('loss'), loss=value)
 
 

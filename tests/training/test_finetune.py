@@ -72,6 +72,19 @@ def test_adapters_start_at_the_base_and_merge_into_it(tiny_llm):
   for got, want in zip(merged, ours):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
+  # lora.dropout: only the train steps' model drops the adapters' inputs, by its 'dropout' key.
+  config.lora.dropout = 0.5
+  for got, want in zip(_outputs(settings.build_model(config), moved), ours):
+    np.testing.assert_array_equal(got, want)
+  dropping = settings.build_model(config, training=True)
+  tokens = jnp.array([[3, 17, 42, 99, 7, 250]])
+  dropped = lambda seed: np.asarray(dropping.apply(  # noqa: E731
+      {'params': moved}, tokens, jnp.ones(tokens.shape, bool), mask_type=MaskType.CAUSAL,
+      rngs={'dropout': jax.random.key(seed)}).logits)
+  np.testing.assert_array_equal(dropped(0), dropped(0))
+  assert np.abs(dropped(0) - dropped(1)).max() > 1e-3 * np.abs(ours[0]).max()
+  assert np.abs(dropped(0) - ours[0]).max() > 1e-3 * np.abs(ours[0]).max()
+
 
 def test_adapters_keep_the_compute_dtype(tiny_llm):
   """qwix adds its float32 adapters' product in float32; a bfloat16 model stays bfloat16 (the
@@ -137,11 +150,11 @@ def test_only_what_trains_moves_has_optimizer_state_and_resumes(tiny_llm, tmp_pa
   # qlora's checkpoints hold the (nf4) frozen backbone (train.checkpoint_frozen); the others'
   # read it from the LLM at every start.
   held = mode == 'qlora'
-  config = finetune_config(llm, mode, num_steps=2, checkpoint_frozen=held)
+  config, first = (finetune_config(llm, mode, num_steps=n, checkpoint_frozen=held) for n in (2, 1))
+  config.lora.dropout = first.lora.dropout = 0.5  # the adapters' draws resume as they went on
   workdir, resumed = str(tmp_path / 'work'), str(tmp_path / 'resumed')
   train.train_and_evaluate(config, workdir)
-  train.train_and_evaluate(finetune_config(llm, mode, num_steps=1, checkpoint_frozen=held),
-                           resumed)
+  train.train_and_evaluate(first, resumed)
   if held:  # the LLM's weights gone: the checkpoint's are read
     shutil.rmtree(os.path.join(llm, 'params'))
   train.train_and_evaluate(config, resumed)  # from step 1, the frozen backbone read again
@@ -237,7 +250,7 @@ def test_bad_finetune_settings_are_one_sentence(tiny_llm):
       (dict(targets='q_proj,qkv'), r"config key lora\.targets is 'q_proj,qkv'; expected a "
                                    r'comma-separated list of q_proj, k_proj'),
       (dict(alpha=0.0), r'config key lora\.alpha is 0\.0; expected a positive number\.'),
-      (dict(dropout=0.1), r'config key lora\.dropout is 0\.1; dropout on the adapters is not '),
+      (dict(dropout=1.0), r'config key lora\.dropout is 1\.0; expected a rate in \[0, 1\)\.'),
   )
   for lora, message in cases:
     config = finetune_config(tiny_llm, 'lora')
