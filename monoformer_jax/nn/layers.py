@@ -74,6 +74,9 @@ class BackboneConfig:
   # matmul: what a base that qwix quantizes (train.finetune 'qlora') needs, since it stores
   # each kernel quantized as the contraction sees it, with the kernel's axis names.
   keep_kernel_axes: bool = False
+  # The rank of the LoRA adapters qwix adds (train.finetune), 0 without: the remat policies
+  # recompute their rank-r up-projections rather than keep those [tokens, out] float32 outputs.
+  adapter_rank: int = 0
 
   @property
   def head_dim(self) -> int:
@@ -264,6 +267,19 @@ _REMAT_POLICIES = {
 }
 
 
+def _recomputing_narrow_dots(policy, rank: int):
+  """`policy`, except that it saves no dot contracting over `rank` inputs or fewer: a LoRA
+  adapter's up-projection [tokens, r] x [r, out], recomputed from its saved [tokens, r] input
+  for r / in of its projection's cost."""
+  def saveable(prim, *avals, **params):
+    if prim is jax.lax.dot_general_p:
+      (contracting, _), (batch, _) = params['dimension_numbers']
+      if not batch and all(avals[0].shape[d] <= rank for d in contracting):
+        return False
+    return policy(prim, *avals, **params)
+  return saveable
+
+
 class Decoder(nn.Module):
   """L decoder blocks stacked with nn.scan (params carry a leading 'layers' axis)."""
   cfg: BackboneConfig
@@ -273,7 +289,10 @@ class Decoder(nn.Module):
                cache: Optional[tuple[Array, Array]] = None):
     block = DecoderBlock
     if self.cfg.remat != Remat.NONE:
-      block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[self.cfg.remat])
+      policy = _REMAT_POLICIES[self.cfg.remat]
+      if self.cfg.adapter_rank:
+        policy = _recomputing_narrow_dots(policy, self.cfg.adapter_rank)
+      block = nn.remat(block, prevent_cse=False, policy=policy)
     # Each block draws its own LoRA dropout (train.finetune's adapters) from the 'dropout' key.
     scanned = nn.scan(block, variable_axes={'params': 0},
                       split_rngs={'params': True, 'dropout': True},

@@ -127,9 +127,11 @@ class FinetuneSpec:
     kernels quantized) where the mode has them."""
     if not self.adapters:
       return model
+    backbone = dataclasses.replace(model.backbone, adapter_rank=self.rank)
     if self.mode == Finetune.QLORA:
       self._check_blocks(model.backbone)
-      model = model.clone(backbone=dataclasses.replace(model.backbone, keep_kernel_axes=True))
+      backbone = dataclasses.replace(backbone, keep_kernel_axes=True)
+    model = model.clone(backbone=backbone)
     by_module = {}
     for target in self.targets:
       by_module.setdefault(TARGETS[target], []).append(target)

@@ -1,5 +1,6 @@
 """train.finetune: LoRA adapters (qwix) and the frozen backbone, on a small converted LLM."""
 
+import dataclasses
 import os
 import shutil
 
@@ -95,6 +96,31 @@ def test_adapters_keep_the_compute_dtype(tiny_llm):
   params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
   text, image = _outputs(model, params)
   assert text.dtype == np.float32 and np.isfinite(text).all() and np.isfinite(image).all()
+
+
+def test_remat_recomputes_the_adapters_up_projections(tiny_llm):
+  """Under remat 'dots' the adapters' [tokens, r] x [r, out] products are recomputed, not kept
+  ([tokens, out] float32 each): the same gradients, that much less memory."""
+  config = finetune_config(tiny_llm, 'lora')
+  config.model.remat = 'dots'
+  model = settings.build_model(config)
+  keeping = model.clone(backbone=dataclasses.replace(model.backbone, adapter_rank=0))
+  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.1 if 'lora_b' in jax.tree_util.keystr(p) else v, params)
+  tokens = jnp.arange(512).reshape(2, 256) % 500
+
+  def grads_and_temporaries(m):
+    f = lambda p: m.apply({'params': p}, tokens, jnp.ones(tokens.shape, bool),  # noqa: E731
+                          mask_type=MaskType.CAUSAL).logits.sum()
+    grad = jax.jit(jax.grad(f))
+    return grad(params), grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  (ours, ours_bytes), (theirs, theirs_bytes) = map(grads_and_temporaries, (model, keeping))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, theirs)
+  outputs = sum(b.shape[0] * b.shape[-1]  # L x out of every adapted projection
+                for p, b in _flat(params).items() if p.endswith('lora_b'))
+  assert theirs_bytes - ours_bytes >= 0.5 * tokens.size * outputs * 4, (theirs_bytes, ours_bytes)
 
 
 def test_a_bfloat16_frozen_backbone_computes_as_its_rounded_weights(tiny_llm):
