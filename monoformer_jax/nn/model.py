@@ -386,5 +386,9 @@ def example_inputs(model: MonoFormer, batch: int = 1, length: int = 4):
 
 
 def init_params(model: MonoFormer, key: jax.Array):
-  """The parameters a run starting from `key` begins with (logically boxed)."""
-  return model.init(key, *example_inputs(model), method=MonoFormer.init_all)['params']
+  """The parameters a run starting from `key` begins with (logically boxed). Traced without
+  logical axis rules, also inside sharding.activate: qwix's LoRA adapters, made inside the
+  scanned blocks, carry their kernel's names with the 'layers' axis while their value has none,
+  which a constraint rejects; where the parameters live is for out_shardings to say."""
+  with nn.logical_axis_rules(()):
+    return model.init(key, *example_inputs(model), method=MonoFormer.init_all)['params']
