@@ -166,10 +166,7 @@ def backbone_on_devices(setup: Setup, frozen_dtype: Optional[str] = None) -> dic
                                             setup.model.tie_embeddings)
   where, flat = (flax.traverse_util.flatten_dict(t) for t in (full, pretrained))
   for path, value in flat.items():
-    if finetune.is_quantized(where[path]):  # train.finetune 'qlora': kernels stored quantized
-      flat[path] = finetune.quantized_like(value, where[path])
-    elif frozen_dtype:
-      flat[path] = value.astype(jax.numpy.dtype(frozen_dtype))
+    flat[path] = finetune.kept_as(value, where[path], frozen_dtype)
   shardings = {path: jax.tree.map(lambda a: a.sharding, where[path]) for path in flat}
   return jax.device_put(flax.traverse_util.unflatten_dict(flat),
                         flax.traverse_util.unflatten_dict(shardings))
@@ -246,7 +243,9 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
     def param(*keys):
       if spec.trains(keys):
         return saved(keys)
-      value = np.asarray(base(keys), dtype)
+      value = base(keys)  # qlora's kernels dequantized: what the run computed with
+      value = np.asarray(finetune.dequantized(value) if finetune.is_quantized(value) else value,
+                         dtype)
       a, b = finetune.adapters_of(keys)
       return np.asarray(finetune.fold(value, saved(a), saved(b), spec)) if a in shapes else value
     yield param
@@ -255,16 +254,14 @@ def parameter_reader(setup: Setup, workdir: str, step: int, dtype: np.dtype, use
 
 
 def _frozen_reader(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
-  """base(path): one frozen parameter as the run computed with it (qlora's kernels dequantized),
-  read alone."""
+  """base(path): one frozen parameter as the devices kept it (frozen_abstract's), read alone."""
   spec = setup.settings.finetune
   kept = flax.traverse_util.flatten_dict(frozen_abstract(setup))
   if ckpt.holds_frozen(step):
     def held(keys):
       leaf = converted.nest(keys, kept[keys])
-      value = converted.get(finetune.from_storable(
+      return converted.get(finetune.from_storable(
           ckpt.restore_frozen(step, finetune.storable(leaf)), leaf), keys)
-      return finetune.dequantized(value) if finetune.is_quantized(value) else value
     return held
   path = _frozen_base_path(setup)
   backbone.check_reference(ckpt.restore_data(step).get(checkpoint.FROZEN_BASE),
@@ -274,10 +271,8 @@ def _frozen_reader(setup: Setup, ckpt: checkpoint.Checkpointer, step: int):
 
   def from_llm(keys):  # made as backbone_on_devices makes it
     value = backbone.with_vocabulary(keys, read(*keys), setup.model.backbone.vocab_size)
-    value = np.asarray(value, setup.model.backbone.param_dtype)
-    if finetune.is_quantized(kept[keys]):
-      return finetune.dequantized(finetune.quantized_like(value, kept[keys]))
-    return value.astype(jax.numpy.dtype(spec.frozen_dtype))
+    return finetune.kept_as(np.asarray(value, setup.model.backbone.param_dtype), kept[keys],
+                            spec.frozen_dtype)
   return from_llm
 
 

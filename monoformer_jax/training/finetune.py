@@ -215,6 +215,14 @@ def quantized_like(value, abstract):
   return abstract.replace(array=jax.vmap(quantize)(jnp.asarray(value)))
 
 
+def kept_as(value, abstract, frozen_dtype: Optional[str]):
+  """A frozen float parameter as the devices keep it: quantized where its abstract is (qlora's
+  kernels), else in frozen_dtype (None: as it is)."""
+  if is_quantized(abstract):
+    return quantized_like(value, abstract)
+  return value.astype(jnp.dtype(frozen_dtype)) if frozen_dtype else value
+
+
 def is_quantized(leaf) -> bool:
   return hasattr(leaf, 'how')  # qwix's WithAux
 
