@@ -304,9 +304,10 @@ class Checkpointer:
 
   def restore_frozen(self, step: int, abstract):
     """The parameters that do not train, as `abstract` (in finetune.storable() form) says; or
-    one of them, with `abstract` nested under its path, read alone. Unverified, as read_leaf:
-    restoring the step's state or parameters first checks every file of it, these included
-    (an export reads one leaf at a time, and each check hashes the whole step)."""
+    one of them, with `abstract` nested under its path, read alone. Unverified, as read_leaf
+    (an export reads one leaf at a time, and each check would hash the whole step): resuming
+    and inference restore the state or parameters first, which checks every file of the step,
+    these included."""
     return self._restore(step, 'frozen backbone', frozen=ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True))['frozen']
